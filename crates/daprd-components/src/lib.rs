@@ -1,0 +1,64 @@
+//! daprd-rs components: one module per component type, heavy ones behind Cargo features.
+//!
+//! [`builtin_registry`] is the one list of what this build contains. Components depend on
+//! `daprd-core` only; they never see the API servers or the delivery engine.
+
+#[cfg(feature = "in-memory")]
+pub mod in_memory;
+pub mod secretstores;
+
+use std::sync::Arc;
+
+use daprd_core::registry::Registry;
+
+/// Every component type compiled into this build.
+pub fn builtin_registry() -> Registry {
+    let mut registry = Registry::new();
+    #[cfg(feature = "in-memory")]
+    registry.register_pubsub(Arc::new(in_memory::InMemoryFactory));
+    registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
+    registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
+    registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daprd_core::registry::RegistryError;
+
+    #[test]
+    fn registry_resolves_known_aliases_and_reports_the_rest() {
+        let r = builtin_registry();
+        assert!(r.resolve("pubsub.In-Memory", "v1").is_ok());
+        assert!(r.resolve("pubsub.in-memory", "").is_ok());
+        assert!(r.resolve("pubsub.in-memory", "v0").is_ok());
+        assert!(matches!(
+            r.resolve("pubsub.in-memory", "v2"),
+            Err(RegistryError::Version { .. })
+        ));
+        assert!(r.resolve("secretstores.local.env", "v1").is_ok());
+        let e = r.resolve("pubsub.mqtt", "v1").err().unwrap();
+        assert!(matches!(e, RegistryError::NotSupportedYet { .. }), "{e}");
+        assert!(e.to_string().contains("not supported yet"));
+        let e = r.resolve("pubsub.hazelcast", "v1").err().unwrap();
+        assert!(e.to_string().contains("removed from Dapr in v1.11"), "{e}");
+        let e = r.resolve("pubsub.natsstreaming", "v1").err().unwrap();
+        assert!(e.to_string().contains("removed from Dapr in v1.13"), "{e}");
+        let e = r.resolve("pubsub.nope", "v1").err().unwrap();
+        assert!(e.to_string().contains("pubsub.in-memory"), "{e}");
+    }
+
+    #[test]
+    fn every_dapr_pubsub_type_is_known_by_name() {
+        let r = builtin_registry();
+        for names in daprd_core::registry::DAPR_PUBSUB_TYPES {
+            for name in *names {
+                let res = r.resolve(name, "v1");
+                assert!(
+                    !matches!(res, Err(RegistryError::Unknown { .. })),
+                    "{name} should be known"
+                );
+            }
+        }
+    }
+}

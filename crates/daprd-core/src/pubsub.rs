@@ -1,0 +1,289 @@
+//! The pub/sub component contract.
+//!
+//! A [`PubSubFactory`] is registered per component type. Loading calls its pure
+//! [`validate`](PubSubFactory::validate) for every component first (so all problems are
+//! reported together), then [`connect`](PubSubFactory::connect), which does the I/O and
+//! returns a live [`PubSub`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::metadata::{Metadata, MetadataError};
+
+/// Optional capabilities a component declares (reported in `/v1.0/metadata`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Feature {
+    /// The broker enforces per-message TTL itself (no `expiration` field is added).
+    MessageTtl,
+    /// Subscription topics may contain wildcards.
+    SubscribeWildcards,
+    /// Native bulk publish.
+    BulkPublish,
+    /// Bulk subscriptions flush on arrival.
+    BulkSubscribeImmediate,
+}
+
+impl Feature {
+    /// Dapr's name for the feature.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feature::MessageTtl => "MESSAGE_TTL",
+            Feature::SubscribeWildcards => "SUBSCRIBE_WILDCARDS",
+            Feature::BulkPublish => "BULK_PUBSUB",
+            Feature::BulkSubscribeImmediate => "BULK_SUBSCRIBE_IMMEDIATE",
+        }
+    }
+}
+
+/// One publish to a component.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// Component name.
+    pub pubsub_name: String,
+    /// Broker topic (after any namespace prefix).
+    pub topic: String,
+    /// Bytes to publish (a CloudEvent envelope unless raw).
+    pub data: Bytes,
+    /// Request metadata, passed on unchanged.
+    pub metadata: BTreeMap<String, String>,
+    /// Content type, when the caller knows it (not set by the publish API, as in Dapr).
+    pub content_type: Option<String>,
+}
+
+/// One entry of a bulk publish.
+#[derive(Debug, Clone)]
+pub struct BulkEntry {
+    /// Caller's id for the entry, unique within the request.
+    pub entry_id: String,
+    /// Bytes to publish.
+    pub data: Bytes,
+    /// Content type of the entry.
+    pub content_type: String,
+    /// Per-entry metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A bulk publish to a component.
+#[derive(Debug, Clone)]
+pub struct BulkPublishRequest {
+    /// Component name.
+    pub pubsub_name: String,
+    /// Broker topic.
+    pub topic: String,
+    /// Entries to publish.
+    pub entries: Vec<BulkEntry>,
+    /// Request-level metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An entry a bulk publish could not publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedEntry {
+    /// The entry's id.
+    pub entry_id: String,
+    /// Why it failed.
+    pub error: String,
+}
+
+/// A message received from the broker, handed to the runtime's handler.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic the message arrived on.
+    pub topic: String,
+    /// Raw bytes as published.
+    pub data: Bytes,
+    /// Broker metadata (headers, properties, ...).
+    pub metadata: BTreeMap<String, String>,
+    /// Content type, if the broker carries one.
+    pub content_type: Option<String>,
+}
+
+/// What became of a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed: acknowledge.
+    Success,
+    /// Not processed: let the broker redeliver (nack / leave pending).
+    Retry,
+    /// Will never be processed: acknowledge without processing.
+    Drop,
+}
+
+/// A subscription request.
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    /// Broker topic (may hold wildcards where the component supports them).
+    pub topic: String,
+    /// Subscription metadata, passed on unchanged.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The runtime's callback for each received message.
+pub type Handler = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+/// A live subscription. Dropping it (or calling [`Subscription::close`]) stops the
+/// component's consume loop for it.
+pub struct Subscription {
+    stop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Subscription {
+    /// A subscription whose `stop` runs once, on close or drop.
+    pub fn new(stop: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self {
+            stop: Some(Box::new(stop)),
+        }
+    }
+
+    /// Stops the subscription now.
+    pub fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("open", &self.stop.is_some())
+            .finish()
+    }
+}
+
+/// Whether a component error is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The broker may accept the same request later (connection lost, timeout, ...).
+    Transient,
+    /// Retrying the same request will fail again (bad input, missing entity, ...).
+    Permanent,
+}
+
+/// An error raised by a pub/sub component.
+#[derive(Debug, thiserror::Error)]
+pub enum PubSubError {
+    /// The component's metadata is invalid.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// Connecting to the broker failed.
+    #[error("connecting to the broker: {message}")]
+    Connect {
+        /// What failed.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The broker refused or failed an operation.
+    #[error("{message}")]
+    Broker {
+        /// What failed.
+        message: String,
+        /// Transient or permanent.
+        kind: ErrorKind,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The component has been closed.
+    #[error("component is closed")]
+    Closed,
+    /// The operation is not supported by this component.
+    #[error("{0} is not supported by this component")]
+    Unsupported(&'static str),
+}
+
+impl PubSubError {
+    /// A broker error of `kind` with a message.
+    pub fn broker(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self::Broker {
+            message: message.into(),
+            kind,
+            source: None,
+        }
+    }
+
+    /// Whether retrying could help.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PubSubError::Connect { .. } => ErrorKind::Transient,
+            PubSubError::Broker { kind, .. } => *kind,
+            PubSubError::Closed => ErrorKind::Transient,
+            PubSubError::Metadata(_) | PubSubError::Unsupported(_) => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// A live pub/sub component.
+#[async_trait]
+pub trait PubSub: Send + Sync {
+    /// Optional capabilities.
+    fn features(&self) -> &[Feature];
+
+    /// Publishes one message.
+    async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError>;
+
+    /// Publishes many messages natively. Only called when [`Feature::BulkPublish`] is
+    /// declared; the runtime otherwise publishes entries one by one.
+    async fn bulk_publish(
+        &self,
+        _request: BulkPublishRequest,
+    ) -> Result<Vec<FailedEntry>, PubSubError> {
+        Err(PubSubError::Unsupported("bulk publish"))
+    }
+
+    /// Starts consuming `request.topic`, calling `handler` for each message and
+    /// acknowledging according to the returned [`Outcome`].
+    async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError>;
+
+    /// Checks the broker connection.
+    async fn ping(&self) -> Result<(), PubSubError> {
+        Ok(())
+    }
+
+    /// Stops every subscription and closes the connection.
+    async fn close(&self) -> Result<(), PubSubError> {
+        Ok(())
+    }
+}
+
+/// Builds components of one type.
+#[async_trait]
+pub trait PubSubFactory: Send + Sync {
+    /// Canonical type, e.g. `pubsub.redis`.
+    fn component_type(&self) -> &'static str;
+
+    /// Other type names Dapr accepts for this component (e.g. `pubsub.mqtt`).
+    fn aliases(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Versions served (`""`, `v0` and `v1` all select `v1`).
+    fn versions(&self) -> &'static [&'static str] {
+        &["v1"]
+    }
+
+    /// Checks `metadata` without any I/O; returns every problem found.
+    fn validate(&self, metadata: &Metadata) -> Vec<MetadataError>;
+
+    /// Connects to the broker.
+    async fn connect(&self, name: &str, metadata: &Metadata) -> Result<Arc<dyn PubSub>, PubSubError>;
+}

@@ -1,0 +1,21 @@
+//! Code generated from the `.proto` files under `proto/`: the Dapr API service
+//! (`dapr.proto.runtime.v1.Dapr`) that daprd-rs serves and the app-side services
+//! (`AppCallback`, ...) it calls. Names and field numbers follow Dapr's wire contract.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// `dapr.proto.common.v1`.
+pub mod common {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("dapr.proto.common.v1");
+    }
+}
+
+/// `dapr.proto.runtime.v1`.
+pub mod runtime {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("dapr.proto.runtime.v1");
+    }
+}
