@@ -31,7 +31,11 @@ impl PubSubFactory for InMemoryFactory {
         Vec::new()
     }
 
-    async fn connect(&self, name: &str, _metadata: &Metadata) -> Result<Arc<dyn PubSub>, PubSubError> {
+    async fn connect(
+        &self,
+        name: &str,
+        _metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
         Ok(Arc::new(InMemoryPubSub {
             bus: Bus::new(name),
         }))
@@ -46,7 +50,9 @@ pub struct InMemoryPubSub {
 impl InMemoryPubSub {
     /// A component with its own bus (for tests and embedding).
     pub fn new(name: &str) -> Self {
-        Self { bus: Bus::new(name) }
+        Self {
+            bus: Bus::new(name),
+        }
     }
 }
 

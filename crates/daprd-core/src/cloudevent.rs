@@ -79,7 +79,9 @@ fn looks_like_protobuf_cloudevent(mut data: &[u8]) -> bool {
         None
     }
     while !data.is_empty() {
-        let Some(key) = varint(&mut data) else { return false };
+        let Some(key) = varint(&mut data) else {
+            return false;
+        };
         let (field, wire) = (key >> 3, key & 7);
         if field == 0 {
             return false;
@@ -98,8 +100,12 @@ fn looks_like_protobuf_cloudevent(mut data: &[u8]) -> bool {
                 data = &data[n..];
             }
             2 => {
-                let Some(len) = varint(&mut data) else { return false };
-                let Ok(len) = usize::try_from(len) else { return false };
+                let Some(len) = varint(&mut data) else {
+                    return false;
+                };
+                let Ok(len) = usize::try_from(len) else {
+                    return false;
+                };
                 if data.len() < len {
                     return false;
                 }
@@ -180,11 +186,17 @@ pub fn new_envelope(req: &EnvelopeRequest<'_>) -> Result<Map<String, Value>, Clo
     let id = pick("id", req.new_id);
     let source = {
         let s = override_of(md, "source").unwrap_or(req.source);
-        if s.is_empty() { DEFAULT_SOURCE.to_string() } else { s.to_string() }
+        if s.is_empty() {
+            DEFAULT_SOURCE.to_string()
+        } else {
+            s.to_string()
+        }
     };
     let ty = pick("type", DEFAULT_TYPE);
     let subject = override_of(md, "subject").unwrap_or("");
-    let mut trace = override_of(md, "traceid").unwrap_or(req.traceparent).to_string();
+    let mut trace = override_of(md, "traceid")
+        .unwrap_or(req.traceparent)
+        .to_string();
     if let Some(tp) = override_of(md, "traceparent").filter(|v| !v.is_empty()) {
         trace = tp.to_string();
     }
@@ -222,7 +234,10 @@ pub fn embed_data(content_type: &str, data: &[u8]) -> (&'static str, Value) {
         if let Some(v) = decode_first_json(data) {
             return ("data", v);
         }
-        return ("data", Value::String(String::from_utf8_lossy(data).into_owned()));
+        return (
+            "data",
+            Value::String(String::from_utf8_lossy(data).into_owned()),
+        );
     }
     if is_binary_content_type(content_type) || is_cloudevent_protobuf(content_type, data) {
         return (
@@ -230,7 +245,10 @@ pub fn embed_data(content_type: &str, data: &[u8]) -> (&'static str, Value) {
             Value::String(base64::engine::general_purpose::STANDARD.encode(data)),
         );
     }
-    ("data", Value::String(String::from_utf8_lossy(data).into_owned()))
+    (
+        "data",
+        Value::String(String::from_utf8_lossy(data).into_owned()),
+    )
 }
 
 fn from_cloudevent(req: &EnvelopeRequest<'_>) -> Result<Map<String, Value>, CloudEventError> {
@@ -313,7 +331,9 @@ pub fn apply_ttl(
         return;
     }
     if let Some(ttl) = ttl_from_metadata(metadata) {
-        let at = now.checked_add(ttl).unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+        let at = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
         envelope.insert("expiration".into(), format_time(at).into());
     }
 }
@@ -346,7 +366,11 @@ mod tests {
 
     #[test]
     fn json_body_is_embedded_as_json() {
-        let ce = new_envelope(&req("application/json", br#"{"a":1,"big":123456789012345678901}"#)).unwrap();
+        let ce = new_envelope(&req(
+            "application/json",
+            br#"{"a":1,"big":123456789012345678901}"#,
+        ))
+        .unwrap();
         assert_eq!(ce["data"], json!({"a":1,"big":123456789012345678901_u128}));
         assert_eq!(ce["datacontenttype"], "application/json");
         assert_eq!(ce["id"], "id-1");
@@ -457,8 +481,9 @@ mod tests {
 
     #[test]
     fn empty_id_override_falls_back_to_generated() {
-        let md: BTreeMap<String, String> =
-            [("cloudevent.id".to_string(), String::new())].into_iter().collect();
+        let md: BTreeMap<String, String> = [("cloudevent.id".to_string(), String::new())]
+            .into_iter()
+            .collect();
         let mut r = req("text/plain", b"x");
         r.metadata = Some(&md);
         assert_eq!(new_envelope(&r).unwrap()["id"], "id-1");
@@ -467,8 +492,9 @@ mod tests {
     #[test]
     fn existing_cloudevent_is_completed_not_replaced() {
         let body = br#"{"id":"orig","source":"me","type":"t","data":{"x":1},"datacontenttype":"application/json","topic":"wrong","ext":"e"}"#;
-        let md: BTreeMap<String, String> =
-            [("cloudevent.id".to_string(), "ignored".to_string())].into_iter().collect();
+        let md: BTreeMap<String, String> = [("cloudevent.id".to_string(), "ignored".to_string())]
+            .into_iter()
+            .collect();
         let mut r = req("application/cloudevents+json", body);
         r.metadata = Some(&md);
         let ce = new_envelope(&r).unwrap();
@@ -507,10 +533,19 @@ mod tests {
         let md = |k: &str, v: &str| -> BTreeMap<String, String> {
             [(k.to_string(), v.to_string())].into_iter().collect()
         };
-        assert_eq!(ttl_from_metadata(&md("ttlInSeconds", "10")), Some(Duration::from_secs(10)));
-        assert_eq!(ttl_from_metadata(&md("TTLINSECONDS", "1m")), Some(Duration::from_secs(60)));
+        assert_eq!(
+            ttl_from_metadata(&md("ttlInSeconds", "10")),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            ttl_from_metadata(&md("TTLINSECONDS", "1m")),
+            Some(Duration::from_secs(60))
+        );
         assert_eq!(ttl_from_metadata(&md("ttl", "-5s")), Some(Duration::ZERO));
-        assert_eq!(ttl_from_metadata(&md("ttlInSeconds", "0")), Some(Duration::ZERO));
+        assert_eq!(
+            ttl_from_metadata(&md("ttlInSeconds", "0")),
+            Some(Duration::ZERO)
+        );
         assert_eq!(ttl_from_metadata(&md("ttlInSeconds", "-3")), None);
         assert_eq!(ttl_from_metadata(&md("ttlInSeconds", "abc")), None);
         assert_eq!(ttl_from_metadata(&md("other", "10")), None);
@@ -525,8 +560,9 @@ mod tests {
 
     #[test]
     fn ttl_adds_expiration_unless_component_handles_it() {
-        let md: BTreeMap<String, String> =
-            [("ttlInSeconds".to_string(), "10".to_string())].into_iter().collect();
+        let md: BTreeMap<String, String> = [("ttlInSeconds".to_string(), "10".to_string())]
+            .into_iter()
+            .collect();
         let mut ce = new_envelope(&req("text/plain", b"x")).unwrap();
         apply_ttl(&mut ce, &md, false, t0());
         assert_eq!(ce["expiration"], "2023-11-14T22:13:30Z");

@@ -113,11 +113,23 @@ mod tests {
     #[test]
     fn parses_go_forms() {
         assert_eq!(parse_go_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_go_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_go_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_go_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_go_duration("1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse_go_duration("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_go_duration("1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
-        assert_eq!(parse_go_duration("10us").unwrap(), Duration::from_micros(10));
+        assert_eq!(
+            parse_go_duration("10us").unwrap(),
+            Duration::from_micros(10)
+        );
         assert_eq!(
             parse_go_duration_signed("-3s").unwrap(),
             (Duration::from_secs(3), true)
@@ -127,7 +139,10 @@ mod tests {
     #[test]
     fn rejects_non_go_forms() {
         for bad in ["", "10", "s", "5x", "1h-5m", "--1s", "abc", "5 s"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                parse_go_duration(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
         assert!(parse_go_duration("-1s").is_err());
     }

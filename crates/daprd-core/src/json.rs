@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn keeps_numbers_exact() {
-        let v: serde_json::Value = serde_json::from_str(r#"{"n":12345678901234567890123,"f":1.50}"#).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"n":12345678901234567890123,"f":1.50}"#).unwrap();
         assert_eq!(
             String::from_utf8(to_vec_go(&v).unwrap()).unwrap(),
             r#"{"f":1.50,"n":12345678901234567890123}"#

@@ -200,7 +200,14 @@ mod tests {
 
     #[test]
     fn loose_typing() {
-        let m = md(&[("a", "yes"), ("b", "0"), ("c", "maybe"), ("d", "42"), ("e", "1m"), ("f", "15")]);
+        let m = md(&[
+            ("a", "yes"),
+            ("b", "0"),
+            ("c", "maybe"),
+            ("d", "42"),
+            ("e", "1m"),
+            ("f", "15"),
+        ]);
         assert!(m.get_bool("a", false).unwrap());
         assert!(!m.get_bool("b", true).unwrap());
         assert_eq!(m.get_bool("c", true).unwrap_err().field, "c");
@@ -208,8 +215,14 @@ mod tests {
         assert_eq!(m.get_i64("d", 0).unwrap(), 42);
         assert!(m.get_i64("a", 0).is_err());
         let ms = Duration::from_millis(1);
-        assert_eq!(m.get_duration("e", ms, Duration::ZERO).unwrap(), Duration::from_secs(60));
-        assert_eq!(m.get_duration("f", ms, Duration::ZERO).unwrap(), Duration::from_millis(15));
+        assert_eq!(
+            m.get_duration("e", ms, Duration::ZERO).unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            m.get_duration("f", ms, Duration::ZERO).unwrap(),
+            Duration::from_millis(15)
+        );
         assert!(m.get_duration("a", ms, Duration::ZERO).is_err());
     }
 

@@ -285,5 +285,9 @@ pub trait PubSubFactory: Send + Sync {
     fn validate(&self, metadata: &Metadata) -> Vec<MetadataError>;
 
     /// Connects to the broker.
-    async fn connect(&self, name: &str, metadata: &Metadata) -> Result<Arc<dyn PubSub>, PubSubError>;
+    async fn connect(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError>;
 }

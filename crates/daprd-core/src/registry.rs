@@ -22,7 +22,10 @@ pub const DAPR_PUBSUB_TYPES: &[&[&str]] = &[
     &["pubsub.aws.snssqs", "pubsub.snssqs"],
     &["pubsub.gcp.pubsub"],
     &["pubsub.azure.servicebus.topics", "pubsub.azure.servicebus"],
-    &["pubsub.azure.servicebus.queues", "pubsub.azure.servicebusqueues"],
+    &[
+        "pubsub.azure.servicebus.queues",
+        "pubsub.azure.servicebusqueues",
+    ],
     &["pubsub.azure.eventhubs"],
     &["pubsub.kubemq"],
     &["pubsub.rocketmq"],
@@ -30,14 +33,18 @@ pub const DAPR_PUBSUB_TYPES: &[&[&str]] = &[
 ];
 
 /// Pub/sub types Dapr has removed, with the release that removed them.
-pub const REMOVED_PUBSUB_TYPES: &[(&str, &str)] =
-    &[("pubsub.hazelcast", "v1.11"), ("pubsub.natsstreaming", "v1.13")];
+pub const REMOVED_PUBSUB_TYPES: &[(&str, &str)] = &[
+    ("pubsub.hazelcast", "v1.11"),
+    ("pubsub.natsstreaming", "v1.13"),
+];
 
 /// Why a component type cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     /// Dapr knows the type but this build does not include it.
-    #[error("component type {ty:?} is not supported yet by daprd-rs (this build supports: {available})")]
+    #[error(
+        "component type {ty:?} is not supported yet by daprd-rs (this build supports: {available})"
+    )]
     NotSupportedYet {
         /// Requested type.
         ty: String,
@@ -109,7 +116,9 @@ impl Registry {
     /// Registers a pub/sub factory under its type and aliases.
     pub fn register_pubsub(&mut self, factory: Arc<dyn PubSubFactory>) {
         self.canonical.push(factory.component_type());
-        for name in std::iter::once(factory.component_type()).chain(factory.aliases().iter().copied()) {
+        for name in
+            std::iter::once(factory.component_type()).chain(factory.aliases().iter().copied())
+        {
             self.by_name
                 .insert(name.to_ascii_lowercase(), Factory::PubSub(factory.clone()));
         }
@@ -147,7 +156,10 @@ impl Registry {
                     release,
                 });
             }
-            if DAPR_PUBSUB_TYPES.iter().any(|names| names.contains(&lower.as_str())) {
+            if DAPR_PUBSUB_TYPES
+                .iter()
+                .any(|names| names.contains(&lower.as_str()))
+            {
                 return Err(RegistryError::NotSupportedYet {
                     ty: ty.to_string(),
                     available: available(),

@@ -1,1 +1,141 @@
-fn main() {}
+//! `daprd`: parse flags, load and validate resources, build components, serve, drain.
+//!
+//! `daprd validate --resources-path DIR...` checks resources without binding or connecting.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use daprd_runtime::config::{cli, Env, Options, RuntimeConfig, RUNTIME_VERSION};
+use daprd_runtime::serve::{self, Sidecar, StartError};
+
+fn init_logging(level: &str, json: bool) {
+    let filter = match level {
+        "fatal" => "error",
+        other => other,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DAPRD_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{filter},h2=warn,hyper=warn,tower=warn"))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+fn print_problems(problems: &[String]) {
+    for p in problems {
+        eprintln!("error: {p}");
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    let validate = args.get(1).map(String::as_str) == Some("validate");
+    if validate {
+        args.remove(1);
+    }
+    let opts = match Options::try_parse_from(cli::normalise_args(args)) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if cli::flag_bool("version", &opts.version).unwrap_or(false) {
+        println!("{RUNTIME_VERSION}");
+        return ExitCode::SUCCESS;
+    }
+    if cli::flag_bool("build-info", &opts.build_info).unwrap_or(false) {
+        println!(
+            "daprd-rs {}\nDapr API compatibility: {RUNTIME_VERSION}",
+            env!("CARGO_PKG_VERSION")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let config = match RuntimeConfig::from_options(&opts, Env::from_process(), !validate) {
+        Ok(c) => c,
+        Err(problems) => {
+            print_problems(&problems);
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log_level, config.log_as_json);
+    for (flag, value) in cli::ignored_flags(&opts) {
+        tracing::debug!(flag, value, "flag accepted for compatibility and ignored");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        if validate {
+            return run_validate(&config).await;
+        }
+        run(config).await
+    })
+}
+
+async fn run_validate(config: &RuntimeConfig) -> ExitCode {
+    if config.resources_paths.is_empty() {
+        eprintln!("error: give at least one --resources-path to validate");
+        return ExitCode::FAILURE;
+    }
+    match serve::load_components(config, false).await {
+        Ok(store) => {
+            println!("ok: {} component(s) valid", store.registered().len());
+            ExitCode::SUCCESS
+        }
+        Err(StartError::Resources(problems)) => {
+            print_problems(&problems);
+            eprintln!("{} problem(s) found", problems.len());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: RuntimeConfig) -> ExitCode {
+    tracing::info!(app_id = %config.app_id, version = RUNTIME_VERSION, "starting daprd-rs");
+    let store = match serve::load_components(&config, true).await {
+        Ok(s) => s,
+        Err(StartError::Resources(problems)) => {
+            print_problems(&problems);
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sidecar = match Sidecar::start(config, store).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = sidecar.state.shutdown.clone();
+    tokio::spawn(async move {
+        serve::termination_signal().await;
+        shutdown.trigger(daprd_runtime::runtime::ShutdownReason::Signal);
+    });
+    sidecar.run_until_shutdown().await;
+    ExitCode::SUCCESS
+}

@@ -83,7 +83,11 @@ impl Bus {
     ///
     /// # Errors
     /// [`PubSubError::Closed`] after [`Bus::close`].
-    pub fn subscribe(&self, pattern: String, handler: Handler) -> Result<Subscription, PubSubError> {
+    pub fn subscribe(
+        &self,
+        pattern: String,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(PubSubError::Closed);
         }
@@ -160,7 +164,10 @@ mod tests {
     }
 
     async fn recv(rx: &mut mpsc::UnboundedReceiver<Message>) -> Option<Message> {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.ok().flatten()
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     #[test]
@@ -187,7 +194,10 @@ mod tests {
         assert_eq!(m2.topic, "orders");
         bus.publish(publish_req("other", "x")).await.unwrap();
         assert_eq!(recv(&mut r3).await.unwrap().data, "x");
-        assert!(r1.try_recv().is_err(), "orders subscriber must not get 'other'");
+        assert!(
+            r1.try_recv().is_err(),
+            "orders subscriber must not get 'other'"
+        );
     }
 
     #[tokio::test]
@@ -204,6 +214,9 @@ mod tests {
     async fn closed_bus_refuses_publish() {
         let bus = Bus::new("ps");
         bus.close();
-        assert!(matches!(bus.publish(publish_req("t", "x")).await, Err(PubSubError::Closed)));
+        assert!(matches!(
+            bus.publish(publish_req("t", "x")).await,
+            Err(PubSubError::Closed)
+        ));
     }
 }

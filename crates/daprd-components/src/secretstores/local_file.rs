@@ -41,7 +41,9 @@ impl SecretStoreFactory for LocalFileFactory {
         let root: Value = serde_json::from_slice(&text)
             .map_err(|e| SecretError::Io(format!("secretsFile {path:?} is not valid json: {e}")))?;
         let Value::Object(obj) = root else {
-            return Err(SecretError::Io(format!("secretsFile {path:?} must hold a json object")));
+            return Err(SecretError::Io(format!(
+                "secretsFile {path:?} must hold a json object"
+            )));
         };
         let mut secrets: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for (key, value) in obj {
@@ -107,12 +109,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("daprd-secrets-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("s.json");
-        std::fs::write(&file, r#"{"redis":{"password":"pw","port":6379},"plain":"v"}"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"redis":{"password":"pw","port":6379},"plain":"v"}"#,
+        )
+        .unwrap();
         let mut md = Metadata::new();
         md.insert("secretsFile", file.to_string_lossy().to_string());
         let store = LocalFileFactory.open(&md).await.unwrap();
-        assert_eq!(store.get_secret("redis:password").await.unwrap()["redis:password"], "pw");
-        assert_eq!(store.get_secret("redis:port").await.unwrap()["redis:port"], "6379");
+        assert_eq!(
+            store.get_secret("redis:password").await.unwrap()["redis:password"],
+            "pw"
+        );
+        assert_eq!(
+            store.get_secret("redis:port").await.unwrap()["redis:port"],
+            "6379"
+        );
         assert_eq!(store.get_secret("plain").await.unwrap()["plain"], "v");
         assert!(store.get_secret("redis").await.is_err());
 

@@ -1,0 +1,226 @@
+//! The Dapr gRPC API (`dapr.proto.runtime.v1.Dapr`, tonic). Methods other than the ones
+//! implemented here answer `UNIMPLEMENTED` (tonic does so for any method not in our proto).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use daprd_proto::runtime::v1 as pb;
+use daprd_proto::runtime::v1::dapr_server::{Dapr, DaprServer};
+use tonic::{Request, Response, Status};
+
+use crate::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
+use crate::runtime::RuntimeState;
+
+/// The `Dapr` service implementation.
+#[derive(Clone)]
+pub struct DaprApi {
+    state: Arc<RuntimeState>,
+}
+
+fn trace_headers<T>(req: &Request<T>) -> TraceHeaders {
+    let get = |k: &str| {
+        req.metadata()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    TraceHeaders {
+        traceparent: get("traceparent"),
+        tracestate: get("tracestate"),
+    }
+}
+
+fn to_btree(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+#[tonic::async_trait]
+impl Dapr for DaprApi {
+    async fn publish_event(
+        &self,
+        request: Request<pb::PublishEventRequest>,
+    ) -> Result<Response<()>, Status> {
+        let trace = trace_headers(&request);
+        let r = request.into_inner();
+        let input = PublishInput {
+            pubsub: r.pubsub_name,
+            topic: r.topic,
+            data: r.data.into(),
+            content_type: r.data_content_type,
+            metadata: to_btree(r.metadata),
+            trace,
+            transport: Transport::Grpc,
+        };
+        self.state
+            .publisher
+            .publish(input)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(()))
+    }
+
+    async fn bulk_publish_event_alpha1(
+        &self,
+        request: Request<pb::BulkPublishRequest>,
+    ) -> Result<Response<pb::BulkPublishResponse>, Status> {
+        self.bulk(request).await
+    }
+
+    async fn bulk_publish_event(
+        &self,
+        request: Request<pb::BulkPublishRequest>,
+    ) -> Result<Response<pb::BulkPublishResponse>, Status> {
+        self.bulk(request).await
+    }
+
+    type SubscribeTopicEventsAlpha1Stream = Pin<
+        Box<
+            dyn futures::Stream<Item = Result<pb::SubscribeTopicEventsResponseAlpha1, Status>>
+                + Send,
+        >,
+    >;
+
+    async fn subscribe_topic_events_alpha1(
+        &self,
+        _request: Request<tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>>,
+    ) -> Result<Response<Self::SubscribeTopicEventsAlpha1Stream>, Status> {
+        Err(Status::unimplemented(
+            "streaming subscriptions are not implemented yet by daprd-rs",
+        ))
+    }
+
+    async fn get_metadata(
+        &self,
+        _request: Request<pb::GetMetadataRequest>,
+    ) -> Result<Response<pb::GetMetadataResponse>, Status> {
+        Ok(Response::new(super::metadata::get_metadata(&self.state)))
+    }
+
+    async fn set_metadata(
+        &self,
+        request: Request<pb::SetMetadataRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = request.into_inner();
+        self.state
+            .extended
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(r.key, r.value);
+        Ok(Response::new(()))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<()>, Status> {
+        let force = request
+            .metadata()
+            .get("dapr-force-shutdown")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        self.state.request_shutdown(force);
+        Ok(Response::new(()))
+    }
+}
+
+impl DaprApi {
+    async fn bulk(
+        &self,
+        request: Request<pb::BulkPublishRequest>,
+    ) -> Result<Response<pb::BulkPublishResponse>, Status> {
+        let trace = trace_headers(&request);
+        let r = request.into_inner();
+        let input = BulkInput {
+            pubsub: r.pubsub_name,
+            topic: r.topic,
+            entries: r
+                .entries
+                .into_iter()
+                .map(|e| BulkInputEntry {
+                    entry_id: e.entry_id,
+                    event: e.event.into(),
+                    content_type: e.content_type,
+                    // proto3 cannot tell an empty map from an absent one: like daprd, an
+                    // entry with no metadata does not inherit the request's.
+                    metadata: (!e.metadata.is_empty()).then(|| to_btree(e.metadata)),
+                })
+                .collect(),
+            metadata: to_btree(r.metadata),
+            trace,
+            transport: Transport::Grpc,
+        };
+        let outcome = self
+            .state
+            .publisher
+            .bulk_publish(input)
+            .await
+            .map_err(|e| e.to_status())?;
+        // Unlike Go daprd (which fails the call and loses them), failed entries are returned.
+        Ok(Response::new(pb::BulkPublishResponse {
+            failed_entries: outcome
+                .failed
+                .into_iter()
+                .map(|f| pb::BulkPublishResponseFailedEntry {
+                    entry_id: f.entry_id,
+                    error: f.error,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// `Unauthenticated` as daprd answers a missing or wrong `dapr-api-token`.
+fn unauthenticated(detail: &str) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let mut d = ErrorDetails::new();
+    d.set_error_info(
+        "Unauthorized",
+        "dapr.io",
+        [
+            ("http.code".to_string(), "401".to_string()),
+            ("http.error_message".to_string(), detail.to_string()),
+        ]
+        .into_iter()
+        .collect::<std::collections::HashMap<_, _>>(),
+    );
+    Status::with_error_details(tonic::Code::Unauthenticated, "Unauthorized", d)
+}
+
+/// Checks `dapr-api-token` on every call when `DAPR_API_TOKEN` is set.
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(req);
+        };
+        match req
+            .metadata()
+            .get("dapr-api-token")
+            .map(|v| v.to_str().unwrap_or(""))
+        {
+            None => Err(unauthenticated("missing api token in request metadata")),
+            Some(t) if t == &**token => {
+                req.metadata_mut().remove("dapr-api-token");
+                Ok(req)
+            }
+            Some(_) => Err(unauthenticated("authentication error: api token mismatch")),
+        }
+    }
+}
+
+/// The `Dapr` gRPC service with API-token checking and the body-size limit applied.
+pub fn service(
+    state: Arc<RuntimeState>,
+) -> tonic::service::interceptor::InterceptedService<DaprServer<DaprApi>, TokenCheck> {
+    let limit = state.config.max_body_size;
+    let token = state.config.env.api_token.as_deref().map(Arc::from);
+    let server = DaprServer::new(DaprApi { state })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    tonic::service::interceptor::InterceptedService::new(server, TokenCheck { token })
+}

@@ -1,0 +1,662 @@
+//! The Dapr HTTP API (axum on hyper; HTTP/1.1 and h2c).
+//!
+//! Routes: publish (`/v1.0/publish/...`), bulk publish (`/v1.0/publish/bulk/...` and
+//! `/v1.0-alpha1/publish/bulk/...`), health, metadata and shutdown. Paths are cleaned like
+//! Go's `path.Clean` before routing and path parameters are unescaped like
+//! `url.QueryUnescape`, so topics may contain `/`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post, put};
+use axum::Router;
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
+use crate::runtime::RuntimeState;
+
+type AppState = Arc<RuntimeState>;
+
+/// The API router (all routes, API token and CORS applied).
+pub fn router(state: AppState) -> Router {
+    let mut r = Router::new()
+        .route("/v1.0/publish/{*rest}", post(publish_any).put(publish_any))
+        .route(
+            "/v1.0-alpha1/publish/bulk/{*rest}",
+            post(bulk_alpha).put(bulk_alpha),
+        )
+        .route("/v1.0/healthz", get(healthz))
+        .route("/v1.0/healthz/outbound", get(healthz_outbound))
+        .route("/v1.0/metadata", get(get_metadata))
+        .route("/v1.0/metadata/{key}", put(put_metadata))
+        .route("/v1.0/shutdown", post(shutdown))
+        .fallback(any(not_found))
+        .layer(middleware::from_fn_with_state(state.clone(), api_token))
+        .with_state(state.clone());
+    if let Some(origins) = &state.config.allowed_origins {
+        r = r.layer(cors_layer(origins));
+    }
+    r
+}
+
+/// The public-port router: health and metadata only, no API token.
+pub fn public_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1.0/healthz", get(healthz))
+        .route("/v1.0/healthz/outbound", get(healthz_outbound))
+        .route("/v1.0/metadata", get(get_metadata))
+        .fallback(any(not_found))
+        .with_state(state)
+}
+
+/// Wraps `router` so that request paths are cleaned (Go `path.Clean`) before routing.
+pub fn with_clean_paths(router: Router) -> Router {
+    Router::new()
+        .fallback_service(router)
+        .layer(middleware::map_request(clean_path))
+}
+
+async fn clean_path(mut req: Request) -> Request {
+    let path = req.uri().path();
+    let cleaned = go_path_clean(path);
+    if cleaned != path {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{cleaned}?{q}"),
+            None => cleaned,
+        };
+        if let Ok(pq) = pq.parse::<http::uri::PathAndQuery>() {
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
+/// Go's `path.Clean` for an absolute URL path.
+pub fn go_path_clean(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.iter().any(|o| o == "*") {
+        return CorsLayer::very_permissive();
+    }
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(list))
+        .allow_methods([
+            Method::HEAD,
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers(AllowHeaders::mirror_request())
+}
+
+async fn api_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(token) = state.config.env.api_token.as_deref() else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get("dapr-api-token")
+        .and_then(|v| v.to_str().ok());
+    if given != Some(token) {
+        let path = req.uri().path().trim_matches('/');
+        let exempt = req.method() == Method::GET
+            && (path == "v1.0/healthz" || path == "v1.0/healthz/outbound");
+        if !exempt {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "invalid api token\n",
+            )
+                .into_response();
+        }
+    }
+    req.headers_mut().remove("dapr-api-token");
+    next.run(req).await
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "404 page not found\n").into_response()
+}
+
+/// Go's `url.QueryUnescape`.
+pub fn query_unescape(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `metadata.*` query parameters (prefix exact, first value wins).
+pub fn request_metadata(query: Option<&str>) -> BTreeMap<String, String> {
+    let mut md = BTreeMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (query_unescape(k), query_unescape(v)) else {
+            continue;
+        };
+        if let Some(name) = k.strip_prefix("metadata.") {
+            md.entry(name.to_string()).or_insert(v);
+        }
+    }
+    md
+}
+
+fn trace_headers(headers: &HeaderMap) -> TraceHeaders {
+    let get = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    TraceHeaders {
+        traceparent: get("traceparent"),
+        tracestate: get("tracestate"),
+    }
+}
+
+fn bad_escape() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "invalid URL escape in path\n",
+    )
+        .into_response()
+}
+
+/// Splits the escaped remainder `pubsub/topic...` and unescapes both.
+fn pubsub_and_topic(rest: &str) -> Result<(String, String), Response> {
+    let (ps, topic) = rest.split_once('/').unwrap_or((rest, ""));
+    let ps = query_unescape(ps).ok_or_else(bad_escape)?;
+    let topic = query_unescape(topic).ok_or_else(bad_escape)?;
+    Ok((ps, topic))
+}
+
+async fn read_body(state: &RuntimeState, body: Body) -> Result<Bytes, String> {
+    axum::body::to_bytes(body, state.config.max_body_size)
+        .await
+        .map_err(|e| {
+            use std::error::Error as _;
+            let too_large = e
+                .source()
+                .is_some_and(|s| s.to_string().contains("length limit"));
+            if too_large {
+                format!(
+                    "request body exceeds the maximum of {} bytes (--max-body-size)",
+                    state.config.max_body_size
+                )
+            } else {
+                format!("error reading request body: {e}")
+            }
+        })
+}
+
+async fn publish_any(State(state): State<AppState>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/v1.0/publish/").unwrap_or("");
+    // Like chi, the static `bulk` segment wins when a pubsub and a topic follow it.
+    if let Some(bulk_rest) = rest.strip_prefix("bulk/") {
+        if bulk_rest.contains('/') {
+            let bulk_rest = bulk_rest.to_string();
+            return bulk(state, req, &bulk_rest).await;
+        }
+    }
+    let rest = rest.to_string();
+    single(state, req, &rest).await
+}
+
+async fn bulk_alpha(State(state): State<AppState>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let rest = path
+        .strip_prefix("/v1.0-alpha1/publish/bulk/")
+        .unwrap_or("")
+        .to_string();
+    bulk(state, req, &rest).await
+}
+
+async fn single(state: AppState, req: Request, rest: &str) -> Response {
+    let (pubsub, topic) = match pubsub_and_topic(rest) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let metadata = request_metadata(req.uri().query());
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let trace = trace_headers(req.headers());
+    // Validation errors take precedence over body read errors, as in daprd.
+    if pubsub.is_empty() {
+        return ApiError::pubsub_name_empty(&metadata).into_response();
+    }
+    if state.publisher.store().pubsub(&pubsub).is_none() {
+        return ApiError::pubsub_not_found(&pubsub, &metadata).into_response();
+    }
+    if topic.is_empty() {
+        return ApiError::topic_empty(&pubsub, &metadata).into_response();
+    }
+    let data = match read_body(&state, req.into_body()).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::publish_message(&pubsub, &topic, &e).into_response(),
+    };
+    let input = PublishInput {
+        pubsub,
+        topic,
+        data,
+        content_type,
+        metadata,
+        trace,
+        transport: Transport::Http,
+    };
+    match state.publisher.publish(input).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn get_ci<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
+/// Converts a bulk entry's `event` to bytes according to its `contentType` (daprd's
+/// `ConvertEventToBytes`).
+pub fn event_to_bytes(event: &Value, content_type: &str) -> Result<Vec<u8>, String> {
+    use daprd_core::cloudevent as ce;
+    const MISMATCH: &str = "mismatch between contentType and event";
+    if ce::is_binary_content_type(content_type) {
+        return match event {
+            Value::String(s) => base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| {
+                    format!("error: unable to decode base64 application/octect-stream data: {e}")
+                }),
+            _ => Err(MISMATCH.into()),
+        };
+    }
+    if ce::is_string_content_type(content_type) {
+        return match event {
+            Value::String(s) => Ok(s.clone().into_bytes()),
+            _ => Err(MISMATCH.into()),
+        };
+    }
+    if ce::is_json_content_type(content_type) || ce::is_cloudevent_content_type(content_type) {
+        return daprd_core::json::to_vec_go(event).map_err(|e| format!("{MISMATCH}: {e}"));
+    }
+    Err(MISMATCH.into())
+}
+
+/// Parses the bulk body: a JSON array of `{entryId, event, contentType, metadata}` with
+/// keys matched case-insensitively, as Go's `encoding/json` does.
+fn parse_bulk_entries(
+    body: &[u8],
+    pubsub: &str,
+    topic: &str,
+    app_id: &str,
+) -> Result<Vec<BulkInputEntry>, ApiError> {
+    let unmarshal = |e: String| ApiError::unmarshal_events(pubsub, topic, app_id, &e);
+    let value = daprd_core::cloudevent::decode_first_json(body).ok_or_else(|| {
+        unmarshal(match serde_json::from_slice::<Value>(body) {
+            Err(e) => e.to_string(),
+            Ok(_) => "invalid json".into(),
+        })
+    })?;
+    let Value::Array(items) = value else {
+        return Err(unmarshal(
+            "json: cannot unmarshal non-array into Go value of type []http.bulkPublishMessageEntry"
+                .into(),
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let obj = match item {
+            Value::Object(o) => o,
+            Value::Null => serde_json::Map::new(),
+            _ => return Err(unmarshal("json: cannot unmarshal non-object into Go struct field of type http.bulkPublishMessageEntry".into())),
+        };
+        let str_field = |k: &str| -> Result<String, ApiError> {
+            match get_ci(&obj, k) {
+                None | Some(Value::Null) => Ok(String::new()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(unmarshal(format!("json: cannot unmarshal non-string into Go struct field bulkPublishMessageEntry.{k} of type string"))),
+            }
+        };
+        let entry_id = str_field("entryId")?;
+        let content_type = str_field("contentType")?;
+        let metadata = match get_ci(&obj, "metadata") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => {
+                let mut md = BTreeMap::new();
+                for (k, v) in m {
+                    match v {
+                        Value::String(s) => {
+                            md.insert(k.clone(), s.clone());
+                        }
+                        Value::Null => {
+                            md.insert(k.clone(), String::new());
+                        }
+                        _ => return Err(unmarshal(format!("json: cannot unmarshal non-string into Go struct field bulkPublishMessageEntry.metadata of type string (key {k:?})"))),
+                    }
+                }
+                Some(md)
+            }
+            Some(_) => return Err(unmarshal("json: cannot unmarshal non-object into Go struct field bulkPublishMessageEntry.metadata of type map[string]string".into())),
+        };
+        let event = get_ci(&obj, "event").cloned().unwrap_or(Value::Null);
+        let bytes = event_to_bytes(&event, &content_type)
+            .map_err(|e| ApiError::marshal_envelope(pubsub, topic, app_id, &e))?;
+        out.push(BulkInputEntry {
+            entry_id,
+            event: bytes.into(),
+            content_type,
+            metadata,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize)]
+struct BulkFailure<'a> {
+    #[serde(rename = "failedEntries")]
+    failed_entries: Vec<FailedJson<'a>>,
+    #[serde(rename = "errorCode")]
+    error_code: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct FailedJson<'a> {
+    #[serde(rename = "entryId")]
+    entry_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    error: &'a str,
+}
+
+async fn bulk(state: AppState, req: Request, rest: &str) -> Response {
+    let (pubsub, topic) = match pubsub_and_topic(rest) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let metadata = request_metadata(req.uri().query());
+    let trace = trace_headers(req.headers());
+    if pubsub.is_empty() {
+        return ApiError::pubsub_name_empty(&metadata).into_response();
+    }
+    if state.publisher.store().pubsub(&pubsub).is_none() {
+        return ApiError::pubsub_not_found(&pubsub, &metadata).into_response();
+    }
+    if topic.is_empty() {
+        return ApiError::topic_empty(&pubsub, &metadata).into_response();
+    }
+    if let Err(e) = crate::publish::raw_payload(&metadata) {
+        return ApiError::metadata_deserialization(&pubsub, &e, &metadata).into_response();
+    }
+    let app_id = state.config.app_id.clone();
+    let body = match read_body(&state, req.into_body()).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::unmarshal_events(&pubsub, &topic, &app_id, &e).into_response(),
+    };
+    let entries = match parse_bulk_entries(&body, &pubsub, &topic, &app_id) {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let input = BulkInput {
+        pubsub,
+        topic,
+        entries,
+        metadata,
+        trace,
+        transport: Transport::Http,
+    };
+    match state.publisher.bulk_publish(input).await {
+        Err(e) => e.into_response(),
+        Ok(outcome) => match outcome.error {
+            None => StatusCode::NO_CONTENT.into_response(),
+            Some(err) => {
+                let body = BulkFailure {
+                    failed_entries: outcome
+                        .failed
+                        .iter()
+                        .map(|f| FailedJson {
+                            entry_id: &f.entry_id,
+                            error: &f.error,
+                        })
+                        .collect(),
+                    error_code: err.error_code,
+                };
+                let json = daprd_core::json::to_vec_go(&body).unwrap_or_default();
+                let mut resp = (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    json.clone(),
+                )
+                    .into_response();
+                let headers = resp.headers_mut();
+                if let Ok(v) = HeaderValue::from_bytes(&json) {
+                    headers.insert("metadata.responseData", v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&err.message) {
+                    headers.insert("metadata.error", v);
+                }
+                resp
+            }
+        },
+    }
+}
+
+fn simple_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"errorCode": code, "message": message});
+    (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        daprd_core::json::to_vec_go(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<AppState>, uri: Uri) -> Response {
+    if !state.is_ready() {
+        return simple_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_HEALTH_NOT_READY",
+            "dapr is not ready: [runtime]",
+        );
+    }
+    let md = request_query(uri.query());
+    if let Some(app_id) = md.get("appid") {
+        if app_id != &state.config.app_id {
+            return simple_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_HEALTH_APPID_NOT_MATCH",
+                "dapr app-id does not match",
+            );
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn request_query(query: Option<&str>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if let (Some(k), Some(v)) = (query_unescape(k), query_unescape(v)) {
+            out.entry(k).or_insert(v);
+        }
+    }
+    out
+}
+
+async fn healthz_outbound(State(state): State<AppState>) -> Response {
+    if state.is_outbound_ready() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        simple_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_OUTBOUND_HEALTH_NOT_READY",
+            "dapr outbound is not ready",
+        )
+    }
+}
+
+async fn get_metadata(State(state): State<AppState>) -> Response {
+    let md = super::metadata::get_metadata(&state);
+    let json = super::metadata::to_http_json(&md);
+    (
+        StatusCode::OK,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        daprd_core::json::to_vec_go(&json).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn put_metadata(
+    State(state): State<AppState>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    body: Body,
+) -> Response {
+    let value = match read_body(&state, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            return simple_error(
+                StatusCode::BAD_REQUEST,
+                "ERR_BODY_READ",
+                &format!("failed to read request body: {e}"),
+            )
+        }
+    };
+    state
+        .extended
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(key, String::from_utf8_lossy(&value).into_owned());
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn shutdown(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let force = headers
+        .get("dapr-force-shutdown")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    state.request_shutdown(force);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_clean_like_go() {
+        assert_eq!(go_path_clean("/v1.0//publish/ps/t/"), "/v1.0/publish/ps/t");
+        assert_eq!(
+            go_path_clean("/v1.0/publish/ps/./a/../b"),
+            "/v1.0/publish/ps/b"
+        );
+        assert_eq!(go_path_clean("/"), "/");
+        assert_eq!(go_path_clean("/a/%2F/b"), "/a/%2F/b");
+    }
+
+    #[test]
+    fn unescape_like_go_query_unescape() {
+        assert_eq!(query_unescape("a%2Fb+c%23").as_deref(), Some("a/b c#"));
+        assert_eq!(query_unescape("%zz"), None);
+        assert_eq!(query_unescape("%4"), None);
+    }
+
+    #[test]
+    fn metadata_from_query() {
+        let md = request_metadata(Some("metadata.ttlInSeconds=10&metadata.rawPayload=true&metadata.ttlInSeconds=20&other=1&Metadata.x=1&metadata.sp=a+b"));
+        assert_eq!(md.get("ttlInSeconds").map(String::as_str), Some("10"));
+        assert_eq!(md.get("rawPayload").map(String::as_str), Some("true"));
+        assert_eq!(md.get("sp").map(String::as_str), Some("a b"));
+        assert_eq!(md.len(), 3);
+    }
+
+    #[test]
+    fn bulk_event_conversion() {
+        assert_eq!(
+            event_to_bytes(&Value::String("AAEC".into()), "application/octet-stream").unwrap(),
+            vec![0, 1, 2]
+        );
+        assert!(event_to_bytes(&Value::String("!!".into()), "application/octet-stream").is_err());
+        assert!(event_to_bytes(&serde_json::json!(1), "application/octet-stream").is_err());
+        assert_eq!(
+            event_to_bytes(&Value::String("hi".into()), "text/plain").unwrap(),
+            b"hi"
+        );
+        assert!(event_to_bytes(&serde_json::json!({"a":1}), "text/plain").is_err());
+        assert_eq!(
+            event_to_bytes(&serde_json::json!({"b":1,"a":"<"}), "application/json").unwrap(),
+            br#"{"a":"\u003c","b":1}"#
+        );
+        assert!(event_to_bytes(&Value::String("x".into()), "").is_err());
+    }
+
+    #[test]
+    fn bulk_body_keys_are_case_insensitive() {
+        let body = br#"[{"EntryID":"1","Event":"hi","CONTENTTYPE":"text/plain","metadata":{"k":"v"}},{"entryId":"2","event":{"a":1},"contentType":"application/json"}]"#;
+        let entries = parse_bulk_entries(body, "ps", "t", "app").unwrap();
+        assert_eq!(entries[0].entry_id, "1");
+        assert_eq!(&entries[0].event[..], b"hi");
+        assert_eq!(entries[0].metadata.as_ref().unwrap()["k"], "v");
+        assert!(entries[1].metadata.is_none());
+        let e = parse_bulk_entries(b"{}", "ps", "t", "app").unwrap_err();
+        assert_eq!(e.reason, "DAPR_PUBSUB_UNMARSHAL_EVENTS");
+        let e = parse_bulk_entries(
+            br#"[{"entryId":"1","event":1,"contentType":"text/plain"}]"#,
+            "ps",
+            "t",
+            "app",
+        )
+        .unwrap_err();
+        assert_eq!(e.reason, "DAPR_PUBSUB_MARSHAL_ENVELOPE");
+    }
+}

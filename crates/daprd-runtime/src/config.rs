@@ -1,0 +1,486 @@
+//! Runtime configuration: the command line ([`cli`]) and the environment resolved into a
+//! validated [`RuntimeConfig`], and the resources directories ([`resources`]).
+
+pub mod cli;
+pub mod resources;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use daprd_core::duration::parse_go_duration;
+
+pub use cli::Options;
+
+/// Version this build reports as `runtimeVersion` and for `--version`: the Dapr release
+/// whose contract it implements, with daprd-rs's own version as semver build metadata.
+pub const RUNTIME_VERSION: &str = concat!("1.18.3+daprd-rs.", env!("CARGO_PKG_VERSION"));
+
+/// Default maximum request body (4Mi).
+pub const DEFAULT_MAX_BODY: usize = 4 << 20;
+
+/// What the process reads from its environment.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    /// `DAPR_API_TOKEN`.
+    pub api_token: Option<String>,
+    /// `APP_API_TOKEN`.
+    pub app_api_token: Option<String>,
+    /// `NAMESPACE`.
+    pub namespace: Option<String>,
+    /// `POD_NAME`.
+    pub pod_name: Option<String>,
+    /// `DAPR_HTTP_DISABLE_H2C`.
+    pub disable_h2c: bool,
+}
+
+impl Env {
+    /// Reads the variables of this process.
+    pub fn from_process() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            api_token: get("DAPR_API_TOKEN"),
+            app_api_token: get("APP_API_TOKEN"),
+            namespace: get("NAMESPACE"),
+            pod_name: get("POD_NAME"),
+            disable_h2c: get("DAPR_HTTP_DISABLE_H2C")
+                .and_then(|v| daprd_core::metadata::parse_loose_bool(&v))
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// How daprd reaches the app (reported in metadata; delivery uses it from the
+/// subscriptions issue on).
+#[derive(Debug, Clone)]
+pub struct AppConnection {
+    /// `--app-port` (0 = none).
+    pub port: u16,
+    /// `--app-protocol`.
+    pub protocol: String,
+    /// `--app-channel-address`.
+    pub channel_address: String,
+    /// `--app-max-concurrency` (-1 = unlimited).
+    pub max_concurrency: i64,
+    /// App health checking, when enabled.
+    pub health: Option<AppHealth>,
+}
+
+/// `--enable-app-health-check` settings.
+#[derive(Debug, Clone)]
+pub struct AppHealth {
+    /// `--app-health-check-path`.
+    pub path: String,
+    /// `--app-health-probe-interval`.
+    pub interval: Duration,
+    /// `--app-health-probe-timeout`.
+    pub timeout: Duration,
+    /// `--app-health-threshold`.
+    pub threshold: i64,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// `--app-id`.
+    pub app_id: String,
+    /// `--mode`.
+    pub mode: String,
+    /// HTTP API port.
+    pub http_port: u16,
+    /// gRPC API port.
+    pub grpc_port: u16,
+    /// Bind addresses for both APIs.
+    pub listen_addresses: Vec<IpAddr>,
+    /// Public (health + metadata) port.
+    pub public_port: Option<u16>,
+    /// Bind address of the public port.
+    pub public_listen_address: IpAddr,
+    /// Resources directories.
+    pub resources_paths: Vec<PathBuf>,
+    /// Maximum request body in bytes.
+    pub max_body_size: usize,
+    /// Grace period for shutdown.
+    pub graceful_shutdown: Duration,
+    /// `--dapr-block-shutdown-duration`.
+    pub block_shutdown: Option<Duration>,
+    /// CORS origins (`None` = CORS off).
+    pub allowed_origins: Option<Vec<String>>,
+    /// App connection.
+    pub app: AppConnection,
+    /// `--log-level`.
+    pub log_level: String,
+    /// `--log-as-json`.
+    pub log_as_json: bool,
+    /// `--enable-api-logging`.
+    pub api_logging: bool,
+    /// `--disable-init-endpoints`.
+    pub disable_init_endpoints: Vec<String>,
+    /// Environment.
+    pub env: Env,
+}
+
+impl RuntimeConfig {
+    /// The namespace (`NAMESPACE`, default `default`).
+    pub fn namespace(&self) -> &str {
+        self.env.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+fn parse_port(name: &str, v: &str, errors: &mut Vec<String>) -> Option<u16> {
+    if v.is_empty() {
+        return None;
+    }
+    match v.parse::<u16>() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            errors.push(format!(
+                "invalid value {v:?} for flag --{name}: not a port number"
+            ));
+            None
+        }
+    }
+}
+
+/// Parses a Kubernetes resource quantity (`4Mi`, `4M`, `4096`, `1.5Gi`) into bytes.
+pub fn parse_quantity(v: &str) -> Option<usize> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, suffix) = v.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    let bytes = n * mult;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < usize::MAX as f64).then_some(bytes as usize)
+}
+
+impl RuntimeConfig {
+    /// Validates `opts` and `env`. `require_app_id` is false for `daprd validate`.
+    ///
+    /// # Errors
+    /// One line per problem, naming the flag.
+    pub fn from_options(
+        opts: &Options,
+        env: Env,
+        require_app_id: bool,
+    ) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        if opts.mode != "standalone" && opts.mode != "kubernetes" {
+            errors.push(format!(
+                "invalid value {:?} for flag --mode: use standalone or kubernetes",
+                opts.mode
+            ));
+        }
+        if opts.mode == "kubernetes" {
+            errors.push("kubernetes mode (components from the operator) is not supported yet by daprd-rs; run with --mode standalone and --resources-path".into());
+        }
+        if require_app_id && opts.app_id.is_empty() {
+            errors.push("parameter app-id cannot be empty".into());
+        }
+        if opts.mode == "standalone" && opts.app_id.contains('.') {
+            errors.push(format!(
+                "invalid app id {:?}: must not contain dots in standalone mode",
+                opts.app_id
+            ));
+        }
+        let http_port =
+            parse_port("dapr-http-port", &opts.dapr_http_port, &mut errors).unwrap_or(3500);
+        let grpc_port =
+            parse_port("dapr-grpc-port", &opts.dapr_grpc_port, &mut errors).unwrap_or(50001);
+        let public_port = parse_port("dapr-public-port", &opts.dapr_public_port, &mut errors);
+        let app_port = parse_port("app-port", &opts.app_port, &mut errors).unwrap_or(0);
+
+        let mut listen_addresses = Vec::new();
+        for a in opts
+            .dapr_listen_addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
+            let bare = a.trim_start_matches('[').trim_end_matches(']');
+            let parsed = if bare == "localhost" {
+                Ok(IpAddr::from([127, 0, 0, 1]))
+            } else {
+                bare.parse()
+            };
+            match parsed {
+                Ok(ip) => listen_addresses.push(ip),
+                Err(_) => errors.push(format!(
+                    "invalid address {a:?} in flag --dapr-listen-addresses"
+                )),
+            }
+        }
+        if listen_addresses.is_empty() {
+            listen_addresses.push(IpAddr::from([0, 0, 0, 0]));
+        }
+        let public_listen_address = if opts.dapr_public_listen_address.is_empty() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            match opts
+                .dapr_public_listen_address
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+            {
+                Ok(ip) => ip,
+                Err(_) => {
+                    errors.push(format!(
+                        "invalid address {:?} for flag --dapr-public-listen-address",
+                        opts.dapr_public_listen_address
+                    ));
+                    IpAddr::from([0, 0, 0, 0])
+                }
+            }
+        };
+
+        let mut resources_paths: Vec<PathBuf> = opts
+            .resources_path
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect();
+        if resources_paths.is_empty() && !opts.components_path.is_empty() {
+            resources_paths.push(PathBuf::from(&opts.components_path));
+        }
+
+        let max_body_size = if !opts.max_body_size.is_empty() {
+            parse_quantity(&opts.max_body_size).unwrap_or_else(|| {
+                errors.push(format!(
+                    "invalid value {:?} for flag --max-body-size: not a resource quantity",
+                    opts.max_body_size
+                ));
+                DEFAULT_MAX_BODY
+            })
+        } else if !opts.dapr_http_max_request_size.is_empty() {
+            match opts.dapr_http_max_request_size.parse::<usize>() {
+                Ok(mb) => mb << 20,
+                Err(_) => {
+                    errors.push(format!(
+                        "invalid value {:?} for flag --dapr-http-max-request-size",
+                        opts.dapr_http_max_request_size
+                    ));
+                    DEFAULT_MAX_BODY
+                }
+            }
+        } else {
+            DEFAULT_MAX_BODY
+        };
+
+        let graceful_shutdown =
+            Duration::from_secs(opts.dapr_graceful_shutdown_seconds.max(0).unsigned_abs());
+        let block_shutdown = if opts.dapr_block_shutdown_duration.is_empty() {
+            None
+        } else {
+            match parse_go_duration(&opts.dapr_block_shutdown_duration) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    errors.push(format!("flag --dapr-block-shutdown-duration: {e}"));
+                    None
+                }
+            }
+        };
+
+        let mut bool_flag = |name: &str, v: &str| match cli::flag_bool(name, v) {
+            Ok(b) => b,
+            Err(e) => {
+                errors.push(e);
+                false
+            }
+        };
+        let log_as_json = bool_flag("log-as-json", &opts.log_as_json);
+        let health_on = bool_flag("enable-app-health-check", &opts.enable_app_health_check);
+        let app_ssl = bool_flag("app-ssl", &opts.app_ssl);
+        let api_logging = opts
+            .enable_api_logging
+            .as_deref()
+            .map(|v| bool_flag("enable-api-logging", v))
+            .unwrap_or(false);
+        for name in [
+            "enable-metrics",
+            "enable-mtls",
+            "enable-profiling",
+            "build-info",
+            "wait",
+            "disable-builtin-k8s-secret-store",
+        ] {
+            let v = match name {
+                "enable-metrics" => &opts.enable_metrics,
+                "enable-mtls" => &opts.enable_mtls,
+                "enable-profiling" => &opts.enable_profiling,
+                "build-info" => &opts.build_info,
+                "wait" => &opts.wait,
+                _ => &opts.disable_builtin_k8s_secret_store,
+            };
+            bool_flag(name, v);
+        }
+
+        let mut protocol = opts.app_protocol.to_ascii_lowercase();
+        if !["http", "https", "h2c", "grpc", "grpcs"].contains(&protocol.as_str()) {
+            errors.push(format!(
+                "invalid value {:?} for flag --app-protocol: use http, https, h2c, grpc or grpcs",
+                opts.app_protocol
+            ));
+        }
+        if app_ssl {
+            protocol = match protocol.as_str() {
+                "http" => "https".into(),
+                "grpc" => "grpcs".into(),
+                other => other.into(),
+            };
+        }
+        if !["debug", "info", "warn", "error", "fatal"].contains(&opts.log_level.as_str()) {
+            errors.push(format!(
+                "invalid value {:?} for flag --log-level: use debug, info, warn, error or fatal",
+                opts.log_level
+            ));
+        }
+        let allowed_origins = match opts.allowed_origins.trim() {
+            "" => None,
+            list => Some(
+                list.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            ),
+        };
+        let health = health_on.then(|| AppHealth {
+            path: opts.app_health_check_path.clone(),
+            interval: Duration::from_secs(opts.app_health_probe_interval.max(1).unsigned_abs()),
+            timeout: Duration::from_millis(opts.app_health_probe_timeout.max(1).unsigned_abs()),
+            threshold: opts.app_health_threshold.max(1),
+        });
+        for e in &opts.disable_init_endpoints {
+            if e != "subscribe" && e != "config" {
+                errors.push(format!("invalid value {e:?} for flag --disable-init-endpoints: use subscribe or config"));
+            }
+        }
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            app_id: opts.app_id.clone(),
+            mode: opts.mode.clone(),
+            http_port,
+            grpc_port,
+            listen_addresses,
+            public_port,
+            public_listen_address,
+            resources_paths,
+            max_body_size,
+            graceful_shutdown,
+            block_shutdown,
+            allowed_origins,
+            app: AppConnection {
+                port: app_port,
+                protocol,
+                channel_address: opts.app_channel_address.clone(),
+                max_concurrency: opts.app_max_concurrency,
+                health,
+            },
+            log_level: opts.log_level.clone(),
+            log_as_json,
+            api_logging,
+            disable_init_endpoints: opts.disable_init_endpoints.clone(),
+            env,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cfg(args: &[&str]) -> Result<RuntimeConfig, Vec<String>> {
+        let argv = std::iter::once("daprd".to_string()).chain(args.iter().map(|s| s.to_string()));
+        let opts = Options::try_parse_from(cli::normalise_args(argv)).unwrap();
+        RuntimeConfig::from_options(&opts, Env::default(), true)
+    }
+
+    #[test]
+    fn app_id_is_required_and_dotless() {
+        let e = cfg(&[]).unwrap_err();
+        assert!(e.iter().any(|l| l == "parameter app-id cannot be empty"));
+        let e = cfg(&["--app-id", "a.b"]).unwrap_err();
+        assert!(e[0].contains("must not contain dots"));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = cfg(&[
+            "--dapr-http-port",
+            "x",
+            "--app-protocol",
+            "ftp",
+            "--log-level",
+            "loud",
+            "--max-body-size",
+            "lots",
+        ])
+        .unwrap_err();
+        assert_eq!(e.len(), 5, "{e:?}");
+    }
+
+    #[test]
+    fn sizes_and_paths() {
+        let c = cfg(&[
+            "--app-id",
+            "a",
+            "--max-body-size",
+            "8Mi",
+            "--components-path",
+            "old",
+        ])
+        .unwrap();
+        assert_eq!(c.max_body_size, 8 << 20);
+        assert_eq!(c.resources_paths, vec![PathBuf::from("old")]);
+        let c = cfg(&[
+            "--app-id",
+            "a",
+            "--dapr-http-max-request-size",
+            "2",
+            "--resources-path",
+            "new",
+            "--components-path",
+            "old",
+        ])
+        .unwrap();
+        assert_eq!(c.max_body_size, 2 << 20);
+        assert_eq!(c.resources_paths, vec![PathBuf::from("new")]);
+        assert_eq!(parse_quantity("4Ki"), Some(4096));
+        assert_eq!(parse_quantity("1M"), Some(1_000_000));
+        assert_eq!(parse_quantity("x"), None);
+    }
+
+    #[test]
+    fn listen_addresses_accept_brackets() {
+        let c = cfg(&[
+            "--app-id",
+            "a",
+            "--dapr-listen-addresses",
+            "[::1],127.0.0.1",
+        ])
+        .unwrap();
+        assert_eq!(c.listen_addresses.len(), 2);
+        assert!(c.listen_addresses[0].is_ipv6());
+    }
+
+    #[test]
+    fn app_ssl_upgrades_protocol() {
+        let c = cfg(&["--app-id", "a", "--app-ssl", "--app-protocol", "grpc"]).unwrap();
+        assert_eq!(c.app.protocol, "grpcs");
+    }
+}

@@ -1,0 +1,358 @@
+//! The publish pipeline shared by the HTTP and gRPC APIs: validate → scoping →
+//! CloudEvent envelope (+ TTL) → namespace prefix → component. Every failure is an
+//! [`ApiError`] carrying Dapr's codes for both protocols.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use daprd_core::cloudevent::{self, EnvelopeRequest};
+use daprd_core::metadata::parse_go_bool;
+use daprd_core::pubsub::{BulkEntry, BulkPublishRequest, FailedEntry, Feature, PublishRequest};
+use futures::StreamExt;
+
+use crate::components::{ComponentStore, PubSubEntry};
+use crate::error::ApiError;
+use crate::trace::start_span;
+
+/// Which API a publish came through (daprd treats them slightly differently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTP API.
+    Http,
+    /// gRPC API.
+    Grpc,
+}
+
+/// Incoming trace context.
+#[derive(Debug, Clone, Default)]
+pub struct TraceHeaders {
+    /// `traceparent`.
+    pub traceparent: Option<String>,
+    /// `tracestate`.
+    pub tracestate: Option<String>,
+}
+
+/// One publish request, as received by an API.
+#[derive(Debug, Clone)]
+pub struct PublishInput {
+    /// Component name.
+    pub pubsub: String,
+    /// Topic.
+    pub topic: String,
+    /// Body.
+    pub data: Bytes,
+    /// Content type (empty → `text/plain`).
+    pub content_type: String,
+    /// Request metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Incoming trace context.
+    pub trace: TraceHeaders,
+    /// API.
+    pub transport: Transport,
+}
+
+/// One entry of a bulk publish, with its event already as bytes.
+#[derive(Debug, Clone)]
+pub struct BulkInputEntry {
+    /// Entry id.
+    pub entry_id: String,
+    /// Event bytes.
+    pub event: Bytes,
+    /// Content type.
+    pub content_type: String,
+    /// Entry metadata, when the entry carried any.
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A bulk publish request.
+#[derive(Debug, Clone)]
+pub struct BulkInput {
+    /// Component name.
+    pub pubsub: String,
+    /// Topic.
+    pub topic: String,
+    /// Entries.
+    pub entries: Vec<BulkInputEntry>,
+    /// Request-level metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Incoming trace context.
+    pub trace: TraceHeaders,
+    /// API.
+    pub transport: Transport,
+}
+
+/// The outcome of a bulk publish that reached the component.
+#[derive(Debug, Clone, Default)]
+pub struct BulkOutcome {
+    /// Entries the component could not publish.
+    pub failed: Vec<FailedEntry>,
+    /// Why (set when any entry failed).
+    pub error: Option<ApiError>,
+}
+
+/// Publishes for one app.
+#[derive(Clone)]
+pub struct Publisher {
+    app_id: String,
+    store: Arc<ComponentStore>,
+}
+
+/// Most entries of a non-native bulk publish in flight at once (as daprd).
+const BULK_CONCURRENCY: usize = 100;
+
+/// `rawPayload` (exact key, Go `ParseBool`).
+pub fn raw_payload(md: &BTreeMap<String, String>) -> Result<bool, String> {
+    match md.get("rawPayload").map(String::as_str) {
+        None | Some("") => Ok(false),
+        Some(v) => parse_go_bool(v)
+            .ok_or_else(|| format!("rawPayload value must be a valid boolean: actual is '{v}'")),
+    }
+}
+
+impl Publisher {
+    /// A publisher for `app_id` over `store`.
+    pub fn new(app_id: impl Into<String>, store: Arc<ComponentStore>) -> Self {
+        Self {
+            app_id: app_id.into(),
+            store,
+        }
+    }
+
+    /// The app id.
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
+    /// The component store.
+    pub fn store(&self) -> &Arc<ComponentStore> {
+        &self.store
+    }
+
+    fn validate(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        md: &BTreeMap<String, String>,
+        transport: Transport,
+    ) -> Result<(Arc<PubSubEntry>, bool), ApiError> {
+        let empty = BTreeMap::new();
+        if pubsub.is_empty() {
+            return Err(ApiError::pubsub_name_empty(md));
+        }
+        let Some(entry) = self.store.pubsub(pubsub) else {
+            let md = if transport == Transport::Grpc {
+                &empty
+            } else {
+                md
+            };
+            return Err(ApiError::pubsub_not_found(pubsub, md));
+        };
+        if topic.is_empty() {
+            return Err(ApiError::topic_empty(pubsub, md));
+        }
+        let raw =
+            raw_payload(md).map_err(|e| ApiError::metadata_deserialization(pubsub, &e, md))?;
+        Ok((entry, raw))
+    }
+
+    fn envelope(
+        &self,
+        entry: &PubSubEntry,
+        topic: &str,
+        data: &[u8],
+        content_type: &str,
+        md: &BTreeMap<String, String>,
+        trace: &TraceHeaders,
+    ) -> Result<Bytes, ApiError> {
+        let span = start_span(trace.traceparent.as_deref(), trace.tracestate.as_deref());
+        let traceparent = span.traceparent();
+        let new_id = uuid::Uuid::new_v4().to_string();
+        let now = SystemTime::now();
+        let mut ce = cloudevent::new_envelope(&EnvelopeRequest {
+            source: &self.app_id,
+            topic,
+            pubsub_name: &entry.name,
+            data_content_type: content_type,
+            data,
+            traceparent: &traceparent,
+            tracestate: &span.tracestate,
+            metadata: Some(md),
+            new_id: &new_id,
+            now,
+        })
+        .map_err(|e| ApiError::cloud_event_creation(&entry.name, &self.app_id, &e.to_string()))?;
+        let handles_ttl = entry.component.features().contains(&Feature::MessageTtl);
+        cloudevent::apply_ttl(&mut ce, md, handles_ttl, now);
+        daprd_core::json::to_vec_go(&ce)
+            .map(Bytes::from)
+            .map_err(|e| {
+                ApiError::marshal_envelope(&entry.name, topic, &self.app_id, &e.to_string())
+            })
+    }
+
+    fn check_scope(&self, entry: &PubSubEntry, topic: &str) -> Result<(), ApiError> {
+        if entry.scoping.may_publish(&self.app_id, topic) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(&entry.name, topic, &self.app_id))
+        }
+    }
+
+    /// Publishes one event.
+    ///
+    /// # Errors
+    /// The [`ApiError`] of Dapr's error table for whatever went wrong.
+    pub async fn publish(&self, input: PublishInput) -> Result<(), ApiError> {
+        let (entry, raw) = self.validate(
+            &input.pubsub,
+            &input.topic,
+            &input.metadata,
+            input.transport,
+        )?;
+        let mut metadata = input.metadata;
+        let data = if raw {
+            if input.transport == Transport::Grpc {
+                let span = start_span(
+                    input.trace.traceparent.as_deref(),
+                    input.trace.tracestate.as_deref(),
+                );
+                metadata.insert("traceid".into(), span.traceparent());
+                metadata.insert("tracestate".into(), span.tracestate);
+            }
+            input.data
+        } else {
+            self.envelope(
+                &entry,
+                &input.topic,
+                &input.data,
+                &input.content_type,
+                &metadata,
+                &input.trace,
+            )?
+        };
+        self.check_scope(&entry, &input.topic)?;
+        let request = PublishRequest {
+            pubsub_name: entry.name.clone(),
+            topic: entry.broker_topic(&input.topic),
+            data,
+            metadata,
+            content_type: None,
+        };
+        entry
+            .component
+            .publish(request)
+            .await
+            .map_err(|e| ApiError::publish_message(&entry.name, &input.topic, &e.to_string()))
+    }
+
+    /// Publishes many events to one topic. Validation problems are an `Err`; entries the
+    /// component failed come back in [`BulkOutcome::failed`].
+    ///
+    /// # Errors
+    /// The [`ApiError`] of Dapr's error table for a request that could not be attempted.
+    pub async fn bulk_publish(&self, input: BulkInput) -> Result<BulkOutcome, ApiError> {
+        let (entry, raw) = self.validate(
+            &input.pubsub,
+            &input.topic,
+            &input.metadata,
+            input.transport,
+        )?;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut entries = Vec::with_capacity(input.entries.len());
+        for e in input.entries {
+            if e.entry_id.is_empty() || !seen.insert(e.entry_id.clone()) {
+                return Err(ApiError::marshal_events(
+                    &entry.name,
+                    &input.topic,
+                    &self.app_id,
+                ));
+            }
+            // Entry metadata wins; request metadata fills the gaps — only for entries that
+            // carried metadata of their own, as daprd does.
+            let metadata = e.metadata.map(|mut m| {
+                for (k, v) in &input.metadata {
+                    m.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                m
+            });
+            entries.push((
+                e.entry_id,
+                e.event,
+                e.content_type,
+                metadata.unwrap_or_default(),
+            ));
+        }
+        let mut bulk_entries = Vec::with_capacity(entries.len());
+        for (entry_id, event, content_type, metadata) in entries {
+            let data = if raw {
+                event
+            } else {
+                self.envelope(
+                    &entry,
+                    &input.topic,
+                    &event,
+                    &content_type,
+                    &metadata,
+                    &input.trace,
+                )?
+            };
+            bulk_entries.push(BulkEntry {
+                entry_id,
+                data,
+                content_type,
+                metadata,
+            });
+        }
+        self.check_scope(&entry, &input.topic)?;
+        let broker_topic = entry.broker_topic(&input.topic);
+        let failed = if entry.component.features().contains(&Feature::BulkPublish) {
+            let request = BulkPublishRequest {
+                pubsub_name: entry.name.clone(),
+                topic: broker_topic,
+                entries: bulk_entries.clone(),
+                metadata: input.metadata,
+            };
+            match entry.component.bulk_publish(request).await {
+                Ok(failed) => failed,
+                Err(e) => bulk_entries
+                    .iter()
+                    .map(|b| FailedEntry {
+                        entry_id: b.entry_id.clone(),
+                        error: e.to_string(),
+                    })
+                    .collect(),
+            }
+        } else {
+            let component = entry.component.clone();
+            let name = entry.name.clone();
+            futures::stream::iter(bulk_entries)
+                .map(|b| {
+                    let component = component.clone();
+                    let request = PublishRequest {
+                        pubsub_name: name.clone(),
+                        topic: broker_topic.clone(),
+                        data: b.data,
+                        metadata: b.metadata,
+                        content_type: Some(b.content_type),
+                    };
+                    async move {
+                        component.publish(request).await.err().map(|e| FailedEntry {
+                            entry_id: b.entry_id,
+                            error: e.to_string(),
+                        })
+                    }
+                })
+                .buffer_unordered(BULK_CONCURRENCY)
+                .filter_map(|r| async move { r })
+                .collect()
+                .await
+        };
+        let error = (!failed.is_empty()).then(|| {
+            let first = failed.first().map(|f| f.error.clone()).unwrap_or_default();
+            ApiError::publish_message(&entry.name, &input.topic, &first)
+        });
+        Ok(BulkOutcome { failed, error })
+    }
+}

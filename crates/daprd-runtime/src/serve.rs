@@ -1,0 +1,246 @@
+//! Start-up and shutdown: load and build components, bind the API listeners, serve until
+//! a shutdown signal, then drain within the grace period and close the components.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::components::{self, BuildContext, ComponentStore};
+use crate::config::resources::{load_resources, LoadContext};
+use crate::config::RuntimeConfig;
+use crate::runtime::RuntimeState;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The resources are invalid; one line per problem.
+    #[error("{} problem(s) in the resources", .0.len())]
+    Resources(Vec<String>),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for the {what}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Which server.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn build_context(config: &RuntimeConfig, connect: bool) -> BuildContext {
+    BuildContext {
+        app_id: config.app_id.clone(),
+        namespace: config.namespace().to_string(),
+        pod_name: config.env.pod_name.clone(),
+        connect,
+    }
+}
+
+/// Loads the resources directories and builds the components. With `connect` false
+/// nothing connects to a broker (for `daprd validate`).
+///
+/// # Errors
+/// [`StartError::Resources`] with every problem found.
+pub async fn load_components(
+    config: &RuntimeConfig,
+    connect: bool,
+) -> Result<ComponentStore, StartError> {
+    let ctx = LoadContext {
+        app_id: &config.app_id,
+        namespace: config.env.namespace.as_deref(),
+    };
+    let resources = load_resources(&config.resources_paths, &ctx);
+    for w in &resources.warnings {
+        tracing::warn!("{w}");
+    }
+    let mut problems: Vec<String> = resources.errors.iter().map(ToString::to_string).collect();
+    let registry = daprd_components::builtin_registry();
+    match components::build(&resources, &registry, &build_context(config, connect)).await {
+        Ok(store) if problems.is_empty() => Ok(store),
+        Ok(store) => {
+            store.close_all().await;
+            Err(StartError::Resources(problems))
+        }
+        Err(errs) => {
+            problems.extend(errs.iter().map(ToString::to_string));
+            Err(StartError::Resources(problems))
+        }
+    }
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    /// Shared state.
+    pub state: Arc<RuntimeState>,
+    /// Bound HTTP API addresses.
+    pub http_addrs: Vec<SocketAddr>,
+    /// Bound gRPC API addresses.
+    pub grpc_addrs: Vec<SocketAddr>,
+    /// Bound public-port address.
+    pub public_addr: Option<SocketAddr>,
+    servers: JoinSet<()>,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, what, source })
+}
+
+impl Sidecar {
+    /// Binds every listener and starts serving.
+    ///
+    /// # Errors
+    /// [`StartError::Bind`] naming the address that could not be bound.
+    pub async fn start(config: RuntimeConfig, store: ComponentStore) -> Result<Self, StartError> {
+        let state = RuntimeState::new(config, Arc::new(store));
+        let cfg = &state.config;
+        let mut servers = JoinSet::new();
+        let mut http_addrs = Vec::new();
+        let mut grpc_addrs = Vec::new();
+
+        let mut http_listeners = Vec::new();
+        let mut grpc_listeners = Vec::new();
+        for ip in &cfg.listen_addresses {
+            http_listeners.push(bind(SocketAddr::new(*ip, cfg.http_port), "HTTP API").await?);
+            grpc_listeners.push(bind(SocketAddr::new(*ip, cfg.grpc_port), "gRPC API").await?);
+        }
+        let public = match cfg.public_port {
+            Some(p) => Some(
+                bind(
+                    SocketAddr::new(cfg.public_listen_address, p),
+                    "public HTTP port",
+                )
+                .await?,
+            ),
+            None => None,
+        };
+
+        let http_router =
+            crate::api::http::with_clean_paths(crate::api::http::router(state.clone()));
+        for l in http_listeners {
+            http_addrs.push(l.local_addr().map_err(|source| StartError::Bind {
+                addr: SocketAddr::new(cfg.listen_addresses[0], cfg.http_port),
+                what: "HTTP API",
+                source,
+            })?);
+            let router = http_router.clone();
+            let shutdown = state.shutdown.clone();
+            servers.spawn(async move {
+                let res = axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        shutdown.wait().await;
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "HTTP API server failed");
+                }
+            });
+        }
+        let public_addr = match public {
+            Some(l) => {
+                let addr = l.local_addr().ok();
+                let router = crate::api::http::with_clean_paths(crate::api::http::public_router(
+                    state.clone(),
+                ));
+                let shutdown = state.shutdown.clone();
+                servers.spawn(async move {
+                    let _ = axum::serve(l, router)
+                        .with_graceful_shutdown(async move {
+                            shutdown.wait().await;
+                        })
+                        .await;
+                });
+                addr
+            }
+            None => None,
+        };
+        for l in grpc_listeners {
+            if let Ok(a) = l.local_addr() {
+                grpc_addrs.push(a);
+            }
+            let svc = crate::api::grpc::service(state.clone());
+            let shutdown = state.shutdown.clone();
+            servers.spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+                let res = tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        shutdown.wait().await;
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "gRPC API server failed");
+                }
+            });
+        }
+        state.set_ready();
+        tracing::info!(
+            app_id = %state.config.app_id,
+            http = ?http_addrs,
+            grpc = ?grpc_addrs,
+            version = crate::config::RUNTIME_VERSION,
+            "dapr initialized. Status: Running"
+        );
+        Ok(Self {
+            state,
+            http_addrs,
+            grpc_addrs,
+            public_addr,
+            servers,
+        })
+    }
+
+    /// Waits for shutdown (signal, API or [`Sidecar::state`]'s trigger), lets in-flight
+    /// API calls finish within the grace period, then closes the components.
+    pub async fn run_until_shutdown(mut self) {
+        let reason = self.state.shutdown.wait().await;
+        let grace = self.state.config.graceful_shutdown;
+        tracing::info!(?reason, grace = ?grace, "shutting down");
+        let drained = tokio::time::timeout(grace, async {
+            while self.servers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period elapsed with API calls still in flight; stopping them");
+            self.servers.abort_all();
+        }
+        let close = tokio::time::timeout(
+            grace.max(Duration::from_secs(1)),
+            self.state.publisher.store().close_all(),
+        )
+        .await;
+        if close.is_err() {
+            tracing::warn!("components did not close within the grace period");
+        }
+        tracing::info!("daprd shutdown complete");
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
