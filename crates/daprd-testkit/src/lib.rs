@@ -1,1 +1,87 @@
-//! placeholder
+//! Test helpers for daprd-rs: polling with a deadline (never sleeping to synchronise),
+//! free loopback ports, and scratch directories for resources.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+/// A directory removed on drop.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// A new empty directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let path =
+            std::env::temp_dir().join(format!("daprd-rs-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("creating scratch dir");
+        Self { path }
+    }
+
+    /// Writes `name` with `contents` and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::write(&p, contents).expect("writing scratch file");
+        p
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The in-memory component manifest named `name`, with extra metadata items.
+pub fn in_memory_component(name: &str, extra_metadata: &[(&str, &str)]) -> String {
+    let mut doc = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: {name}\nspec:\n  type: pubsub.in-memory\n  version: v1\n  metadata:"
+    );
+    doc.push_str(if extra_metadata.is_empty() {
+        " []\n"
+    } else {
+        "\n"
+    });
+    for (k, v) in extra_metadata {
+        doc.push_str(&format!("  - name: {k}\n    value: \"{v}\"\n"));
+    }
+    doc
+}
