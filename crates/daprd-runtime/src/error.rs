@@ -21,8 +21,8 @@ pub struct ApiError {
     pub reason: &'static str,
     /// Message.
     pub message: String,
-    /// ResourceInfo (type, name), when the error concerns a resource.
-    pub resource: Option<(String, String)>,
+    /// ResourceInfo name (of type `pubsub`), when the error concerns a resource.
+    pub resource: Option<String>,
     /// ErrorInfo metadata.
     pub metadata: BTreeMap<String, String>,
 }
@@ -58,6 +58,7 @@ enum Detail<'a> {
 }
 
 const DOMAIN: &str = "dapr.io";
+const RESOURCE_TYPE: &str = "pubsub";
 
 fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -84,7 +85,7 @@ impl ApiError {
             error_code,
             reason,
             message,
-            resource: with_resource.then(|| ("pubsub".to_string(), name.to_string())),
+            resource: with_resource.then(|| name.to_string()),
             metadata,
         }
     }
@@ -259,10 +260,10 @@ impl ApiError {
     /// The rich JSON body of the HTTP response.
     pub fn http_body(&self) -> Vec<u8> {
         let mut details = Vec::new();
-        if let Some((ty, name)) = &self.resource {
+        if let Some(name) = &self.resource {
             details.push(Detail::Resource {
                 ty: "type.googleapis.com/google.rpc.ResourceInfo",
-                resource_type: ty,
+                resource_type: RESOURCE_TYPE,
                 resource_name: name,
                 owner: "",
                 description: &self.message,
@@ -294,8 +295,8 @@ impl ApiError {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect::<std::collections::HashMap<_, _>>(),
         );
-        if let Some((ty, name)) = &self.resource {
-            details.set_resource_info(ty, name, "", &self.message);
+        if let Some(name) = &self.resource {
+            details.set_resource_info(RESOURCE_TYPE, name, "", &self.message);
         }
         tonic::Status::with_error_details(self.grpc_code, &self.message, details)
     }

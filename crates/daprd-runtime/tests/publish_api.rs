@@ -2,6 +2,8 @@
 //! the exact envelope that reaches the component, over HTTP (reqwest) and gRPC (the
 //! official Rust `dapr` SDK and raw tonic calls), and every reachable error row.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -348,7 +350,9 @@ async fn http_error_rows() {
         Env::default(),
     )
     .await;
-    let cases: Vec<(&str, Option<&str>, &str, u16, &str, &str)> = vec![
+    // (path, content type, body, status, errorCode, message)
+    type Row<'a> = (&'a str, Option<&'a str>, &'a str, u16, &'a str, &'a str);
+    let cases: Vec<Row> = vec![
         ("/v1.0/publish/nope/t", None, "x", 404, "ERR_PUBSUB_NOT_FOUND", "pubsub nope is not found"),
         ("/v1.0/publish/pubsub/", None, "x", 404, "ERR_TOPIC_NAME_EMPTY", "topic is empty in pubsub pubsub"),
         ("/v1.0/publish/pubsub/t?metadata.rawPayload=maybe", None, "x", 400, "ERR_PUBSUB_REQUEST_METADATA", "failed deserializing metadata. Error: rawPayload value must be a valid boolean: actual is 'maybe'"),

@@ -209,11 +209,9 @@ fn bad_escape() -> Response {
 }
 
 /// Splits the escaped remainder `pubsub/topic...` and unescapes both.
-fn pubsub_and_topic(rest: &str) -> Result<(String, String), Response> {
+fn pubsub_and_topic(rest: &str) -> Option<(String, String)> {
     let (ps, topic) = rest.split_once('/').unwrap_or((rest, ""));
-    let ps = query_unescape(ps).ok_or_else(bad_escape)?;
-    let topic = query_unescape(topic).ok_or_else(bad_escape)?;
-    Ok((ps, topic))
+    Some((query_unescape(ps)?, query_unescape(topic)?))
 }
 
 async fn read_body(state: &RuntimeState, body: Body) -> Result<Bytes, String> {
@@ -259,9 +257,8 @@ async fn bulk_alpha(State(state): State<AppState>, req: Request) -> Response {
 }
 
 async fn single(state: AppState, req: Request, rest: &str) -> Response {
-    let (pubsub, topic) = match pubsub_and_topic(rest) {
-        Ok(v) => v,
-        Err(r) => return r,
+    let Some((pubsub, topic)) = pubsub_and_topic(rest) else {
+        return bad_escape();
     };
     let metadata = request_metadata(req.uri().query());
     let content_type = req
@@ -421,9 +418,8 @@ struct FailedJson<'a> {
 }
 
 async fn bulk(state: AppState, req: Request, rest: &str) -> Response {
-    let (pubsub, topic) = match pubsub_and_topic(rest) {
-        Ok(v) => v,
-        Err(r) => return r,
+    let Some((pubsub, topic)) = pubsub_and_topic(rest) else {
+        return bad_escape();
     };
     let metadata = request_metadata(req.uri().query());
     let trace = trace_headers(req.headers());
