@@ -442,6 +442,36 @@ async fn component_failure_is_500_publish_message() {
     assert_eq!(ids, ["a", "b"]);
 
     let mut g = h.grpc_raw().await;
+    let st = g
+        .publish_event(pb::PublishEventRequest {
+            pubsub_name: "pubsub".into(),
+            topic: "t".into(),
+            data: b"x".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Internal);
+    assert_eq!(
+        st.message(),
+        "error when publishing to topic t in pubsub pubsub: component is closed"
+    );
+    let details = st.get_error_details();
+    assert_eq!(
+        details.error_info().unwrap().reason,
+        "DAPR_PUBSUB_PUBLISH_MESSAGE"
+    );
+    assert_eq!(
+        details
+            .error_info()
+            .unwrap()
+            .metadata
+            .get("topic")
+            .map(String::as_str),
+        Some("t")
+    );
+    assert_eq!(details.resource_info().unwrap().resource_type, "pubsub");
+
     let resp = g
         .bulk_publish_event(pb::BulkPublishRequest {
             pubsub_name: "pubsub".into(),
@@ -918,4 +948,72 @@ async fn max_body_size_is_enforced() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), tonic::Code::OutOfRange, "{st:?}");
+}
+
+#[tokio::test]
+async fn cors_follows_allowed_origins() {
+    let dir = ScratchDir::new("cors");
+    dir.write("c.yaml", &in_memory_component("pubsub", &[]));
+    let argv: Vec<String> = [
+        "daprd",
+        "--app-id",
+        "a",
+        "--dapr-http-port",
+        "0",
+        "--dapr-grpc-port",
+        "0",
+        "--dapr-listen-addresses",
+        "127.0.0.1",
+        "--allowed-origins",
+        "http://good.example",
+        "--resources-path",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(std::iter::once(dir.path().to_string_lossy().into_owned()))
+    .collect();
+    let config = RuntimeConfig::from_options(
+        &Options::try_parse_from(argv).unwrap(),
+        Env::default(),
+        true,
+    )
+    .unwrap();
+    let store = serve::load_components(&config, true).await.unwrap();
+    let sidecar = Sidecar::start(config, store).await.unwrap();
+    let http = format!("http://{}", sidecar.http_addrs[0]);
+    tokio::spawn(sidecar.run_until_shutdown());
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        client
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{http}/v1.0/publish/pubsub/t"),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let ok = preflight("http://good.example").await.unwrap();
+    assert_eq!(
+        ok.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("http://good.example")
+    );
+    let bad = preflight("http://evil.example").await.unwrap();
+    assert!(bad.headers().get("access-control-allow-origin").is_none());
+    let resp = client
+        .post(format!("{http}/v1.0/publish/pubsub/t"))
+        .header("origin", "http://good.example")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(
+        resp.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("http://good.example")
+    );
 }

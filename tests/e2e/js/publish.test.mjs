@@ -65,3 +65,44 @@ for (const [name, protocol] of [["HTTP", CommunicationProtocolEnum.HTTP], ["gRPC
     }
   });
 }
+
+test("the README command serves an SDK given no configuration", async (t) => {
+  const { spawn } = await import("node:child_process");
+  const { DAPRD } = await import("./sidecar.mjs");
+  const net = await import("node:net");
+  const busy = (port) => new Promise((res) => {
+    const s = net.connect(port, "127.0.0.1");
+    s.once("connect", () => { s.destroy(); res(true); });
+    s.once("error", () => res(false));
+  });
+  if ((await busy(3500)) || (await busy(50001))) {
+    t.skip("default ports are busy on this machine");
+    return;
+  }
+  const root = new URL("../../../", import.meta.url).pathname;
+  const proc = spawn(DAPRD, ["--app-id", "checkout", "--resources-path", `${root}examples/resources`], { stdio: "ignore" });
+  try {
+    const deadline = Date.now() + 20000;
+    while (!(await busy(3500)) || !(await busy(50001))) {
+      assert.ok(Date.now() < deadline, "daprd did not start listening");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    for (const protocol of [CommunicationProtocolEnum.HTTP, CommunicationProtocolEnum.GRPC]) {
+      const env = { ...process.env };
+      delete process.env.DAPR_HTTP_PORT;
+      delete process.env.DAPR_GRPC_PORT;
+      const c = new DaprClient({ communicationProtocol: protocol, logger: { level: LogLevel.Error } });
+      try {
+        const r = await c.pubsub.publish("pubsub", "orders", { orderId: 42 });
+        assert.equal(r.error, undefined, String(r.error));
+      } finally {
+        await c.stop();
+        Object.assign(process.env, env);
+      }
+    }
+  } finally {
+    const exited = new Promise((r) => proc.once("exit", r));
+    proc.kill("SIGTERM");
+    assert.equal(await exited, 0, "SIGTERM leads to a clean exit");
+  }
+});

@@ -641,6 +641,43 @@ scopes: [app1, app2]
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic() {
+        // Deterministic pseudo-random documents built from YAML-ish fragments and raw bytes.
+        let fragments: [&[u8]; 16] = [
+            b"apiVersion: dapr.io/v1alpha1\n",
+            b"kind: Component\n",
+            b"metadata:\n",
+            b"  name: x\n",
+            b"spec:\n",
+            b"  type: pubsub.in-memory\n",
+            b"  metadata:\n",
+            b"  - name: a\n",
+            b"    value: [1, {b: c}]\n",
+            b"    secretKeyRef: 7\n",
+            b"---\n",
+            b"scopes: {a: b}\n",
+            b"\t: - ? ! & * |\n",
+            b"\xff\xfe\x00",
+            b"  initTimeout: -1h\n",
+            b"  ignoreErrors: [true]\n",
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..2000 {
+            let mut doc = Vec::new();
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let mut r = rng;
+            for _ in 0..(r % 12) {
+                doc.extend_from_slice(fragments[(r % 16) as usize]);
+                r = r.rotate_left(5).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            }
+            let mut out = Resources::default();
+            parse_file(Path::new("fuzz.yaml"), &doc, &CTX, &mut out);
+        }
+    }
+
+    #[test]
     fn duplicates_are_fatal() {
         let doc = "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: a}\nspec: {type: pubsub.in-memory}\n";
         let r = parse(&format!("{doc}---\n{doc}"), &CTX);
