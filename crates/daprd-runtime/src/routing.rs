@@ -1,0 +1,172 @@
+//! Routing rules in CEL (Dapr's `routes.rules[].match`): compiled once per subscription,
+//! evaluated with one variable, `event`, bound to the decoded CloudEvent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+/// A routing rule: an optional CEL condition and the app path it sends to.
+#[derive(Clone)]
+pub struct Rule {
+    /// The CEL text (empty = always matches).
+    pub match_text: String,
+    /// The app path (HTTP) or informational path (gRPC).
+    pub path: String,
+    program: Option<Arc<cel::Program>>,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("match", &self.match_text)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl PartialEq for Rule {
+    fn eq(&self, other: &Self) -> bool {
+        self.match_text == other.match_text && self.path == other.path
+    }
+}
+
+impl Rule {
+    /// Compiles `match_text` (empty = unconditional).
+    ///
+    /// # Errors
+    /// The CEL parse error, as text.
+    pub fn new(match_text: &str, path: &str) -> Result<Self, String> {
+        let program = if match_text.trim().is_empty() {
+            None
+        } else {
+            Some(Arc::new(cel::Program::compile(match_text).map_err(
+                |e| format!("invalid CEL expression {match_text:?}: {e}"),
+            )?))
+        };
+        Ok(Self {
+            match_text: match_text.to_string(),
+            path: path.to_string(),
+            program,
+        })
+    }
+
+    /// Whether the rule matches `event`.
+    ///
+    /// # Errors
+    /// Evaluation errors, and results that are not booleans.
+    pub fn matches(&self, event: &cel::Value) -> Result<bool, String> {
+        let Some(program) = &self.program else {
+            return Ok(true);
+        };
+        let mut ctx = cel::Context::default();
+        ctx.add_variable_from_value("event", event.clone());
+        match program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!(
+                "routing rule {:?} returned {other:?}, not a boolean",
+                self.match_text
+            )),
+            Err(e) => Err(format!(
+                "evaluating routing rule {:?}: {e}",
+                self.match_text
+            )),
+        }
+    }
+}
+
+/// Converts JSON into a CEL value (integers that fit `int` stay integers).
+pub fn json_to_cel(v: &Json) -> cel::Value {
+    match v {
+        Json::Null => cel::Value::Null,
+        Json::Bool(b) => cel::Value::Bool(*b),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                cel::Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                cel::Value::UInt(u)
+            } else {
+                cel::Value::Float(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Json::Array(a) => cel::Value::List(Arc::new(a.iter().map(json_to_cel).collect())),
+        Json::Object(o) => {
+            let map: HashMap<String, cel::Value> =
+                o.iter().map(|(k, v)| (k.clone(), json_to_cel(v))).collect();
+            cel::Value::from(map)
+        }
+    }
+}
+
+/// The first rule matching `event`, if any.
+///
+/// # Errors
+/// An evaluation error of a rule tried before a match.
+pub fn select<'r>(rules: &'r [Rule], event: &Json) -> Result<Option<&'r Rule>, String> {
+    if rules.iter().all(|r| r.program.is_none()) {
+        return Ok(rules.first());
+    }
+    let value = json_to_cel(event);
+    for r in rules {
+        if r.matches(&value)? {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules(list: &[(&str, &str)]) -> Vec<Rule> {
+        list.iter().map(|(m, p)| Rule::new(m, p).unwrap()).collect()
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_default_catches_the_rest() {
+        let r = rules(&[
+            (
+                r#"event.type == "widget" && event.data.price > 100"#,
+                "/expensive",
+            ),
+            ("has(event.data.orderId)", "/orders"),
+            ("", "/default"),
+        ]);
+        let ev = json!({"type": "widget", "data": {"price": 150}});
+        assert_eq!(select(&r, &ev).unwrap().unwrap().path, "/expensive");
+        let ev = json!({"type": "widget", "data": {"price": 50, "orderId": 1}});
+        assert_eq!(select(&r, &ev).unwrap().unwrap().path, "/orders");
+        let ev = json!({"type": "x", "data": {}});
+        assert_eq!(select(&r, &ev).unwrap().unwrap().path, "/default");
+    }
+
+    #[test]
+    fn no_match_and_errors() {
+        let r = rules(&[(r#"event.type == "a""#, "/a")]);
+        assert!(select(&r, &json!({"type": "b"})).unwrap().is_none());
+        let r = rules(&[("other.x == 1", "/a")]);
+        assert!(
+            select(&r, &json!({"type": "b"})).is_err(),
+            "unknown variable fails at evaluation"
+        );
+        let r = rules(&[("event.type", "/a")]);
+        assert!(
+            select(&r, &json!({"type": "b"})).is_err(),
+            "non-boolean result is an error"
+        );
+        assert!(
+            Rule::new("event.type ==", "/a").is_err(),
+            "invalid CEL is rejected up front"
+        );
+    }
+
+    #[test]
+    fn floats_compare_with_ints() {
+        let r = rules(&[("event.data.price > 100", "/x")]);
+        let got = select(&r, &json!({"data": {"price": 150.5}})).unwrap();
+        assert_eq!(got.map(|r| r.path.as_str()), Some("/x"));
+    }
+}
