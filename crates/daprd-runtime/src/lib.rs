@@ -10,13 +10,16 @@
 //! The `daprd` binary is a thin `main` over [`serve`].
 
 pub mod api;
+pub mod channel;
 pub mod components;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod publish;
 pub mod routing;
 pub mod runtime;
 pub mod scoping;
 pub mod serve;
+pub mod subscriber;
 pub mod subscriptions;
 pub mod trace;

@@ -247,6 +247,33 @@ impl Publisher {
             .map_err(|e| ApiError::publish_message(&entry.name, &input.topic, &e.to_string()))
     }
 
+    /// Publishes `data` as-is to `topic` of `entry` (dead-letter republish): scoping and the
+    /// namespace prefix apply, no envelope is built.
+    ///
+    /// # Errors
+    /// Forbidden by scoping, or the component failed.
+    pub async fn republish(
+        &self,
+        entry: &PubSubEntry,
+        topic: &str,
+        data: Bytes,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        self.check_scope(entry, topic)?;
+        let request = PublishRequest {
+            pubsub_name: entry.name.clone(),
+            topic: entry.broker_topic(topic),
+            data,
+            metadata,
+            content_type: None,
+        };
+        entry
+            .component
+            .publish(request)
+            .await
+            .map_err(|e| ApiError::publish_message(&entry.name, topic, &e.to_string()))
+    }
+
     /// Publishes many events to one topic. Validation problems are an `Err`; entries the
     /// component failed come back in [`BulkOutcome::failed`].
     ///

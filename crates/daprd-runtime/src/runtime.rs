@@ -83,6 +83,8 @@ pub struct RuntimeState {
     pub outbound_ready: AtomicBool,
     /// The shutdown signal.
     pub shutdown: Shutdown,
+    /// Live subscriptions.
+    pub subscriptions: crate::subscriber::Subscriptions,
 }
 
 impl RuntimeState {
@@ -100,10 +102,16 @@ impl RuntimeState {
             ready: AtomicBool::new(false),
             outbound_ready: AtomicBool::new(false),
             shutdown: Shutdown::default(),
+            subscriptions: crate::subscriber::Subscriptions::default(),
         })
     }
 
-    /// Marks the runtime (and its outbound side) ready.
+    /// Marks the outbound side (publishing) ready.
+    pub fn set_outbound_ready(&self) {
+        self.outbound_ready.store(true, Ordering::Release);
+    }
+
+    /// Marks the runtime fully ready (subscriptions started).
     pub fn set_ready(&self) {
         self.outbound_ready.store(true, Ordering::Release);
         self.ready.store(true, Ordering::Release);

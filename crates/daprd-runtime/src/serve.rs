@@ -12,6 +12,7 @@ use crate::components::{self, BuildContext, ComponentStore};
 use crate::config::resources::{load_resources, LoadContext};
 use crate::config::RuntimeConfig;
 use crate::runtime::RuntimeState;
+use crate::subscriptions::SubscriptionSpec;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +42,20 @@ fn build_context(config: &RuntimeConfig, connect: bool) -> BuildContext {
     }
 }
 
-/// Loads the resources directories and builds the components. With `connect` false
-/// nothing connects to a broker (for `daprd validate`).
+/// What the resources directories hold, built.
+pub struct Loaded {
+    /// The components.
+    pub store: ComponentStore,
+    /// Declarative subscriptions.
+    pub subscriptions: Vec<SubscriptionSpec>,
+}
+
+/// Loads the resources directories, builds the components and parses the declarative
+/// subscriptions. With `connect` false nothing connects to a broker (`daprd validate`).
 ///
 /// # Errors
 /// [`StartError::Resources`] with every problem found.
-pub async fn load_components(
-    config: &RuntimeConfig,
-    connect: bool,
-) -> Result<ComponentStore, StartError> {
+pub async fn load(config: &RuntimeConfig, connect: bool) -> Result<Loaded, StartError> {
     let ctx = LoadContext {
         app_id: &config.app_id,
         namespace: config.env.namespace.as_deref(),
@@ -59,9 +65,14 @@ pub async fn load_components(
         tracing::warn!("{w}");
     }
     let mut problems: Vec<String> = resources.errors.iter().map(ToString::to_string).collect();
+    let (subscriptions, sub_errors) = crate::subscriptions::parse_declarative(&resources.others);
+    problems.extend(sub_errors.iter().map(ToString::to_string));
     let registry = daprd_components::builtin_registry();
     match components::build(&resources, &registry, &build_context(config, connect)).await {
-        Ok(store) if problems.is_empty() => Ok(store),
+        Ok(store) if problems.is_empty() => Ok(Loaded {
+            store,
+            subscriptions,
+        }),
         Ok(store) => {
             store.close_all().await;
             Err(StartError::Resources(problems))
@@ -97,8 +108,8 @@ impl Sidecar {
     ///
     /// # Errors
     /// [`StartError::Bind`] naming the address that could not be bound.
-    pub async fn start(config: RuntimeConfig, store: ComponentStore) -> Result<Self, StartError> {
-        let state = RuntimeState::new(config, Arc::new(store));
+    pub async fn start(config: RuntimeConfig, loaded: Loaded) -> Result<Self, StartError> {
+        let state = RuntimeState::new(config, Arc::new(loaded.store));
         let cfg = &state.config;
         let mut servers = JoinSet::new();
         let mut http_addrs = Vec::new();
@@ -179,7 +190,14 @@ impl Sidecar {
                 }
             });
         }
-        state.set_ready();
+        state.set_outbound_ready();
+        if state.config.app.port == 0 {
+            state.set_ready();
+        }
+        tokio::spawn(crate::subscriber::start_app_subscriptions(
+            state.clone(),
+            loaded.subscriptions,
+        ));
         tracing::info!(
             app_id = %state.config.app_id,
             http = ?http_addrs,
@@ -202,12 +220,19 @@ impl Sidecar {
         let reason = self.state.shutdown.wait().await;
         let grace = self.state.config.graceful_shutdown;
         tracing::info!(?reason, grace = ?grace, "shutting down");
+        // Stop fetching, then let in-flight deliveries and API calls finish.
+        self.state.subscriptions.stop_all();
+        let in_flight = self.state.subscriptions.in_flight.clone();
         let drained = tokio::time::timeout(grace, async {
+            in_flight.wait_idle().await;
             while self.servers.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("grace period elapsed with API calls still in flight; stopping them");
+            tracing::warn!(
+                deliveries = in_flight.current(),
+                "grace period elapsed with work still in flight; stopping it"
+            );
             self.servers.abort_all();
         }
         let close = tokio::time::timeout(

@@ -363,9 +363,9 @@ pub fn merge(
             continue;
         }
         let key = (s.pubsub.clone(), s.topic.clone());
-        if !by_key.contains_key(&key) {
-            order.push(key.clone());
-            by_key.insert(key, s);
+        if let std::collections::btree_map::Entry::Vacant(slot) = by_key.entry(key.clone()) {
+            order.push(key);
+            slot.insert(s);
         }
     }
     for s in programmatic {

@@ -48,9 +48,7 @@ async fn start_with(resources: &[&str], app_id: &str, env: Env) -> Harness {
     argv.push(dir.path().to_string_lossy().into_owned());
     let opts = Options::try_parse_from(argv).expect("flags");
     let config = RuntimeConfig::from_options(&opts, env, true).expect("config");
-    let store = serve::load_components(&config, true)
-        .await
-        .expect("components");
+    let store = serve::load(&config, true).await.expect("components");
     let sidecar = Sidecar::start(config, store).await.expect("start");
     let http = format!("http://{}", sidecar.http_addrs[0]);
     let grpc = format!("http://{}", sidecar.grpc_addrs[0]);
@@ -915,7 +913,7 @@ async fn max_body_size_is_enforced() {
         true,
     )
     .unwrap();
-    let store = serve::load_components(&config, true).await.unwrap();
+    let store = serve::load(&config, true).await.unwrap();
     let sidecar = Sidecar::start(config, store).await.unwrap();
     let http = format!("http://{}", sidecar.http_addrs[0]);
     let grpc = format!("http://{}", sidecar.grpc_addrs[0]);
@@ -978,7 +976,7 @@ async fn cors_follows_allowed_origins() {
         true,
     )
     .unwrap();
-    let store = serve::load_components(&config, true).await.unwrap();
+    let store = serve::load(&config, true).await.unwrap();
     let sidecar = Sidecar::start(config, store).await.unwrap();
     let http = format!("http://{}", sidecar.http_addrs[0]);
     tokio::spawn(sidecar.run_until_shutdown());

@@ -94,9 +94,13 @@ async fn run_validate(config: &RuntimeConfig) -> ExitCode {
         eprintln!("error: give at least one --resources-path to validate");
         return ExitCode::FAILURE;
     }
-    match serve::load_components(config, false).await {
-        Ok(store) => {
-            println!("ok: {} component(s) valid", store.registered().len());
+    match serve::load(config, false).await {
+        Ok(loaded) => {
+            println!(
+                "ok: {} component(s) and {} subscription(s) valid",
+                loaded.store.registered().len(),
+                loaded.subscriptions.len()
+            );
             ExitCode::SUCCESS
         }
         Err(StartError::Resources(problems)) => {
@@ -113,7 +117,7 @@ async fn run_validate(config: &RuntimeConfig) -> ExitCode {
 
 async fn run(config: RuntimeConfig) -> ExitCode {
     tracing::info!(app_id = %config.app_id, version = RUNTIME_VERSION, "starting daprd-rs");
-    let store = match serve::load_components(&config, true).await {
+    let loaded = match serve::load(&config, true).await {
         Ok(s) => s,
         Err(StartError::Resources(problems)) => {
             print_problems(&problems);
@@ -124,7 +128,7 @@ async fn run(config: RuntimeConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sidecar = match Sidecar::start(config, store).await {
+    let sidecar = match Sidecar::start(config, loaded).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,8 +1,10 @@
 """Fixtures: start the built daprd binary on free loopback ports with a resources dir."""
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,21 @@ spec:
 """
 
 
+def eventually(check, timeout, what):
+    """Polls `check` until it returns a truthy value; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+            last_error = e
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +53,8 @@ def in_memory(name: str, **metadata: str) -> str:
 
 
 class Sidecar:
-    def __init__(self, resources, app_id="checkout", env=None, extra_args=()):
+    def __init__(self, resources, app_id="checkout", env=None, extra_args=(), app_port=None,
+                 app_protocol="http"):
         self.dir = tempfile.TemporaryDirectory(prefix="daprd-e2e-")
         for i, doc in enumerate(resources):
             Path(self.dir.name, f"c{i}.yaml").write_text(doc)
@@ -49,7 +67,9 @@ class Sidecar:
         self.proc = subprocess.Popen(
             [str(DAPRD), "-app-id", app_id, "--dapr-http-port", str(self.http_port),
              "--dapr-grpc-port=" + str(self.grpc_port), "--dapr-listen-addresses", "127.0.0.1",
-             "--resources-path", self.dir.name, "--log-level", "debug", *extra_args],
+             "--resources-path", self.dir.name, "--log-level", "debug",
+             *(["--app-port", str(app_port), "--app-protocol", app_protocol] if app_port else []),
+             *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         self.http = f"http://127.0.0.1:{self.http_port}"
@@ -65,6 +85,18 @@ class Sidecar:
             if time.monotonic() > deadline:
                 raise RuntimeError("daprd did not become healthy: " + self.output())
             time.sleep(0.05)
+
+    def wait_ready(self, timeout=20):
+        """Waits for /v1.0/healthz: 204 once the app's subscriptions have started."""
+        eventually(lambda: requests.get(self.http + "/v1.0/healthz", timeout=1).status_code == 204,
+                   timeout, "daprd healthz (subscriptions started): " + self.output()[-3000:])
+
+    def publish(self, topic, data, content_type="application/json", pubsub="pubsub", **metadata):
+        query = "&".join(f"metadata.{k}={v}" for k, v in metadata.items())
+        r = requests.post(f"{self.http}/v1.0/publish/{pubsub}/{topic}?{query}", data=data,
+                          headers={"content-type": content_type})
+        assert r.status_code == 204, r.text
+        return r
 
     def output(self) -> str:
         self.log.seek(0)
@@ -102,3 +134,54 @@ def sidecar_factory():
 @pytest.fixture
 def sidecar(sidecar_factory):
     return sidecar_factory()
+
+
+class App:
+    """A test app process listening on a free port."""
+
+    def __init__(self, script, env=None):
+        self.port = free_port()
+        self.out = tempfile.NamedTemporaryFile(prefix="app-out-", suffix=".jsonl", delete=False).name
+        full_env = dict(os.environ)
+        full_env.update({"OUT": self.out, "PYTHONUNBUFFERED": "1"})
+        full_env.update(env or {})
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "apps" / script), str(self.port)],
+                                     env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError("app exited: " + self.output())
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        eventually(listening, 30, f"{script} to listen")
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def lines(self):
+        with open(self.out) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        os.unlink(self.out)
+
+
+@pytest.fixture
+def app_factory():
+    started = []
+
+    def make(script, **kw):
+        a = App(script, **kw)
+        started.append(a)
+        return a
+
+    yield make
+    for a in started:
+        a.stop()

@@ -5,6 +5,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::RUNTIME_VERSION;
 use crate::runtime::RuntimeState;
+use crate::subscriptions::SubscriptionKind;
 
 /// The gRPC `GetMetadataResponse` for the current state.
 pub fn get_metadata(state: &RuntimeState) -> pb::GetMetadataResponse {
@@ -29,7 +30,32 @@ pub fn get_metadata(state: &RuntimeState) -> pb::GetMetadataResponse {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        subscriptions: Vec::new(),
+        subscriptions: state
+            .subscriptions
+            .list()
+            .into_iter()
+            .map(|s| pb::PubsubSubscription {
+                pubsub_name: s.pubsub,
+                topic: s.topic,
+                metadata: s.metadata.into_iter().collect(),
+                rules: Some(pb::PubsubSubscriptionRules {
+                    rules: s
+                        .rules
+                        .iter()
+                        .map(|r| pb::PubsubSubscriptionRule {
+                            r#match: r.match_text.clone(),
+                            path: r.path.clone(),
+                        })
+                        .collect(),
+                }),
+                dead_letter_topic: s.dead_letter_topic,
+                r#type: match s.kind {
+                    SubscriptionKind::Declarative => pb::PubsubSubscriptionType::Declarative,
+                    SubscriptionKind::Programmatic => pb::PubsubSubscriptionType::Programmatic,
+                    SubscriptionKind::Streaming => pb::PubsubSubscriptionType::Streaming,
+                } as i32,
+            })
+            .collect(),
         app_connection_properties: Some(pb::AppConnectionProperties {
             port: i32::from(app.port),
             protocol: app.protocol.clone(),

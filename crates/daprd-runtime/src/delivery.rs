@@ -1,0 +1,345 @@
+//! The inbound pipeline (SPEC §5.5): for each message from a component, decode the
+//! CloudEvent (or synthesize one for raw subscriptions), drop expired events, route with
+//! CEL, deliver to the app, and turn the app's answer into an ack, a nack or a
+//! dead-letter publish. A message is acknowledged only after the app accepted it, or after
+//! it went to the dead-letter topic.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use daprd_core::cloudevent;
+use daprd_core::pubsub::{Handler, Message, Outcome};
+use serde_json::{Map, Value as Json};
+use tokio::sync::Notify;
+
+use crate::channel::{AppChannel, AppReply, Delivery};
+use crate::components::PubSubEntry;
+use crate::publish::{raw_payload, Publisher};
+use crate::subscriptions::SubscriptionSpec;
+use crate::trace::start_span;
+
+/// Counts deliveries in flight so shutdown can wait for them.
+#[derive(Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
+    }
+
+    /// Number of deliveries in flight.
+    pub fn current(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no delivery is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.current() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Everything one subscription's handler needs.
+pub struct SubscriptionPipeline {
+    /// The subscription.
+    pub spec: SubscriptionSpec,
+    /// Its component.
+    pub entry: Arc<PubSubEntry>,
+    /// For dead-letter publishes.
+    pub publisher: Publisher,
+    /// Where events go.
+    pub channel: Arc<dyn AppChannel>,
+    /// In-flight counter shared with the shutdown sequence.
+    pub in_flight: Arc<InFlight>,
+}
+
+const DLT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether the CloudEvent's `expiration` is in the past.
+pub fn has_expired(event: &Map<String, Json>, now: SystemTime) -> bool {
+    match event.get("expiration").and_then(Json::as_str) {
+        Some(e) if !e.is_empty() => humantime::parse_rfc3339_weak(e)
+            .or_else(|_| humantime::parse_rfc3339(e))
+            .map(|t| t < now)
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// The envelope daprd synthesizes for a raw-payload subscription (a new id per delivery).
+pub fn raw_envelope(
+    data: &[u8],
+    topic: &str,
+    pubsub: &str,
+    metadata: &BTreeMap<String, String>,
+) -> Map<String, Json> {
+    let mut ce = Map::new();
+    ce.insert("id".into(), uuid::Uuid::new_v4().to_string().into());
+    ce.insert("specversion".into(), cloudevent::SPEC_VERSION.into());
+    ce.insert("datacontenttype".into(), "application/octet-stream".into());
+    ce.insert("source".into(), cloudevent::DEFAULT_SOURCE.into());
+    ce.insert("type".into(), cloudevent::DEFAULT_TYPE.into());
+    ce.insert("topic".into(), topic.into());
+    ce.insert("pubsubname".into(), pubsub.into());
+    ce.insert(
+        "data_base64".into(),
+        base64::engine::general_purpose::STANDARD
+            .encode(data)
+            .into(),
+    );
+    let trace = metadata
+        .get("traceparent")
+        .or_else(|| metadata.get("traceid"));
+    if let Some(t) = trace {
+        ce.insert("traceid".into(), t.clone().into());
+        ce.insert("traceparent".into(), t.clone().into());
+    }
+    if let Some(ts) = metadata.get("tracestate") {
+        ce.insert("tracestate".into(), ts.clone().into());
+    }
+    ce
+}
+
+enum Decoded {
+    Event {
+        event: Map<String, Json>,
+        body: Bytes,
+    },
+    Failure(String),
+}
+
+impl SubscriptionPipeline {
+    /// The component handler for this subscription.
+    pub fn handler(self: Arc<Self>) -> Handler {
+        Arc::new(move |msg| {
+            let me = self.clone();
+            Box::pin(async move { me.handle(msg).await })
+        })
+    }
+
+    fn api_topic(&self, broker_topic: &str) -> String {
+        match &self.entry.topic_prefix {
+            Some(p) => broker_topic.replacen(p.as_str(), "", 1),
+            None => broker_topic.to_string(),
+        }
+    }
+
+    fn decode(&self, msg: &Message, topic: &str, metadata: &BTreeMap<String, String>) -> Decoded {
+        let raw = match raw_payload(&self.spec.metadata) {
+            Ok(r) => r,
+            Err(e) => return Decoded::Failure(format!("invalid subscription metadata: {e}")),
+        };
+        if raw {
+            let event = raw_envelope(&msg.data, topic, &self.entry.name, metadata);
+            let body = Bytes::from(daprd_core::json::to_vec_go(&event).unwrap_or_default());
+            return Decoded::Event { event, body };
+        }
+        let content_type = metadata
+            .get("content-type")
+            .map(String::as_str)
+            .unwrap_or("application/json");
+        if cloudevent::is_binary_content_type(content_type)
+            && metadata
+                .keys()
+                .any(|k| k.to_ascii_lowercase().starts_with("ce_"))
+        {
+            let mut event = Map::new();
+            for (k, v) in metadata {
+                if k.len() > 3 && k[..3].eq_ignore_ascii_case("ce_") {
+                    event.insert(k[3..].to_string(), v.clone().into());
+                }
+            }
+            let ct = event
+                .get("datacontenttype")
+                .and_then(Json::as_str)
+                .unwrap_or("application/octet-stream")
+                .to_string();
+            let (field, value) = cloudevent::embed_data(&ct, &msg.data);
+            event.insert(field.into(), value);
+            let body = Bytes::from(daprd_core::json::to_vec_go(&event).unwrap_or_default());
+            return Decoded::Event { event, body };
+        }
+        match cloudevent::decode_first_json(&msg.data) {
+            Some(Json::Object(mut event)) => {
+                for key in ["traceid", "traceparent", "tracestate"] {
+                    if !event.contains_key(key) {
+                        if let Some(v) = metadata.get(key) {
+                            event.insert(key.into(), v.clone().into());
+                        }
+                    }
+                }
+                Decoded::Event {
+                    event,
+                    body: msg.data.clone(),
+                }
+            }
+            _ => Decoded::Failure(
+                "message is not a CloudEvent JSON object (use rawPayload for raw messages)".into(),
+            ),
+        }
+    }
+
+    async fn dead_letter(&self, msg: &Message, metadata: &BTreeMap<String, String>) -> bool {
+        if self.spec.dead_letter_topic.is_empty() {
+            return false;
+        }
+        let res = tokio::time::timeout(
+            DLT_TIMEOUT,
+            self.publisher.republish(
+                &self.entry,
+                &self.spec.dead_letter_topic,
+                msg.data.clone(),
+                metadata.clone(),
+            ),
+        )
+        .await;
+        match res {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::error!(dead_letter_topic = %self.spec.dead_letter_topic, error = %e, "dead-letter publish failed");
+                false
+            }
+            Err(_) => {
+                tracing::error!(dead_letter_topic = %self.spec.dead_letter_topic, "dead-letter publish timed out");
+                false
+            }
+        }
+    }
+
+    /// Handles one message from the component.
+    pub async fn handle(&self, msg: Message) -> Outcome {
+        let _guard = self.in_flight.enter();
+        let topic = self.api_topic(&msg.topic);
+        let mut metadata = msg.metadata.clone();
+        if let Some(ct) = &msg.content_type {
+            metadata.insert("content-type".into(), ct.clone());
+        }
+        metadata.insert("pubsubName".into(), self.entry.name.clone());
+
+        let (event, body) = match self.decode(&msg, &topic, &metadata) {
+            Decoded::Event { event, body } => (event, body),
+            Decoded::Failure(reason) => return self.failure(&msg, &metadata, &reason).await,
+        };
+        if has_expired(&event, SystemTime::now()) {
+            tracing::warn!(pubsub = %self.entry.name, %topic, id = ?event.get("id"), "dropping expired message");
+            self.dead_letter(&msg, &metadata).await;
+            return Outcome::Drop;
+        }
+        let rule = match crate::routing::select(&self.spec.rules, &Json::Object(event.clone())) {
+            Ok(Some(rule)) => rule.clone(),
+            Ok(None) => {
+                tracing::debug!(pubsub = %self.entry.name, %topic, "no routing rule matched; message dropped");
+                self.dead_letter(&msg, &metadata).await;
+                return Outcome::Drop;
+            }
+            Err(e) => return self.failure(&msg, &metadata, &e).await,
+        };
+        let span = start_span(
+            event.get("traceparent").and_then(Json::as_str),
+            event.get("tracestate").and_then(Json::as_str),
+        );
+        let delivery = Delivery {
+            path: rule.path.clone(),
+            body,
+            event,
+            metadata: metadata.clone(),
+            topic: topic.clone(),
+            pubsub: self.entry.name.clone(),
+            traceparent: span.traceparent(),
+            tracestate: span.tracestate.clone(),
+        };
+        match self.channel.deliver(&delivery).await {
+            AppReply::Success => Outcome::Success,
+            AppReply::Drop {
+                dead_letter,
+                reason,
+            } => {
+                tracing::warn!(pubsub = %self.entry.name, %topic, %reason, "message dropped by the app");
+                if dead_letter
+                    && !self.spec.dead_letter_topic.is_empty()
+                    && !self.dead_letter(&msg, &metadata).await
+                {
+                    return Outcome::Retry;
+                }
+                Outcome::Drop
+            }
+            AppReply::Retry(reason) => {
+                tracing::debug!(pubsub = %self.entry.name, %topic, %reason, "delivery not accepted");
+                if self.dead_letter(&msg, &metadata).await {
+                    Outcome::Drop
+                } else {
+                    Outcome::Retry
+                }
+            }
+        }
+    }
+
+    async fn failure(
+        &self,
+        msg: &Message,
+        metadata: &BTreeMap<String, String>,
+        reason: &str,
+    ) -> Outcome {
+        tracing::error!(pubsub = %self.entry.name, topic = %msg.topic, %reason, "cannot process message");
+        if self.dead_letter(msg, metadata).await {
+            Outcome::Drop
+        } else {
+            Outcome::Retry
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiration() {
+        let now = humantime::parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        let ev = |e: &str| -> Map<String, Json> {
+            [("expiration".to_string(), Json::from(e))]
+                .into_iter()
+                .collect()
+        };
+        assert!(has_expired(&ev("2023-12-31T23:59:59Z"), now));
+        assert!(!has_expired(&ev("2024-01-01T00:00:01Z"), now));
+        assert!(!has_expired(&ev("garbage"), now));
+        assert!(!has_expired(&Map::new(), now));
+    }
+
+    #[test]
+    fn raw_envelope_shape() {
+        let md: BTreeMap<String, String> = [("traceid".to_string(), "t1".to_string())]
+            .into_iter()
+            .collect();
+        let ce = raw_envelope(b"\x00\x01", "orders", "ps", &md);
+        assert_eq!(ce["data_base64"], "AAE=");
+        assert_eq!(ce["datacontenttype"], "application/octet-stream");
+        assert_eq!(ce["source"], "Dapr");
+        assert_eq!(ce["traceparent"], "t1");
+        assert!(uuid::Uuid::parse_str(ce["id"].as_str().unwrap()).is_ok());
+    }
+}

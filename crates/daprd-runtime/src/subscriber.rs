@@ -1,0 +1,235 @@
+//! Starts and tracks subscriptions: waits for the app port, discovers programmatic
+//! subscriptions, merges them with the declarative ones, checks scoping, subscribes to the
+//! components (retrying failed starts with backoff), and stops them all on shutdown.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use daprd_core::pubsub::{SubscribeRequest, Subscription};
+
+use crate::channel::{AppChannel, GrpcChannel, HttpChannel};
+use crate::delivery::{InFlight, SubscriptionPipeline};
+use crate::runtime::RuntimeState;
+use crate::subscriptions::{merge, SubscriptionSpec};
+
+struct Active {
+    id: u64,
+    spec: SubscriptionSpec,
+    handle: Option<Subscription>,
+}
+
+/// The subscriptions of this sidecar.
+#[derive(Default)]
+pub struct Subscriptions {
+    active: Mutex<Vec<Active>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Deliveries in flight (all subscriptions).
+    pub in_flight: Arc<InFlight>,
+}
+
+impl Subscriptions {
+    /// Every subscription (for the metadata API), in start order.
+    pub fn list(&self) -> Vec<SubscriptionSpec> {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|a| a.spec.clone())
+            .collect()
+    }
+
+    /// Records a started subscription; returns its id for [`Subscriptions::remove`].
+    pub fn add(&self, spec: SubscriptionSpec, handle: Subscription) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Active {
+                id,
+                spec,
+                handle: Some(handle),
+            });
+        id
+    }
+
+    /// Stops and forgets one subscription.
+    pub fn remove(&self, id: u64) {
+        let removed: Vec<Active> = {
+            let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+            let (gone, keep): (Vec<Active>, Vec<Active>) =
+                active.drain(..).partition(|a| a.id == id);
+            *active = keep;
+            gone
+        };
+        drop(removed);
+    }
+
+    /// Stops every subscription (no new messages are fetched).
+    pub fn stop_all(&self) {
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        for a in active.iter_mut() {
+            if let Some(h) = a.handle.take() {
+                h.close();
+            }
+        }
+    }
+}
+
+/// The app channel for the configured protocol.
+///
+/// # Errors
+/// An unsupported protocol or an unusable address.
+pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, String> {
+    let app = &state.config.app;
+    let token = state.config.env.app_api_token.clone();
+    match app.protocol.as_str() {
+        "http" | "h2c" => Ok(Arc::new(HttpChannel::new(
+            &app.channel_address,
+            app.port,
+            &app.protocol,
+            &state.config.app_id,
+            token,
+            app.max_concurrency,
+        )?)),
+        "grpc" => Ok(Arc::new(GrpcChannel::new(
+            &app.channel_address,
+            app.port,
+            token,
+            app.max_concurrency,
+        )?)),
+        other => Err(format!(
+            "--app-protocol {other} is not supported yet by daprd-rs (use http, h2c or grpc)"
+        )),
+    }
+}
+
+async fn wait_for_app_port(state: &RuntimeState) -> bool {
+    let addr = format!(
+        "{}:{}",
+        state.config.app.channel_address, state.config.app.port
+    );
+    tracing::info!(%addr, "waiting for the app to listen");
+    loop {
+        if state.shutdown.is_triggered() {
+            return false;
+        }
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(&addr),
+        )
+        .await;
+        if matches!(attempt, Ok(Ok(_))) {
+            tracing::info!(%addr, "app is listening");
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Subscribes `spec` through `channel`; retries a failed start with exponential backoff
+/// until it works or shutdown begins. Returns whether it started.
+pub async fn start_one(
+    state: &Arc<RuntimeState>,
+    spec: SubscriptionSpec,
+    channel: Arc<dyn AppChannel>,
+) -> Option<u64> {
+    let Some(entry) = state.publisher.store().pubsub(&spec.pubsub) else {
+        tracing::warn!(pubsub = %spec.pubsub, topic = %spec.topic, "subscription skipped: no such pubsub component");
+        return None;
+    };
+    if !entry
+        .scoping
+        .may_subscribe(&state.config.app_id, &spec.topic)
+    {
+        tracing::warn!(
+            "subscription to topic '{}' on pubsub '{}' is not allowed",
+            spec.topic,
+            spec.pubsub
+        );
+        return None;
+    }
+    if spec.bulk.enabled {
+        tracing::warn!(pubsub = %spec.pubsub, topic = %spec.topic, "bulk subscribe is not implemented yet; delivering one message at a time");
+    }
+    let pipeline = Arc::new(SubscriptionPipeline {
+        spec: spec.clone(),
+        entry: entry.clone(),
+        publisher: state.publisher.clone(),
+        channel,
+        in_flight: state.subscriptions.in_flight.clone(),
+    });
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let request = SubscribeRequest {
+            topic: entry.broker_topic(&spec.topic),
+            metadata: spec.metadata.clone(),
+        };
+        match entry
+            .component
+            .subscribe(request, pipeline.clone().handler())
+            .await
+        {
+            Ok(handle) => {
+                tracing::info!(pubsub = %spec.pubsub, topic = %spec.topic, kind = ?spec.kind, "subscribed");
+                return Some(state.subscriptions.add(spec, handle));
+            }
+            Err(e) => {
+                tracing::error!(pubsub = %spec.pubsub, topic = %spec.topic, error = %e, retry_in = ?backoff, "subscribing failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = state.shutdown.wait() => return None,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Starts the app's declarative and programmatic subscriptions once its port answers,
+/// then marks the runtime ready. Without `--app-port` there is no app channel: only
+/// streaming subscriptions can receive.
+pub async fn start_app_subscriptions(state: Arc<RuntimeState>, declarative: Vec<SubscriptionSpec>) {
+    if state.config.app.port == 0 {
+        if !declarative.is_empty() {
+            tracing::warn!(
+                count = declarative.len(),
+                "declarative subscriptions not started: no --app-port"
+            );
+        }
+        state.set_ready();
+        return;
+    }
+    if !wait_for_app_port(&state).await {
+        return;
+    }
+    let channel = match app_channel(&state) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no app channel; subscriptions not started");
+            state.set_ready();
+            return;
+        }
+    };
+    let programmatic = if state
+        .config
+        .disable_init_endpoints
+        .iter()
+        .any(|e| e == "subscribe")
+    {
+        Vec::new()
+    } else {
+        match channel.list_subscriptions().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "subscription discovery failed; no programmatic subscriptions");
+                Vec::new()
+            }
+        }
+    };
+    for spec in merge(declarative, programmatic, &state.config.app_id) {
+        start_one(&state, spec, channel.clone()).await;
+    }
+    state.set_ready();
+}

@@ -1,0 +1,61 @@
+"""A plain HTTP subscriber app (no SDK): answers GET /dapr/subscribe with the JSON in the
+SUBSCRIPTIONS env var, records every POST it receives, and answers each path as told
+through POST /_mode. GET /_received returns what it recorded."""
+
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RECEIVED = []
+MODES = {}  # path -> {"status": int, "body": str, "sleep": float}
+LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body=b"", content_type="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/dapr/subscribe":
+            subs = os.environ.get("SUBSCRIPTIONS")
+            if subs is None:
+                return self.reply(404, b"not found", "text/plain")
+            return self.reply(200, subs.encode())
+        if self.path == "/_received":
+            with LOCK:
+                return self.reply(200, json.dumps(RECEIVED).encode())
+        return self.reply(404)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        if self.path == "/_mode":
+            with LOCK:
+                MODES.update(json.loads(body))
+            return self.reply(204)
+        mode = MODES.get(self.path, {})
+        if mode.get("sleep"):
+            time.sleep(mode["sleep"])
+        with LOCK:
+            RECEIVED.append({"path": self.path, "headers": {k: v for k, v in self.headers.items()},
+                             "body": body.decode(errors="replace"), "done": time.time()})
+        status = mode.get("status", 200)
+        out = mode.get("body", "").encode()
+        return self.reply(status, out)
+
+
+if __name__ == "__main__":
+    server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+    server.serve_forever()

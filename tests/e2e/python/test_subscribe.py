@@ -1,0 +1,176 @@
+"""Delivery to apps through daprd-rs: a plain HTTP app, the Python SDK's gRPC `App` and
+FastAPI `DaprApp`, with the in-memory pub/sub. Outcomes are observed through the
+dead-letter topic (the in-memory component never redelivers)."""
+
+import json
+
+import requests
+
+from conftest import eventually, in_memory
+
+SUBS = json.dumps([
+    {"pubsubname": "pubsub", "topic": "orders", "route": "/orders"},
+    {"pubsubname": "pubsub", "topic": "routed", "routes": {
+        "rules": [{"match": 'event.type == "widget" && event.data.price > 100', "path": "/expensive"},
+                  {"match": "has(event.data.orderId)", "path": "/with-order"}],
+        "default": "/routed-default"}},
+    {"pubsubname": "pubsub", "topic": "raw", "route": "/raw", "metadata": {"rawPayload": "true"}},
+    {"pubsubname": "pubsub", "topic": "dlq", "route": "/dlq"},
+] + [{"pubsubname": "pubsub", "topic": f"outcome-{i}", "route": f"/outcome-{i}", "deadLetterTopic": "dlq"}
+     for i in range(8)])
+
+
+def received(app_port, path=None):
+    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
+    return [r for r in got if path is None or r["path"] == path]
+
+
+def test_plain_http_app_gets_the_exact_cloudevent(sidecar_factory, app_factory):
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": SUBS})
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    r = requests.post(s.http + "/v1.0/publish/pubsub/orders", json={"orderId": 7},
+                      headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    assert r.status_code == 204
+    got = eventually(lambda: received(app.port, "/orders"), 10, "delivery to /orders")
+    req = got[0]
+    headers = {k.lower(): v for k, v in req["headers"].items()}
+    assert headers["content-type"] == "application/cloudevents+json"
+    assert headers["pubsubname"] == "pubsub"
+    assert headers["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    ce = json.loads(req["body"])
+    assert ce["data"] == {"orderId": 7}
+    assert ce["datacontenttype"] == "application/json"
+    assert ce["source"] == "checkout" and ce["type"] == "com.dapr.event.sent"
+    assert ce["topic"] == "orders" and ce["pubsubname"] == "pubsub" and ce["specversion"] == "1.0"
+    assert ce["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    # the body is the published bytes, not a re-serialisation: same id as in the envelope
+    assert len(ce["id"]) == 36
+
+    md = requests.get(s.http + "/v1.0/metadata").json()
+    subs = {x["topic"]: x for x in md["subscriptions"]}
+    assert subs["orders"]["type"] == "PROGRAMMATIC"
+    assert subs["orders"]["rules"] == [{"path": "/orders"}]
+    assert subs["routed"]["rules"][0]["match"].startswith("event.type")
+    assert subs["outcome-0"]["deadLetterTopic"] == "dlq"
+    assert md["appConnectionProperties"]["port"] == app.port
+
+
+def test_every_http_outcome_row(sidecar_factory, app_factory):
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": SUBS})
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    rows = [  # (status, body, goes to the dead-letter topic?)
+        (200, "", False),
+        (200, '{"status":"SUCCESS"}', False),
+        (200, '{"status":""}', False),
+        (200, '{"status":"RETRY"}', True),
+        (200, '{"status":"DROP"}', True),
+        (200, '{"status":"success"}', True),   # lowercase is an unknown status → retry
+        (404, "", True),                        # since v1.17: DROP path, DLT
+        (500, '{"status":"SUCCESS"}', True),    # non-2xx bodies are ignored → retry
+    ]
+    modes = {f"/outcome-{i}": {"status": st, "body": body} for i, (st, body, _) in enumerate(rows)}
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json=modes).raise_for_status()
+    for i in range(len(rows)):
+        s.publish(f"outcome-{i}", json.dumps({"row": i}))
+    eventually(lambda: len([r for r in received(app.port) if r["path"].startswith("/outcome-")]) == len(rows),
+               10, "every outcome row delivered")
+    expected = sorted(i for i, (_, _, dlt) in enumerate(rows) if dlt)
+    def dead_rows():
+        got = sorted(json.loads(r["body"])["data"]["row"] for r in received(app.port, "/dlq"))
+        return got if got == expected else None
+    eventually(dead_rows, 10, f"dead-lettered rows {expected}")
+
+
+def test_cel_routing_and_raw_payloads(sidecar_factory, app_factory):
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": SUBS})
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    s.publish("routed", json.dumps({"price": 150}), **{"cloudevent.type": "widget"})
+    s.publish("routed", json.dumps({"orderId": 1, "price": 5}), **{"cloudevent.type": "widget"})
+    s.publish("routed", json.dumps({"x": 1}))
+    for path in ("/expensive", "/with-order", "/routed-default"):
+        eventually(lambda: received(app.port, path), 10, f"delivery to {path}")
+    s.publish("raw", "plain bytes", content_type="text/plain", rawPayload="true")
+    got = eventually(lambda: received(app.port, "/raw"), 10, "raw delivery")
+    ce = json.loads(got[0]["body"])
+    assert ce["data_base64"] == "cGxhaW4gYnl0ZXM="
+    assert ce["datacontenttype"] == "application/octet-stream"
+    assert ce["source"] == "Dapr" and ce["topic"] == "raw"
+    assert got[0]["headers"]["Content-Type"] == "application/cloudevents+json"
+
+
+def test_declarative_subscriptions_with_scopes(sidecar_factory, app_factory):
+    app = app_factory("http_app.py")  # no GET /dapr/subscribe (404)
+    decl = """apiVersion: dapr.io/v2alpha1
+kind: Subscription
+metadata: {name: mine}
+spec:
+  pubsubname: pubsub
+  topic: decl
+  routes: {default: /decl}
+scopes: [checkout]
+---
+apiVersion: dapr.io/v1alpha1
+kind: Subscription
+metadata: {name: theirs}
+spec: {pubsubname: pubsub, topic: other, route: /other}
+scopes: [someone-else]
+"""
+    s = sidecar_factory([in_memory("pubsub"), decl], app_port=app.port)
+    s.wait_ready()
+    s.publish("decl", '{"a":1}')
+    s.publish("other", '{"a":2}')
+    eventually(lambda: received(app.port, "/decl"), 10, "declarative delivery")
+    md = requests.get(s.http + "/v1.0/metadata").json()
+    assert [(x["topic"], x["type"]) for x in md["subscriptions"]] == [("decl", "DECLARATIVE")]
+    assert received(app.port, "/other") == []
+
+
+def test_subscription_scoping_blocks_topics(sidecar_factory, app_factory):
+    subs = json.dumps([{"pubsubname": "scoped", "topic": "allowed", "route": "/allowed"},
+                       {"pubsubname": "scoped", "topic": "denied", "route": "/denied"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([in_memory("scoped", subscriptionScopes="checkout=allowed")], app_port=app.port)
+    s.wait_ready()
+    md = requests.get(s.http + "/v1.0/metadata").json()
+    assert [x["topic"] for x in md["subscriptions"]] == ["allowed"]
+    assert "subscription to topic 'denied' on pubsub 'scoped' is not allowed" in s.output()
+
+
+def test_python_sdk_grpc_app(sidecar_factory, app_factory):
+    app = app_factory("grpc_app.py")
+    s = sidecar_factory(app_port=app.port, app_protocol="grpc")
+    s.wait_ready()
+    s.publish("orders", json.dumps({"orderId": 3}))
+    s.publish("flaky", json.dumps({"n": "flaky"}))
+    s.publish("bad", json.dumps({"n": "bad"}))
+    s.publish("orders", "hello", content_type="text/plain")
+    def routes():
+        lines = app.lines()
+        return lines if len([x for x in lines if x["route"] == "dlq"]) == 2 and len(lines) >= 6 else None
+    lines = eventually(routes, 15, "gRPC app deliveries and dead letters")
+    orders = [x for x in lines if x["route"] == "orders"]
+    assert json.loads(orders[0]["data"]) == {"orderId": 3} if isinstance(orders[0]["data"], str) else orders[0]["data"] == {"orderId": 3}
+    assert orders[0]["source"] == "checkout" and orders[0]["type"] == "com.dapr.event.sent"
+    assert orders[0]["topic"] == "orders" and orders[0]["pubsubname"] == "pubsub"
+    assert orders[1]["data"] == "hello" and orders[1]["content_type"] == "text/plain"
+    dead = sorted(json.dumps(x["data"]) for x in lines if x["route"] == "dlq")
+    assert len(dead) == 2
+    md = requests.get(s.http + "/v1.0/metadata").json()
+    topics = {x["topic"]: x for x in md["subscriptions"]}
+    assert topics["flaky"]["deadLetterTopic"] == "dlq" and topics["flaky"]["type"] == "PROGRAMMATIC"
+
+
+def test_python_sdk_fastapi_app(sidecar_factory, app_factory):
+    app = app_factory("fastapi_app.py")
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    s.publish("orders", json.dumps({"orderId": 9}))
+    s.publish("fastapi-dead", json.dumps({"n": 1}))
+    lines = eventually(lambda: app.lines() if len(app.lines()) >= 3 else None, 15, "FastAPI deliveries")
+    by_route = {x["route"]: x["event"] for x in lines}
+    assert by_route["orders"]["data"] == {"orderId": 9}
+    assert by_route["orders"]["topic"] == "orders"
+    assert by_route["fastapi-dlq"]["data"] == {"n": 1}, "DROP goes to the dead-letter topic"
