@@ -20,6 +20,7 @@ pub mod routing;
 pub mod runtime;
 pub mod scoping;
 pub mod serve;
+pub mod streaming;
 pub mod subscriber;
 pub mod subscriptions;
 pub mod trace;

@@ -735,14 +735,15 @@ async fn grpc_bulk_publish_both_methods() {
 }
 
 #[tokio::test]
-async fn other_dapr_methods_are_unimplemented() {
+async fn other_dapr_methods_are_unimplemented_and_streams_need_an_initial_request() {
     let h = start().await;
     let mut g = h.grpc_raw().await;
     let st = g
         .subscribe_topic_events_alpha1(futures::stream::empty())
         .await
         .unwrap_err();
-    assert_eq!(st.code(), tonic::Code::Unimplemented);
+    assert_eq!(st.code(), tonic::Code::Unknown);
+    assert_eq!(st.message(), "initial request is required");
     // A method of the Dapr service that daprd-rs does not declare at all.
     let opts = dapr::client::ClientOptions::new()
         .with_address(h.grpc.clone())

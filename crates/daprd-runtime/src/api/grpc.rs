@@ -2,7 +2,6 @@
 //! implemented here answer `UNIMPLEMENTED` (tonic does so for any method not in our proto).
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use daprd_proto::runtime::v1 as pb;
@@ -74,20 +73,14 @@ impl Dapr for DaprApi {
         self.bulk(request).await
     }
 
-    type SubscribeTopicEventsAlpha1Stream = Pin<
-        Box<
-            dyn futures::Stream<Item = Result<pb::SubscribeTopicEventsResponseAlpha1, Status>>
-                + Send,
-        >,
-    >;
+    type SubscribeTopicEventsAlpha1Stream = crate::streaming::EventStream;
 
     async fn subscribe_topic_events_alpha1(
         &self,
-        _request: Request<tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>>,
+        request: Request<tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>>,
     ) -> Result<Response<Self::SubscribeTopicEventsAlpha1Stream>, Status> {
-        Err(Status::unimplemented(
-            "streaming subscriptions are not implemented yet by daprd-rs",
-        ))
+        let stream = crate::streaming::subscribe(self.state.clone(), request.into_inner()).await?;
+        Ok(Response::new(stream))
     }
 
     async fn get_metadata(
