@@ -3,6 +3,7 @@ FastAPI `DaprApp`, with the in-memory pub/sub. Outcomes are observed through the
 dead-letter topic (the in-memory component never redelivers)."""
 
 import json
+import time
 
 import requests
 
@@ -174,3 +175,39 @@ def test_python_sdk_fastapi_app(sidecar_factory, app_factory):
     assert by_route["orders"]["data"] == {"orderId": 9}
     assert by_route["orders"]["topic"] == "orders"
     assert by_route["fastapi-dlq"]["data"] == {"n": 1}, "DROP goes to the dead-letter topic"
+
+
+def test_sigterm_lets_in_flight_deliveries_finish(sidecar_factory, app_factory):
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "slow", "route": "/slow"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/slow": {"sleep": 1.5}}).raise_for_status()
+    s.publish("slow", '{"n":1}')
+    eventually(lambda: requests.get(f"http://127.0.0.1:{app.port}/_started").json(), 10, "delivery to start")
+    s.proc.terminate()
+    assert s.proc.wait(timeout=15) == 0
+    exited_at = time.time()
+    done = received(app.port, "/slow")
+    assert len(done) == 1, "the in-flight delivery completed before daprd exited"
+    assert done[0]["done"] <= exited_at
+    assert "daprd shutdown complete" in s.output()
+    assert "still in flight" not in s.output()
+
+
+def test_app_api_token_and_max_concurrency(sidecar_factory, app_factory):
+    # Two subscriptions: the in-memory component delivers to each on its own, so only
+    # --app-max-concurrency 1 keeps their slow deliveries from overlapping.
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": t, "route": f"/{t}"} for t in ("conc-a", "conc-b")])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory(app_port=app.port, env={"APP_API_TOKEN": "app-secret"},
+                        extra_args=("--app-max-concurrency", "1"))
+    s.wait_ready()
+    requests.post(f"http://127.0.0.1:{app.port}/_mode",
+                  json={"/conc-a": {"sleep": 0.4}, "/conc-b": {"sleep": 0.4}}).raise_for_status()
+    s.publish("conc-a", '{"i":1}')
+    s.publish("conc-b", '{"i":2}')
+    got = eventually(lambda: len(received(app.port)) == 2 and received(app.port), 10, "2 deliveries")
+    assert all(r["headers"].get("Dapr-Api-Token") == "app-secret" for r in got), got[0]["headers"]
+    started = sorted(x["at"] for x in requests.get(f"http://127.0.0.1:{app.port}/_started").json())
+    assert started[1] - started[0] >= 0.35, f"deliveries overlapped: {started}"

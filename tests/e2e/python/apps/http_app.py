@@ -10,6 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RECEIVED = []
+STARTED = []
 MODES = {}  # path -> {"status": int, "body": str, "sleep": float}
 LOCK = threading.Lock()
 
@@ -33,6 +34,9 @@ class Handler(BaseHTTPRequestHandler):
             if subs is None:
                 return self.reply(404, b"not found", "text/plain")
             return self.reply(200, subs.encode())
+        if self.path == "/_started":
+            with LOCK:
+                return self.reply(200, json.dumps(STARTED).encode())
         if self.path == "/_received":
             with LOCK:
                 return self.reply(200, json.dumps(RECEIVED).encode())
@@ -46,6 +50,8 @@ class Handler(BaseHTTPRequestHandler):
                 MODES.update(json.loads(body))
             return self.reply(204)
         mode = MODES.get(self.path, {})
+        with LOCK:
+            STARTED.append({"path": self.path, "at": time.time()})
         if mode.get("sleep"):
             time.sleep(mode["sleep"])
         with LOCK:
