@@ -18,8 +18,8 @@ use crate::subscriptions::{self, SubscriptionSpec};
 pub enum AppReply {
     /// Processed.
     Success,
-    /// Not processed; may be retried. The text says why.
-    Retry(String),
+    /// Not processed; may be retried: why, and the app's HTTP status or gRPC code if any.
+    Retry(String, Option<i32>),
     /// Will never be processed. `dead_letter` says whether the DLT applies.
     Drop {
         /// Send to the dead-letter topic when one is configured.
@@ -260,7 +260,7 @@ impl AppChannel for HttpChannel {
         }
         let resp = match req.body(d.body.clone()).send().await {
             Ok(r) => r,
-            Err(e) => return AppReply::Retry(format!("delivering to the app: {e}")),
+            Err(e) => return AppReply::Retry(format!("delivering to the app: {e}"), None),
         };
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
@@ -270,7 +270,10 @@ impl AppChannel for HttpChannel {
             };
         }
         if !status.is_success() {
-            return AppReply::Retry(format!("app returned HTTP {}", status.as_u16()));
+            return AppReply::Retry(
+                format!("app returned HTTP {}", status.as_u16()),
+                Some(i32::from(status.as_u16())),
+            );
         }
         let body = resp.bytes().await.unwrap_or_default();
         interpret_status_body(&body)
@@ -291,14 +294,17 @@ pub fn interpret_status_body(body: &[u8]) -> AppReply {
         None | Some(Json::Null) => AppReply::Success,
         Some(Json::String(s)) => match s.as_str() {
             "" | "SUCCESS" => AppReply::Success,
-            "RETRY" => AppReply::Retry("app asked for a retry".into()),
+            "RETRY" => AppReply::Retry("app asked for a retry".into(), None),
             "DROP" => AppReply::Drop {
                 dead_letter: true,
                 reason: "app dropped the message".into(),
             },
-            other => AppReply::Retry(format!("unknown status {other:?} returned by the app")),
+            other => AppReply::Retry(
+                format!("unknown status {other:?} returned by the app"),
+                None,
+            ),
         },
-        Some(other) => AppReply::Retry(format!("unknown status {other} returned by the app")),
+        Some(other) => AppReply::Retry(format!("unknown status {other} returned by the app"), None),
     }
 }
 
@@ -439,12 +445,12 @@ pub fn interpret_grpc_status(status: i32) -> AppReply {
     use pb::topic_event_response::TopicEventResponseStatus as S;
     match S::try_from(status) {
         Ok(S::Success) => AppReply::Success,
-        Ok(S::Retry) => AppReply::Retry("app asked for a retry".into()),
+        Ok(S::Retry) => AppReply::Retry("app asked for a retry".into(), None),
         Ok(S::Drop) => AppReply::Drop {
             dead_letter: true,
             reason: "app dropped the message".into(),
         },
-        Err(_) => AppReply::Retry(format!("unknown status {status} returned by the app")),
+        Err(_) => AppReply::Retry(format!("unknown status {status} returned by the app"), None),
     }
 }
 
@@ -524,7 +530,7 @@ impl AppChannel for GrpcChannel {
         let _permit = self.concurrency.acquire().await;
         let msg = match topic_event_request(d) {
             Ok(m) => m,
-            Err(e) => return AppReply::Retry(e),
+            Err(e) => return AppReply::Retry(e, None),
         };
         let mut req = self.request(msg);
         for (k, v) in &d.metadata {
@@ -553,7 +559,9 @@ impl AppChannel for GrpcChannel {
                 dead_letter: false,
                 reason: "app does not implement OnTopicEvent".into(),
             },
-            Err(st) => AppReply::Retry(format!("OnTopicEvent failed: {st}")),
+            Err(st) => {
+                AppReply::Retry(format!("OnTopicEvent failed: {st}"), Some(st.code() as i32))
+            }
         }
     }
 }
@@ -585,7 +593,7 @@ mod tests {
         );
         assert!(matches!(
             interpret_status_body(br#"{"status":"RETRY"}"#),
-            AppReply::Retry(_)
+            AppReply::Retry(..)
         ));
         assert!(matches!(
             interpret_status_body(br#"{"status":"DROP"}"#),
@@ -597,20 +605,20 @@ mod tests {
         assert!(
             matches!(
                 interpret_status_body(br#"{"status":"success"}"#),
-                AppReply::Retry(_)
+                AppReply::Retry(..)
             ),
             "lowercase is unknown"
         );
         assert!(matches!(
             interpret_status_body(br#"{"status":"MAYBE"}"#),
-            AppReply::Retry(_)
+            AppReply::Retry(..)
         ));
     }
 
     #[test]
     fn grpc_status_table() {
         assert_eq!(interpret_grpc_status(0), AppReply::Success);
-        assert!(matches!(interpret_grpc_status(1), AppReply::Retry(_)));
+        assert!(matches!(interpret_grpc_status(1), AppReply::Retry(..)));
         assert!(matches!(
             interpret_grpc_status(2),
             AppReply::Drop {
@@ -618,7 +626,7 @@ mod tests {
                 ..
             }
         ));
-        assert!(matches!(interpret_grpc_status(7), AppReply::Retry(_)));
+        assert!(matches!(interpret_grpc_status(7), AppReply::Retry(..)));
     }
 
     #[test]

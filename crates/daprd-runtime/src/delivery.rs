@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::channel::{AppChannel, AppReply, Delivery};
 use crate::components::PubSubEntry;
 use crate::publish::{raw_payload, Publisher};
+use crate::resiliency::{AttemptError, Policy};
 use crate::subscriptions::SubscriptionSpec;
 use crate::trace::start_span;
 
@@ -74,6 +75,8 @@ pub struct SubscriptionPipeline {
     pub channel: Arc<dyn AppChannel>,
     /// In-flight counter shared with the shutdown sequence.
     pub in_flight: Arc<InFlight>,
+    /// The component's inbound resiliency policy.
+    pub policy: Policy,
 }
 
 const DLT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -271,12 +274,25 @@ impl SubscriptionPipeline {
             traceparent: span.traceparent(),
             tracestate: span.tracestate.clone(),
         };
-        match self.channel.deliver(&delivery).await {
-            AppReply::Success => Outcome::Success,
-            AppReply::Drop {
+        // Retries (per the inbound policy) cover app answers that ask for one; success and
+        // drops end the attempt loop.
+        let outcome = self
+            .policy
+            .run(|| async {
+                match self.channel.deliver(&delivery).await {
+                    AppReply::Retry(reason, code) => Err(AttemptError {
+                        message: reason,
+                        code,
+                    }),
+                    other => Ok(other),
+                }
+            })
+            .await;
+        match outcome {
+            Ok(AppReply::Drop {
                 dead_letter,
                 reason,
-            } => {
+            }) => {
                 tracing::warn!(pubsub = %self.entry.name, %topic, %reason, "message dropped by the app");
                 if dead_letter
                     && !self.spec.dead_letter_topic.is_empty()
@@ -286,8 +302,9 @@ impl SubscriptionPipeline {
                 }
                 Outcome::Drop
             }
-            AppReply::Retry(reason) => {
-                tracing::debug!(pubsub = %self.entry.name, %topic, %reason, "delivery not accepted");
+            Ok(_) => Outcome::Success,
+            Err(e) => {
+                tracing::debug!(pubsub = %self.entry.name, %topic, reason = %e.message, "delivery not accepted");
                 if self.dead_letter(&msg, &metadata).await {
                     Outcome::Drop
                 } else {

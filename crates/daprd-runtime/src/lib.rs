@@ -16,6 +16,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod publish;
+pub mod resiliency;
 pub mod routing;
 pub mod runtime;
 pub mod scoping;

@@ -14,6 +14,7 @@ use futures::StreamExt;
 
 use crate::components::{ComponentStore, PubSubEntry};
 use crate::error::ApiError;
+use crate::resiliency::{AttemptError, Direction, Resiliency};
 use crate::trace::start_span;
 
 /// Which API a publish came through (daprd treats them slightly differently).
@@ -97,6 +98,7 @@ pub struct BulkOutcome {
 pub struct Publisher {
     app_id: String,
     store: Arc<ComponentStore>,
+    resiliency: Arc<Resiliency>,
 }
 
 /// Most entries of a non-native bulk publish in flight at once (as daprd).
@@ -112,12 +114,49 @@ pub fn raw_payload(md: &BTreeMap<String, String>) -> Result<bool, String> {
 }
 
 impl Publisher {
-    /// A publisher for `app_id` over `store`.
-    pub fn new(app_id: impl Into<String>, store: Arc<ComponentStore>) -> Self {
+    /// A publisher for `app_id` over `store`, with outbound `resiliency`.
+    pub fn new(
+        app_id: impl Into<String>,
+        store: Arc<ComponentStore>,
+        resiliency: Arc<Resiliency>,
+    ) -> Self {
         Self {
             app_id: app_id.into(),
             store,
+            resiliency,
         }
+    }
+
+    /// Publishes through the component's outbound resiliency policy. Component errors
+    /// carry a code for `matching`: gRPC `Unavailable`/`FailedPrecondition` (transient /
+    /// permanent), mapped to HTTP 503/400 for the HTTP API, as daprd does.
+    async fn send(
+        &self,
+        entry: &PubSubEntry,
+        request: PublishRequest,
+        transport: Transport,
+    ) -> Result<(), String> {
+        let policy = self
+            .resiliency
+            .component_policy(&entry.name, Direction::Outbound);
+        policy
+            .run(|| async {
+                entry.component.publish(request.clone()).await.map_err(|e| {
+                    let transient = e.kind() == daprd_core::pubsub::ErrorKind::Transient;
+                    let code = match (transport, transient) {
+                        (Transport::Http, true) => 503,
+                        (Transport::Http, false) => 400,
+                        (Transport::Grpc, true) => 14,
+                        (Transport::Grpc, false) => 9,
+                    };
+                    AttemptError {
+                        message: e.to_string(),
+                        code: Some(code),
+                    }
+                })
+            })
+            .await
+            .map_err(|e| e.message)
     }
 
     /// The app id.
@@ -240,11 +279,9 @@ impl Publisher {
             metadata,
             content_type: None,
         };
-        entry
-            .component
-            .publish(request)
+        self.send(&entry, request, input.transport)
             .await
-            .map_err(|e| ApiError::publish_message(&entry.name, &input.topic, &e.to_string()))
+            .map_err(|e| ApiError::publish_message(&entry.name, &input.topic, &e))
     }
 
     /// Publishes `data` as-is to `topic` of `entry` (dead-letter republish): scoping and the
@@ -267,11 +304,9 @@ impl Publisher {
             metadata,
             content_type: None,
         };
-        entry
-            .component
-            .publish(request)
+        self.send(entry, request, Transport::Grpc)
             .await
-            .map_err(|e| ApiError::publish_message(&entry.name, topic, &e.to_string()))
+            .map_err(|e| ApiError::publish_message(&entry.name, topic, &e))
     }
 
     /// Publishes many events to one topic. Validation problems are an `Err`; entries the

@@ -85,24 +85,31 @@ pub struct RuntimeState {
     pub shutdown: Shutdown,
     /// Live subscriptions.
     pub subscriptions: crate::subscriber::Subscriptions,
+    /// Resiliency policies.
+    pub resiliency: Arc<crate::resiliency::Resiliency>,
 }
 
 impl RuntimeState {
     /// State for `config` over `store`; not ready until [`RuntimeState::set_ready`].
-    pub fn new(config: RuntimeConfig, store: Arc<ComponentStore>) -> Arc<Self> {
+    pub fn new(
+        config: RuntimeConfig,
+        store: Arc<ComponentStore>,
+        resiliency: Arc<crate::resiliency::Resiliency>,
+    ) -> Arc<Self> {
         let mut extended = BTreeMap::new();
         extended.insert(
             "daprRuntimeVersion".to_string(),
             crate::config::RUNTIME_VERSION.to_string(),
         );
         Arc::new(Self {
-            publisher: Publisher::new(config.app_id.clone(), store),
+            publisher: Publisher::new(config.app_id.clone(), store, resiliency.clone()),
             config,
             extended: RwLock::new(extended),
             ready: AtomicBool::new(false),
             outbound_ready: AtomicBool::new(false),
             shutdown: Shutdown::default(),
             subscriptions: crate::subscriber::Subscriptions::default(),
+            resiliency,
         })
     }
 

@@ -48,6 +48,8 @@ pub struct Loaded {
     pub store: ComponentStore,
     /// Declarative subscriptions.
     pub subscriptions: Vec<SubscriptionSpec>,
+    /// Resiliency policies.
+    pub resiliency: crate::resiliency::Resiliency,
 }
 
 /// Loads the resources directories, builds the components and parses the declarative
@@ -67,11 +69,15 @@ pub async fn load(config: &RuntimeConfig, connect: bool) -> Result<Loaded, Start
     let mut problems: Vec<String> = resources.errors.iter().map(ToString::to_string).collect();
     let (subscriptions, sub_errors) = crate::subscriptions::parse_declarative(&resources.others);
     problems.extend(sub_errors.iter().map(ToString::to_string));
+    let (resiliency, res_errors) =
+        crate::resiliency::Resiliency::load(&resources.others, &config.app_id);
+    problems.extend(res_errors.iter().map(ToString::to_string));
     let registry = daprd_components::builtin_registry();
     match components::build(&resources, &registry, &build_context(config, connect)).await {
         Ok(store) if problems.is_empty() => Ok(Loaded {
             store,
             subscriptions,
+            resiliency,
         }),
         Ok(store) => {
             store.close_all().await;
@@ -109,7 +115,7 @@ impl Sidecar {
     /// # Errors
     /// [`StartError::Bind`] naming the address that could not be bound.
     pub async fn start(config: RuntimeConfig, loaded: Loaded) -> Result<Self, StartError> {
-        let state = RuntimeState::new(config, Arc::new(loaded.store));
+        let state = RuntimeState::new(config, Arc::new(loaded.store), Arc::new(loaded.resiliency));
         let cfg = &state.config;
         let mut servers = JoinSet::new();
         let mut http_addrs = Vec::new();

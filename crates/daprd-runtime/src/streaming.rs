@@ -39,7 +39,7 @@ impl AppChannel for StreamChannel {
     async fn deliver(&self, d: &Delivery) -> AppReply {
         let event = match topic_event_request(d) {
             Ok(e) => e,
-            Err(e) => return AppReply::Retry(e),
+            Err(e) => return AppReply::Retry(e, None),
         };
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -52,10 +52,13 @@ impl AppChannel for StreamChannel {
             ),
         };
         if self.out.send(Ok(msg)).await.is_err() {
-            return AppReply::Retry("the streaming subscriber went away".into());
+            return AppReply::Retry("the streaming subscriber went away".into(), None);
         }
         rx.await.unwrap_or_else(|_| {
-            AppReply::Retry("the stream closed before the event was processed".into())
+            AppReply::Retry(
+                "the stream closed before the event was processed".into(),
+                None,
+            )
         })
     }
 }
@@ -126,6 +129,9 @@ pub async fn subscribe(
         publisher: state.publisher.clone(),
         channel,
         in_flight: state.subscriptions.in_flight.clone(),
+        policy: state
+            .resiliency
+            .component_policy(&spec.pubsub, crate::resiliency::Direction::Inbound),
     });
     let request = SubscribeRequest {
         topic: entry.broker_topic(&spec.topic),

@@ -159,6 +159,9 @@ pub async fn start_one(
         publisher: state.publisher.clone(),
         channel,
         in_flight: state.subscriptions.in_flight.clone(),
+        policy: state
+            .resiliency
+            .component_policy(&spec.pubsub, crate::resiliency::Direction::Inbound),
     });
     let mut backoff = Duration::from_millis(500);
     loop {

@@ -211,3 +211,50 @@ def test_app_api_token_and_max_concurrency(sidecar_factory, app_factory):
     assert all(r["headers"].get("Dapr-Api-Token") == "app-secret" for r in got), got[0]["headers"]
     started = sorted(x["at"] for x in requests.get(f"http://127.0.0.1:{app.port}/_started").json())
     assert started[1] - started[0] >= 0.35, f"deliveries overlapped: {started}"
+
+
+RESILIENCY = """apiVersion: dapr.io/v1alpha1
+kind: Resiliency
+metadata: {name: myresiliency}
+spec:
+  policies:
+    retries:
+      threeTimes: {policy: constant, duration: 50ms, maxRetries: 3}
+      only503: {policy: constant, duration: 10ms, maxRetries: 5, matching: {httpStatusCodes: "503"}}
+  targets:
+    components:
+      pubsub:
+        inbound: {retry: threeTimes}
+      strict:
+        inbound: {retry: only503}
+"""
+
+
+def test_inbound_retries_follow_the_resiliency_policy(sidecar_factory, app_factory):
+    subs = json.dumps([
+        {"pubsubname": "pubsub", "topic": "r-ok", "route": "/r-ok", "deadLetterTopic": "dlq"},
+        {"pubsubname": "pubsub", "topic": "r-never", "route": "/r-never", "deadLetterTopic": "dlq"},
+        {"pubsubname": "strict", "topic": "r-404", "route": "/r-404", "deadLetterTopic": "dlq"},
+        {"pubsubname": "strict", "topic": "r-503", "route": "/r-503", "deadLetterTopic": "dlq"},
+        {"pubsubname": "pubsub", "topic": "dlq", "route": "/dlq"},
+        {"pubsubname": "strict", "topic": "dlq", "route": "/dlq-strict"},
+    ])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([in_memory("pubsub"), in_memory("strict"), RESILIENCY], app_port=app.port)
+    s.wait_ready()
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={
+        "/r-ok": {"status": 200, "body": '{"status":"RETRY"}', "fail_first": 2},
+        "/r-never": {"status": 500},
+        "/r-404": {"status": 400, "fail_first": 1},
+        "/r-503": {"status": 503, "fail_first": 2},
+    }).raise_for_status()
+    for t, ps in (("r-ok", "pubsub"), ("r-never", "pubsub"), ("r-404", "strict"), ("r-503", "strict")):
+        s.publish(t, '{"t":"%s"}' % t, pubsub=ps)
+    counts = lambda path: len(received(app.port, path))
+    eventually(lambda: counts("/r-never") == 4 and counts("/dlq") == 1, 10, "4 attempts then the DLT")
+    assert counts("/r-ok") == 3, "2 RETRY answers, then success on the 3rd attempt"
+    assert counts("/r-503") == 3, "503 matches the policy: retried until it succeeds"
+    eventually(lambda: counts("/dlq-strict") == 1, 10, "400 is not in matching: no retry, straight to the DLT")
+    assert counts("/r-404") == 1
+    dead = [json.loads(r["body"])["data"]["t"] for r in received(app.port, "/dlq") + received(app.port, "/dlq-strict")]
+    assert sorted(dead) == ["r-404", "r-never"]

@@ -59,6 +59,12 @@ class Handler(BaseHTTPRequestHandler):
                              "body": body.decode(errors="replace"), "done": time.time()})
         status = mode.get("status", 200)
         out = mode.get("body", "").encode()
+        with LOCK:
+            if mode.get("fail_first") is not None:
+                # the first N calls get `status`/`body`, later ones 200 with an empty body
+                mode["fail_first"] -= 1
+                if mode["fail_first"] < 0:
+                    status, out = 200, b""
         return self.reply(status, out)
 
 
