@@ -57,6 +57,15 @@ pub trait AppChannel: Send + Sync {
     async fn list_subscriptions(&self) -> Result<Vec<SubscriptionSpec>, String>;
     /// Delivers one event.
     async fn deliver(&self, delivery: &Delivery) -> AppReply;
+
+    /// Delivers a batch; by default one event at a time.
+    async fn deliver_bulk(&self, batch: &crate::bulk::BulkDelivery) -> crate::bulk::BulkReply {
+        let mut out = crate::bulk::BulkReply::new();
+        for e in &batch.entries {
+            out.insert(e.entry_id.clone(), self.deliver(&e.delivery).await);
+        }
+        out
+    }
 }
 
 /// Limits concurrent calls to the app (`--app-max-concurrency`).
@@ -278,6 +287,56 @@ impl AppChannel for HttpChannel {
         let body = resp.bytes().await.unwrap_or_default();
         interpret_status_body(&body)
     }
+
+    async fn deliver_bulk(&self, b: &crate::bulk::BulkDelivery) -> crate::bulk::BulkReply {
+        let _permit = self.concurrency.acquire().await;
+        let body = daprd_core::json::to_vec_go(&crate::bulk::http_body(b)).unwrap_or_default();
+        let mut req = self
+            .request(reqwest::Method::POST, &app_path(&b.path))
+            .header("content-type", "application/json");
+        if let Some(first) = b.entries.first() {
+            req = req.header("traceparent", &first.delivery.traceparent);
+        }
+        for (k, v) in &b.metadata {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(canonical_header(k).as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                req = req.header(name, value);
+            }
+        }
+        let resp = match req.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return crate::bulk::all(
+                    b,
+                    &AppReply::Retry(format!("delivering to the app: {e}"), None),
+                )
+            }
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return crate::bulk::all(
+                b,
+                &AppReply::Drop {
+                    dead_letter: false,
+                    reason: "app returned 404 for a bulk delivery".into(),
+                },
+            );
+        }
+        if !status.is_success() {
+            let code = Some(i32::from(status.as_u16()));
+            return crate::bulk::all(
+                b,
+                &AppReply::Retry(format!("app returned HTTP {}", status.as_u16()), code),
+            );
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        match crate::bulk::interpret_bulk_body(&body) {
+            Ok(r) => r,
+            Err(e) => crate::bulk::all(b, &AppReply::Retry(e, None)),
+        }
+    }
 }
 
 /// The single-delivery table of SPEC §5.6 for a 2xx body.
@@ -310,6 +369,7 @@ pub fn interpret_status_body(body: &[u8]) -> AppReply {
 
 /// The gRPC app channel (`AppCallback`).
 pub struct GrpcChannel {
+    channel: tonic::transport::Channel,
     client: pb::app_callback_client::AppCallbackClient<tonic::transport::Channel>,
     token: Option<String>,
     concurrency: Concurrency,
@@ -334,9 +394,11 @@ impl GrpcChannel {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
             .map_err(|e| format!("invalid app address: {e}"))?
             .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
         Ok(Self {
-            client: pb::app_callback_client::AppCallbackClient::new(endpoint.connect_lazy())
+            client: pb::app_callback_client::AppCallbackClient::new(channel.clone())
                 .max_decoding_message_size(usize::MAX),
+            channel,
             token,
             concurrency: Concurrency::new(max_concurrency),
         })
@@ -562,6 +624,76 @@ impl AppChannel for GrpcChannel {
             Err(st) => {
                 AppReply::Retry(format!("OnTopicEvent failed: {st}"), Some(st.code() as i32))
             }
+        }
+    }
+
+    async fn deliver_bulk(&self, b: &crate::bulk::BulkDelivery) -> crate::bulk::BulkReply {
+        use pb::topic_event_bulk_request_entry::Event;
+        let _permit = self.concurrency.acquire().await;
+        let mut entries = Vec::with_capacity(b.entries.len());
+        for e in &b.entries {
+            let event = match &e.raw {
+                Some(raw) => Event::Bytes(raw.to_vec()),
+                None => match topic_event_request(&e.delivery) {
+                    Ok(t) => Event::CloudEvent(pb::TopicEventCeRequest {
+                        id: t.id,
+                        source: t.source,
+                        r#type: t.r#type,
+                        spec_version: t.spec_version,
+                        data_content_type: t.data_content_type,
+                        data: t.data,
+                        extensions: t.extensions,
+                    }),
+                    Err(err) => return crate::bulk::all(b, &AppReply::Retry(err, None)),
+                },
+            };
+            entries.push(pb::TopicEventBulkRequestEntry {
+                entry_id: e.entry_id.clone(),
+                event: Some(event),
+                content_type: e.content_type.clone(),
+                metadata: e.delivery.metadata.clone().into_iter().collect(),
+            });
+        }
+        let msg = pb::TopicEventBulkRequest {
+            id: b.id.clone(),
+            entries,
+            metadata: b.metadata.clone().into_iter().collect(),
+            topic: b.topic.clone(),
+            pubsub_name: b.pubsub.clone(),
+            r#type: daprd_core::cloudevent::DEFAULT_BULK_TYPE.into(),
+            path: b.path.clone(),
+        };
+        let mut result = self
+            .client
+            .clone()
+            .on_bulk_topic_event(self.request(msg.clone()))
+            .await;
+        if matches!(&result, Err(st) if st.code() == tonic::Code::Unimplemented) {
+            let mut alpha =
+                pb::app_callback_alpha_client::AppCallbackAlphaClient::new(self.channel.clone());
+            result = alpha.on_bulk_topic_event_alpha1(self.request(msg)).await;
+        }
+        match result {
+            Ok(r) => r
+                .into_inner()
+                .statuses
+                .into_iter()
+                .map(|s| (s.entry_id, interpret_grpc_status(s.status)))
+                .collect(),
+            Err(st) if st.code() == tonic::Code::Unimplemented => crate::bulk::all(
+                b,
+                &AppReply::Drop {
+                    dead_letter: false,
+                    reason: "app implements no bulk topic event method".into(),
+                },
+            ),
+            Err(st) => crate::bulk::all(
+                b,
+                &AppReply::Retry(
+                    format!("OnBulkTopicEvent failed: {st}"),
+                    Some(st.code() as i32),
+                ),
+            ),
         }
     }
 }

@@ -205,7 +205,11 @@ impl SubscriptionPipeline {
         }
     }
 
-    async fn dead_letter(&self, msg: &Message, metadata: &BTreeMap<String, String>) -> bool {
+    pub(crate) async fn dead_letter(
+        &self,
+        msg: &Message,
+        metadata: &BTreeMap<String, String>,
+    ) -> bool {
         if self.spec.dead_letter_topic.is_empty() {
             return false;
         }
@@ -232,9 +236,12 @@ impl SubscriptionPipeline {
         }
     }
 
-    /// Handles one message from the component.
-    pub async fn handle(&self, msg: Message) -> Outcome {
-        let _guard = self.in_flight.enter();
+    /// Decodes, expires and routes `msg`. `Err` carries the outcome when the message was
+    /// settled here (expired, unrouted, undecodable); `Ok` the delivery to make.
+    pub(crate) async fn prepare(
+        &self,
+        msg: &Message,
+    ) -> Result<(Delivery, BTreeMap<String, String>), Outcome> {
         let topic = self.api_topic(&msg.topic);
         let mut metadata = msg.metadata.clone();
         if let Some(ct) = &msg.content_type {
@@ -242,23 +249,23 @@ impl SubscriptionPipeline {
         }
         metadata.insert("pubsubName".into(), self.entry.name.clone());
 
-        let (event, body) = match self.decode(&msg, &topic, &metadata) {
+        let (event, body) = match self.decode(msg, &topic, &metadata) {
             Decoded::Event { event, body } => (event, body),
-            Decoded::Failure(reason) => return self.failure(&msg, &metadata, &reason).await,
+            Decoded::Failure(reason) => return Err(self.failure(msg, &metadata, &reason).await),
         };
         if has_expired(&event, SystemTime::now()) {
             tracing::warn!(pubsub = %self.entry.name, %topic, id = ?event.get("id"), "dropping expired message");
-            self.dead_letter(&msg, &metadata).await;
-            return Outcome::Drop;
+            self.dead_letter(msg, &metadata).await;
+            return Err(Outcome::Drop);
         }
         let rule = match crate::routing::select(&self.spec.rules, &Json::Object(event.clone())) {
             Ok(Some(rule)) => rule.clone(),
             Ok(None) => {
                 tracing::debug!(pubsub = %self.entry.name, %topic, "no routing rule matched; message dropped");
-                self.dead_letter(&msg, &metadata).await;
-                return Outcome::Drop;
+                self.dead_letter(msg, &metadata).await;
+                return Err(Outcome::Drop);
             }
-            Err(e) => return self.failure(&msg, &metadata, &e).await,
+            Err(e) => return Err(self.failure(msg, &metadata, &e).await),
         };
         let span = start_span(
             event.get("traceparent").and_then(Json::as_str),
@@ -269,14 +276,67 @@ impl SubscriptionPipeline {
             body,
             event,
             metadata: metadata.clone(),
-            topic: topic.clone(),
+            topic,
             pubsub: self.entry.name.clone(),
             traceparent: span.traceparent(),
             tracestate: span.tracestate.clone(),
         };
+        Ok((delivery, metadata))
+    }
+
+    /// Counts one more delivery in flight until the guard drops.
+    pub(crate) fn in_flight_guard(&self) -> impl Drop {
+        self.in_flight.enter()
+    }
+
+    /// Whether this subscription delivers raw payloads.
+    pub(crate) fn is_raw(&self) -> bool {
+        raw_payload(&self.spec.metadata).unwrap_or(false)
+    }
+
+    /// The outcome of an app's answer after retries: DLT for drops and exhausted retries.
+    pub(crate) async fn settle(
+        &self,
+        msg: &Message,
+        metadata: &BTreeMap<String, String>,
+        reply: Result<AppReply, AttemptError>,
+    ) -> Outcome {
+        match reply {
+            Ok(AppReply::Drop {
+                dead_letter,
+                reason,
+            }) => {
+                tracing::warn!(pubsub = %self.entry.name, topic = %msg.topic, %reason, "message dropped by the app");
+                if dead_letter
+                    && !self.spec.dead_letter_topic.is_empty()
+                    && !self.dead_letter(msg, metadata).await
+                {
+                    return Outcome::Retry;
+                }
+                Outcome::Drop
+            }
+            Ok(_) => Outcome::Success,
+            Err(e) => {
+                tracing::debug!(pubsub = %self.entry.name, topic = %msg.topic, reason = %e.message, "delivery not accepted");
+                if self.dead_letter(msg, metadata).await {
+                    Outcome::Drop
+                } else {
+                    Outcome::Retry
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the component.
+    pub async fn handle(&self, msg: Message) -> Outcome {
+        let _guard = self.in_flight.enter();
+        let (delivery, metadata) = match self.prepare(&msg).await {
+            Ok(v) => v,
+            Err(outcome) => return outcome,
+        };
         // Retries (per the inbound policy) cover app answers that ask for one; success and
         // drops end the attempt loop.
-        let outcome = self
+        let reply = self
             .policy
             .run(|| async {
                 match self.channel.deliver(&delivery).await {
@@ -288,30 +348,7 @@ impl SubscriptionPipeline {
                 }
             })
             .await;
-        match outcome {
-            Ok(AppReply::Drop {
-                dead_letter,
-                reason,
-            }) => {
-                tracing::warn!(pubsub = %self.entry.name, %topic, %reason, "message dropped by the app");
-                if dead_letter
-                    && !self.spec.dead_letter_topic.is_empty()
-                    && !self.dead_letter(&msg, &metadata).await
-                {
-                    return Outcome::Retry;
-                }
-                Outcome::Drop
-            }
-            Ok(_) => Outcome::Success,
-            Err(e) => {
-                tracing::debug!(pubsub = %self.entry.name, %topic, reason = %e.message, "delivery not accepted");
-                if self.dead_letter(&msg, &metadata).await {
-                    Outcome::Drop
-                } else {
-                    Outcome::Retry
-                }
-            }
-        }
+        self.settle(&msg, &metadata, reply).await
     }
 
     async fn failure(

@@ -10,6 +10,7 @@
 //! The `daprd` binary is a thin `main` over [`serve`].
 
 pub mod api;
+pub mod bulk;
 pub mod channel;
 pub mod components;
 pub mod config;

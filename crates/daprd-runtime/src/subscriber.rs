@@ -150,9 +150,6 @@ pub async fn start_one(
         );
         return None;
     }
-    if spec.bulk.enabled {
-        tracing::warn!(pubsub = %spec.pubsub, topic = %spec.topic, "bulk subscribe is not implemented yet; delivering one message at a time");
-    }
     let pipeline = Arc::new(SubscriptionPipeline {
         spec: spec.clone(),
         entry: entry.clone(),
@@ -169,11 +166,12 @@ pub async fn start_one(
             topic: entry.broker_topic(&spec.topic),
             metadata: spec.metadata.clone(),
         };
-        match entry
-            .component
-            .subscribe(request, pipeline.clone().handler())
-            .await
-        {
+        let handler = if spec.bulk.enabled {
+            crate::bulk::handler(pipeline.clone(), spec.bulk)
+        } else {
+            pipeline.clone().handler()
+        };
+        match entry.component.subscribe(request, handler).await {
             Ok(handle) => {
                 tracing::info!(pubsub = %spec.pubsub, topic = %spec.topic, kind = ?spec.kind, "subscribed");
                 return Some(state.subscriptions.add(spec, handle));

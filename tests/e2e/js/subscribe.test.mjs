@@ -64,3 +64,43 @@ for (const [name, protocol, appProtocol] of [
     }
   });
 }
+
+for (const [name, protocol, appProtocol] of [
+  ["HTTP", CommunicationProtocolEnum.HTTP, "http"],
+  ["gRPC", CommunicationProtocolEnum.GRPC, "grpc"],
+]) {
+  // Over gRPC the JS SDK implements only OnBulkTopicEventAlpha1: this also proves the fallback.
+  test(`DaprServer.subscribeBulk over ${name}`, async () => {
+    const appPort = await freePort();
+    const sidecar = await startSidecar({ appPort, appProtocol, waitFor: "/v1.0/healthz/outbound" });
+    const daprPort = String(protocol === CommunicationProtocolEnum.GRPC ? sidecar.grpcPort : sidecar.httpPort);
+    const server = new DaprServer({
+      serverHost: "127.0.0.1",
+      serverPort: String(appPort),
+      communicationProtocol: protocol,
+      clientOptions: { daprHost: "127.0.0.1", daprPort, communicationProtocol: protocol },
+      logger: { level: LogLevel.Error },
+    });
+    const got = [];
+    await server.pubsub.subscribeBulk("pubsub", "bulk-orders", async (data) => {
+      got.push(data);
+    }, { maxMessagesCount: 10, maxAwaitDurationMs: 100 });
+    await server.start();
+    const client = new DaprClient({ daprHost: "127.0.0.1", daprPort: String(sidecar.httpPort), logger: { level: LogLevel.Error } });
+    try {
+      await sidecar.waitUntil("/v1.0/healthz");
+      for (const n of [1, 2, 3]) {
+        const r = await client.pubsub.publish("pubsub", "bulk-orders", { n });
+        assert.equal(r.error, undefined);
+      }
+      await eventually(() => got.length === 3, "3 bulk-delivered events");
+      assert.deepEqual(got.map((d) => d.n).sort(), [1, 2, 3]);
+      const md = await client.metadata.get();
+      assert.deepEqual(md.subscriptions.map((s) => s.topic), ["bulk-orders"]);
+    } finally {
+      await client.stop();
+      await sidecar.stop();
+      await server.stop();
+    }
+  });
+}

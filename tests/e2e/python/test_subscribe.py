@@ -258,3 +258,32 @@ def test_inbound_retries_follow_the_resiliency_policy(sidecar_factory, app_facto
     assert counts("/r-404") == 1
     dead = [json.loads(r["body"])["data"]["t"] for r in received(app.port, "/dlq") + received(app.port, "/dlq-strict")]
     assert sorted(dead) == ["r-404", "r-never"]
+
+
+def test_bulk_subscribe_over_http(sidecar_factory, app_factory):
+    subs = json.dumps([
+        {"pubsubname": "pubsub", "topic": "bulk", "route": "/bulk", "deadLetterTopic": "dlq",
+         "bulkSubscribe": {"enabled": True, "maxMessagesCount": 10, "maxAwaitDurationMs": 100}},
+        {"pubsubname": "pubsub", "topic": "dlq", "route": "/dlq"},
+    ])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/bulk": {"bulk": True}}).raise_for_status()
+    for st in ("SUCCESS", "DROP", "RETRY", "MAYBE"):
+        s.publish("bulk", json.dumps({"status": st}))
+    eventually(lambda: len(received(app.port, "/dlq")) == 3, 10, "DROP, RETRY and unknown entries dead-lettered")
+    dead = sorted(json.loads(r["body"])["data"]["status"] for r in received(app.port, "/dlq"))
+    assert dead == ["DROP", "MAYBE", "RETRY"]
+    req = received(app.port, "/bulk")[0]
+    assert req["headers"]["Content-Type"] == "application/json"
+    body = json.loads(req["body"])
+    assert body["type"] == "com.dapr.event.sent.bulk"
+    assert body["topic"] == "bulk" and body["pubsubname"] == "pubsub"
+    assert body["metadata"]["pubsubName"] == "pubsub"
+    entry = body["entries"][0]
+    assert entry["contentType"] == "application/cloudevents+json"
+    assert entry["event"]["topic"] == "bulk" and entry["event"]["source"] == "checkout"
+    assert len(entry["entryId"]) == 36
+    md = requests.get(s.http + "/v1.0/metadata").json()
+    assert {x["topic"] for x in md["subscriptions"]} == {"bulk", "dlq"}

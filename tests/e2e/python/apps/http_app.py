@@ -59,6 +59,13 @@ class Handler(BaseHTTPRequestHandler):
                              "body": body.decode(errors="replace"), "done": time.time()})
         status = mode.get("status", 200)
         out = mode.get("body", "").encode()
+        if mode.get("bulk"):
+            # answer each bulk entry with the status named in its event's data (default SUCCESS)
+            entries = json.loads(body)["entries"]
+            out = json.dumps({"statuses": [
+                {"entryId": e["entryId"],
+                 "status": (e["event"].get("data") or {}).get("status", "SUCCESS") if isinstance(e["event"], dict) else "SUCCESS"}
+                for e in entries]}).encode()
         with LOCK:
             if mode.get("fail_first") is not None:
                 # the first N calls get `status`/`body`, later ones 200 with an empty body
