@@ -126,6 +126,14 @@ pub fn raw_envelope(
     ce
 }
 
+/// Removes the first occurrence of the namespace from a broker topic (as daprd does).
+pub fn strip_prefix(prefix: Option<&str>, broker_topic: &str) -> String {
+    match prefix {
+        Some(p) => broker_topic.replacen(p, "", 1),
+        None => broker_topic.to_string(),
+    }
+}
+
 enum Decoded {
     Event {
         event: Map<String, Json>,
@@ -144,10 +152,7 @@ impl SubscriptionPipeline {
     }
 
     fn api_topic(&self, broker_topic: &str) -> String {
-        match &self.entry.topic_prefix {
-            Some(p) => broker_topic.replacen(p.as_str(), "", 1),
-            None => broker_topic.to_string(),
-        }
+        strip_prefix(self.entry.topic_prefix.as_deref(), broker_topic)
     }
 
     fn decode(&self, msg: &Message, topic: &str, metadata: &BTreeMap<String, String>) -> Decoded {
@@ -382,6 +387,13 @@ mod tests {
         assert!(!has_expired(&ev("2024-01-01T00:00:01Z"), now));
         assert!(!has_expired(&ev("garbage"), now));
         assert!(!has_expired(&Map::new(), now));
+    }
+
+    #[test]
+    fn namespace_prefix_is_stripped_once() {
+        assert_eq!(strip_prefix(Some("prod"), "prodorders"), "orders");
+        assert_eq!(strip_prefix(Some("prod"), "prodprodorders"), "prodorders");
+        assert_eq!(strip_prefix(None, "prodorders"), "prodorders");
     }
 
     #[test]

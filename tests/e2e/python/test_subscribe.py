@@ -287,3 +287,4 @@ def test_bulk_subscribe_over_http(sidecar_factory, app_factory):
     assert len(entry["entryId"]) == 36
     md = requests.get(s.http + "/v1.0/metadata").json()
     assert {x["topic"] for x in md["subscriptions"]} == {"bulk", "dlq"}
+
