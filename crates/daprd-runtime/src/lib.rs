@@ -16,6 +16,7 @@ pub mod components;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod health;
 pub mod publish;
 pub mod resiliency;
 pub mod routing;

@@ -87,6 +87,10 @@ pub struct RuntimeState {
     pub subscriptions: crate::subscriber::Subscriptions,
     /// Resiliency policies.
     pub resiliency: Arc<crate::resiliency::Resiliency>,
+    /// Stops the API servers (after any `--dapr-block-shutdown-duration`).
+    pub api_stop: Shutdown,
+    /// App health as last probed (`None` until known or when not checked).
+    pub app_health: watch::Sender<Option<bool>>,
 }
 
 impl RuntimeState {
@@ -110,6 +114,8 @@ impl RuntimeState {
             shutdown: Shutdown::default(),
             subscriptions: crate::subscriber::Subscriptions::default(),
             resiliency,
+            api_stop: Shutdown::default(),
+            app_health: watch::channel(None).0,
         })
     }
 
@@ -132,6 +138,19 @@ impl RuntimeState {
     /// Whether `/v1.0/healthz/outbound` answers 204.
     pub fn is_outbound_ready(&self) -> bool {
         self.outbound_ready.load(Ordering::Acquire)
+    }
+
+    /// Records the app's health (notifies watchers on change).
+    pub fn set_app_health(&self, healthy: bool) {
+        self.app_health.send_if_modified(|h| {
+            if *h == Some(healthy) {
+                false
+            } else {
+                tracing::info!(healthy, "app health changed");
+                *h = Some(healthy);
+                true
+            }
+        });
     }
 
     /// Starts shutdown; with `force` the process exits with code 1 after ~100 ms, as daprd.

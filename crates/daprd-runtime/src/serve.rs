@@ -147,7 +147,7 @@ impl Sidecar {
                 source,
             })?);
             let router = http_router.clone();
-            let shutdown = state.shutdown.clone();
+            let shutdown = state.api_stop.clone();
             servers.spawn(async move {
                 let res = axum::serve(l, router)
                     .with_graceful_shutdown(async move {
@@ -165,7 +165,7 @@ impl Sidecar {
                 let router = crate::api::http::with_clean_paths(crate::api::http::public_router(
                     state.clone(),
                 ));
-                let shutdown = state.shutdown.clone();
+                let shutdown = state.api_stop.clone();
                 servers.spawn(async move {
                     let _ = axum::serve(l, router)
                         .with_graceful_shutdown(async move {
@@ -182,7 +182,7 @@ impl Sidecar {
                 grpc_addrs.push(a);
             }
             let svc = crate::api::grpc::service(state.clone());
-            let shutdown = state.shutdown.clone();
+            let shutdown = state.api_stop.clone();
             servers.spawn(async move {
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
                 let res = tonic::transport::Server::builder()
@@ -228,6 +228,33 @@ impl Sidecar {
         tracing::info!(?reason, grace = ?grace, "shutting down");
         // Stop fetching, then let in-flight deliveries and API calls finish.
         self.state.subscriptions.stop_all();
+        if let (crate::runtime::ShutdownReason::Signal, Some(block)) =
+            (reason, self.state.config.block_shutdown)
+        {
+            // Outbound APIs stay up until the duration elapses or the app turns unhealthy.
+            tracing::info!(
+                ?block,
+                "blocking shutdown: subscriptions stopped, APIs stay up"
+            );
+            let mut health = self.state.app_health.subscribe();
+            let unhealthy = async move {
+                loop {
+                    if *health.borrow_and_update() == Some(false) {
+                        return;
+                    }
+                    if health.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(block) => {}
+                _ = unhealthy => tracing::info!("app is unhealthy; ending the shutdown block"),
+            }
+        }
+        self.state
+            .api_stop
+            .trigger(crate::runtime::ShutdownReason::Signal);
         let in_flight = self.state.subscriptions.in_flight.clone();
         let drained = tokio::time::timeout(grace, async {
             in_flight.wait_idle().await;

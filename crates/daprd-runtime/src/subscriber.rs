@@ -66,6 +66,20 @@ impl Subscriptions {
         drop(removed);
     }
 
+    /// Stops and forgets the app-channel subscriptions (not the streaming ones); returns
+    /// their specs so they can be started again.
+    pub fn stop_app(&self) -> Vec<SubscriptionSpec> {
+        let removed: Vec<Active> = {
+            let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+            let (gone, keep): (Vec<Active>, Vec<Active>) = active
+                .drain(..)
+                .partition(|a| a.spec.kind != crate::subscriptions::SubscriptionKind::Streaming);
+            *active = keep;
+            gone
+        };
+        removed.into_iter().map(|a| a.spec).collect()
+    }
+
     /// Stops every subscription (no new messages are fetched).
     pub fn stop_all(&self) {
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
@@ -229,8 +243,37 @@ pub async fn start_app_subscriptions(state: Arc<RuntimeState>, declarative: Vec<
             }
         }
     };
-    for spec in merge(declarative, programmatic, &state.config.app_id) {
-        start_one(&state, spec, channel.clone()).await;
+    let specs = merge(declarative, programmatic, &state.config.app_id);
+    if state.config.app.health.is_none() {
+        for spec in specs {
+            start_one(&state, spec, channel.clone()).await;
+        }
+        state.set_ready();
+        return;
     }
-    state.set_ready();
+    // With app health checks, subscriptions run only while the app is healthy.
+    tokio::spawn(crate::health::monitor(state.clone()));
+    let mut health = state.app_health.subscribe();
+    let mut running = false;
+    loop {
+        let healthy = *health.borrow_and_update() == Some(true);
+        if healthy && !running {
+            for spec in specs.iter().cloned() {
+                start_one(&state, spec, channel.clone()).await;
+            }
+            running = true;
+            state.set_ready();
+        } else if !healthy && running {
+            let stopped = state.subscriptions.stop_app();
+            tracing::warn!(
+                count = stopped.len(),
+                "app is unhealthy: its subscriptions are stopped until it recovers"
+            );
+            running = false;
+        }
+        tokio::select! {
+            changed = health.changed() => if changed.is_err() { return },
+            _ = state.shutdown.wait() => return,
+        }
+    }
 }

@@ -1019,13 +1019,36 @@ async fn cors_follows_allowed_origins() {
 
 #[tokio::test]
 async fn namespaced_components_prefix_broker_topics() {
-    let env = Env { namespace: Some("prod".into()), ..Env::default() };
-    let h = start_with(&[&in_memory_component("nsps", &[("consumerID", "{namespace}")])], "checkout", env).await;
+    let env = Env {
+        namespace: Some("prod".into()),
+        ..Env::default()
+    };
+    let h = start_with(
+        &[&in_memory_component(
+            "nsps",
+            &[("consumerID", "{namespace}")],
+        )],
+        "checkout",
+        env,
+    )
+    .await;
     // Subscribing on the component itself sees the broker topic.
     let (_s, mut rx) = h.subscribe("nsps", "prodorders").await;
-    let resp = h.post("/v1.0/publish/nsps/orders").body("x").send().await.unwrap();
+    let resp = h
+        .post("/v1.0/publish/nsps/orders")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 204);
     let m = next(&mut rx).await;
-    assert_eq!(m.topic, "prodorders", "the raw namespace is prefixed, no separator");
-    assert_eq!(json(&m)["topic"], "orders", "the envelope keeps the API topic");
+    assert_eq!(
+        m.topic, "prodorders",
+        "the raw namespace is prefixed, no separator"
+    );
+    assert_eq!(
+        json(&m)["topic"],
+        "orders",
+        "the envelope keeps the API topic"
+    );
 }

@@ -288,3 +288,42 @@ def test_bulk_subscribe_over_http(sidecar_factory, app_factory):
     md = requests.get(s.http + "/v1.0/metadata").json()
     assert {x["topic"] for x in md["subscriptions"]} == {"bulk", "dlq"}
 
+
+
+def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "h", "route": "/h"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs, "HEALTHY": "0"})
+    s = sidecar_factory(app_port=app.port, extra_args=(
+        "--enable-app-health-check", "--app-health-probe-interval", "1", "--app-health-threshold", "1"))
+    app_url = f"http://127.0.0.1:{app.port}"
+    subs_now = lambda: requests.get(s.http + "/v1.0/metadata").json().get("subscriptions", [])
+    assert requests.get(s.http + "/v1.0/healthz").status_code == 500, "not ready while the app is unhealthy"
+    assert subs_now() == []
+    requests.post(app_url + "/_health", json={"healthy": True}).raise_for_status()
+    s.wait_ready()
+    eventually(lambda: len(subs_now()) == 1, 10, "subscription started once healthy")
+    s.publish("h", '{"n":1}')
+    eventually(lambda: len(received(app.port, "/h")) == 1, 10, "delivery while healthy")
+    requests.post(app_url + "/_health", json={"healthy": False}).raise_for_status()
+    eventually(lambda: subs_now() == [], 10, "subscriptions stopped while unhealthy")
+    s.publish("h", '{"n":2}')
+    requests.post(app_url + "/_health", json={"healthy": True}).raise_for_status()
+    eventually(lambda: len(subs_now()) == 1, 10, "subscriptions back once healthy")
+    s.publish("h", '{"n":3}')
+    eventually(lambda: len(received(app.port, "/h")) == 2, 10, "delivery after recovery")
+    assert [json.loads(r["body"])["data"]["n"] for r in received(app.port, "/h")] == [1, 3]
+
+
+def test_block_shutdown_keeps_publishing_up_and_stops_subscriptions(sidecar_factory, app_factory):
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "b", "route": "/b"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory(app_port=app.port, extra_args=("--dapr-block-shutdown-duration", "2s"))
+    s.wait_ready()
+    started = time.monotonic()
+    s.proc.terminate()
+    eventually(lambda: "blocking shutdown" in s.output(), 10, "the shutdown block to begin")
+    r = requests.post(s.http + "/v1.0/publish/pubsub/b", data='{"n":1}', headers={"content-type": "application/json"})
+    assert r.status_code == 204, "outbound APIs stay up during the block"
+    assert s.proc.wait(timeout=15) == 0
+    assert time.monotonic() - started >= 1.9, "the block lasted the configured duration"
+    assert received(app.port, "/b") == [], "subscriptions stopped at once"

@@ -13,6 +13,7 @@ RECEIVED = []
 STARTED = []
 MODES = {}  # path -> {"status": int, "body": str, "sleep": float}
 LOCK = threading.Lock()
+HEALTH = {"healthy": os.environ.get("HEALTHY", "1") == "1"}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -29,6 +30,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        if self.path == "/healthz":
+            return self.reply(200 if HEALTH["healthy"] else 503)
         if self.path == "/dapr/subscribe":
             subs = os.environ.get("SUBSCRIPTIONS")
             if subs is None:
@@ -45,6 +48,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
+        if self.path == "/_health":
+            HEALTH["healthy"] = json.loads(body)["healthy"]
+            return self.reply(204)
         if self.path == "/_mode":
             with LOCK:
                 MODES.update(json.loads(body))
