@@ -165,7 +165,8 @@ pub struct HttpChannel {
 }
 
 impl HttpChannel {
-    /// A channel to `http://address:port` (`h2c` uses HTTP/2 with prior knowledge).
+    /// A channel to `http://address:port` (`h2c` uses HTTP/2 with prior knowledge,
+    /// `https` TLS without certificate verification).
     ///
     /// # Errors
     /// The HTTP client could not be built.
@@ -184,6 +185,14 @@ impl HttpChannel {
         if protocol == "h2c" {
             builder = builder.http2_prior_knowledge();
         }
+        let scheme = if protocol == "https" {
+            // Like daprd: encrypted, the app's certificate is not verified.
+            builder = builder
+                .use_preconfigured_tls(crate::tls::insecure_client_config(&[b"h2", b"http/1.1"])?);
+            "https"
+        } else {
+            "http"
+        };
         let client = builder
             .build()
             .map_err(|e| format!("building the app HTTP client: {e}"))?;
@@ -194,7 +203,7 @@ impl HttpChannel {
         };
         Ok(Self {
             client,
-            base: format!("http://{host}:{port}"),
+            base: format!("{scheme}://{host}:{port}"),
             app_id: app_id.to_string(),
             token,
             concurrency: Concurrency::new(max_concurrency),
@@ -376,13 +385,14 @@ pub struct GrpcChannel {
 }
 
 impl GrpcChannel {
-    /// A lazily connected channel to `address:port`.
+    /// A lazily connected channel to `address:port` (`tls`: grpcs, certificate not verified).
     ///
     /// # Errors
     /// The address does not make a valid URI.
     pub fn new(
         address: &str,
         port: u16,
+        tls: bool,
         token: Option<String>,
         max_concurrency: i64,
     ) -> Result<Self, String> {
@@ -391,10 +401,14 @@ impl GrpcChannel {
         } else {
             address.to_string()
         };
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
-            .map_err(|e| format!("invalid app address: {e}"))?
-            .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = if tls {
+            crate::tls::grpcs_channel(&host, port)?
+        } else {
+            tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
+                .map_err(|e| format!("invalid app address: {e}"))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy()
+        };
         Ok(Self {
             client: pb::app_callback_client::AppCallbackClient::new(channel.clone())
                 .max_decoding_message_size(usize::MAX),

@@ -26,4 +26,5 @@ pub mod serve;
 pub mod streaming;
 pub mod subscriber;
 pub mod subscriptions;
+pub mod tls;
 pub mod trace;

@@ -99,7 +99,7 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, String> 
     let app = &state.config.app;
     let token = state.config.env.app_api_token.clone();
     match app.protocol.as_str() {
-        "http" | "h2c" => Ok(Arc::new(HttpChannel::new(
+        "http" | "h2c" | "https" => Ok(Arc::new(HttpChannel::new(
             &app.channel_address,
             app.port,
             &app.protocol,
@@ -107,15 +107,14 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, String> 
             token,
             app.max_concurrency,
         )?)),
-        "grpc" => Ok(Arc::new(GrpcChannel::new(
+        "grpc" | "grpcs" => Ok(Arc::new(GrpcChannel::new(
             &app.channel_address,
             app.port,
+            app.protocol == "grpcs",
             token,
             app.max_concurrency,
         )?)),
-        other => Err(format!(
-            "--app-protocol {other} is not supported yet by daprd-rs (use http, h2c or grpc)"
-        )),
+        other => Err(format!("unknown --app-protocol {other}")),
     }
 }
 

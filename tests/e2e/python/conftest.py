@@ -185,3 +185,14 @@ def app_factory():
     yield make
     for a in started:
         a.stop()
+
+
+@pytest.fixture(scope="session")
+def self_signed_cert(tmp_path_factory):
+    """A throwaway self-signed certificate for 127.0.0.1 (the app side of https/grpcs)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return {"TLS_CERT": str(cert), "TLS_KEY": str(key)}

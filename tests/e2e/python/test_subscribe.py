@@ -327,3 +327,22 @@ def test_block_shutdown_keeps_publishing_up_and_stops_subscriptions(sidecar_fact
     assert s.proc.wait(timeout=15) == 0
     assert time.monotonic() - started >= 1.9, "the block lasted the configured duration"
     assert received(app.port, "/b") == [], "subscriptions stopped at once"
+
+
+def test_https_and_grpcs_app_channels(sidecar_factory, app_factory, self_signed_cert):
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "orders", "route": "/orders"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs, **self_signed_cert})
+    s = sidecar_factory(app_port=app.port, app_protocol="https")
+    s.wait_ready()
+    s.publish("orders", '{"tls":"https"}')
+    def tls_received():
+        got = requests.get(f"https://127.0.0.1:{app.port}/_received", verify=False, timeout=5).json()
+        return [json.loads(r["body"])["data"] for r in got if r["path"] == "/orders"]
+    assert eventually(tls_received, 10, "delivery over https") == [{"tls": "https"}]
+
+    gapp = app_factory("grpc_app.py", env=self_signed_cert)
+    g = sidecar_factory(app_port=gapp.port, app_protocol="grpcs")
+    g.wait_ready()
+    g.publish("orders", '{"tls":"grpcs"}')
+    lines = eventually(lambda: gapp.lines(), 10, "delivery over grpcs")
+    assert lines[0]["route"] == "orders"

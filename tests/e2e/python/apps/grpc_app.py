@@ -56,4 +56,14 @@ def routed_default(event: v1.Event) -> TopicEventResponse:
 
 
 if __name__ == "__main__":
-    app.run(int(sys.argv[1]))
+    port = int(sys.argv[1])
+    if os.environ.get("TLS_CERT"):
+        # grpcs: the SDK's App has no TLS switch, so its gRPC server gets a secure port.
+        import grpc
+        with open(os.environ["TLS_KEY"], "rb") as k, open(os.environ["TLS_CERT"], "rb") as c:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        app._server.add_secure_port(f"127.0.0.1:{port}", creds)
+        app._server.start()
+        app._server.wait_for_termination()
+    else:
+        app.run(port)
