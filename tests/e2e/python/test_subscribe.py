@@ -346,3 +346,33 @@ def test_https_and_grpcs_app_channels(sidecar_factory, app_factory, self_signed_
     g.publish("orders", '{"tls":"grpcs"}')
     lines = eventually(lambda: gapp.lines(), 10, "delivery over grpcs")
     assert lines[0]["route"] == "orders"
+
+
+def test_expired_and_undecodable_messages_go_to_the_dead_letter_topic(sidecar_factory, app_factory):
+    subs = json.dumps([
+        {"pubsubname": "pubsub", "topic": "x", "route": "/x", "deadLetterTopic": "dlq"},
+        {"pubsubname": "pubsub", "topic": "dlq", "route": "/dlq", "metadata": {"rawPayload": "true"}},
+    ])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory(app_port=app.port)
+    s.wait_ready()
+    expired = {"id": "old-1", "source": "s", "type": "t", "specversion": "1.0", "datacontenttype": "application/json",
+               "data": {"n": "expired"}, "expiration": "2020-01-01T00:00:00Z"}
+    s.publish("x", json.dumps(expired), content_type="application/cloudevents+json")
+    s.publish("x", "not a cloudevent", content_type="text/plain", rawPayload="true")
+    got = eventually(lambda: len(received(app.port, "/dlq")) == 2 and received(app.port, "/dlq"), 10, "both dead-lettered")
+    import base64
+    payloads = sorted(base64.b64decode(json.loads(r["body"])["data_base64"]) for r in got)
+    assert payloads[0] == b"not a cloudevent"
+    assert json.loads(payloads[1])["id"] == "old-1", "the original bytes are republished"
+    assert received(app.port, "/x") == [], "neither reached the app"
+
+
+def test_disable_init_endpoints_subscribe(sidecar_factory, app_factory):
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "prog", "route": "/prog"}])
+    decl = "apiVersion: dapr.io/v2alpha1\nkind: Subscription\nmetadata: {name: d}\nspec: {pubsubname: pubsub, topic: decl, routes: {default: /decl}}\n"
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([in_memory("pubsub"), decl], app_port=app.port, extra_args=("--disable-init-endpoints", "subscribe"))
+    s.wait_ready()
+    md = requests.get(s.http + "/v1.0/metadata").json()
+    assert [x["topic"] for x in md["subscriptions"]] == ["decl"]

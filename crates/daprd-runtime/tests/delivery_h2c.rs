@@ -1,0 +1,103 @@
+//! Delivery over `--app-protocol h2c` to a real HTTP/2 (prior knowledge) app server.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use clap::Parser;
+use daprd_runtime::config::{Env, Options, RuntimeConfig};
+use daprd_runtime::serve::{self, Sidecar};
+use daprd_testkit::{in_memory_component, ScratchDir};
+use tokio::sync::mpsc;
+
+#[tokio::test]
+async fn h2c_app_receives_over_http2() {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(http::Version, String, Vec<u8>)>();
+    let app = axum::Router::new()
+        .route(
+            "/dapr/subscribe",
+            get(|| async { r#"[{"pubsubname":"pubsub","topic":"orders","route":"/orders"}]"# }),
+        )
+        .route(
+            "/orders",
+            post(move |req: axum::extract::Request| {
+                let tx = tx.clone();
+                async move {
+                    let version = req.version();
+                    let ct = req
+                        .headers()
+                        .get("content-type")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                        .await
+                        .unwrap()
+                        .to_vec();
+                    let _ = tx.send((version, ct, body));
+                    ""
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = ScratchDir::new("h2c");
+    dir.write("c.yaml", &in_memory_component("pubsub", &[]));
+    let port = app_port.to_string();
+    let argv: Vec<String> = [
+        "daprd",
+        "--app-id",
+        "a",
+        "--dapr-http-port",
+        "0",
+        "--dapr-grpc-port",
+        "0",
+        "--dapr-listen-addresses",
+        "127.0.0.1",
+        "--app-port",
+        &port,
+        "--app-protocol",
+        "h2c",
+        "--resources-path",
+        &dir.path().to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let config = RuntimeConfig::from_options(
+        &Options::try_parse_from(argv).unwrap(),
+        Env::default(),
+        true,
+    )
+    .unwrap();
+    let loaded = serve::load(&config, true).await.unwrap();
+    let sidecar = Sidecar::start(config, loaded).await.unwrap();
+    let http = format!("http://{}", sidecar.http_addrs[0]);
+    let state = sidecar.state.clone();
+    tokio::spawn(sidecar.run_until_shutdown());
+    daprd_testkit::eventually(
+        Duration::from_secs(10),
+        "subscriptions to start",
+        || async { state.is_ready().then_some(()) },
+    )
+    .await;
+
+    let resp = reqwest::Client::new()
+        .post(format!("{http}/v1.0/publish/pubsub/orders"))
+        .header("content-type", "application/json")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let (version, ct, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(ct, "application/cloudevents+json");
+    let ce: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(ce["data"]["n"], 1);
+}
