@@ -5,6 +5,8 @@
 
 #[cfg(feature = "in-memory")]
 pub mod in_memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod secretstores;
 
 use std::sync::Arc;
@@ -16,6 +18,8 @@ pub fn builtin_registry() -> Registry {
     let mut registry = Registry::new();
     #[cfg(feature = "in-memory")]
     registry.register_pubsub(Arc::new(in_memory::InMemoryFactory));
+    #[cfg(feature = "redis")]
+    registry.register_pubsub(Arc::new(redis::RedisFactory));
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry

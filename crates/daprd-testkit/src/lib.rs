@@ -1,5 +1,8 @@
 //! Test helpers for daprd-rs: polling with a deadline (never sleeping to synchronise),
-//! free loopback ports, and scratch directories for resources.
+//! free loopback ports, scratch directories for resources, and the component
+//! [`conformance`] suite every pub/sub component must pass.
+
+pub mod conformance;
 
 use std::future::Future;
 use std::net::TcpListener;

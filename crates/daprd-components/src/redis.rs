@@ -1,0 +1,207 @@
+//! `pubsub.redis`: Redis Streams, with the same keys and bytes as Dapr's component.
+//!
+//! * Publish: `XADD <topic> [MAXLEN ~ n] [MINID ~ t] * data <bytes> metadata <json>`.
+//! * Subscribe: consumer group and consumer name = `consumerID` (`XGROUP CREATE <topic>
+//!   <consumerID> 0 MKSTREAM`), `XREADGROUP ... COUNT queueDepth BLOCK readTimeout`,
+//!   `concurrency` workers, `XACK` after `Success` or `Drop`.
+//! * A `Retry` leaves the message pending; the reclaim loop (`XPENDING` every
+//!   `redeliverInterval`, `XCLAIM` of entries idle ≥ `processingTimeout`) redelivers it.
+//!   (Dapr 1.17+ acks a failed message; daprd-rs keeps it for redelivery, so nothing the
+//!   app did not accept is lost.)
+
+mod metadata;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::pubsub::{
+    ErrorKind, Feature, Handler, PubSub, PubSubError, PubSubFactory, PublishRequest,
+    SubscribeRequest, Subscription,
+};
+use redis::aio::ConnectionManager;
+
+pub use metadata::RedisMetadata;
+
+/// Builds `pubsub.redis` components.
+pub struct RedisFactory;
+
+#[async_trait]
+impl PubSubFactory for RedisFactory {
+    fn component_type(&self) -> &'static str {
+        "pubsub.redis"
+    }
+
+    fn validate(&self, metadata: &Metadata) -> Vec<MetadataError> {
+        RedisMetadata::parse(metadata).err().unwrap_or_default()
+    }
+
+    async fn connect(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
+        let md =
+            RedisMetadata::parse(metadata).map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let client = redis::Client::open(md.url()).map_err(|e| PubSubError::Connect {
+            message: format!("invalid redis address {:?}", md.host),
+            source: Some(Box::new(e)),
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(md.dial_timeout))
+            .set_response_timeout(Some(md.write_timeout.max(md.read_timeout)));
+        let conn = tokio::time::timeout(
+            md.dial_timeout,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| PubSubError::Connect {
+            message: format!("connecting to redis at {} timed out", md.host),
+            source: None,
+        })?
+        .map_err(|e| PubSubError::Connect {
+            message: format!("connecting to redis at {}", md.host),
+            source: Some(Box::new(e)),
+        })?;
+        Ok(Arc::new(RedisPubSub {
+            name: name.to_string(),
+            md: Arc::new(md),
+            client,
+            conn,
+            closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            stop: tokio::sync::watch::channel(false).0,
+        }))
+    }
+}
+
+/// A live `pubsub.redis` component.
+pub struct RedisPubSub {
+    name: String,
+    md: Arc<RedisMetadata>,
+    client: redis::Client,
+    conn: ConnectionManager,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn broker_err(what: &str, e: redis::RedisError) -> PubSubError {
+    PubSubError::Broker {
+        message: format!("redis streams: {what}: {e}"),
+        kind: ErrorKind::Transient,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// The `XADD` command daprd-rs sends for a publish (exposed for the broker-bytes tests).
+pub fn xadd_command(
+    md: &RedisMetadata,
+    request: &PublishRequest,
+    now: SystemTime,
+) -> Result<redis::Cmd, PubSubError> {
+    let meta = serde_json::to_vec(&request.metadata).map_err(|e| {
+        PubSubError::broker(ErrorKind::Permanent, format!("encoding metadata: {e}"))
+    })?;
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&request.topic);
+    if let Some(n) = md.max_len_approx {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    if let Some(ttl) = md.stream_ttl {
+        let min = now.checked_sub(ttl).unwrap_or(SystemTime::UNIX_EPOCH);
+        let ms = min
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        cmd.arg("MINID").arg("~").arg(format!("{ms}-1"));
+    }
+    cmd.arg("*")
+        .arg("data")
+        .arg(request.data.as_ref())
+        .arg("metadata")
+        .arg(meta);
+    Ok(cmd)
+}
+
+const FEATURES: &[Feature] = &[];
+
+#[async_trait]
+impl PubSub for RedisPubSub {
+    fn features(&self) -> &[Feature] {
+        FEATURES
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(PubSubError::broker(
+                ErrorKind::Permanent,
+                "component is closed",
+            ));
+        }
+        let cmd = xadd_command(&self.md, &request, SystemTime::now())?;
+        let mut conn = self.conn.clone();
+        let _: String = tokio::time::timeout(self.md.write_timeout, cmd.query_async(&mut conn))
+            .await
+            .map_err(|_| {
+                PubSubError::broker(
+                    ErrorKind::Transient,
+                    "redis streams: error from publish: timed out",
+                )
+            })?
+            .map_err(|e| broker_err("error from publish", e))?;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(PubSubError::Closed);
+        }
+        subscriber::create_group(&mut self.conn.clone(), &request.topic, &self.md.consumer_id)
+            .await
+            .map_err(|e| broker_err("creating consumer group", e))?;
+        let (cancel, cancelled) = tokio::sync::watch::channel(false);
+        let mut component_stop = self.stop.subscribe();
+        let mut sub_cancel = cancelled.clone();
+        let stopped = async move {
+            tokio::select! {
+                _ = component_stop.wait_for(|s| *s) => {}
+                _ = sub_cancel.wait_for(|s| *s) => {}
+            }
+        };
+        subscriber::start(
+            subscriber::Context {
+                component: self.name.clone(),
+                md: self.md.clone(),
+                client: self.client.clone(),
+                conn: self.conn.clone(),
+                topic: request.topic,
+                handler,
+            },
+            Box::pin(stopped),
+        );
+        Ok(Subscription::new(move || {
+            let _ = cancel.send(true);
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), PubSubError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| broker_err("ping", e))?;
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<(), PubSubError> {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.stop.send(true);
+        Ok(())
+    }
+}

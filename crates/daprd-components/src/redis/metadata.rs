@@ -1,0 +1,290 @@
+//! `pubsub.redis` metadata: every key Dapr's Redis Streams component reads, with its code
+//! defaults, parsed without I/O.
+
+use std::time::Duration;
+
+use daprd_core::metadata::{Metadata, MetadataError};
+
+/// Parsed `pubsub.redis` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisMetadata {
+    /// `redisHost` (`host:port`), required.
+    pub host: String,
+    /// `redisUsername`.
+    pub username: Option<String>,
+    /// `redisPassword`.
+    pub password: Option<String>,
+    /// `redisDB` (0).
+    pub db: i64,
+    /// `consumerID`: consumer group and consumer name (daprd defaults it to the app id).
+    pub consumer_id: String,
+    /// `concurrency` (10): messages processed at once per subscription.
+    pub concurrency: usize,
+    /// `queueDepth` (100): messages read per `XREADGROUP` / `XPENDING`.
+    pub queue_depth: usize,
+    /// `processingTimeout` (60s; a bare number is milliseconds): idle time before a pending
+    /// message is reclaimed. 0 disables reclaiming.
+    pub processing_timeout: Duration,
+    /// `redeliverInterval` (15s; **integer milliseconds only**, anything else keeps the
+    /// default, as in Dapr): how often pending messages are checked. 0 disables reclaiming.
+    pub redeliver_interval: Duration,
+    /// `maxLenApprox`: `XADD ... MAXLEN ~ n`.
+    pub max_len_approx: Option<u64>,
+    /// `streamTTL`: `XADD ... MINID ~ <now - ttl>`.
+    pub stream_ttl: Option<Duration>,
+    /// `dialTimeout` (5s).
+    pub dial_timeout: Duration,
+    /// `readTimeout` (3s): the `BLOCK` time of `XREADGROUP`.
+    pub read_timeout: Duration,
+    /// `writeTimeout` (3s).
+    pub write_timeout: Duration,
+}
+
+/// Keys Dapr accepts that this build does not implement yet; using them is an error, not
+/// a silent misconfiguration.
+const NOT_YET: &[(&str, &str)] = &[
+    ("enableTLS", "TLS to Redis"),
+    ("failover", "Redis Sentinel failover"),
+    ("useEntraID", "Entra ID authentication"),
+    ("useOIDC", "OIDC authentication"),
+];
+
+fn ms_or_duration(
+    md: &Metadata,
+    key: &str,
+    default: Duration,
+    errors: &mut Vec<MetadataError>,
+) -> Duration {
+    match md.get_non_empty(key) {
+        None => default,
+        Some(v) => match v.parse::<u64>() {
+            Ok(ms) => Duration::from_millis(ms),
+            Err(_) => daprd_core::duration::parse_go_duration(v).unwrap_or_else(|_| {
+                errors.push(MetadataError::new(
+                    key,
+                    format!("{v:?} is not a duration (\"60s\") or milliseconds"),
+                ));
+                default
+            }),
+        },
+    }
+}
+
+impl RedisMetadata {
+    /// Parses and checks `md`, returning every problem.
+    ///
+    /// # Errors
+    /// One [`MetadataError`] per bad key.
+    pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
+        let mut errors = Vec::new();
+        let host = md.get_non_empty("redisHost").unwrap_or("").to_string();
+        if host.is_empty() {
+            errors.push(MetadataError::new("redisHost", "is required (host:port)"));
+        } else if host.contains(',') {
+            errors.push(MetadataError::new(
+                "redisHost",
+                "a comma list means a Redis cluster, which daprd-rs does not support yet",
+            ));
+        }
+        match md.get_non_empty("redisType") {
+            None | Some("node") => {}
+            Some("cluster") => errors.push(MetadataError::new(
+                "redisType",
+                "cluster is not supported yet by daprd-rs",
+            )),
+            Some(other) => errors.push(MetadataError::new(
+                "redisType",
+                format!("{other:?} is not node or cluster"),
+            )),
+        }
+        for (key, what) in NOT_YET {
+            match md.get_bool(key, false) {
+                Ok(true) => errors.push(MetadataError::new(
+                    *key,
+                    format!("{what} is not supported yet by daprd-rs"),
+                )),
+                Ok(false) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        let mut int = |key: &str, default: i64, min: i64| -> i64 {
+            match md.get_i64(key, default) {
+                Ok(v) if v >= min => v,
+                Ok(v) => {
+                    errors.push(MetadataError::new(key, format!("{v} is below {min}")));
+                    default
+                }
+                Err(e) => {
+                    errors.push(e);
+                    default
+                }
+            }
+        };
+        let db = int("redisDB", 0, 0);
+        let concurrency = int("concurrency", 10, 1);
+        let queue_depth = int("queueDepth", 100, 1);
+        let max_len = int("maxLenApprox", 0, 0);
+        let processing_timeout = ms_or_duration(
+            md,
+            "processingTimeout",
+            Duration::from_secs(60),
+            &mut errors,
+        );
+        let redeliver_interval = md
+            .get_non_empty("redeliverInterval")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(15));
+        let mut dur = |key: &str, default: Duration| {
+            md.get_duration(key, Duration::from_secs(1), default)
+                .unwrap_or_else(|e| {
+                    errors.push(e);
+                    default
+                })
+        };
+        let stream_ttl = Some(dur("streamTTL", Duration::ZERO)).filter(|d| !d.is_zero());
+        let dial_timeout = dur("dialTimeout", Duration::from_secs(5));
+        let read_timeout = dur("readTimeout", Duration::from_secs(3));
+        let write_timeout = dur("writeTimeout", Duration::from_secs(3));
+        let consumer_id = md.get_non_empty("consumerID").unwrap_or("").to_string();
+        if consumer_id.is_empty() {
+            errors.push(MetadataError::new(
+                "consumerID",
+                "is required (daprd sets it to the app id)",
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            host,
+            username: md.get_non_empty("redisUsername").map(str::to_string),
+            password: md.get_non_empty("redisPassword").map(str::to_string),
+            db,
+            consumer_id,
+            concurrency: usize::try_from(concurrency).unwrap_or(10),
+            queue_depth: usize::try_from(queue_depth).unwrap_or(100),
+            processing_timeout,
+            redeliver_interval,
+            max_len_approx: u64::try_from(max_len).ok().filter(|n| *n > 0),
+            stream_ttl,
+            dial_timeout,
+            read_timeout,
+            write_timeout,
+        })
+    }
+
+    /// The connection URL (`redis://[user:pass@]host/db`).
+    pub fn url(&self) -> String {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
+            (None, Some(p)) => format!(":{}@", enc(p)),
+            (Some(u), None) => format!("{}@", enc(u)),
+            (None, None) => String::new(),
+        };
+        format!("redis://{auth}{}/{}", self.host, self.db)
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&str, &str)]) -> Metadata {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_daprs() {
+        let m = RedisMetadata::parse(&md(&[
+            ("redisHost", "localhost:6379"),
+            ("consumerID", "app"),
+        ]))
+        .unwrap();
+        assert_eq!(m.concurrency, 10);
+        assert_eq!(m.queue_depth, 100);
+        assert_eq!(m.processing_timeout, Duration::from_secs(60));
+        assert_eq!(m.redeliver_interval, Duration::from_secs(15));
+        assert_eq!(m.read_timeout, Duration::from_secs(3));
+        assert_eq!(m.url(), "redis://localhost:6379/0");
+    }
+
+    #[test]
+    fn redeliver_interval_is_milliseconds_only() {
+        let m = RedisMetadata::parse(&md(&[
+            ("redisHost", "h:1"),
+            ("consumerID", "a"),
+            ("redeliverInterval", "30s"),
+            ("processingTimeout", "2000"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            m.redeliver_interval,
+            Duration::from_secs(15),
+            "\"30s\" silently keeps the default, as in Dapr"
+        );
+        assert_eq!(
+            m.processing_timeout,
+            Duration::from_millis(2000),
+            "a bare number is milliseconds"
+        );
+        let m = RedisMetadata::parse(&md(&[
+            ("redisHost", "h:1"),
+            ("consumerID", "a"),
+            ("redeliverInterval", "500"),
+            ("processingTimeout", "5s"),
+        ]))
+        .unwrap();
+        assert_eq!(m.redeliver_interval, Duration::from_millis(500));
+        assert_eq!(m.processing_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let errs = RedisMetadata::parse(&md(&[
+            ("concurrency", "0"),
+            ("queueDepth", "x"),
+            ("enableTLS", "true"),
+            ("redisType", "cluster"),
+        ]))
+        .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "redisHost",
+            "concurrency",
+            "queueDepth",
+            "enableTLS",
+            "redisType",
+            "consumerID",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_url_encoded() {
+        let m = RedisMetadata::parse(&md(&[
+            ("redisHost", "h:1"),
+            ("consumerID", "a"),
+            ("redisPassword", "p@ss/w"),
+            ("redisDB", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(m.url(), "redis://:p%40ss%2Fw@h:1/2");
+    }
+}

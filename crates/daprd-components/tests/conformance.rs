@@ -1,0 +1,65 @@
+//! The shared conformance suite against every component of this build. Broker-backed
+//! components use the broker on loopback (`REDIS_HOST`, default `localhost:6379`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use daprd_core::pubsub::{PubSub, PubSubFactory};
+use daprd_testkit::conformance::{self, metadata_with_group, Connect, Traits};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_conformance() {
+    // Each instance has its own bus, so the cross-instance "groups" case does not apply;
+    // in-memory has no redelivery.
+    let connect: Connect = Arc::new(|_group| {
+        Box::pin(async {
+            Arc::new(daprd_components::in_memory::InMemoryPubSub::new(
+                "conformance",
+            )) as Arc<dyn PubSub>
+        })
+    });
+    conformance::many_messages_arrive(&connect).await;
+    conformance::outcomes(
+        &connect,
+        Traits {
+            redelivers_on_retry: false,
+            competing_consumers: false,
+            redelivery_wait: Duration::ZERO,
+        },
+    )
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_conformance() {
+    let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost:6379".into());
+    let connect: Connect = Arc::new(move |group| {
+        let host = host.clone();
+        Box::pin(async move {
+            let md = metadata_with_group(
+                &group,
+                &[
+                    ("redisHost", &host),
+                    ("processingTimeout", "500"),
+                    ("redeliverInterval", "200"),
+                ],
+            );
+            daprd_components::redis::RedisFactory
+                .connect("conformance", &md)
+                .await
+                .unwrap()
+        })
+    });
+    conformance::run(
+        connect,
+        Traits {
+            redelivers_on_retry: true,
+            competing_consumers: true,
+            redelivery_wait: Duration::from_secs(5),
+        },
+    )
+    .await;
+}

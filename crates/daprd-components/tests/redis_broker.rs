@@ -1,0 +1,281 @@
+//! `pubsub.redis` against real Redis: the bytes and names on the broker (read and written
+//! with `redis-cli`, an independent client), and broker restarts (a private `redis-server`
+//! on its own port and data directory, started by the test).
+
+#![cfg(feature = "redis")]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use daprd_core::pubsub::{
+    Handler, Message, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+};
+use daprd_testkit::conformance::{metadata_with_group, random_name};
+use daprd_testkit::{eventually, free_port, ScratchDir};
+use tokio::sync::mpsc;
+
+fn host() -> String {
+    std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost:6379".into())
+}
+
+fn cli(host: &str, args: &[&str]) -> String {
+    let (h, p) = host.rsplit_once(':').unwrap();
+    let out = Command::new("redis-cli")
+        .args(["-h", h, "-p", p])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn connect(host: &str, group: &str) -> Arc<dyn PubSub> {
+    let md = metadata_with_group(
+        group,
+        &[
+            ("redisHost", host),
+            ("processingTimeout", "500"),
+            ("redeliverInterval", "200"),
+            ("readTimeout", "1s"),
+        ],
+    );
+    daprd_components::redis::RedisFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap()
+}
+
+fn collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let h: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Success
+        })
+    });
+    (h, rx)
+}
+
+#[tokio::test]
+async fn publish_writes_the_same_stream_entry_as_dapr() {
+    let topic = random_name("bytes");
+    let c = connect(&host(), "bytes-app").await;
+    let md: BTreeMap<String, String> = [("ttlInSeconds".to_string(), "10".to_string())]
+        .into_iter()
+        .collect();
+    c.publish(PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.clone(),
+        data: Bytes::from_static(b"{\"a\":1}"),
+        metadata: md,
+        content_type: None,
+    })
+    .await
+    .unwrap();
+    let range = cli(&host(), &["XRANGE", &topic, "-", "+"]);
+    let lines: Vec<&str> = range.lines().collect();
+    // id, then field/value pairs in order: data, metadata
+    assert_eq!(
+        &lines[1..],
+        ["data", "{\"a\":1}", "metadata", "{\"ttlInSeconds\":\"10\"}"],
+        "{range}"
+    );
+}
+
+#[tokio::test]
+async fn subscribe_uses_consumer_id_as_group_and_reads_go_daprd_entries() {
+    let topic = random_name("group");
+    let c = connect(&host(), "checkout").await;
+    let (h, mut rx) = collector();
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    let groups = cli(&host(), &["XINFO", "GROUPS", &topic]);
+    assert!(
+        groups
+            .lines()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w == ["name", "checkout"]),
+        "{groups}"
+    );
+    // an entry as Go daprd writes it
+    cli(
+        &host(),
+        &[
+            "XADD",
+            &topic,
+            "*",
+            "data",
+            "hello from go",
+            "metadata",
+            "{\"k\":\"v\"}",
+        ],
+    );
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.data[..], b"hello from go");
+    assert_eq!(m.metadata.get("k").map(String::as_str), Some("v"));
+    assert_eq!(m.topic, topic);
+    eventually(Duration::from_secs(5), "the entry to be acked", || async {
+        let pending = cli(&host(), &["XPENDING", &topic, "checkout"]);
+        pending
+            .lines()
+            .next()
+            .is_some_and(|l| l == "0")
+            .then_some(())
+    })
+    .await;
+}
+
+struct PrivateRedis {
+    port: u16,
+    dir: ScratchDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: ScratchDir) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        Self {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    async fn ready(&self) {
+        let host = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "private redis to answer", || {
+            let host = host.clone();
+            async move {
+                let (h, p) = host.rsplit_once(':').unwrap();
+                let out = Command::new("redis-cli")
+                    .args(["-h", h, "-p", p, "PING"])
+                    .output()
+                    .ok()?;
+                (String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(())
+            }
+        })
+        .await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_broker_restart_without_losing_acknowledged_publishes() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port, ScratchDir::new("redis-restart"));
+    redis.ready().await;
+    let host = format!("127.0.0.1:{port}");
+    let topic = random_name("restart");
+    let c = connect(&host, "restart-app").await;
+    let (h, mut rx) = collector();
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    let publish = |n: u32| {
+        let c = c.clone();
+        let topic = topic.clone();
+        async move {
+            c.publish(PublishRequest {
+                pubsub_name: "pubsub".into(),
+                topic,
+                data: Bytes::from(n.to_string()),
+                metadata: BTreeMap::new(),
+                content_type: None,
+            })
+            .await
+        }
+    };
+    publish(1).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first.data[..], b"1");
+
+    redis.stop();
+    assert!(
+        publish(2).await.is_err(),
+        "a publish during the outage is an error, never a false success"
+    );
+
+    let dir = std::mem::replace(&mut redis.dir, ScratchDir::new("unused"));
+    let redis = PrivateRedis::start(port, dir);
+    redis.ready().await;
+    // the component reconnects by itself
+    let ok = eventually(Duration::from_secs(20), "publishing to work again", || {
+        let p = publish(3);
+        async move { p.await.ok() }
+    })
+    .await;
+    let () = ok;
+    let mut seen = Vec::new();
+    while !seen.contains(&"3".to_string()) {
+        let m = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("deliveries resume")
+            .unwrap();
+        seen.push(String::from_utf8_lossy(&m.data).into_owned());
+    }
+    assert!(
+        !seen.contains(&"2".to_string()),
+        "the failed publish was not silently stored"
+    );
+}

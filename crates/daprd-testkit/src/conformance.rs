@@ -1,0 +1,260 @@
+//! The conformance suite every pub/sub component passes (modelled on Dapr's
+//! components-contrib conformance tests): bulk of messages delivered, ack semantics,
+//! consumer groups. Topics and groups are random so suites share one broker in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PublishRequest, SubscribeRequest};
+use daprd_core::Metadata;
+use tokio::sync::mpsc;
+
+/// Builds a live component for a consumer group (`consumerID`).
+pub type Connect =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Arc<dyn PubSub>> + Send>> + Send + Sync>;
+
+/// What the component promises.
+#[derive(Debug, Clone, Copy)]
+pub struct Traits {
+    /// A `Retry` outcome makes the broker deliver the message again.
+    pub redelivers_on_retry: bool,
+    /// Subscriptions sharing a consumer group split the messages (else each gets all).
+    pub competing_consumers: bool,
+    /// How long a redelivery may take.
+    pub redelivery_wait: Duration,
+}
+
+/// A random name for topics and groups.
+pub fn random_name(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn request(topic: &str, i: usize) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "conformance".into(),
+        topic: topic.into(),
+        data: Bytes::from(format!("{{\"n\":{i}}}")),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    }
+}
+
+fn number(m: &Message) -> usize {
+    let s = String::from_utf8_lossy(&m.data);
+    s.trim_start_matches("{\"n\":")
+        .trim_end_matches('}')
+        .parse()
+        .unwrap_or(usize::MAX)
+}
+
+fn collector(
+    outcome: impl Fn(&Message, usize) -> Outcome + Send + Sync + 'static,
+) -> (Handler, mpsc::UnboundedReceiver<Message>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let seen: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+    let outcome = Arc::new(outcome);
+    let handler: Handler = Arc::new(move |m: Message| {
+        let tx = tx.clone();
+        let seen = seen.clone();
+        let outcome = outcome.clone();
+        Box::pin(async move {
+            let attempt = {
+                let mut s = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let c = s.entry(number(&m)).or_insert(0);
+                *c += 1;
+                *c
+            };
+            let o = outcome(&m, attempt);
+            let _ = tx.send(m);
+            o
+        })
+    });
+    (handler, rx)
+}
+
+async fn drain(
+    rx: &mut mpsc::UnboundedReceiver<Message>,
+    want: usize,
+    timeout: Duration,
+) -> Vec<Message> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while got.len() < want {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => got.push(m),
+            _ => break,
+        }
+    }
+    got
+}
+
+async fn quiet(rx: &mut mpsc::UnboundedReceiver<Message>, wait: Duration) -> Option<Message> {
+    tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
+}
+
+async fn subscribe(
+    c: &Arc<dyn PubSub>,
+    topic: &str,
+    handler: Handler,
+) -> daprd_core::pubsub::Subscription {
+    c.subscribe(
+        SubscribeRequest {
+            topic: topic.into(),
+            metadata: BTreeMap::new(),
+        },
+        handler,
+    )
+    .await
+    .expect("subscribe")
+}
+
+/// Runs every case; panics with the case name on failure.
+pub async fn run(connect: Connect, traits: Traits) {
+    many_messages_arrive(&connect).await;
+    outcomes(&connect, traits).await;
+    groups(&connect, traits).await;
+}
+
+/// Publish 1,000 messages, receive every one, each exactly once.
+pub async fn many_messages_arrive(connect: &Connect) {
+    let topic = random_name("conf-many");
+    let c = connect(random_name("group")).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = subscribe(&c, &topic, h).await;
+    const N: usize = 1000;
+    for i in 0..N {
+        c.publish(request(&topic, i)).await.expect("publish");
+    }
+    let got = drain(&mut rx, N, Duration::from_secs(60)).await;
+    let mut ns: Vec<usize> = got.iter().map(number).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    assert_eq!(
+        ns.len(),
+        N,
+        "many_messages_arrive: received {} distinct of {N}",
+        ns.len()
+    );
+    assert!(
+        got.iter().all(|m| m.topic == topic),
+        "many_messages_arrive: wrong topic"
+    );
+    assert!(
+        quiet(&mut rx, Duration::from_millis(300)).await.is_none(),
+        "many_messages_arrive: a success was redelivered"
+    );
+    c.close().await.expect("close");
+}
+
+/// `Retry` is redelivered (when the component promises it); `Drop` and `Success` never are.
+pub async fn outcomes(connect: &Connect, traits: Traits) {
+    let topic = random_name("conf-outcomes");
+    let c = connect(random_name("group")).await;
+    // message 0: retry once then succeed; 1: drop; 2: success
+    let (h, mut rx) = collector(|m, attempt| match (number(m), attempt) {
+        (0, 1) => Outcome::Retry,
+        (1, _) => Outcome::Drop,
+        _ => Outcome::Success,
+    });
+    let _sub = subscribe(&c, &topic, h).await;
+    for i in 0..3 {
+        c.publish(request(&topic, i)).await.expect("publish");
+    }
+    let first = drain(&mut rx, 3, Duration::from_secs(20)).await;
+    assert_eq!(first.len(), 3, "outcomes: first deliveries");
+    if traits.redelivers_on_retry {
+        let again = drain(&mut rx, 1, traits.redelivery_wait).await;
+        assert_eq!(
+            again.iter().map(number).collect::<Vec<_>>(),
+            vec![0],
+            "outcomes: RETRY is redelivered, nothing else"
+        );
+    }
+    assert!(
+        quiet(
+            &mut rx,
+            Duration::from_millis(500).max(traits.redelivery_wait / 2)
+        )
+        .await
+        .is_none(),
+        "outcomes: DROP/SUCCESS redelivered"
+    );
+    c.close().await.expect("close");
+}
+
+/// Two subscriptions in one group split the messages (or each gets all without groups);
+/// another group gets every message.
+pub async fn groups(connect: &Connect, traits: Traits) {
+    let topic = random_name("conf-groups");
+    let g1 = random_name("g1");
+    let (a, b, other) = (
+        connect(g1.clone()).await,
+        connect(g1).await,
+        connect(random_name("g2")).await,
+    );
+    let (ha, mut ra) = collector(|_, _| Outcome::Success);
+    let (hb, mut rb) = collector(|_, _| Outcome::Success);
+    let (ho, mut ro) = collector(|_, _| Outcome::Success);
+    let _sa = subscribe(&a, &topic, ha).await;
+    let _sb = subscribe(&b, &topic, hb).await;
+    let _so = subscribe(&other, &topic, ho).await;
+    const N: usize = 100;
+    for i in 0..N {
+        a.publish(request(&topic, i)).await.expect("publish");
+    }
+    let all_other = drain(&mut ro, N, Duration::from_secs(30)).await;
+    assert_eq!(
+        all_other.len(),
+        N,
+        "groups: another group gets every message"
+    );
+    if traits.competing_consumers {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while got.len() < N && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                Some(m) = ra.recv() => got.push(m),
+                Some(m) = rb.recv() => got.push(m),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        let mut ns: Vec<usize> = got.iter().map(number).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        assert_eq!(
+            (got.len(), ns.len()),
+            (N, N),
+            "groups: one group receives each message once in all"
+        );
+    } else {
+        assert_eq!(
+            drain(&mut ra, N, Duration::from_secs(30)).await.len(),
+            N,
+            "groups: fan-out a"
+        );
+        assert_eq!(
+            drain(&mut rb, N, Duration::from_secs(30)).await.len(),
+            N,
+            "groups: fan-out b"
+        );
+    }
+    for c in [a, b, other] {
+        c.close().await.expect("close");
+    }
+}
+
+/// Metadata with `consumerID` set, plus `extra`.
+pub fn metadata_with_group(group: &str, extra: &[(&str, &str)]) -> Metadata {
+    let mut md: Metadata = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    md.insert("consumerID", group);
+    md
+}
