@@ -5,6 +5,8 @@
 
 #[cfg(feature = "in-memory")]
 pub mod in_memory;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod secretstores;
@@ -20,6 +22,8 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(in_memory::InMemoryFactory));
     #[cfg(feature = "redis")]
     registry.register_pubsub(Arc::new(redis::RedisFactory));
+    #[cfg(feature = "rabbitmq")]
+    registry.register_pubsub(Arc::new(rabbitmq::RabbitFactory));
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry

@@ -63,3 +63,33 @@ async fn redis_conformance() {
     )
     .await;
 }
+
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_conformance() {
+    let uri = std::env::var("RABBITMQ_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@localhost:5672".into());
+    let connect: Connect = Arc::new(move |group| {
+        let uri = uri.clone();
+        Box::pin(async move {
+            // requeueInFailure makes RETRY redeliver (Dapr's default discards it).
+            let md = metadata_with_group(
+                &group,
+                &[("connectionString", &uri), ("requeueInFailure", "true")],
+            );
+            daprd_components::rabbitmq::RabbitFactory
+                .connect("conformance", &md)
+                .await
+                .unwrap()
+        })
+    });
+    conformance::run(
+        connect,
+        Traits {
+            redelivers_on_retry: true,
+            competing_consumers: true,
+            redelivery_wait: Duration::from_secs(5),
+        },
+    )
+    .await;
+}

@@ -1,0 +1,497 @@
+//! `pubsub.rabbitmq`: the same exchanges, queues and messages as Dapr's component.
+//!
+//! * Topic = exchange (declared with `exchangeKind`, `durable`, auto-delete =
+//!   `deletedWhenUnused`); subscription queue = `<consumerID>-<topic>` (or subscription
+//!   metadata `queueName`), bound with subscription metadata `routingKey` (comma list).
+//! * Publish: `content-type: text/plain`, `deliveryMode`, per-message `expiration` from
+//!   `ttlInSeconds` metadata (or the component default; feature `MESSAGE_TTL`), `priority`,
+//!   `routingKey`, and `contentType`/`messageID`/`correlationID`/`type` metadata as properties.
+//! * Delivery: ack after `Success`/`Drop`; `Retry` → `nack(requeue = requeueInFailure)`.
+//! * Connections are re-established after `reconnectWaitSeconds`.
+
+mod metadata;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::pubsub::{
+    ErrorKind, Feature, Handler, Message, Outcome, PubSub, PubSubError, PubSubFactory,
+    PublishRequest, SubscribeRequest, Subscription,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{watch, Mutex};
+
+pub use metadata::RabbitMetadata;
+
+/// Builds `pubsub.rabbitmq` components.
+pub struct RabbitFactory;
+
+async fn open(md: &RabbitMetadata) -> Result<(Connection, Channel), lapin::Error> {
+    let mut props = ConnectionProperties::default();
+    if let Some(name) = &md.client_name {
+        props = props.with_connection_name(name.clone().into());
+    }
+    let uri = if md.uri.contains('?') || md.heartbeat.is_zero() {
+        md.uri.clone()
+    } else {
+        format!("{}?heartbeat={}", md.uri, md.heartbeat.as_secs())
+    };
+    let conn = Connection::connect(&uri, props).await?;
+    let channel = conn.create_channel().await?;
+    if md.publisher_confirm {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+    }
+    Ok((conn, channel))
+}
+
+#[async_trait]
+impl PubSubFactory for RabbitFactory {
+    fn component_type(&self) -> &'static str {
+        "pubsub.rabbitmq"
+    }
+
+    fn validate(&self, metadata: &Metadata) -> Vec<MetadataError> {
+        RabbitMetadata::parse(metadata).err().unwrap_or_default()
+    }
+
+    async fn connect(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
+        let md =
+            RabbitMetadata::parse(metadata).map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let conn = open(&md).await.map_err(|e| PubSubError::Connect {
+            message: "connecting to rabbitmq".into(),
+            source: Some(Box::new(e)),
+        })?;
+        Ok(Arc::new(RabbitPubSub {
+            name: name.to_string(),
+            md: Arc::new(md),
+            publisher: Mutex::new(Some(conn)),
+            stop: watch::channel(false).0,
+        }))
+    }
+}
+
+/// A live `pubsub.rabbitmq` component.
+pub struct RabbitPubSub {
+    name: String,
+    md: Arc<RabbitMetadata>,
+    publisher: Mutex<Option<(Connection, Channel)>>,
+    stop: watch::Sender<bool>,
+}
+
+const FEATURES: &[Feature] = &[Feature::MessageTtl];
+
+fn exchange_kind(kind: &str) -> ExchangeKind {
+    match kind {
+        "topic" => ExchangeKind::Topic,
+        "direct" => ExchangeKind::Direct,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Fanout,
+    }
+}
+
+async fn declare_exchange(
+    ch: &Channel,
+    md: &RabbitMetadata,
+    name: &str,
+    kind: &str,
+    durable: bool,
+) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        name.into(),
+        exchange_kind(kind),
+        ExchangeDeclareOptions {
+            durable,
+            auto_delete: md.deleted_when_unused,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+fn get_ci<'a>(md: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    md.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+/// The AMQP properties daprd-rs publishes with (exposed for the broker-bytes tests).
+pub fn publish_properties(md: &RabbitMetadata, request: &PublishRequest) -> BasicProperties {
+    let mut p = BasicProperties::default().with_content_type("text/plain".into());
+    // Like Go's AMQP client, a zero delivery mode is left out of the frame.
+    if md.delivery_mode != 0 {
+        p = p.with_delivery_mode(md.delivery_mode);
+    }
+    let ttl = daprd_core::cloudevent::ttl_from_metadata(&request.metadata).or(md.default_ttl);
+    if let Some(ttl) = ttl {
+        p = p.with_expiration(ttl.as_millis().to_string().into());
+    }
+    if let Some(prio) = get_ci(&request.metadata, "priority").and_then(|v| v.parse::<u8>().ok()) {
+        p = p.with_priority(prio);
+    }
+    if let Some(v) = get_ci(&request.metadata, "contentType") {
+        p = p.with_content_type(v.into());
+    }
+    if let Some(v) = get_ci(&request.metadata, "messageID") {
+        p = p.with_message_id(v.into());
+    }
+    if let Some(v) = get_ci(&request.metadata, "correlationID") {
+        p = p.with_correlation_id(v.into());
+    }
+    if let Some(v) = get_ci(&request.metadata, "type") {
+        p = p.with_type(v.into());
+    }
+    p
+}
+
+fn broker(what: &str, e: lapin::Error) -> PubSubError {
+    PubSubError::Broker {
+        message: format!("rabbitmq: {what}: {e}"),
+        kind: ErrorKind::Transient,
+        source: Some(Box::new(e)),
+    }
+}
+
+impl RabbitPubSub {
+    async fn publish_once(&self, request: &PublishRequest) -> Result<(), PubSubError> {
+        let mut guard = self.publisher.lock().await;
+        if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
+            *guard = None;
+            *guard = Some(open(&self.md).await.map_err(|e| broker("connecting", e))?);
+        }
+        let Some((_, ch)) = guard.as_ref() else {
+            return Err(PubSubError::Closed);
+        };
+        let result = async {
+            declare_exchange(
+                ch,
+                &self.md,
+                &request.topic,
+                &self.md.exchange_kind,
+                self.md.durable,
+            )
+            .await?;
+            let routing_key = get_ci(&request.metadata, "routingKey").unwrap_or("");
+            let confirm = ch
+                .basic_publish(
+                    request.topic.as_str().into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    &request.data,
+                    publish_properties(&self.md, request),
+                )
+                .await?;
+            let confirmation = confirm.await?;
+            Ok::<_, lapin::Error>(confirmation)
+        }
+        .await;
+        match result {
+            Ok(c) if self.md.publisher_confirm && c.is_nack() => Err(PubSubError::broker(
+                ErrorKind::Transient,
+                "rabbitmq: did not receive confirmation of publishing",
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                *guard = None;
+                Err(broker("publishing", e))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl PubSub for RabbitPubSub {
+    fn features(&self) -> &[Feature] {
+        FEATURES
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::broker(
+                ErrorKind::Permanent,
+                "component is closed",
+            ));
+        }
+        self.publish_once(&request).await
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::Closed);
+        }
+        let queue = get_ci(&request.metadata, "queueName")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{}-{}", self.md.consumer_id, request.topic));
+        let sub = Arc::new(SubscriptionTask {
+            component: self.name.clone(),
+            md: self.md.clone(),
+            topic: request.topic.clone(),
+            queue,
+            metadata: request.metadata.clone(),
+            handler,
+        });
+        // Declare once up front so configuration errors surface at subscribe time.
+        let (conn, ch) = open(&self.md).await.map_err(|e| broker("connecting", e))?;
+        sub.prepare(&ch)
+            .await
+            .map_err(|e| broker("declaring the subscription", e))?;
+        let (cancel, cancelled) = watch::channel(false);
+        let component_stop = self.stop.subscribe();
+        tokio::spawn(sub.run(Some((conn, ch)), cancelled, component_stop));
+        Ok(Subscription::new(move || {
+            let _ = cancel.send(true);
+        }))
+    }
+
+    async fn close(&self) -> Result<(), PubSubError> {
+        let _ = self.stop.send(true);
+        if let Some((conn, _)) = self.publisher.lock().await.take() {
+            let _ = conn.close(200, "closing".into()).await;
+        }
+        Ok(())
+    }
+}
+
+struct SubscriptionTask {
+    component: String,
+    md: Arc<RabbitMetadata>,
+    topic: String,
+    queue: String,
+    metadata: BTreeMap<String, String>,
+    handler: Handler,
+}
+
+impl SubscriptionTask {
+    async fn prepare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        let md = &self.md;
+        declare_exchange(ch, md, &self.topic, &md.exchange_kind, md.durable).await?;
+        let mut args = FieldTable::default();
+        if md.enable_dead_letter {
+            let dlx = format!("dlx-{}", self.queue);
+            let dlq = format!("dlq-{}", self.queue);
+            declare_exchange(ch, md, &dlx, "fanout", true).await?;
+            ch.queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    auto_delete: md.deleted_when_unused,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            ch.queue_bind(
+                dlq.as_str().into(),
+                dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.into()),
+            );
+        }
+        if let Some(n) = md.max_len {
+            args.insert("x-max-length".into(), AMQPValue::LongLongInt(n));
+        }
+        if let Some(n) = md.max_len_bytes {
+            args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(n));
+        }
+        if let Some(p) = get_ci(&self.metadata, "maxPriority").and_then(|v| v.parse::<u8>().ok()) {
+            args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
+        }
+        let queue_type = get_ci(&self.metadata, "queueType").unwrap_or("classic");
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.into()),
+        );
+        if get_ci(&self.metadata, "singleActiveConsumer")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        ch.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: md.durable,
+                auto_delete: md.deleted_when_unused,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+        if md.prefetch_count > 0 {
+            ch.basic_qos(md.prefetch_count, BasicQosOptions::default())
+                .await?;
+        }
+        let keys: Vec<&str> = get_ci(&self.metadata, "routingKey")
+            .map(|k| k.split(',').map(str::trim).collect())
+            .unwrap_or_else(|| vec![""]);
+        for key in keys {
+            ch.queue_bind(
+                self.queue.as_str().into(),
+                self.topic.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        mut first: Option<(Connection, Channel)>,
+        mut cancelled: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let (conn, ch) = match first.take() {
+                Some(c) => c,
+                None => match open(&self.md).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(component = %self.component, queue = %self.queue, error = %e, "rabbitmq subscriber cannot connect; retrying");
+                        if self.wait(&mut cancelled, &mut stop).await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let consumed = async {
+                self.prepare(&ch).await?;
+                let tag: ShortString =
+                    format!("{}-{}", self.md.consumer_id, uuid::Uuid::new_v4().simple()).into();
+                let consumer = ch
+                    .basic_consume(
+                        self.queue.as_str().into(),
+                        tag,
+                        BasicConsumeOptions {
+                            no_ack: self.md.auto_ack,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, lapin::Error>(consumer)
+            }
+            .await;
+            let mut consumer = match consumed {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(component = %self.component, queue = %self.queue, error = %e, "rabbitmq subscription failed; retrying");
+                    if self.wait(&mut cancelled, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    d = consumer.next() => Some(d),
+                    _ = cancelled.wait_for(|c| *c) => None,
+                    _ = stop.wait_for(|c| *c) => None,
+                };
+                let Some(next) = next else {
+                    let _ = conn.close(200, "unsubscribed".into()).await;
+                    return;
+                };
+                let delivery = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        tracing::warn!(component = %self.component, queue = %self.queue, error = %e, "rabbitmq consumer error; reconnecting");
+                        break;
+                    }
+                    None => break,
+                };
+                let me = self.clone();
+                let work = async move {
+                    let mut metadata = BTreeMap::new();
+                    if me.md.properties_to_metadata {
+                        if let Some(v) = delivery.properties.message_id() {
+                            metadata.insert("metadata.messageid".to_string(), v.to_string());
+                        }
+                        if let Some(v) = delivery.properties.correlation_id() {
+                            metadata.insert("metadata.correlationid".to_string(), v.to_string());
+                        }
+                        if let Some(v) = delivery.properties.content_type() {
+                            metadata.insert("metadata.contenttype".to_string(), v.to_string());
+                        }
+                    }
+                    let msg = Message {
+                        topic: me.topic.clone(),
+                        data: Bytes::from(delivery.data.clone()),
+                        metadata,
+                        content_type: None,
+                    };
+                    let outcome = (me.handler)(msg).await;
+                    if me.md.auto_ack {
+                        return;
+                    }
+                    let res = match outcome {
+                        Outcome::Success | Outcome::Drop => {
+                            delivery.acker.ack(BasicAckOptions::default()).await
+                        }
+                        Outcome::Retry => {
+                            delivery
+                                .acker
+                                .nack(BasicNackOptions {
+                                    requeue: me.md.requeue_in_failure,
+                                    ..Default::default()
+                                })
+                                .await
+                        }
+                    };
+                    if let Err(e) = res {
+                        tracing::warn!(component = %me.component, queue = %me.queue, error = %e, "rabbitmq ack/nack failed; the broker will redeliver");
+                    }
+                };
+                if self.md.parallel {
+                    tokio::spawn(work);
+                } else {
+                    work.await;
+                }
+            }
+            if self.wait(&mut cancelled, &mut stop).await {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps `reconnectWaitSeconds`; true when the subscription should end instead.
+    async fn wait(
+        &self,
+        cancelled: &mut watch::Receiver<bool>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.md.reconnect_wait.max(std::time::Duration::from_millis(100))) => false,
+            _ = cancelled.wait_for(|c| *c) => true,
+            _ = stop.wait_for(|c| *c) => true,
+        }
+    }
+}

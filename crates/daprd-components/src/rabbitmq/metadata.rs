@@ -1,0 +1,262 @@
+//! `pubsub.rabbitmq` metadata: Dapr's keys and code defaults, parsed without I/O.
+
+use std::time::Duration;
+
+use daprd_core::metadata::{Metadata, MetadataError};
+
+/// Parsed `pubsub.rabbitmq` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RabbitMetadata {
+    /// AMQP URI (`connectionString`, legacy `host`, or built from
+    /// `protocol`/`hostname`/`username`/`password`).
+    pub uri: String,
+    /// `consumerID`: queue name prefix (`<consumerID>-<topic>`).
+    pub consumer_id: String,
+    /// `durable` (false): exchanges and queues survive broker restarts.
+    pub durable: bool,
+    /// `deletedWhenUnused` (true): auto-delete exchanges and queues.
+    pub deleted_when_unused: bool,
+    /// `autoAck` (false).
+    pub auto_ack: bool,
+    /// `requeueInFailure` (false): nack with requeue on a failed delivery.
+    pub requeue_in_failure: bool,
+    /// `deliveryMode` (0; 2 = persistent).
+    pub delivery_mode: u8,
+    /// `prefetchCount` (0 = unlimited).
+    pub prefetch_count: u16,
+    /// `concurrencyMode`: parallel (default) or single.
+    pub parallel: bool,
+    /// `enableDeadLetter` (false): broker-side `dlx-<queue>` / `dlq-<queue>`.
+    pub enable_dead_letter: bool,
+    /// `maxLen` (queue `x-max-length`).
+    pub max_len: Option<i64>,
+    /// `maxLenBytes` (queue `x-max-length-bytes`).
+    pub max_len_bytes: Option<i64>,
+    /// `exchangeKind` (fanout).
+    pub exchange_kind: String,
+    /// `publisherConfirm` (false): wait for the broker's confirm on publish.
+    pub publisher_confirm: bool,
+    /// `reconnectWaitSeconds` (3s).
+    pub reconnect_wait: Duration,
+    /// `ttlInSeconds`: default per-message expiration.
+    pub default_ttl: Option<Duration>,
+    /// `heartBeat` (10s).
+    pub heartbeat: Duration,
+    /// `clientName`.
+    pub client_name: Option<String>,
+    /// `publishMessagePropertiesToMetadata` (false).
+    pub properties_to_metadata: bool,
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+impl RabbitMetadata {
+    /// Parses and checks `md`.
+    ///
+    /// # Errors
+    /// Every bad key.
+    pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
+        let mut errors = Vec::new();
+        let uri = match md
+            .get_non_empty("connectionString")
+            .or_else(|| md.get_non_empty("host"))
+        {
+            Some(u) => u.to_string(),
+            None => match md.get_non_empty("hostname") {
+                Some(h) => {
+                    let protocol = md.get_non_empty("protocol").unwrap_or("amqp");
+                    let auth = match (md.get_non_empty("username"), md.get_non_empty("password")) {
+                        (Some(u), Some(p)) => format!("{}:{}@", encode(u), encode(p)),
+                        (Some(u), None) => format!("{}@", encode(u)),
+                        _ => String::new(),
+                    };
+                    format!("{protocol}://{auth}{h}")
+                }
+                None => {
+                    errors.push(MetadataError::new(
+                        "connectionString",
+                        "is required (or host, or hostname)",
+                    ));
+                    String::new()
+                }
+            },
+        };
+        if uri.starts_with("amqps://") {
+            errors.push(MetadataError::new(
+                "connectionString",
+                "amqps (TLS) is not supported yet by daprd-rs",
+            ));
+        } else if !uri.is_empty() && !uri.starts_with("amqp://") {
+            errors.push(MetadataError::new(
+                "connectionString",
+                format!("{uri:?} is not an amqp:// URI"),
+            ));
+        }
+        if md.get_bool("saslExternal", false).unwrap_or(false) {
+            errors.push(MetadataError::new(
+                "saslExternal",
+                "SASL EXTERNAL is not supported yet by daprd-rs",
+            ));
+        }
+        let mut b = |key: &str, default: bool| {
+            md.get_bool(key, default).unwrap_or_else(|e| {
+                errors.push(e);
+                default
+            })
+        };
+        let durable = b("durable", false);
+        let deleted_when_unused = b("deletedWhenUnused", true);
+        let auto_ack = b("autoAck", false);
+        let requeue_in_failure = b("requeueInFailure", false);
+        let enable_dead_letter = b("enableDeadLetter", false);
+        let publisher_confirm = b("publisherConfirm", false);
+        let properties_to_metadata = b("publishMessagePropertiesToMetadata", false);
+        let mut i = |key: &str, default: i64, range: std::ops::RangeInclusive<i64>| -> i64 {
+            match md.get_i64(key, default) {
+                Ok(v) if range.contains(&v) => v,
+                Ok(v) => {
+                    errors.push(MetadataError::new(
+                        key,
+                        format!("{v} is out of range {range:?}"),
+                    ));
+                    default
+                }
+                Err(e) => {
+                    errors.push(e);
+                    default
+                }
+            }
+        };
+        let delivery_mode = i("deliveryMode", 0, 0..=2);
+        let prefetch = i("prefetchCount", 0, 0..=65535);
+        let max_len = i("maxLen", 0, 0..=i64::MAX);
+        let max_len_bytes = i("maxLenBytes", 0, 0..=i64::MAX);
+        let reconnect = i("reconnectWaitSeconds", 3, 0..=86_400);
+        let ttl = i("ttlInSeconds", 0, 0..=i64::MAX);
+        let exchange_kind = md
+            .get_non_empty("exchangeKind")
+            .unwrap_or("fanout")
+            .to_string();
+        if !["fanout", "topic", "direct", "headers"].contains(&exchange_kind.as_str()) {
+            errors.push(MetadataError::new(
+                "exchangeKind",
+                format!("{exchange_kind:?} is not fanout, topic, direct or headers"),
+            ));
+        }
+        let parallel = match md.get_non_empty("concurrencyMode") {
+            None | Some("parallel") => true,
+            Some("single") => false,
+            Some(other) => {
+                errors.push(MetadataError::new(
+                    "concurrencyMode",
+                    format!("{other:?} is not parallel or single"),
+                ));
+                true
+            }
+        };
+        let heartbeat = md
+            .get_duration("heartBeat", Duration::from_secs(1), Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                errors.push(e);
+                Duration::from_secs(10)
+            });
+        let consumer_id = md.get_non_empty("consumerID").unwrap_or("").to_string();
+        if consumer_id.is_empty() {
+            errors.push(MetadataError::new(
+                "consumerID",
+                "is required (daprd sets it to the app id)",
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            uri,
+            consumer_id,
+            durable,
+            deleted_when_unused,
+            auto_ack,
+            requeue_in_failure,
+            delivery_mode: u8::try_from(delivery_mode).unwrap_or(0),
+            prefetch_count: u16::try_from(prefetch).unwrap_or(0),
+            parallel,
+            enable_dead_letter,
+            max_len: (max_len > 0).then_some(max_len),
+            max_len_bytes: (max_len_bytes > 0).then_some(max_len_bytes),
+            exchange_kind,
+            publisher_confirm,
+            reconnect_wait: Duration::from_secs(reconnect.unsigned_abs()),
+            default_ttl: (ttl > 0).then(|| Duration::from_secs(ttl.unsigned_abs())),
+            heartbeat,
+            client_name: md.get_non_empty("clientName").map(str::to_string),
+            properties_to_metadata,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&str, &str)]) -> Metadata {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_uri_forms() {
+        let m = RabbitMetadata::parse(&md(&[
+            ("connectionString", "amqp://guest:guest@localhost:5672"),
+            ("consumerID", "app"),
+        ]))
+        .unwrap();
+        assert!(!m.durable && m.deleted_when_unused && !m.auto_ack && !m.requeue_in_failure);
+        assert_eq!(m.exchange_kind, "fanout");
+        assert_eq!(m.reconnect_wait, Duration::from_secs(3));
+        assert!(m.parallel);
+        let m = RabbitMetadata::parse(&md(&[("host", "amqp://h"), ("consumerID", "a")])).unwrap();
+        assert_eq!(m.uri, "amqp://h");
+        let m = RabbitMetadata::parse(&md(&[
+            ("hostname", "h:5672"),
+            ("username", "u"),
+            ("password", "p@"),
+            ("consumerID", "a"),
+        ]))
+        .unwrap();
+        assert_eq!(m.uri, "amqp://u:p%40@h:5672");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let errs = RabbitMetadata::parse(&md(&[
+            ("deliveryMode", "5"),
+            ("exchangeKind", "weird"),
+            ("concurrencyMode", "x"),
+            ("durable", "perhaps"),
+        ]))
+        .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "connectionString",
+            "deliveryMode",
+            "exchangeKind",
+            "concurrencyMode",
+            "durable",
+            "consumerID",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+}

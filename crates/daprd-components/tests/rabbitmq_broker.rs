@@ -1,0 +1,141 @@
+//! `pubsub.rabbitmq` against the real broker: exchange, queue and binding names checked with
+//! `rabbitmqctl`, message properties read back with a plain AMQP consumer.
+
+#![cfg(feature = "rabbitmq")]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use daprd_core::pubsub::{Handler, Outcome, PubSubFactory, PublishRequest, SubscribeRequest};
+use daprd_testkit::conformance::{metadata_with_group, random_name};
+use futures::StreamExt;
+
+fn uri() -> String {
+    std::env::var("RABBITMQ_URI").unwrap_or_else(|_| "amqp://guest:guest@localhost:5672".into())
+}
+
+fn ctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_properties_match_dapr() {
+    let topic = random_name("rmq-bytes");
+    let group = random_name("app");
+    let md = metadata_with_group(
+        &group,
+        &[("connectionString", &uri()), ("deliveryMode", "2")],
+    );
+    let c = daprd_components::rabbitmq::RabbitFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap();
+    let handler: Handler = Arc::new(|_m| Box::pin(async { Outcome::Success }));
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            handler,
+        )
+        .await
+        .unwrap();
+
+    let queue = format!("{group}-{topic}");
+    let exchanges = ctl(&["list_exchanges", "name", "type", "durable", "auto_delete"]);
+    assert!(
+        exchanges
+            .lines()
+            .any(|l| l == format!("{topic}\tfanout\tfalse\ttrue")),
+        "exchange {topic}: {exchanges}"
+    );
+    let queues = ctl(&["list_queues", "name", "durable", "auto_delete"]);
+    assert!(
+        queues.lines().any(|l| l == format!("{queue}\tfalse\ttrue")),
+        "queue {queue}: {queues}"
+    );
+    let bindings = ctl(&["list_bindings", "source_name", "destination_name"]);
+    assert!(
+        bindings.lines().any(|l| l == format!("{topic}\t{queue}")),
+        "binding: {bindings}"
+    );
+
+    // Read what a publish puts on the exchange with a separate plain consumer.
+    let conn = lapin::Connection::connect(&uri(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let probe = random_name("probe");
+    ch.queue_declare(
+        probe.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        probe.as_str().into(),
+        topic.as_str().into(),
+        "".into(),
+        Default::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            probe.as_str().into(),
+            "probe".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let metadata: BTreeMap<String, String> = [
+        ("ttlInSeconds".to_string(), "30".to_string()),
+        ("priority".to_string(), "3".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    c.publish(PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.clone(),
+        data: Bytes::from_static(b"payload"),
+        metadata,
+        content_type: None,
+    })
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"payload");
+    assert_eq!(
+        d.properties.content_type().as_ref().map(|s| s.as_str()),
+        Some("text/plain")
+    );
+    assert_eq!(*d.properties.delivery_mode(), Some(2));
+    assert_eq!(
+        d.properties.expiration().as_ref().map(|s| s.as_str()),
+        Some("30000")
+    );
+    assert_eq!(*d.properties.priority(), Some(3));
+    c.close().await.unwrap();
+}
