@@ -5,6 +5,8 @@
 
 #[cfg(feature = "in-memory")]
 pub mod in_memory;
+#[cfg(feature = "jetstream")]
+pub mod jetstream;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
@@ -24,6 +26,8 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(redis::RedisFactory));
     #[cfg(feature = "rabbitmq")]
     registry.register_pubsub(Arc::new(rabbitmq::RabbitFactory));
+    #[cfg(feature = "jetstream")]
+    registry.register_pubsub(Arc::new(jetstream::JetStreamFactory));
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry

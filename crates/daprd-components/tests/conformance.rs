@@ -93,3 +93,48 @@ async fn rabbitmq_conformance() {
     )
     .await;
 }
+
+#[cfg(feature = "jetstream")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_conformance() {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://localhost:4222".into());
+    // Dapr's component needs the stream to exist: one stream captures every conformance topic.
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "daprd-rs-conformance".into(),
+        subjects: vec![format!("{}>", conformance::TOPIC_PREFIX)],
+        max_age: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let connect: Connect = Arc::new(move |group| {
+        let url = url.clone();
+        Box::pin(async move {
+            // competing consumers need durableName + queueGroupName (consumerID is unused)
+            let md = metadata_with_group(
+                &group,
+                &[
+                    ("natsURL", &url),
+                    ("durableName", &group),
+                    ("queueGroupName", &group),
+                    ("deliverPolicy", "new"),
+                ],
+            );
+            daprd_components::jetstream::JetStreamFactory
+                .connect("conformance", &md)
+                .await
+                .unwrap()
+        })
+    });
+    conformance::run(
+        connect,
+        Traits {
+            redelivers_on_retry: true,
+            competing_consumers: true,
+            redelivery_wait: Duration::from_secs(5),
+        },
+    )
+    .await;
+}

@@ -1,0 +1,278 @@
+//! `pubsub.jetstream`: NATS JetStream, as Dapr's component uses it.
+//!
+//! * Topic = subject. Publish sets `Nats-Msg-Id` to the CloudEvent `id` (deduplication).
+//! * Subscribe: a push consumer on the stream holding the subject (`streamName`, else looked
+//!   up by subject — the stream must exist), durable when `durableName` is set, delivered to
+//!   queue group `queueGroupName`; `consumerID` is not used (as in Dapr).
+//! * `Success`/`Drop` → `Ack`; `Retry` → `Nak` (with `ackWait` delay when set).
+
+mod metadata;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, consumer::push, AckKind};
+use async_trait::async_trait;
+use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::pubsub::{
+    ErrorKind, Feature, Handler, Message, Outcome, PubSub, PubSubError, PubSubFactory,
+    PublishRequest, SubscribeRequest, Subscription,
+};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+pub use metadata::{JetStreamMetadata, StartAt};
+
+/// Builds `pubsub.jetstream` components.
+pub struct JetStreamFactory;
+
+#[async_trait]
+impl PubSubFactory for JetStreamFactory {
+    fn component_type(&self) -> &'static str {
+        "pubsub.jetstream"
+    }
+
+    fn validate(&self, metadata: &Metadata) -> Vec<MetadataError> {
+        JetStreamMetadata::parse(metadata).err().unwrap_or_default()
+    }
+
+    async fn connect(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
+        let md = JetStreamMetadata::parse(metadata)
+            .map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&md.name)
+            .retry_on_initial_connect();
+        if let Some(t) = &md.token {
+            opts = opts.token(t.clone());
+        }
+        let client = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            opts.connect(md.url.as_str()),
+        )
+        .await
+        .map_err(|_| PubSubError::Connect {
+            message: format!("connecting to nats at {} timed out", md.url),
+            source: None,
+        })?
+        .map_err(|e| PubSubError::Connect {
+            message: format!("connecting to nats at {}", md.url),
+            source: Some(Box::new(e)),
+        })?;
+        let js = jetstream::new(client);
+        Ok(Arc::new(JetStreamPubSub {
+            name: name.to_string(),
+            md: Arc::new(md),
+            js,
+            stop: watch::channel(false).0,
+        }))
+    }
+}
+
+/// A live `pubsub.jetstream` component.
+pub struct JetStreamPubSub {
+    name: String,
+    md: Arc<JetStreamMetadata>,
+    js: jetstream::Context,
+    stop: watch::Sender<bool>,
+}
+
+/// The `Nats-Msg-Id` a publish carries: the CloudEvent id when the data is one.
+pub fn message_id(data: &[u8]) -> Option<String> {
+    match daprd_core::cloudevent::decode_first_json(data)? {
+        serde_json::Value::Object(o) => o.get("id")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn broker(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> PubSubError {
+    PubSubError::Broker {
+        message: format!("jetstream: {what}: {e}"),
+        kind: ErrorKind::Transient,
+        source: Some(Box::new(e)),
+    }
+}
+
+const FEATURES: &[Feature] = &[];
+
+#[async_trait]
+impl PubSub for JetStreamPubSub {
+    fn features(&self) -> &[Feature] {
+        FEATURES
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::broker(
+                ErrorKind::Permanent,
+                "component is closed",
+            ));
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = message_id(&request.data) {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(request.topic.clone(), headers, request.data.clone())
+            .await
+            .map_err(|e| broker("publishing", e))?;
+        ack.await
+            .map_err(|e| broker("waiting for the publish acknowledgement", e))?;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError> {
+        let md = &self.md;
+        let stream_name = match &md.stream_name {
+            Some(s) => s.clone(),
+            None => self
+                .js
+                .stream_by_subject(request.topic.clone())
+                .await
+                .map_err(|e| {
+                    broker(
+                        &format!("finding the stream for subject {}", request.topic),
+                        e,
+                    )
+                })?,
+        };
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| broker(&format!("getting stream {stream_name}"), e))?;
+        let deliver_policy = match md.start {
+            StartAt::All => jetstream::consumer::DeliverPolicy::All,
+            StartAt::Last => jetstream::consumer::DeliverPolicy::Last,
+            StartAt::New => jetstream::consumer::DeliverPolicy::New,
+            StartAt::Sequence(s) => {
+                jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: s }
+            }
+            StartAt::Time(t) => jetstream::consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from_unix_timestamp(t)
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            },
+        };
+        let ack_policy = match md.ack_policy.as_str() {
+            "all" => jetstream::consumer::AckPolicy::All,
+            "none" => jetstream::consumer::AckPolicy::None,
+            _ => jetstream::consumer::AckPolicy::Explicit,
+        };
+        let config = push::Config {
+            deliver_subject: self.js.client().new_inbox(),
+            durable_name: md.durable_name.clone(),
+            deliver_group: md.queue_group.clone(),
+            deliver_policy,
+            ack_policy,
+            ack_wait: md.ack_wait.unwrap_or_default(),
+            max_deliver: md.max_deliver,
+            backoff: md.back_off.clone(),
+            max_ack_pending: md.max_ack_pending,
+            num_replicas: md.replicas,
+            memory_storage: md.memory_storage,
+            rate_limit: md.rate_limit,
+            flow_control: md.flow_control,
+            idle_heartbeat: md.heartbeat.unwrap_or_default(),
+            filter_subject: request.topic.clone(),
+            ..Default::default()
+        };
+        let consumer: jetstream::consumer::Consumer<push::Config> = match &md.durable_name {
+            Some(durable) => stream
+                .get_or_create_consumer(durable, config)
+                .await
+                .map_err(|e| broker("creating the consumer", e))?,
+            None => stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| broker("creating the consumer", e))?,
+        };
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| broker("subscribing", e))?;
+        let (cancel, mut cancelled) = watch::channel(false);
+        let mut stop = self.stop.subscribe();
+        let component = self.name.clone();
+        let topic = request.topic.clone();
+        let md = self.md.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    m = messages.next() => m,
+                    _ = cancelled.wait_for(|c| *c) => None,
+                    _ = stop.wait_for(|c| *c) => None,
+                };
+                let Some(next) = next else { return };
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(%component, %topic, error = %e, "jetstream message error");
+                        continue;
+                    }
+                };
+                let handler = handler.clone();
+                let parallel = md.parallel;
+                let md = md.clone();
+                let topic = topic.clone();
+                let component = component.clone();
+                let work = async move {
+                    let m = Message {
+                        topic: topic.clone(),
+                        data: msg.payload.clone(),
+                        metadata: [("Topic".to_string(), msg.subject.to_string())]
+                            .into_iter()
+                            .collect::<BTreeMap<_, _>>(),
+                        content_type: None,
+                    };
+                    let outcome = handler(m).await;
+                    if md.ack_policy == "none" {
+                        return;
+                    }
+                    let res = match outcome {
+                        Outcome::Success | Outcome::Drop => msg.ack().await,
+                        Outcome::Retry => msg.ack_with(AckKind::Nak(md.ack_wait)).await,
+                    };
+                    if let Err(e) = res {
+                        tracing::warn!(%component, %topic, error = %e, "jetstream ack/nak failed; the server will redeliver");
+                    }
+                };
+                if parallel {
+                    tokio::spawn(work);
+                } else {
+                    work.await;
+                }
+            }
+        });
+        Ok(Subscription::new(move || {
+            let _ = cancel.send(true);
+        }))
+    }
+
+    async fn close(&self) -> Result<(), PubSubError> {
+        let _ = self.stop.send(true);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_is_the_cloudevent_id() {
+        assert_eq!(
+            message_id(br#"{"id":"abc","data":1}"#).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(message_id(b"raw"), None);
+        assert_eq!(message_id(br#"{"id":5}"#), None);
+    }
+}
