@@ -7,6 +7,8 @@
 pub mod in_memory;
 #[cfg(feature = "jetstream")]
 pub mod jetstream;
+#[cfg(feature = "mqtt3")]
+pub mod mqtt3;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
@@ -28,6 +30,8 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(rabbitmq::RabbitFactory));
     #[cfg(feature = "jetstream")]
     registry.register_pubsub(Arc::new(jetstream::JetStreamFactory));
+    #[cfg(feature = "mqtt3")]
+    registry.register_pubsub(Arc::new(mqtt3::MqttFactory));
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry
@@ -49,7 +53,12 @@ mod tests {
             Err(RegistryError::Version { .. })
         ));
         assert!(r.resolve("secretstores.local.env", "v1").is_ok());
-        let e = r.resolve("pubsub.mqtt", "v1").err().unwrap();
+        #[cfg(feature = "mqtt3")]
+        assert!(
+            r.resolve("pubsub.MQTT", "v1").is_ok(),
+            "alias of pubsub.mqtt3"
+        );
+        let e = r.resolve("pubsub.kafka", "v1").err().unwrap();
         assert!(matches!(e, RegistryError::NotSupportedYet { .. }), "{e}");
         assert!(e.to_string().contains("not supported yet"));
         let e = r.resolve("pubsub.hazelcast", "v1").err().unwrap();

@@ -138,3 +138,28 @@ async fn jetstream_conformance() {
     )
     .await;
 }
+
+#[cfg(feature = "mqtt3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt3_conformance() {
+    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "tcp://localhost:1883".into());
+    let connect: Connect = Arc::new(move |group| {
+        let url = url.clone();
+        Box::pin(async move {
+            let md = metadata_with_group(&group, &[("url", &url), ("qos", "1")]);
+            daprd_components::mqtt3::MqttFactory
+                .connect("conformance", &md)
+                .await
+                .unwrap()
+        })
+    });
+    // MQTT: consumerID is the client id (no consumer groups; the same id twice kicks the
+    // first client off), and an unacked message is redelivered only on reconnect.
+    let traits = Traits {
+        redelivers_on_retry: false,
+        competing_consumers: false,
+        redelivery_wait: Duration::ZERO,
+    };
+    conformance::many_messages_arrive(&connect).await;
+    conformance::outcomes(&connect, traits).await;
+}

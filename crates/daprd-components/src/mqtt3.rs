@@ -1,0 +1,451 @@
+//! `pubsub.mqtt3` (alias `pubsub.mqtt`): MQTT 3.1.1, as Dapr's component uses it.
+//!
+//! * Topic = MQTT topic; `qos` (1) and `retain` (false, also per-publish metadata `retain`).
+//! * Client id = `consumerID` (so replicas need `{uuid}`/`{podName}`, or MQTT shared
+//!   subscriptions `$share/<group>/<topic>` to balance load). Wildcards `+`/`#` work
+//!   (feature `SUBSCRIBE_WILDCARDS`).
+//! * A message is acknowledged (PUBACK) only after `Success`/`Drop`; an unacknowledged one is
+//!   redelivered by the broker per MQTT session rules (on reconnect, `cleanSession` false).
+//!   Inbound metadata `retained`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::pubsub::{
+    ErrorKind, Feature, Handler, Message, Outcome, PubSub, PubSubError, PubSubFactory,
+    PublishRequest, SubscribeRequest, Subscription,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+
+/// Parsed `pubsub.mqtt3` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttMetadata {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// User from the URL.
+    pub username: Option<String>,
+    /// Password from the URL.
+    pub password: Option<String>,
+    /// `consumerID`: the MQTT client id.
+    pub client_id: String,
+    /// `qos` (1).
+    pub qos: u8,
+    /// `retain` (false).
+    pub retain: bool,
+    /// `cleanSession` (false).
+    pub clean_session: bool,
+}
+
+impl MqttMetadata {
+    /// Parses and checks `md`.
+    ///
+    /// # Errors
+    /// Every bad key.
+    pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
+        let mut errors = Vec::new();
+        let url = md.get_non_empty("url").unwrap_or("");
+        let (mut host, mut port, mut username, mut password) = (String::new(), 1883u16, None, None);
+        if url.is_empty() {
+            errors.push(MetadataError::new("url", "is required (tcp://host:1883)"));
+        } else {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("tcp", url));
+            match scheme {
+                "tcp" | "mqtt" => {}
+                "ssl" | "tls" | "mqtts" | "tcps" | "ws" | "wss" => errors.push(MetadataError::new(
+                    "url",
+                    format!("{scheme}:// is not supported yet by daprd-rs (use tcp://)"),
+                )),
+                other => errors.push(MetadataError::new(
+                    "url",
+                    format!("unknown scheme {other:?}"),
+                )),
+            }
+            let rest = rest.trim_end_matches('/');
+            let (auth, hostport) = match rest.rsplit_once('@') {
+                Some((a, h)) => (Some(a), h),
+                None => (None, rest),
+            };
+            if let Some(a) = auth {
+                let (u, p) = a.split_once(':').unwrap_or((a, ""));
+                username = Some(u.to_string());
+                password = (!p.is_empty()).then(|| p.to_string());
+            }
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => match p.parse() {
+                    Ok(p) => {
+                        host = h.to_string();
+                        port = p;
+                    }
+                    Err(_) => {
+                        errors.push(MetadataError::new("url", format!("{p:?} is not a port")))
+                    }
+                },
+                None => host = hostport.to_string(),
+            }
+        }
+        let qos = match md.get_i64("qos", 1) {
+            Ok(q @ 0..=2) => u8::try_from(q).unwrap_or(1),
+            Ok(q) => {
+                errors.push(MetadataError::new("qos", format!("{q} is not 0, 1 or 2")));
+                1
+            }
+            Err(e) => {
+                errors.push(e);
+                1
+            }
+        };
+        let mut b = |k: &str| {
+            md.get_bool(k, false).unwrap_or_else(|e| {
+                errors.push(e);
+                false
+            })
+        };
+        let retain = b("retain");
+        let clean_session = b("cleanSession");
+        for key in ["caCert", "clientCert", "clientKey"] {
+            if md.get_non_empty(key).is_some() {
+                errors.push(MetadataError::new(
+                    key,
+                    "TLS is not supported yet by daprd-rs",
+                ));
+            }
+        }
+        let client_id = md.get_non_empty("consumerID").unwrap_or("").to_string();
+        if client_id.is_empty() {
+            errors.push(MetadataError::new(
+                "consumerID",
+                "is required (daprd sets it to the app id)",
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            host,
+            port,
+            username,
+            password,
+            client_id,
+            qos,
+            retain,
+            clean_session,
+        })
+    }
+
+    fn qos(&self) -> QoS {
+        match self.qos {
+            0 => QoS::AtMostOnce,
+            2 => QoS::ExactlyOnce,
+            _ => QoS::AtLeastOnce,
+        }
+    }
+}
+
+/// Builds `pubsub.mqtt3` components.
+pub struct MqttFactory;
+
+#[async_trait]
+impl PubSubFactory for MqttFactory {
+    fn component_type(&self) -> &'static str {
+        "pubsub.mqtt3"
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        &["pubsub.mqtt"]
+    }
+
+    fn validate(&self, metadata: &Metadata) -> Vec<MetadataError> {
+        MqttMetadata::parse(metadata).err().unwrap_or_default()
+    }
+
+    async fn connect(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
+        let md =
+            MqttMetadata::parse(metadata).map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let mut opts = MqttOptions::new(md.client_id.clone(), md.host.clone(), md.port);
+        opts.set_clean_session(md.clean_session)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30));
+        if let Some(u) = &md.username {
+            opts.set_credentials(u.clone(), md.password.clone().unwrap_or_default());
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let routes: Routes = Arc::default();
+        let (connected_tx, mut connected_rx) = watch::channel(false);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let loop_routes = routes.clone();
+        let loop_client = client.clone();
+        let component = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    e = eventloop.poll() => e,
+                    _ = stop_rx.wait_for(|s| *s) => return,
+                };
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = connected_tx.send(true);
+                        // (Re)subscribe every filter on a new session.
+                        let filters: Vec<(String, u8)> = loop_routes
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .iter()
+                            .map(|r| (r.filter.clone(), r.qos))
+                            .collect();
+                        for (f, q) in filters {
+                            let qos = match q {
+                                0 => QoS::AtMostOnce,
+                                2 => QoS::ExactlyOnce,
+                                _ => QoS::AtLeastOnce,
+                            };
+                            let _ = loop_client.subscribe(f, qos).await;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let targets: Vec<mpsc::UnboundedSender<rumqttc::Publish>> = loop_routes
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .iter()
+                            .filter(|r| rumqttc::matches(&p.topic, strip_share(&r.filter)))
+                            .map(|r| r.queue.clone())
+                            .collect();
+                        if targets.is_empty() {
+                            let _ = loop_client.ack(&p).await;
+                        }
+                        for t in targets {
+                            let _ = t.send(p.clone());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = connected_tx.send(false);
+                        tracing::warn!(%component, error = %e, "mqtt connection lost; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(10), connected_rx.wait_for(|c| *c)).await,
+            Ok(Ok(_))
+        );
+        if !ok {
+            let _ = stop_tx.send(true);
+            return Err(PubSubError::Connect {
+                message: format!("connecting to mqtt broker {}:{}", md.host, md.port),
+                source: None,
+            });
+        }
+        Ok(Arc::new(MqttPubSub {
+            md: Arc::new(md),
+            client,
+            routes,
+            connected: connected_rx,
+            stop: stop_tx,
+        }))
+    }
+}
+
+/// `$share/<group>/<filter>` → `<filter>` (the broker delivers with the real topic).
+fn strip_share(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
+        .unwrap_or(filter)
+}
+
+struct Route {
+    id: u64,
+    filter: String,
+    qos: u8,
+    queue: mpsc::UnboundedSender<rumqttc::Publish>,
+}
+
+type Routes = Arc<Mutex<Vec<Route>>>;
+
+/// A live `pubsub.mqtt3` component.
+pub struct MqttPubSub {
+    md: Arc<MqttMetadata>,
+    client: AsyncClient,
+    routes: Routes,
+    connected: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+}
+
+const FEATURES: &[Feature] = &[Feature::SubscribeWildcards];
+
+#[async_trait]
+impl PubSub for MqttPubSub {
+    fn features(&self) -> &[Feature] {
+        FEATURES
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::broker(
+                ErrorKind::Permanent,
+                "component is closed",
+            ));
+        }
+        if !*self.connected.borrow() {
+            return Err(PubSubError::broker(
+                ErrorKind::Transient,
+                "mqtt: not connected to the broker",
+            ));
+        }
+        let retain = request
+            .metadata
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("retain"))
+            .and_then(|(_, v)| daprd_core::metadata::parse_loose_bool(v))
+            .unwrap_or(self.md.retain);
+        self.client
+            .publish(
+                request.topic.clone(),
+                self.md.qos(),
+                retain,
+                request.data.to_vec(),
+            )
+            .await
+            .map_err(|e| PubSubError::Broker {
+                message: format!("mqtt: publishing: {e}"),
+                kind: ErrorKind::Transient,
+                source: Some(Box::new(e)),
+            })
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
+        let id = fastrand_id();
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Route {
+                id,
+                filter: request.topic.clone(),
+                qos: self.md.qos,
+                queue: tx,
+            });
+        self.client
+            .subscribe(request.topic.clone(), self.md.qos())
+            .await
+            .map_err(|e| PubSubError::Broker {
+                message: format!("mqtt: subscribing: {e}"),
+                kind: ErrorKind::Transient,
+                source: Some(Box::new(e)),
+            })?;
+        let client = self.client.clone();
+        let filter = request.topic.clone();
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let mut metadata = BTreeMap::new();
+                metadata.insert("retained".to_string(), p.retain.to_string());
+                let msg = Message {
+                    topic: p.topic.clone(),
+                    data: Bytes::from(p.payload.to_vec()),
+                    metadata,
+                    content_type: None,
+                };
+                match handler(msg).await {
+                    Outcome::Success | Outcome::Drop => {
+                        let _ = client.ack(&p).await;
+                    }
+                    Outcome::Retry => {
+                        tracing::debug!(topic = %filter, "mqtt message not acknowledged; the broker redelivers it on reconnect")
+                    }
+                }
+            }
+        });
+        let routes = self.routes.clone();
+        let client = self.client.clone();
+        let topic = request.topic.clone();
+        let unsubscribe = request
+            .metadata
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("unsubscribeOnClose"))
+            .and_then(|(_, v)| daprd_core::metadata::parse_loose_bool(v))
+            .unwrap_or(self.md.clean_session);
+        Ok(Subscription::new(move || {
+            routes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|r| r.id != id);
+            if unsubscribe {
+                let _ = client.try_unsubscribe(topic);
+            }
+        }))
+    }
+
+    async fn close(&self) -> Result<(), PubSubError> {
+        let _ = self.client.disconnect().await;
+        let _ = self.stop.send(true);
+        Ok(())
+    }
+}
+
+fn fastrand_id() -> u64 {
+    u64::from_le_bytes(
+        uuid::Uuid::new_v4().as_bytes()[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&str, &str)]) -> Metadata {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_url_and_defaults() {
+        let m = MqttMetadata::parse(&md(&[
+            ("url", "tcp://user:pw@localhost:1884"),
+            ("consumerID", "app"),
+        ]))
+        .unwrap();
+        assert_eq!((m.host.as_str(), m.port), ("localhost", 1884));
+        assert_eq!(m.username.as_deref(), Some("user"));
+        assert_eq!(m.qos, 1);
+        assert!(!m.retain && !m.clean_session);
+        let errs = MqttMetadata::parse(&md(&[
+            ("url", "ssl://h:8883"),
+            ("qos", "3"),
+            ("caCert", "x"),
+        ]))
+        .unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in ["url", "qos", "caCert", "consumerID"] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn shared_subscription_filters() {
+        assert_eq!(strip_share("$share/g/orders/+"), "orders/+");
+        assert_eq!(strip_share("orders/#"), "orders/#");
+        assert!(rumqttc::matches(
+            "orders/1",
+            strip_share("$share/g/orders/+")
+        ));
+    }
+}
