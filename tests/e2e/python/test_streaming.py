@@ -94,3 +94,17 @@ with DaprClient() as c:
     env.update(sidecar.sdk_env())
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "pubsub nope is not found" in out.stdout, out.stdout + out.stderr
+
+
+def test_grpc_unimplemented_on_topic_event_is_handled_without_dead_letter(sidecar_factory, app_factory):
+    app = app_factory("grpc_unimplemented_app.py")
+    s = sidecar_factory(app_port=app.port, app_protocol="grpc")
+    s.wait_ready()
+    dlq = start_stream(s, "dlq", 1)
+    eventually(lambda: streaming_subs(s, "dlq"), 10, "dlq observer stream")
+    s.publish("orders", json.dumps({"n": 1}))
+    eventually(lambda: "app does not implement OnTopicEvent" in s.output(), 10, "the UNIMPLEMENTED answer")
+    # and nothing went to the dead-letter topic: a marker published there arrives first
+    s.publish("dlq", json.dumps({"marker": True}))
+    out, _ = dlq.communicate(timeout=20)
+    assert json.loads(out.splitlines()[0])["data"] == {"marker": True}
