@@ -53,6 +53,18 @@ pub struct RegisteredComponent {
     pub capabilities: Vec<String>,
 }
 
+impl RegisteredComponent {
+    /// The entry for manifest `c` with `features` as capabilities.
+    fn of(c: &ComponentManifest, features: &[daprd_core::pubsub::Feature]) -> Self {
+        Self {
+            name: c.name.clone(),
+            ty: c.ty.clone(),
+            version: daprd_core::registry::normalise_version(&c.version),
+            capabilities: features.iter().map(|f| f.as_str().to_string()).collect(),
+        }
+    }
+}
+
 /// The live components.
 #[derive(Default)]
 pub struct ComponentStore {
@@ -296,12 +308,7 @@ pub async fn build(
                 match f.open(&md).await {
                     Ok(s) => {
                         stores.insert(c.name.clone(), s);
-                        store.registered.push(RegisteredComponent {
-                            name: c.name.clone(),
-                            ty: c.ty.clone(),
-                            version: daprd_core::registry::normalise_version(&c.version),
-                            capabilities: Vec::new(),
-                        });
+                        store.registered.push(RegisteredComponent::of(c, &[]));
                     }
                     Err(e) if c.ignore_errors => {
                         tracing::warn!(component = %c.name, error = %e, "secret store failed to open; ignored (ignoreErrors)");
@@ -326,12 +333,7 @@ pub async fn build(
                     continue;
                 }
                 if !ctx.connect || !errors.is_empty() {
-                    store.registered.push(RegisteredComponent {
-                        name: c.name.clone(),
-                        ty: c.ty.clone(),
-                        version: daprd_core::registry::normalise_version(&c.version),
-                        capabilities: Vec::new(),
-                    });
+                    store.registered.push(RegisteredComponent::of(c, &[]));
                     continue;
                 }
                 let connected = tokio::time::timeout(c.init_timeout, f.connect(&c.name, &md)).await;
@@ -364,17 +366,9 @@ pub async fn build(
                     topic_prefix: namespaced.then(|| ctx.namespace.clone()),
                     component,
                 };
-                store.registered.push(RegisteredComponent {
-                    name: c.name.clone(),
-                    ty: c.ty.clone(),
-                    version: daprd_core::registry::normalise_version(&c.version),
-                    capabilities: entry
-                        .component
-                        .features()
-                        .iter()
-                        .map(|f| f.as_str().to_string())
-                        .collect(),
-                });
+                store
+                    .registered
+                    .push(RegisteredComponent::of(c, entry.component.features()));
                 tracing::info!(component = %c.name, r#type = %c.ty, "component loaded");
                 store
                     .pubsubs

@@ -143,6 +143,27 @@ enum Decoded {
 }
 
 impl SubscriptionPipeline {
+    /// The pipeline of `spec` on `entry`, delivering through `channel`, with the
+    /// component's inbound resiliency policy.
+    pub fn new(
+        state: &crate::runtime::RuntimeState,
+        spec: SubscriptionSpec,
+        entry: Arc<PubSubEntry>,
+        channel: Arc<dyn AppChannel>,
+    ) -> Self {
+        let policy = state
+            .resiliency
+            .component_policy(&spec.pubsub, crate::resiliency::Direction::Inbound);
+        Self {
+            spec,
+            entry,
+            publisher: state.publisher.clone(),
+            channel,
+            in_flight: state.subscriptions.in_flight.clone(),
+            policy,
+        }
+    }
+
     /// The component handler for this subscription.
     pub fn handler(self: Arc<Self>) -> Handler {
         Arc::new(move |msg| {

@@ -123,16 +123,12 @@ pub async fn subscribe(
         out: out_tx.clone(),
         pending: pending.clone(),
     });
-    let pipeline = Arc::new(SubscriptionPipeline {
-        spec: spec.clone(),
-        entry: entry.clone(),
-        publisher: state.publisher.clone(),
+    let pipeline = Arc::new(SubscriptionPipeline::new(
+        &state,
+        spec.clone(),
+        entry.clone(),
         channel,
-        in_flight: state.subscriptions.in_flight.clone(),
-        policy: state
-            .resiliency
-            .component_policy(&spec.pubsub, crate::resiliency::Direction::Inbound),
-    });
+    ));
     let request = SubscribeRequest {
         topic: entry.broker_topic(&spec.topic),
         metadata: spec.metadata.clone(),

@@ -163,16 +163,12 @@ pub async fn start_one(
         );
         return None;
     }
-    let pipeline = Arc::new(SubscriptionPipeline {
-        spec: spec.clone(),
-        entry: entry.clone(),
-        publisher: state.publisher.clone(),
+    let pipeline = Arc::new(SubscriptionPipeline::new(
+        state,
+        spec.clone(),
+        entry.clone(),
         channel,
-        in_flight: state.subscriptions.in_flight.clone(),
-        policy: state
-            .resiliency
-            .component_policy(&spec.pubsub, crate::resiliency::Direction::Inbound),
-    });
+    ));
     let mut backoff = Duration::from_millis(500);
     loop {
         let request = SubscribeRequest {

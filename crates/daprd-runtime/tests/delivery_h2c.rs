@@ -2,13 +2,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/sidecar.rs"]
+mod sidecar;
+
 use std::time::Duration;
 
 use axum::routing::{get, post};
-use clap::Parser;
-use daprd_runtime::config::{Env, Options, RuntimeConfig};
-use daprd_runtime::serve::{self, Sidecar};
-use daprd_testkit::{in_memory_component, ScratchDir};
+use daprd_runtime::config::Env;
+use daprd_testkit::in_memory_component;
 use tokio::sync::mpsc;
 
 #[tokio::test]
@@ -43,40 +44,15 @@ async fn h2c_app_receives_over_http2() {
     let app_port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let dir = ScratchDir::new("h2c");
-    dir.write("c.yaml", &in_memory_component("pubsub", &[]));
     let port = app_port.to_string();
-    let argv: Vec<String> = [
-        "daprd",
-        "--app-id",
+    let r = sidecar::start(
+        &[&in_memory_component("pubsub", &[])],
         "a",
-        "--dapr-http-port",
-        "0",
-        "--dapr-grpc-port",
-        "0",
-        "--dapr-listen-addresses",
-        "127.0.0.1",
-        "--app-port",
-        &port,
-        "--app-protocol",
-        "h2c",
-        "--resources-path",
-        &dir.path().to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let config = RuntimeConfig::from_options(
-        &Options::try_parse_from(argv).unwrap(),
         Env::default(),
-        true,
+        &["--app-port", &port, "--app-protocol", "h2c"],
     )
-    .unwrap();
-    let loaded = serve::load(&config, true).await.unwrap();
-    let sidecar = Sidecar::start(config, loaded).await.unwrap();
-    let http = format!("http://{}", sidecar.http_addrs[0]);
-    let state = sidecar.state.clone();
-    tokio::spawn(sidecar.run_until_shutdown());
+    .await;
+    let (http, state) = (r.http.clone(), r.state.clone());
     daprd_testkit::eventually(
         Duration::from_secs(10),
         "subscriptions to start",

@@ -4,16 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/sidecar.rs"]
+mod sidecar;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use daprd_core::pubsub::{Handler, Message, Outcome, SubscribeRequest, Subscription};
 use daprd_proto::runtime::v1 as pb;
-use daprd_runtime::config::{Env, Options, RuntimeConfig};
+use daprd_runtime::config::Env;
 use daprd_runtime::runtime::RuntimeState;
-use daprd_runtime::serve::{self, Sidecar};
 use daprd_testkit::{in_memory_component, ScratchDir};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -28,38 +29,13 @@ struct Harness {
 }
 
 async fn start_with(resources: &[&str], app_id: &str, env: Env) -> Harness {
-    let dir = ScratchDir::new("publish-api");
-    for (i, doc) in resources.iter().enumerate() {
-        dir.write(&format!("c{i}.yaml"), doc);
-    }
-    let args = [
-        "daprd",
-        "--app-id",
-        app_id,
-        "--dapr-http-port",
-        "0",
-        "--dapr-grpc-port",
-        "0",
-        "--dapr-listen-addresses",
-        "127.0.0.1",
-        "--resources-path",
-    ];
-    let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    argv.push(dir.path().to_string_lossy().into_owned());
-    let opts = Options::try_parse_from(argv).expect("flags");
-    let config = RuntimeConfig::from_options(&opts, env, true).expect("config");
-    let store = serve::load(&config, true).await.expect("components");
-    let sidecar = Sidecar::start(config, store).await.expect("start");
-    let http = format!("http://{}", sidecar.http_addrs[0]);
-    let grpc = format!("http://{}", sidecar.grpc_addrs[0]);
-    let state = sidecar.state.clone();
-    tokio::spawn(sidecar.run_until_shutdown());
+    let r = sidecar::start(resources, app_id, env, &[]).await;
     Harness {
-        state,
-        http,
-        grpc,
+        state: r.state,
+        http: r.http,
+        grpc: r.grpc,
         client: reqwest::Client::new(),
-        _dir: dir,
+        _dir: r._dir,
     }
 }
 
@@ -887,38 +863,14 @@ async fn health_metadata_and_shutdown() {
 
 #[tokio::test]
 async fn max_body_size_is_enforced() {
-    let dir_doc = in_memory_component("pubsub", &[]);
-    let dir = ScratchDir::new("maxbody");
-    dir.write("c.yaml", &dir_doc);
-    let argv: Vec<String> = [
-        "daprd",
-        "--app-id",
+    let r = sidecar::start(
+        &[&in_memory_component("pubsub", &[])],
         "a",
-        "--dapr-http-port",
-        "0",
-        "--dapr-grpc-port",
-        "0",
-        "--dapr-listen-addresses",
-        "127.0.0.1",
-        "--max-body-size",
-        "1Ki",
-        "--resources-path",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(std::iter::once(dir.path().to_string_lossy().into_owned()))
-    .collect();
-    let config = RuntimeConfig::from_options(
-        &Options::try_parse_from(argv).unwrap(),
         Env::default(),
-        true,
+        &["--max-body-size", "1Ki"],
     )
-    .unwrap();
-    let store = serve::load(&config, true).await.unwrap();
-    let sidecar = Sidecar::start(config, store).await.unwrap();
-    let http = format!("http://{}", sidecar.http_addrs[0]);
-    let grpc = format!("http://{}", sidecar.grpc_addrs[0]);
-    tokio::spawn(sidecar.run_until_shutdown());
+    .await;
+    let (http, grpc) = (r.http.clone(), r.grpc.clone());
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("{http}/v1.0/publish/pubsub/t"))
@@ -951,36 +903,14 @@ async fn max_body_size_is_enforced() {
 
 #[tokio::test]
 async fn cors_follows_allowed_origins() {
-    let dir = ScratchDir::new("cors");
-    dir.write("c.yaml", &in_memory_component("pubsub", &[]));
-    let argv: Vec<String> = [
-        "daprd",
-        "--app-id",
+    let r = sidecar::start(
+        &[&in_memory_component("pubsub", &[])],
         "a",
-        "--dapr-http-port",
-        "0",
-        "--dapr-grpc-port",
-        "0",
-        "--dapr-listen-addresses",
-        "127.0.0.1",
-        "--allowed-origins",
-        "http://good.example",
-        "--resources-path",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(std::iter::once(dir.path().to_string_lossy().into_owned()))
-    .collect();
-    let config = RuntimeConfig::from_options(
-        &Options::try_parse_from(argv).unwrap(),
         Env::default(),
-        true,
+        &["--allowed-origins", "http://good.example"],
     )
-    .unwrap();
-    let store = serve::load(&config, true).await.unwrap();
-    let sidecar = Sidecar::start(config, store).await.unwrap();
-    let http = format!("http://{}", sidecar.http_addrs[0]);
-    tokio::spawn(sidecar.run_until_shutdown());
+    .await;
+    let http = r.http.clone();
     let client = reqwest::Client::new();
     let preflight = |origin: &'static str| {
         client
