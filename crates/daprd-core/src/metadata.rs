@@ -117,6 +117,14 @@ impl Metadata {
         }
     }
 
+    /// Metadata from `(name, value)` pairs (handy in tests and examples).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     /// Iterates over (name, value) in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.props.iter().map(|(k, v)| (k.as_str(), v.as_str()))
@@ -176,10 +184,7 @@ mod tests {
     use super::*;
 
     fn md(pairs: &[(&str, &str)]) -> Metadata {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        Metadata::from_pairs(pairs)
     }
 
     #[test]

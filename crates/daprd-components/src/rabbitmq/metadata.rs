@@ -209,10 +209,7 @@ mod tests {
     use super::*;
 
     fn md(pairs: &[(&str, &str)]) -> Metadata {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        Metadata::from_pairs(pairs)
     }
 
     #[test]
