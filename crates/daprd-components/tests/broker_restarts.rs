@@ -1,0 +1,214 @@
+//! Broker restarts for MQTT and JetStream: a private broker process (own port, own data
+//! directory) is stopped and started again; the component reconnects by itself, a publish
+//! during the outage fails, and deliveries resume.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PublishRequest, SubscribeRequest};
+use daprd_testkit::{eventually, free_port, ScratchDir};
+use tokio::sync::mpsc;
+
+struct Broker {
+    cmd: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start(cmd: Vec<String>) -> Self {
+        let mut b = Self { cmd, child: None };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        self.child = Some(
+            Command::new(&self.cmd[0])
+                .args(&self.cmd[1..])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("broker runs"),
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn port_open(port: u16) {
+    eventually(Duration::from_secs(15), "the broker port", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+fn collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let h: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Success
+        })
+    });
+    (h, rx)
+}
+
+fn req(topic: &str, n: u32) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "p".into(),
+        topic: topic.into(),
+        data: Bytes::from(n.to_string()),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    }
+}
+
+/// Publishes `n` until a delivery carrying `n` arrives, or panics after `timeout`.
+async fn publish_until_delivered(
+    c: &Arc<dyn PubSub>,
+    rx: &mut mpsc::UnboundedReceiver<Message>,
+    topic: &str,
+    n: u32,
+    timeout: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let want = n.to_string();
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        if c.publish(req(topic, n)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            if m.data[..] == *want.as_bytes() {
+                return;
+            }
+        }
+    }
+}
+
+async fn restart_scenario(c: Arc<dyn PubSub>, topic: &str, broker: &mut Broker, port: u16) {
+    let (h, mut rx) = collector();
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.into(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    publish_until_delivered(
+        &c,
+        &mut rx,
+        topic,
+        1,
+        Duration::from_secs(10),
+        "the first delivery",
+    )
+    .await;
+    broker.stop();
+    let outage = c.clone();
+    let topic_owned = topic.to_string();
+    eventually(
+        Duration::from_secs(10),
+        "a publish during the outage to fail",
+        move || {
+            let c = outage.clone();
+            let t = topic_owned.clone();
+            async move { c.publish(req(&t, 2)).await.err().map(|_| ()) }
+        },
+    )
+    .await;
+    broker.spawn();
+    port_open(port).await;
+    publish_until_delivered(
+        &c,
+        &mut rx,
+        topic,
+        3,
+        Duration::from_secs(30),
+        "deliveries to resume",
+    )
+    .await;
+}
+
+#[cfg(feature = "mqtt3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_reconnects_after_a_broker_restart() {
+    use daprd_core::pubsub::PubSubFactory;
+    let port = free_port();
+    let mut broker = Broker::start(vec!["mosquitto".into(), "-p".into(), port.to_string()]);
+    port_open(port).await;
+    let md = daprd_testkit::conformance::metadata_with_group(
+        &daprd_testkit::conformance::random_name("c"),
+        &[("url", &format!("tcp://127.0.0.1:{port}"))],
+    );
+    let c = daprd_components::mqtt3::MqttFactory
+        .connect("p", &md)
+        .await
+        .unwrap();
+    restart_scenario(c, "restart/topic", &mut broker, port).await;
+}
+
+#[cfg(feature = "jetstream")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_reconnects_after_a_broker_restart() {
+    use daprd_core::pubsub::PubSubFactory;
+    let port = free_port();
+    let dir = ScratchDir::new("nats");
+    let mut broker = Broker::start(vec![
+        "nats-server".into(),
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-js".into(),
+        "-sd".into(),
+        dir.path().to_string_lossy().into_owned(),
+    ]);
+    port_open(port).await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "restart".into(),
+        subjects: vec!["restart.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let md = daprd_testkit::conformance::metadata_with_group(
+        "unused",
+        &[("natsURL", &url), ("durableName", "restart-app")],
+    );
+    let c = daprd_components::jetstream::JetStreamFactory
+        .connect("p", &md)
+        .await
+        .unwrap();
+    restart_scenario(c, "restart.topic", &mut broker, port).await;
+}
