@@ -181,6 +181,8 @@ impl PubSubFactory for MqttFactory {
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let routes: Routes = Arc::default();
+        let confirms: SharedConfirms = Arc::default();
+        let loop_confirms = confirms.clone();
         let (connected_tx, mut connected_rx) = watch::channel(false);
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let loop_routes = routes.clone();
@@ -211,6 +213,36 @@ impl PubSubFactory for MqttFactory {
                             let _ = loop_client.subscribe(f, qos).await;
                         }
                     }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                        let mut c = loop_confirms.lock().unwrap_or_else(PoisonError::into_inner);
+                        if let Some(tx) = c.queued.pop_front() {
+                            if pkid == 0 {
+                                let _ = tx.send(Ok(()));
+                            } else {
+                                c.by_pkid.insert(pkid, tx);
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(tx) = loop_confirms
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .by_pkid
+                            .remove(&ack.pkid)
+                        {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubComp(comp))) => {
+                        if let Some(tx) = loop_confirms
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .by_pkid
+                            .remove(&comp.pkid)
+                        {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let targets: Vec<mpsc::UnboundedSender<rumqttc::Publish>> = loop_routes
                             .lock()
@@ -229,6 +261,11 @@ impl PubSubFactory for MqttFactory {
                     Ok(_) => {}
                     Err(e) => {
                         let _ = connected_tx.send(false);
+                        // Unconfirmed publishes are reported as failed (never a false success).
+                        loop_confirms
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .fail_all(&format!("connection lost: {e}"));
                         tracing::warn!(%component, error = %e, "mqtt connection lost; reconnecting");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -250,6 +287,8 @@ impl PubSubFactory for MqttFactory {
             md: Arc::new(md),
             client,
             routes,
+            confirms,
+            send_order: tokio::sync::Mutex::new(()),
             connected: connected_rx,
             stop: stop_tx,
         }))
@@ -263,6 +302,28 @@ fn strip_share(filter: &str) -> &str {
         .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
         .unwrap_or(filter)
 }
+
+/// Publishes waiting for the broker's acknowledgement (PUBACK, or PUBCOMP for QoS 2): the
+/// event loop sends requests in order, so the n-th outgoing PUBLISH is the n-th waiter.
+#[derive(Default)]
+struct Confirms {
+    queued: std::collections::VecDeque<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    by_pkid: std::collections::HashMap<u16, tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+impl Confirms {
+    fn fail_all(&mut self, why: &str) {
+        for tx in self
+            .queued
+            .drain(..)
+            .chain(self.by_pkid.drain().map(|(_, v)| v))
+        {
+            let _ = tx.send(Err(why.to_string()));
+        }
+    }
+}
+
+type SharedConfirms = Arc<Mutex<Confirms>>;
 
 struct Route {
     id: u64,
@@ -278,6 +339,8 @@ pub struct MqttPubSub {
     md: Arc<MqttMetadata>,
     client: AsyncClient,
     routes: Routes,
+    confirms: SharedConfirms,
+    send_order: tokio::sync::Mutex<()>,
     connected: watch::Receiver<bool>,
     stop: watch::Sender<bool>,
 }
@@ -309,19 +372,40 @@ impl PubSub for MqttPubSub {
             .find(|(k, _)| k.eq_ignore_ascii_case("retain"))
             .and_then(|(_, v)| daprd_core::metadata::parse_loose_bool(v))
             .unwrap_or(self.md.retain);
-        self.client
-            .publish(
-                request.topic.clone(),
-                self.md.qos(),
-                retain,
-                request.data.to_vec(),
-            )
-            .await
-            .map_err(|e| PubSubError::Broker {
-                message: format!("mqtt: publishing: {e}"),
-                kind: ErrorKind::Transient,
-                source: Some(Box::new(e)),
-            })
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            // Queue the waiter and the request in the same order.
+            let _order = self.send_order.lock().await;
+            self.confirms
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .queued
+                .push_back(tx);
+            self.client
+                .publish(
+                    request.topic.clone(),
+                    self.md.qos(),
+                    retain,
+                    request.data.to_vec(),
+                )
+                .await
+                .map_err(|e| PubSubError::Broker {
+                    message: format!("mqtt: publishing: {e}"),
+                    kind: ErrorKind::Transient,
+                    source: Some(Box::new(e)),
+                })?;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(PubSubError::broker(
+                ErrorKind::Transient,
+                format!("mqtt: publish not confirmed: {why}"),
+            )),
+            Ok(Err(_)) | Err(_) => Err(PubSubError::broker(
+                ErrorKind::Transient,
+                "mqtt: publish not confirmed by the broker",
+            )),
+        }
     }
 
     async fn subscribe(

@@ -70,3 +70,42 @@ fn help_lists_the_flags() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
+
+/// Every commented broker example in `examples/resources`, uncommented, is a valid
+/// component (checked without connecting, by `daprd validate`).
+#[test]
+fn commented_broker_examples_are_valid_when_uncommented() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/resources");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/resources") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("readable");
+        if !text.starts_with("# Uncomment") {
+            continue;
+        }
+        let yaml: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with("Uncomment") && !l.starts_with("It stays"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let tmp =
+            std::env::temp_dir().join(format!("daprd-example-{}-{}", std::process::id(), checked));
+        std::fs::create_dir_all(&tmp).expect("tmp dir");
+        std::fs::write(tmp.join("c.yaml"), yaml).expect("write");
+        let out = daprd()
+            .args(["validate", "--app-id", "example", "--resources-path"])
+            .arg(&tmp)
+            .output()
+            .expect("runs");
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "one commented example per broker component");
+}
