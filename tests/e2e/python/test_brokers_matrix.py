@@ -167,3 +167,27 @@ with DaprClient() as c:
     s.publish(topic, json.dumps({"streamed": broker.kind}))
     out, err = proc.communicate(timeout=30)
     assert json.loads(out.splitlines()[0]) == {"streamed": broker.kind}, err
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_consumer_groups_across_sidecars(kind, sidecar_factory, app_factory):
+    """Two sidecars with the same app id share the consumer group (split the messages);
+    a sidecar with another app id gets every message."""
+    topic = f"groups-{uuid.uuid4().hex[:12]}"
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": topic, "route": "/g"}])
+    apps = [app_factory("http_app.py", env={"SUBSCRIPTIONS": subs}) for _ in range(3)]
+    cars = [sidecar_factory([component(kind)], app_port=apps[0].port, app_id="shared"),
+            sidecar_factory([component(kind)], app_port=apps[1].port, app_id="shared"),
+            sidecar_factory([component(kind)], app_port=apps[2].port, app_id="other")]
+    for c in cars:
+        c.wait_ready()
+    n = 40
+    for i in range(n):
+        cars[0].publish(topic, json.dumps({"i": i}))
+    def ids(app):
+        return [json.loads(r["body"])["data"]["i"] for r in received(app.port, "/g")]
+    eventually(lambda: len(ids(apps[2])) == n, 20, "the other app id to get every message")
+    eventually(lambda: len(ids(apps[0])) + len(ids(apps[1])) == n, 20, "the shared group to get every message once")
+    shared = ids(apps[0]) + ids(apps[1])
+    assert sorted(shared) == list(range(n)), "each message once across the two replicas"
+    assert ids(apps[0]) and ids(apps[1]), f"both replicas took a share ({len(ids(apps[0]))}/{len(ids(apps[1]))})"
