@@ -16,12 +16,24 @@ use tokio::sync::mpsc;
 
 struct Broker {
     cmd: Vec<String>,
+    env: Vec<(String, String)>,
+    /// When the command forks the real server (RabbitMQ), it is killed by its listening port.
+    kill_port: Option<u16>,
     child: Option<Child>,
 }
 
 impl Broker {
     fn start(cmd: Vec<String>) -> Self {
-        let mut b = Self { cmd, child: None };
+        Self::start_with(cmd, Vec::new(), None)
+    }
+
+    fn start_with(cmd: Vec<String>, env: Vec<(String, String)>, kill_port: Option<u16>) -> Self {
+        let mut b = Self {
+            cmd,
+            env,
+            kill_port,
+            child: None,
+        };
         b.spawn();
         b
     }
@@ -30,6 +42,7 @@ impl Broker {
         self.child = Some(
             Command::new(&self.cmd[0])
                 .args(&self.cmd[1..])
+                .envs(self.env.iter().cloned())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -38,6 +51,11 @@ impl Broker {
     }
 
     fn stop(&mut self) {
+        if let Some(port) = self.kill_port {
+            let _ = Command::new("fuser")
+                .args(["-s", "-k", "-9", &format!("{port}/tcp")])
+                .status();
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -52,7 +70,7 @@ impl Drop for Broker {
 }
 
 async fn port_open(port: u16) {
-    eventually(Duration::from_secs(15), "the broker port", || async move {
+    eventually(Duration::from_secs(60), "the broker port", || async move {
         tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()
@@ -211,4 +229,58 @@ async fn jetstream_reconnects_after_a_broker_restart() {
         .await
         .unwrap();
     restart_scenario(c, "restart.topic", &mut broker, port).await;
+}
+
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_reconnects_after_a_broker_restart() {
+    use daprd_core::pubsub::PubSubFactory;
+    let port = free_port();
+    let dir = ScratchDir::new("rabbitmq");
+    let node = format!("daprdrs{port}@localhost");
+    let base = dir.path().to_string_lossy().into_owned();
+    let env = vec![
+        ("RABBITMQ_NODE_PORT".to_string(), port.to_string()),
+        ("RABBITMQ_NODENAME".to_string(), node.clone()),
+        ("RABBITMQ_DIST_PORT".to_string(), free_port().to_string()),
+        ("RABBITMQ_MNESIA_BASE".to_string(), format!("{base}/mnesia")),
+        ("RABBITMQ_LOG_BASE".to_string(), format!("{base}/log")),
+        (
+            "RABBITMQ_ENABLED_PLUGINS_FILE".to_string(),
+            format!("{base}/plugins"),
+        ),
+        ("RABBITMQ_CONFIG_FILE".to_string(), format!("{base}/none")),
+    ];
+    let server = if std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
+        "/usr/lib/rabbitmq/bin/rabbitmq-server".to_string()
+    } else {
+        "rabbitmq-server".to_string()
+    };
+    let mut broker = Broker::start_with(vec![server], env, Some(port));
+    eventually(
+        Duration::from_secs(60),
+        "the private rabbitmq node",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let md = daprd_testkit::conformance::metadata_with_group(
+        &daprd_testkit::conformance::random_name("c"),
+        &[
+            (
+                "connectionString",
+                &format!("amqp://guest:guest@127.0.0.1:{port}"),
+            ),
+            ("reconnectWaitSeconds", "1"),
+        ],
+    );
+    let c = daprd_components::rabbitmq::RabbitFactory
+        .connect("p", &md)
+        .await
+        .unwrap();
+    restart_scenario(c, "restart-topic", &mut broker, port).await;
 }
