@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -109,6 +110,13 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { addr, what, source })
 }
 
+/// Disables Nagle's algorithm on an accepted API connection.
+fn nodelay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
+
 impl Sidecar {
     /// Binds every listener and starts serving.
     ///
@@ -149,7 +157,7 @@ impl Sidecar {
             let router = http_router.clone();
             let shutdown = state.api_stop.clone();
             servers.spawn(async move {
-                let res = axum::serve(l, router)
+                let res = axum::serve(l.tap_io(nodelay), router)
                     .with_graceful_shutdown(async move {
                         shutdown.wait().await;
                     })
@@ -167,7 +175,7 @@ impl Sidecar {
                 ));
                 let shutdown = state.api_stop.clone();
                 servers.spawn(async move {
-                    let _ = axum::serve(l, router)
+                    let _ = axum::serve(l.tap_io(nodelay), router)
                         .with_graceful_shutdown(async move {
                             shutdown.wait().await;
                         })
@@ -184,7 +192,9 @@ impl Sidecar {
             let svc = crate::api::grpc::service(state.clone());
             let shutdown = state.api_stop.clone();
             servers.spawn(async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+                // Small request/response exchanges: no Nagle delay.
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
                 let res = tonic::transport::Server::builder()
                     .add_service(svc)
                     .serve_with_incoming_shutdown(incoming, async move {
