@@ -27,9 +27,11 @@ async fn in_memory_conformance() {
             redelivers_on_retry: false,
             competing_consumers: false,
             redelivery_wait: Duration::ZERO,
+            ordered: true,
         },
     )
     .await;
+    conformance::ordering(&connect).await;
 }
 
 #[cfg(feature = "redis")]
@@ -45,6 +47,7 @@ async fn redis_conformance() {
                     ("redisHost", &host),
                     ("processingTimeout", "500"),
                     ("redeliverInterval", "200"),
+                    ("concurrency", "1"),
                 ],
             );
             daprd_components::redis::RedisFactory
@@ -59,6 +62,7 @@ async fn redis_conformance() {
             redelivers_on_retry: true,
             competing_consumers: true,
             redelivery_wait: Duration::from_secs(5),
+            ordered: true,
         },
     )
     .await;
@@ -75,7 +79,11 @@ async fn rabbitmq_conformance() {
             // requeueInFailure makes RETRY redeliver (Dapr's default discards it).
             let md = metadata_with_group(
                 &group,
-                &[("connectionString", &uri), ("requeueInFailure", "true")],
+                &[
+                    ("connectionString", &uri),
+                    ("requeueInFailure", "true"),
+                    ("concurrencyMode", "single"),
+                ],
             );
             daprd_components::rabbitmq::RabbitFactory
                 .connect("conformance", &md)
@@ -89,6 +97,7 @@ async fn rabbitmq_conformance() {
             redelivers_on_retry: true,
             competing_consumers: true,
             redelivery_wait: Duration::from_secs(5),
+            ordered: true,
         },
     )
     .await;
@@ -134,6 +143,7 @@ async fn jetstream_conformance() {
             redelivers_on_retry: true,
             competing_consumers: true,
             redelivery_wait: Duration::from_secs(5),
+            ordered: true,
         },
     )
     .await;
@@ -159,7 +169,9 @@ async fn mqtt3_conformance() {
         redelivers_on_retry: false,
         competing_consumers: false,
         redelivery_wait: Duration::ZERO,
+        ordered: true,
     };
     conformance::many_messages_arrive(&connect).await;
     conformance::outcomes(&connect, traits).await;
+    conformance::ordering(&connect).await;
 }

@@ -26,6 +26,8 @@ pub struct Traits {
     pub competing_consumers: bool,
     /// How long a redelivery may take.
     pub redelivery_wait: Duration,
+    /// One subscription receives messages in publish order (as configured for the suite).
+    pub ordered: bool,
 }
 
 /// A random name for topics and groups.
@@ -126,6 +128,32 @@ pub async fn run(connect: Connect, traits: Traits) {
     many_messages_arrive(&connect).await;
     outcomes(&connect, traits).await;
     groups(&connect, traits).await;
+    if traits.ordered {
+        ordering(&connect).await;
+    }
+}
+
+/// With the component configured for it, one subscription sees publish order.
+pub async fn ordering(connect: &Connect) {
+    let topic = random_topic("ordering");
+    let c = connect(random_name("group")).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = subscribe(&c, &topic, h).await;
+    const N: usize = 200;
+    for i in 0..N {
+        c.publish(request(&topic, i)).await.expect("publish");
+    }
+    let got: Vec<usize> = drain(&mut rx, N, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(number)
+        .collect();
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "ordering: messages out of order or missing"
+    );
+    c.close().await.expect("close");
 }
 
 /// Publish 1,000 messages, receive every one, each exactly once.

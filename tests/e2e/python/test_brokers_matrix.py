@@ -191,3 +191,18 @@ def test_consumer_groups_across_sidecars(kind, sidecar_factory, app_factory):
     shared = ids(apps[0]) + ids(apps[1])
     assert sorted(shared) == list(range(n)), "each message once across the two replicas"
     assert ids(apps[0]) and ids(apps[1]), f"both replicas took a share ({len(ids(apps[0]))}/{len(ids(apps[1]))})"
+
+
+def test_bulk_publish_reaches_the_app(broker, sidecar_factory, app_factory):
+    topic = broker.name("bulk")
+    broker.prepare([topic])
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": topic, "route": "/bulk"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([component(broker.kind)], app_port=app.port)
+    s.wait_ready()
+    entries = [{"entryId": str(i), "event": {"i": i}, "contentType": "application/json"} for i in range(10)]
+    r = requests.post(f"{s.http}/v1.0/publish/bulk/pubsub/{topic}", json=entries)
+    assert r.status_code == 204, r.text
+    got = eventually(lambda: len(received(app.port, "/bulk")) == 10 and received(app.port, "/bulk"), 15,
+                     f"{broker.kind}: 10 bulk-published events")
+    assert sorted(json.loads(x["body"])["data"]["i"] for x in got) == list(range(10))
