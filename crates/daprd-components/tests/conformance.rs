@@ -28,6 +28,7 @@ async fn in_memory_conformance() {
             competing_consumers: false,
             redelivery_wait: Duration::ZERO,
             ordered: true,
+            native_ttl: false,
         },
     )
     .await;
@@ -63,6 +64,7 @@ async fn redis_conformance() {
             competing_consumers: true,
             redelivery_wait: Duration::from_secs(5),
             ordered: true,
+            native_ttl: false,
         },
     )
     .await;
@@ -83,6 +85,7 @@ async fn rabbitmq_conformance() {
                     ("connectionString", &uri),
                     ("requeueInFailure", "true"),
                     ("concurrencyMode", "single"),
+                    ("prefetchCount", "1"),
                 ],
             );
             daprd_components::rabbitmq::RabbitFactory
@@ -98,6 +101,7 @@ async fn rabbitmq_conformance() {
             competing_consumers: true,
             redelivery_wait: Duration::from_secs(5),
             ordered: true,
+            native_ttl: true,
         },
     )
     .await;
@@ -144,6 +148,7 @@ async fn jetstream_conformance() {
             competing_consumers: true,
             redelivery_wait: Duration::from_secs(5),
             ordered: true,
+            native_ttl: false,
         },
     )
     .await;
@@ -170,6 +175,7 @@ async fn mqtt3_conformance() {
         competing_consumers: false,
         redelivery_wait: Duration::ZERO,
         ordered: true,
+        native_ttl: false,
     };
     conformance::many_messages_arrive(&connect).await;
     conformance::outcomes(&connect, traits).await;

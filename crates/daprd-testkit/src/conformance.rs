@@ -28,6 +28,8 @@ pub struct Traits {
     pub redelivery_wait: Duration,
     /// One subscription receives messages in publish order (as configured for the suite).
     pub ordered: bool,
+    /// The broker expires messages itself (`MESSAGE_TTL`; suite configured with prefetch 1).
+    pub native_ttl: bool,
 }
 
 /// A random name for topics and groups.
@@ -131,6 +133,47 @@ pub async fn run(connect: Connect, traits: Traits) {
     if traits.ordered {
         ordering(&connect).await;
     }
+    if traits.native_ttl {
+        ttl(&connect).await;
+    }
+}
+
+/// A message whose `ttlInSeconds` passes while it waits in the broker is never delivered.
+pub async fn ttl(connect: &Connect) {
+    let topic = random_topic("ttl");
+    let c = connect(random_name("group")).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The first message holds the (single, prefetch 1) consumer long enough for the second
+    // one to expire in the queue.
+    let handler: Handler = Arc::new(move |m: Message| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            if number(&m) == 0 {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+            }
+            let _ = tx.send(m);
+            Outcome::Success
+        })
+    });
+    let _sub = subscribe(&c, &topic, handler).await;
+    c.publish(request(&topic, 0)).await.expect("publish");
+    let mut short = request(&topic, 1);
+    short.metadata.insert("ttlInSeconds".into(), "1".into());
+    c.publish(short).await.expect("publish");
+    let mut long = request(&topic, 2);
+    long.metadata.insert("ttlInSeconds".into(), "60".into());
+    c.publish(long).await.expect("publish");
+    let got: Vec<usize> = drain(&mut rx, 3, Duration::from_secs(6))
+        .await
+        .iter()
+        .map(number)
+        .collect();
+    assert_eq!(
+        got,
+        vec![0, 2],
+        "ttl: the expired message must not be delivered, the others must"
+    );
+    c.close().await.expect("close");
 }
 
 /// With the component configured for it, one subscription sees publish order.
