@@ -94,7 +94,11 @@ impl Drop for Sidecar {
     }
 }
 
-async fn start_sidecar(daprd: &PathBuf, redis: &str) -> Result<(Sidecar, Duration)> {
+async fn start_sidecar(
+    daprd: &PathBuf,
+    redis: &str,
+    app_port: Option<u16>,
+) -> Result<(Sidecar, Duration)> {
     let dir = std::env::temp_dir().join(format!(
         "daprd-bench-{}-{}",
         std::process::id(),
@@ -110,6 +114,11 @@ async fn start_sidecar(daprd: &PathBuf, redis: &str) -> Result<(Sidecar, Duratio
     let (hp, gp) = (free_port()?, free_port()?);
     let started = Instant::now();
     let child = Command::new(daprd)
+        .args(
+            app_port
+                .map(|p| vec!["--app-port".to_string(), p.to_string()])
+                .unwrap_or_default(),
+        )
         .args([
             "--app-id",
             "bench",
@@ -223,6 +232,207 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// What the in-process benchmark app records.
+struct AppStats {
+    base: Instant,
+    latency: std::sync::Mutex<Histogram<u64>>,
+    received: std::sync::atomic::AtomicU64,
+    slow_received: std::sync::atomic::AtomicU64,
+}
+
+/// Starts the subscriber app: `/e2e` records publish→delivery latency from the event's
+/// `data.t` (µs since `base`), `/slow` takes 10 ms per event.
+async fn start_app(topic: String, slow_topic: String, stats: Arc<AppStats>) -> Result<u16> {
+    use axum::routing::{get, post};
+    let subs = json!([
+        {"pubsubname": "memory", "topic": topic, "route": "/e2e"},
+        {"pubsubname": "redis", "topic": topic, "route": "/e2e"},
+        {"pubsubname": "redis", "topic": slow_topic, "route": "/slow"},
+    ])
+    .to_string();
+    let (s1, s2) = (stats.clone(), stats.clone());
+    let app = axum::Router::new()
+        .route("/dapr/subscribe", get(move || async move { subs }))
+        .route(
+            "/e2e",
+            post(move |body: bytes::Bytes| {
+                let stats = s1.clone();
+                async move {
+                    let now = u64::try_from(stats.base.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    if let Ok(ce) = serde_json::from_slice::<serde_json::Value>(&body) {
+                        if let Some(t) = ce["data"]["t"].as_u64() {
+                            if let Ok(mut h) = stats.latency.lock() {
+                                let _ = h.record(now.saturating_sub(t).max(1));
+                            }
+                        }
+                    }
+                    stats
+                        .received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ""
+                }
+            }),
+        )
+        .route(
+            "/slow",
+            post(move || {
+                let stats = s2.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    stats
+                        .slow_received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ""
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
+
+/// End to end through a sidecar with an app: delivery latency per component (closed-loop
+/// publishers, ack after the app's 2xx), and a 10 ms handler behind Redis `concurrency` 10.
+async fn end_to_end(opts: &Opts, quick: bool) -> Result<Vec<serde_json::Value>> {
+    let stats = Arc::new(AppStats {
+        base: Instant::now(),
+        latency: std::sync::Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        received: Default::default(),
+        slow_received: Default::default(),
+    });
+    let topic = format!("e2e-{}", std::process::id());
+    let slow_topic = format!("e2e-slow-{}", std::process::id());
+    let app_port = start_app(topic.clone(), slow_topic.clone(), stats.clone()).await?;
+    let (sidecar, _) = start_sidecar(&opts.daprd, &opts.redis, Some(app_port)).await?;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http
+        .get(format!("{}/v1.0/healthz", sidecar.http))
+        .send()
+        .await
+        .map(|r| r.status() != 204)
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            bail!("subscriptions did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dur = if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(10)
+    };
+    let mut out = Vec::new();
+    println!("\nend to end: publish (HTTP, 4 closed-loop publishers) -> app 2xx -> ack");
+    println!(
+        "{:<32} {:>9} {:>9} {:>9} {:>11}",
+        "component", "p50 µs", "p99 µs", "p99.9 µs", "delivered/s"
+    );
+    for pubsub in ["memory", "redis"] {
+        if let Ok(mut h) = stats.latency.lock() {
+            h.reset();
+        }
+        let before = stats.received.load(std::sync::atomic::Ordering::Relaxed);
+        let url = format!("{}/v1.0/publish/{pubsub}/{topic}", sidecar.http);
+        let started = Instant::now();
+        let base = stats.base;
+        let op = {
+            let (http, url) = (http.clone(), url.clone());
+            Arc::new(move || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let t = u64::try_from(base.elapsed().as_micros()).unwrap_or(0);
+                    let r = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(format!("{{\"t\":{t}}}"))
+                        .send()
+                        .await?;
+                    if r.status() != 204 {
+                        bail!("publish answered {}", r.status());
+                    }
+                    Ok(())
+                }
+            })
+        };
+        let (published, _) = run_block(4, dur, op).await?;
+        let want = before + published.len();
+        let wait_until = Instant::now() + Duration::from_secs(30);
+        while stats.received.load(std::sync::atomic::Ordering::Relaxed) < want
+            && Instant::now() < wait_until
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let delivered = stats.received.load(std::sync::atomic::Ordering::Relaxed) - before;
+        let rate = delivered as f64 / started.elapsed().as_secs_f64();
+        let h = stats
+            .latency
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        let (p50, p99, p999) = (
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+        );
+        println!(
+            "{:<32} {:>9} {:>9} {:>9} {:>11.0}   ({delivered}/{} delivered)",
+            pubsub,
+            p50,
+            p99,
+            p999,
+            rate,
+            published.len()
+        );
+        out.push(json!({"e2e": pubsub, "p50_us": p50, "p99_us": p99, "p999_us": p999, "delivered_per_s": rate, "published": published.len(), "delivered": delivered}));
+    }
+    let n: u64 = if quick { 300 } else { 3000 };
+    let started = Instant::now();
+    let url = format!("{}/v1.0/publish/redis/{slow_topic}", sidecar.http);
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < n {
+                let _ = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await;
+                i += 16;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let wait_until = Instant::now() + Duration::from_secs(60);
+    while stats
+        .slow_received
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < n
+        && Instant::now() < wait_until
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = stats
+        .slow_received
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let rate = got as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "10 ms handler, redis concurrency 10: {rate:.0} delivered/s ({got}/{n}; target ≥ 900)"
+    );
+    out.push(json!({"e2e": "redis-10ms-handler", "delivered_per_s": rate, "delivered": got, "published": n}));
+    drop(sidecar);
+    Ok(out)
+}
+
 #[derive(Default)]
 struct Row {
     name: String,
@@ -246,11 +456,11 @@ async fn main() -> Result<()> {
     // Footprint: startup time (exec → outbound ready).
     let mut starts = Vec::new();
     for _ in 0..startups {
-        let (s, t) = start_sidecar(&opts.daprd, &opts.redis).await?;
+        let (s, t) = start_sidecar(&opts.daprd, &opts.redis, None).await?;
         starts.push(t.as_secs_f64() * 1000.0);
         drop(s);
     }
-    let (sidecar, _) = start_sidecar(&opts.daprd, &opts.redis).await?;
+    let (sidecar, _) = start_sidecar(&opts.daprd, &opts.redis, None).await?;
     let pid = sidecar.child.id();
     tokio::time::sleep(if opts.quick {
         Duration::from_secs(1)
@@ -397,6 +607,7 @@ async fn main() -> Result<()> {
         }
     }
     let loaded_rss = rss_kib(pid);
+    let e2e = end_to_end(&opts, opts.quick).await?;
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let mut s = starts.clone();
     let p50_start = median(&mut s);
@@ -420,6 +631,7 @@ async fn main() -> Result<()> {
         "quick": opts.quick,
         "daprd": opts.daprd.display().to_string(),
         "publish": results,
+        "end_to_end": e2e,
         "startup_ms": {"p50": p50_start, "max": max_start, "runs": starts.len()},
         "idle_rss_kib": idle_rss,
         "rss_after_load_kib": loaded_rss,
