@@ -56,13 +56,13 @@ pub fn parse_traceparent(value: &str) -> Option<(String, String, u8)> {
     ))
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut s = String::with_capacity(bytes * 2);
+/// `digits` random lowercase hex digits, never all zero (W3C forbids all-zero ids).
+fn random_hex(digits: usize) -> String {
     loop {
-        s.clear();
-        for _ in 0..bytes {
-            s.push_str(&format!("{:02x}", fastrand::u8(..)));
-        }
+        let s = match digits {
+            16 => format!("{:016x}", fastrand::u64(..)),
+            _ => format!("{:032x}", fastrand::u128(..)),
+        };
         if !s.bytes().all(|b| b == b'0') {
             return s;
         }
@@ -74,13 +74,13 @@ pub fn start_span(traceparent: Option<&str>, tracestate: Option<&str>) -> SpanCo
     match traceparent.and_then(parse_traceparent) {
         Some((trace_id, _parent, flags)) => SpanContext {
             trace_id,
-            span_id: random_hex(8),
+            span_id: random_hex(16),
             flags: flags & 1,
             tracestate: tracestate.unwrap_or("").to_string(),
         },
         None => SpanContext {
-            trace_id: random_hex(16),
-            span_id: random_hex(8),
+            trace_id: random_hex(32),
+            span_id: random_hex(16),
             flags: 0,
             tracestate: String::new(),
         },

@@ -26,7 +26,7 @@ type AppState = Arc<RuntimeState>;
 
 /// The API router (all routes, API token and CORS applied).
 pub fn router(state: AppState) -> Router {
-    let mut r = Router::new()
+    let mut r: Router<AppState> = Router::new()
         .route("/v1.0/publish/{*rest}", post(publish_any).put(publish_any))
         .route(
             "/v1.0-alpha1/publish/bulk/{*rest}",
@@ -37,9 +37,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1.0/metadata", get(get_metadata))
         .route("/v1.0/metadata/{key}", put(put_metadata))
         .route("/v1.0/shutdown", post(shutdown))
-        .fallback(any(not_found))
-        .layer(middleware::from_fn_with_state(state.clone(), api_token))
-        .with_state(state.clone());
+        .fallback(any(not_found));
+    // The token check is only layered in when DAPR_API_TOKEN is set.
+    if state.config.env.api_token.is_some() {
+        r = r.layer(middleware::from_fn_with_state(state.clone(), api_token));
+    }
+    let mut r = r.with_state(state.clone());
     if let Some(origins) = &state.config.allowed_origins {
         r = r.layer(cors_layer(origins));
     }
@@ -63,8 +66,22 @@ pub fn with_clean_paths(router: Router) -> Router {
         .layer(middleware::map_request(clean_path))
 }
 
+/// Whether `path` would change under `go_path_clean` (cheap check, no allocation).
+fn needs_cleaning(path: &str) -> bool {
+    path.len() > 1
+        && (path.ends_with('/')
+            || path.contains("//")
+            || path.contains("/./")
+            || path.contains("/../")
+            || path.ends_with("/.")
+            || path.ends_with("/.."))
+}
+
 async fn clean_path(mut req: Request) -> Request {
     let path = req.uri().path();
+    if !needs_cleaning(path) {
+        return req;
+    }
     let cleaned = go_path_clean(path);
     if cleaned != path {
         let pq = match req.uri().query() {
@@ -588,6 +605,16 @@ async fn shutdown(State(state): State<AppState>, headers: HeaderMap) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cleaning_is_skipped_only_for_clean_paths() {
+        for p in ["/v1.0/publish/ps/t", "/", "/a.b/c..d/.e"] {
+            assert!(!needs_cleaning(p) && go_path_clean(p) == p, "{p}");
+        }
+        for p in ["/a//b", "/a/./b", "/a/../b", "/a/", "/a/.", "/a/.."] {
+            assert!(needs_cleaning(p) && go_path_clean(p) != p, "{p}");
+        }
+    }
 
     #[test]
     fn path_clean_like_go() {
