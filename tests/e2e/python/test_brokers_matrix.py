@@ -206,3 +206,25 @@ def test_bulk_publish_reaches_the_app(broker, sidecar_factory, app_factory):
     got = eventually(lambda: len(received(app.port, "/bulk")) == 10 and received(app.port, "/bulk"), 15,
                      f"{broker.kind}: 10 bulk-published events")
     assert sorted(json.loads(x["body"])["data"]["i"] for x in got) == list(range(10))
+
+
+def test_bulk_subscribe_flushes_on_count_with_a_concurrent_component(sidecar_factory, app_factory):
+    """Redis hands messages to daprd from 10 workers at once, so the default bulk subscriber
+    fills batches: none exceeds maxMessagesCount, and batches of several entries occur."""
+    topic = f"bulksub-{uuid.uuid4().hex[:12]}"
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": topic, "route": "/bulk",
+                        "bulkSubscribe": {"enabled": True, "maxMessagesCount": 5, "maxAwaitDurationMs": 1000}}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/bulk": {"bulk": True}}).raise_for_status()
+    s = sidecar_factory([component("redis")], app_port=app.port)
+    s.wait_ready()
+    entries = [{"entryId": str(i), "event": {"i": i}, "contentType": "application/json"} for i in range(40)]
+    assert requests.post(f"{s.http}/v1.0/publish/bulk/pubsub/{topic}", json=entries).status_code == 204
+    def batches():
+        got = [json.loads(r["body"])["entries"] for r in received(app.port, "/bulk")]
+        return got if sum(len(b) for b in got) == 40 else None
+    got = eventually(batches, 20, "40 entries in bulk deliveries")
+    sizes = [len(b) for b in got]
+    assert max(sizes) <= 5, sizes
+    assert max(sizes) > 1, f"no batch held more than one entry: {sizes}"
+    assert sorted(e["event"]["data"]["i"] for b in got for e in b) == list(range(40))
