@@ -284,7 +284,7 @@ impl SubscriptionPipeline {
             self.dead_letter(msg, &metadata).await;
             return Err(Outcome::Drop);
         }
-        let rule = match crate::routing::select(&self.spec.rules, &Json::Object(event.clone())) {
+        let rule = match crate::routing::select(&self.spec.rules, &event) {
             Ok(Some(rule)) => rule.clone(),
             Ok(None) => {
                 tracing::debug!(pubsub = %self.entry.name, %topic, "no routing rule matched; message dropped");

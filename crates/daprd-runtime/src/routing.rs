@@ -103,11 +103,19 @@ pub fn json_to_cel(v: &Json) -> cel::Value {
 ///
 /// # Errors
 /// An evaluation error of a rule tried before a match.
-pub fn select<'r>(rules: &'r [Rule], event: &Json) -> Result<Option<&'r Rule>, String> {
+pub fn select<'r>(
+    rules: &'r [Rule],
+    event: &serde_json::Map<String, Json>,
+) -> Result<Option<&'r Rule>, String> {
+    // Without CEL conditions the first rule wins: no conversion of the event at all.
     if rules.iter().all(|r| r.program.is_none()) {
         return Ok(rules.first());
     }
-    let value = json_to_cel(event);
+    let map: HashMap<String, cel::Value> = event
+        .iter()
+        .map(|(k, v)| (k.clone(), json_to_cel(v)))
+        .collect();
+    let value = cel::Value::from(map);
     for r in rules {
         if r.matches(&value)? {
             return Ok(Some(r));
@@ -136,25 +144,36 @@ mod tests {
             ("", "/default"),
         ]);
         let ev = json!({"type": "widget", "data": {"price": 150}});
-        assert_eq!(select(&r, &ev).unwrap().unwrap().path, "/expensive");
+        assert_eq!(
+            select(&r, ev.as_object().unwrap()).unwrap().unwrap().path,
+            "/expensive"
+        );
         let ev = json!({"type": "widget", "data": {"price": 50, "orderId": 1}});
-        assert_eq!(select(&r, &ev).unwrap().unwrap().path, "/orders");
+        assert_eq!(
+            select(&r, ev.as_object().unwrap()).unwrap().unwrap().path,
+            "/orders"
+        );
         let ev = json!({"type": "x", "data": {}});
-        assert_eq!(select(&r, &ev).unwrap().unwrap().path, "/default");
+        assert_eq!(
+            select(&r, ev.as_object().unwrap()).unwrap().unwrap().path,
+            "/default"
+        );
     }
 
     #[test]
     fn no_match_and_errors() {
         let r = rules(&[(r#"event.type == "a""#, "/a")]);
-        assert!(select(&r, &json!({"type": "b"})).unwrap().is_none());
+        assert!(select(&r, json!({"type": "b"}).as_object().unwrap())
+            .unwrap()
+            .is_none());
         let r = rules(&[("other.x == 1", "/a")]);
         assert!(
-            select(&r, &json!({"type": "b"})).is_err(),
+            select(&r, json!({"type": "b"}).as_object().unwrap()).is_err(),
             "unknown variable fails at evaluation"
         );
         let r = rules(&[("event.type", "/a")]);
         assert!(
-            select(&r, &json!({"type": "b"})).is_err(),
+            select(&r, json!({"type": "b"}).as_object().unwrap()).is_err(),
             "non-boolean result is an error"
         );
         assert!(
@@ -166,7 +185,7 @@ mod tests {
     #[test]
     fn floats_compare_with_ints() {
         let r = rules(&[("event.data.price > 100", "/x")]);
-        let got = select(&r, &json!({"data": {"price": 150.5}})).unwrap();
+        let got = select(&r, json!({"data": {"price": 150.5}}).as_object().unwrap()).unwrap();
         assert_eq!(got.map(|r| r.path.as_str()), Some("/x"));
     }
 }
