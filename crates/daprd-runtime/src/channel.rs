@@ -683,6 +683,7 @@ impl AppChannel for GrpcChannel {
             .on_bulk_topic_event(self.request(msg.clone()))
             .await;
         if matches!(&result, Err(st) if st.code() == tonic::Code::Unimplemented) {
+            tracing::debug!(topic = %b.topic, "app does not implement OnBulkTopicEvent; falling back to OnBulkTopicEventAlpha1");
             let mut alpha =
                 pb::app_callback_alpha_client::AppCallbackAlphaClient::new(self.channel.clone());
             result = alpha.on_bulk_topic_event_alpha1(self.request(msg)).await;

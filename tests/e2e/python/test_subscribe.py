@@ -376,3 +376,4 @@ def test_disable_init_endpoints_subscribe(sidecar_factory, app_factory):
     s.wait_ready()
     md = requests.get(s.http + "/v1.0/metadata").json()
     assert [x["topic"] for x in md["subscriptions"]] == ["decl"]
+
