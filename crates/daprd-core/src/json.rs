@@ -12,21 +12,32 @@ impl Formatter for GoFormatter {
     where
         W: ?Sized + io::Write,
     {
+        // Scan bytes: only '<', '>', '&' and the UTF-8 lead byte 0xE2 of U+2028/U+2029 matter.
+        let bytes = fragment.as_bytes();
         let mut start = 0;
-        for (i, ch) in fragment.char_indices() {
-            let escape = match ch {
-                '<' => "\\u003c",
-                '>' => "\\u003e",
-                '&' => "\\u0026",
-                '\u{2028}' => "\\u2028",
-                '\u{2029}' => "\\u2029",
-                _ => continue,
+        let mut i = 0;
+        while i < bytes.len() {
+            let (escape, len) = match bytes[i] {
+                b'<' => ("\\u003c", 1),
+                b'>' => ("\\u003e", 1),
+                b'&' => ("\\u0026", 1),
+                0xE2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xA8) => {
+                    ("\\u2028", 3)
+                }
+                0xE2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xA9) => {
+                    ("\\u2029", 3)
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
             };
-            writer.write_all(&fragment.as_bytes()[start..i])?;
+            writer.write_all(&bytes[start..i])?;
             writer.write_all(escape.as_bytes())?;
-            start = i + ch.len_utf8();
+            i += len;
+            start = i;
         }
-        writer.write_all(&fragment.as_bytes()[start..])
+        writer.write_all(&bytes[start..])
     }
 
     fn write_char_escape<W>(&mut self, writer: &mut W, char_escape: CharEscape) -> io::Result<()>
@@ -80,6 +91,15 @@ mod tests {
         assert_eq!(
             String::from_utf8(to_vec_go(&v).unwrap()).unwrap(),
             "\"a\\u0001\\u0008\\n\\u2028é\""
+        );
+    }
+
+    #[test]
+    fn other_three_byte_characters_pass_through() {
+        let v = json!("\u{2029}\u{2713}\u{20ac}<");
+        assert_eq!(
+            String::from_utf8(to_vec_go(&v).unwrap()).unwrap(),
+            "\"\\u2029\u{2713}\u{20ac}\\u003c\""
         );
     }
 
