@@ -108,3 +108,14 @@ def test_grpc_unimplemented_on_topic_event_is_handled_without_dead_letter(sideca
     s.publish("dlq", json.dumps({"marker": True}))
     out, _ = dlq.communicate(timeout=20)
     assert json.loads(out.splitlines()[0])["data"] == {"marker": True}
+
+
+def test_grpc_app_channel_sends_app_api_token_and_trace(sidecar_factory, app_factory):
+    app = app_factory("grpc_token_app.py")
+    s = sidecar_factory(app_port=app.port, app_protocol="grpc", env={"APP_API_TOKEN": "grpc-secret"})
+    s.wait_ready()
+    s.publish("orders", json.dumps({"n": 1}))
+    lines = eventually(lambda: [x for x in app.lines() if x["call"] == "event"], 10, "delivery to the gRPC app")
+    assert lines[0]["token"] == "grpc-secret" and lines[0]["topic"] == "orders"
+    assert lines[0]["traceparent"].startswith("00-")
+    assert [x["token"] for x in app.lines() if x["call"] == "list"] == ["grpc-secret"], "discovery carries it too"
