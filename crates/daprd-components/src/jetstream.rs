@@ -41,8 +41,7 @@ impl PubSubFactory for JetStreamFactory {
         name: &str,
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
-        let md = JetStreamMetadata::parse(metadata)
-            .map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let md = JetStreamMetadata::parse(metadata)?;
         let mut opts = async_nats::ConnectOptions::new()
             .name(&md.name)
             .retry_on_initial_connect();

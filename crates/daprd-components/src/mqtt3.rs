@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 use daprd_core::pubsub::{
     ErrorKind, Feature, Handler, Message, Outcome, PubSub, PubSubError, PubSubFactory,
     PublishRequest, SubscribeRequest, Subscription,
@@ -49,23 +49,20 @@ impl MqttMetadata {
     /// # Errors
     /// Every bad key.
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
-        let mut errors = Vec::new();
+        let mut r = MetadataReader::new(md);
         let url = md.get_non_empty("url").unwrap_or("");
         let (mut host, mut port, mut username, mut password) = (String::new(), 1883u16, None, None);
         if url.is_empty() {
-            errors.push(MetadataError::new("url", "is required (tcp://host:1883)"));
+            r.fail("url", "is required (tcp://host:1883)");
         } else {
             let (scheme, rest) = url.split_once("://").unwrap_or(("tcp", url));
             match scheme {
                 "tcp" | "mqtt" => {}
-                "ssl" | "tls" | "mqtts" | "tcps" | "ws" | "wss" => errors.push(MetadataError::new(
+                "ssl" | "tls" | "mqtts" | "tcps" | "ws" | "wss" => r.fail(
                     "url",
                     format!("{scheme}:// is not supported yet by daprd-rs (use tcp://)"),
-                )),
-                other => errors.push(MetadataError::new(
-                    "url",
-                    format!("unknown scheme {other:?}"),
-                )),
+                ),
+                other => r.fail("url", format!("unknown scheme {other:?}")),
             }
             let rest = rest.trim_end_matches('/');
             let (auth, hostport) = match rest.rsplit_once('@') {
@@ -83,51 +80,17 @@ impl MqttMetadata {
                         host = h.to_string();
                         port = p;
                     }
-                    Err(_) => {
-                        errors.push(MetadataError::new("url", format!("{p:?} is not a port")))
-                    }
+                    Err(_) => r.fail("url", format!("{p:?} is not a port")),
                 },
                 None => host = hostport.to_string(),
             }
         }
-        let qos = match md.get_i64("qos", 1) {
-            Ok(q @ 0..=2) => u8::try_from(q).unwrap_or(1),
-            Ok(q) => {
-                errors.push(MetadataError::new("qos", format!("{q} is not 0, 1 or 2")));
-                1
-            }
-            Err(e) => {
-                errors.push(e);
-                1
-            }
-        };
-        let mut b = |k: &str| {
-            md.get_bool(k, false).unwrap_or_else(|e| {
-                errors.push(e);
-                false
-            })
-        };
-        let retain = b("retain");
-        let clean_session = b("cleanSession");
-        for key in ["caCert", "clientCert", "clientKey"] {
-            if md.get_non_empty(key).is_some() {
-                errors.push(MetadataError::new(
-                    key,
-                    "TLS is not supported yet by daprd-rs",
-                ));
-            }
-        }
-        let client_id = md.get_non_empty("consumerID").unwrap_or("").to_string();
-        if client_id.is_empty() {
-            errors.push(MetadataError::new(
-                "consumerID",
-                "is required (daprd sets it to the app id)",
-            ));
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Self {
+        let qos = u8::try_from(r.int("qos", 1, 0..=2)).unwrap_or(1);
+        let retain = r.bool("retain", false);
+        let clean_session = r.bool("cleanSession", false);
+        r.unsupported(&["caCert", "clientCert", "clientKey"], "TLS");
+        let client_id = r.required("consumerID", " (daprd sets it to the app id)");
+        r.finish(|| Self {
             host,
             port,
             username,
@@ -170,8 +133,7 @@ impl PubSubFactory for MqttFactory {
         name: &str,
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
-        let md =
-            MqttMetadata::parse(metadata).map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let md = MqttMetadata::parse(metadata)?;
         let mut opts = MqttOptions::new(md.client_id.clone(), md.host.clone(), md.port);
         opts.set_clean_session(md.clean_session)
             .set_manual_acks(true)

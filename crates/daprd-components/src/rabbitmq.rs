@@ -70,8 +70,7 @@ impl PubSubFactory for RabbitFactory {
         name: &str,
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
-        let md =
-            RabbitMetadata::parse(metadata).map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let md = RabbitMetadata::parse(metadata)?;
         let conn = open(&md).await.map_err(|e| PubSubError::Connect {
             message: "connecting to rabbitmq".into(),
             source: Some(Box::new(e)),

@@ -43,8 +43,7 @@ impl PubSubFactory for RedisFactory {
         name: &str,
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
-        let md =
-            RedisMetadata::parse(metadata).map_err(|mut e| PubSubError::Metadata(e.remove(0)))?;
+        let md = RedisMetadata::parse(metadata)?;
         let client = redis::Client::open(md.url()).map_err(|e| PubSubError::Connect {
             message: format!("invalid redis address {:?}", md.host),
             source: Some(Box::new(e)),

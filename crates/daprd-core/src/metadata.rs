@@ -161,6 +161,125 @@ impl FromIterator<(String, String)> for Metadata {
     }
 }
 
+/// Reads typed properties from component metadata, collecting every problem instead of
+/// stopping at the first; each getter returns its default when the value is bad.
+pub struct MetadataReader<'a> {
+    md: &'a Metadata,
+    errors: Vec<MetadataError>,
+}
+
+impl<'a> MetadataReader<'a> {
+    /// A reader over `md`.
+    pub fn new(md: &'a Metadata) -> Self {
+        Self {
+            md,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The metadata being read.
+    pub fn md(&self) -> &'a Metadata {
+        self.md
+    }
+
+    /// Records a problem with `field`.
+    pub fn fail(&mut self, field: &str, problem: impl Into<String>) {
+        self.errors.push(MetadataError::new(field, problem));
+    }
+
+    /// A non-blank string, or a "is required" problem (with `hint`) and "".
+    pub fn required(&mut self, key: &str, hint: &str) -> String {
+        match self.md.get_non_empty(key) {
+            Some(v) => v.to_string(),
+            None => {
+                self.fail(key, format!("is required{hint}"));
+                String::new()
+            }
+        }
+    }
+
+    /// A boolean ([`Metadata::get_bool`]).
+    pub fn bool(&mut self, key: &str, default: bool) -> bool {
+        self.md.get_bool(key, default).unwrap_or_else(|e| {
+            self.errors.push(e);
+            default
+        })
+    }
+
+    /// An integer within `range`.
+    pub fn int(&mut self, key: &str, default: i64, range: std::ops::RangeInclusive<i64>) -> i64 {
+        match self.md.get_i64(key, default) {
+            Ok(v) if range.contains(&v) => v,
+            Ok(v) => {
+                self.fail(
+                    key,
+                    format!("{v} is outside {}..={}", range.start(), range.end()),
+                );
+                default
+            }
+            Err(e) => {
+                self.errors.push(e);
+                default
+            }
+        }
+    }
+
+    /// A duration ([`Metadata::get_duration`]: Go duration or a bare number of `bare_unit`).
+    pub fn duration(&mut self, key: &str, bare_unit: Duration, default: Duration) -> Duration {
+        self.md
+            .get_duration(key, bare_unit, default)
+            .unwrap_or_else(|e| {
+                self.errors.push(e);
+                default
+            })
+    }
+
+    /// A Go duration string only (`"30s"`); absent → `None`.
+    pub fn go_duration(&mut self, key: &str) -> Option<Duration> {
+        let v = self.md.get_non_empty(key)?;
+        match parse_go_duration(v) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.fail(key, format!("{v:?} is not a duration such as \"30s\""));
+                None
+            }
+        }
+    }
+
+    /// One of `allowed` (compared as written; absent → `default`).
+    pub fn one_of(&mut self, key: &str, default: &str, allowed: &[&str]) -> String {
+        match self.md.get_non_empty(key) {
+            None => default.to_string(),
+            Some(v) if allowed.contains(&v) => v.to_string(),
+            Some(v) => {
+                self.fail(key, format!("{v:?} is not one of {}", allowed.join(", ")));
+                default.to_string()
+            }
+        }
+    }
+
+    /// A problem for each of `keys` that is set: `what` is not supported yet.
+    pub fn unsupported(&mut self, keys: &[&str], what: &str) {
+        for key in keys {
+            if self.md.get_non_empty(key).is_some() {
+                self.fail(key, format!("{what} is not supported yet by daprd-rs"));
+            }
+        }
+    }
+
+    /// `value` when nothing was wrong, else every problem.
+    ///
+    /// # Errors
+    /// Every problem recorded.
+    pub fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<MetadataError>> {
+        if self.errors.is_empty() {
+            Ok(value())
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
 /// Go's `strconv.ParseBool`.
 pub fn parse_go_bool(v: &str) -> Option<bool> {
     match v {
@@ -229,6 +348,28 @@ mod tests {
             Duration::from_millis(15)
         );
         assert!(m.get_duration("a", ms, Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn reader_collects_every_problem_and_returns_defaults() {
+        let m = md(&[
+            ("b", "maybe"),
+            ("i", "9"),
+            ("d", "soon"),
+            ("k", "x"),
+            ("tls", "on"),
+        ]);
+        let mut r = MetadataReader::new(&m);
+        assert!(r.bool("b", true));
+        assert_eq!(r.int("i", 1, 0..=5), 1);
+        assert_eq!(r.go_duration("d"), None);
+        assert_eq!(r.one_of("k", "a", &["a", "b"]), "a");
+        assert_eq!(r.required("missing", ""), "");
+        r.unsupported(&["tls", "other"], "TLS");
+        let errs = r.finish(|| ()).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["b", "i", "d", "k", "missing", "tls"]);
+        assert!(MetadataReader::new(&m).finish(|| 7).is_ok());
     }
 
     #[test]

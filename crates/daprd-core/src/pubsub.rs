@@ -207,6 +207,17 @@ pub enum PubSubError {
     Unsupported(&'static str),
 }
 
+impl From<Vec<MetadataError>> for PubSubError {
+    /// The first of a component's metadata problems (`validate` has reported them all).
+    fn from(mut errors: Vec<MetadataError>) -> Self {
+        if errors.is_empty() {
+            PubSubError::Metadata(MetadataError::new("metadata", "is invalid"))
+        } else {
+            PubSubError::Metadata(errors.remove(0))
+        }
+    }
+}
+
 impl PubSubError {
     /// A broker error of `kind` with a message.
     pub fn broker(kind: ErrorKind, message: impl Into<String>) -> Self {

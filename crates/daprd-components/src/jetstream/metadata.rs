@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 
 /// Where a new consumer starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,36 +66,26 @@ impl JetStreamMetadata {
     /// # Errors
     /// Every bad key.
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
-        let mut errors = Vec::new();
-        let url = md.get_non_empty("natsURL").unwrap_or("").to_string();
-        if url.is_empty() {
-            errors.push(MetadataError::new("natsURL", "is required"));
-        }
-        for key in [
-            "jwt",
-            "seedKey",
-            "tls_client_cert",
-            "tls_client_key",
-            "domain",
-            "apiPrefix",
-        ] {
-            if md.get_non_empty(key).is_some() {
-                errors.push(MetadataError::new(key, "is not supported yet by daprd-rs"));
-            }
-        }
-        let seq = md.get_i64("startSequence", 0).unwrap_or_else(|e| {
-            errors.push(e);
-            0
-        });
-        let time = md.get_i64("startTime", 0).unwrap_or_else(|e| {
-            errors.push(e);
-            0
-        });
-        let start = match md
+        let mut r = MetadataReader::new(md);
+        let url = r.required("natsURL", "");
+        r.unsupported(
+            &[
+                "jwt",
+                "seedKey",
+                "tls_client_cert",
+                "tls_client_key",
+                "domain",
+                "apiPrefix",
+            ],
+            "this option",
+        );
+        let seq = r.int("startSequence", 0, i64::MIN..=i64::MAX);
+        let time = r.int("startTime", 0, i64::MIN..=i64::MAX);
+        // Policy names are matched case-insensitively.
+        let policy = md
             .get_non_empty("deliverPolicy")
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
+            .map(str::to_ascii_lowercase);
+        let start = match policy.as_deref() {
             None if seq > 0 => StartAt::Sequence(seq.unsigned_abs()),
             None if time > 0 => StartAt::Time(time),
             None | Some("all") => StartAt::All,
@@ -104,89 +94,48 @@ impl JetStreamMetadata {
             Some("sequence") => StartAt::Sequence(seq.unsigned_abs()),
             Some("time") => StartAt::Time(time),
             Some(other) => {
-                errors.push(MetadataError::new(
+                r.fail(
                     "deliverPolicy",
                     format!("{other:?} is not all, last, new, sequence or time"),
-                ));
+                );
                 StartAt::All
             }
         };
-        let mut dur = |key: &str| -> Option<Duration> {
-            match md.get_non_empty(key) {
-                None => None,
-                Some(v) => match daprd_core::duration::parse_go_duration(v) {
-                    Ok(d) => Some(d),
-                    Err(_) => {
-                        errors.push(MetadataError::new(
-                            key,
-                            format!("{v:?} is not a duration such as \"30s\""),
-                        ));
-                        None
-                    }
-                },
-            }
-        };
-        let ack_wait = dur("ackWait");
-        let heartbeat = dur("heartbeat");
+        let ack_wait = r.go_duration("ackWait");
+        let heartbeat = r.go_duration("heartbeat");
         let mut back_off = Vec::new();
         if let Some(list) = md.get_non_empty("backOff") {
             for part in list.split(',').map(str::trim) {
                 match daprd_core::duration::parse_go_duration(part) {
                     Ok(d) => back_off.push(d),
-                    Err(_) => errors.push(MetadataError::new(
-                        "backOff",
-                        format!("{part:?} is not a duration"),
-                    )),
+                    Err(_) => r.fail("backOff", format!("{part:?} is not a duration")),
                 }
             }
         }
-        let mut int = |key: &str| {
-            md.get_i64(key, 0).unwrap_or_else(|e| {
-                errors.push(e);
-                0
-            })
-        };
-        let max_deliver = int("maxDeliver");
-        let max_ack_pending = int("maxAckPending");
-        let replicas = int("replicas");
-        let rate_limit = int("rateLimit");
-        let mut b = |key: &str| {
-            md.get_bool(key, false).unwrap_or_else(|e| {
-                errors.push(e);
-                false
-            })
-        };
-        let flow_control = b("flowControl");
-        let memory_storage = b("memoryStorage");
+        let max_deliver = r.int("maxDeliver", 0, i64::MIN..=i64::MAX);
+        let max_ack_pending = r.int("maxAckPending", 0, i64::MIN..=i64::MAX);
+        let replicas = r.int("replicas", 0, i64::MIN..=i64::MAX);
+        let rate_limit = r.int("rateLimit", 0, i64::MIN..=i64::MAX);
+        let flow_control = r.bool("flowControl", false);
+        let memory_storage = r.bool("memoryStorage", false);
         let ack_policy = md
             .get_non_empty("ackPolicy")
             .unwrap_or("explicit")
             .to_ascii_lowercase();
         if !["explicit", "all", "none"].contains(&ack_policy.as_str()) {
-            errors.push(MetadataError::new(
+            r.fail(
                 "ackPolicy",
                 format!("{ack_policy:?} is not explicit, all or none"),
-            ));
+            );
         }
-        let mode = md
-            .get_non_empty("concurrencyMode")
-            .or_else(|| md.get_non_empty("concurrency"))
-            .unwrap_or("single");
-        let parallel = match mode {
-            "single" => false,
-            "parallel" => true,
-            other => {
-                errors.push(MetadataError::new(
-                    "concurrencyMode",
-                    format!("{other:?} is not single or parallel"),
-                ));
-                false
-            }
+        // `concurrencyMode` overrides the older `concurrency` key.
+        let mode_key = if md.get_non_empty("concurrencyMode").is_some() {
+            "concurrencyMode"
+        } else {
+            "concurrency"
         };
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Self {
+        let parallel = r.one_of(mode_key, "single", &["single", "parallel"]) == "parallel";
+        r.finish(|| Self {
             url,
             name: md
                 .get_non_empty("name")

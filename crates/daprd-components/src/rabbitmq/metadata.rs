@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 
 /// Parsed `pubsub.rabbitmq` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +66,7 @@ impl RabbitMetadata {
     /// # Errors
     /// Every bad key.
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
-        let mut errors = Vec::new();
+        let mut r = MetadataReader::new(md);
         let uri = match md
             .get_non_empty("connectionString")
             .or_else(|| md.get_non_empty("host"))
@@ -82,105 +82,46 @@ impl RabbitMetadata {
                     };
                     format!("{protocol}://{auth}{h}")
                 }
-                None => {
-                    errors.push(MetadataError::new(
-                        "connectionString",
-                        "is required (or host, or hostname)",
-                    ));
-                    String::new()
-                }
+                None => r.required("connectionString", " (or host, or hostname)"),
             },
         };
         if uri.starts_with("amqps://") {
-            errors.push(MetadataError::new(
+            r.fail(
                 "connectionString",
                 "amqps (TLS) is not supported yet by daprd-rs",
-            ));
+            );
         } else if !uri.is_empty() && !uri.starts_with("amqp://") {
-            errors.push(MetadataError::new(
-                "connectionString",
-                format!("{uri:?} is not an amqp:// URI"),
-            ));
+            r.fail("connectionString", format!("{uri:?} is not an amqp:// URI"));
         }
-        if md.get_bool("saslExternal", false).unwrap_or(false) {
-            errors.push(MetadataError::new(
+        if r.bool("saslExternal", false) {
+            r.fail(
                 "saslExternal",
                 "SASL EXTERNAL is not supported yet by daprd-rs",
-            ));
+            );
         }
-        let mut b = |key: &str, default: bool| {
-            md.get_bool(key, default).unwrap_or_else(|e| {
-                errors.push(e);
-                default
-            })
-        };
-        let durable = b("durable", false);
-        let deleted_when_unused = b("deletedWhenUnused", true);
-        let auto_ack = b("autoAck", false);
-        let requeue_in_failure = b("requeueInFailure", false);
-        let enable_dead_letter = b("enableDeadLetter", false);
-        let publisher_confirm = b("publisherConfirm", false);
-        let properties_to_metadata = b("publishMessagePropertiesToMetadata", false);
-        let mut i = |key: &str, default: i64, range: std::ops::RangeInclusive<i64>| -> i64 {
-            match md.get_i64(key, default) {
-                Ok(v) if range.contains(&v) => v,
-                Ok(v) => {
-                    errors.push(MetadataError::new(
-                        key,
-                        format!("{v} is out of range {range:?}"),
-                    ));
-                    default
-                }
-                Err(e) => {
-                    errors.push(e);
-                    default
-                }
-            }
-        };
-        let delivery_mode = i("deliveryMode", 0, 0..=2);
-        let prefetch = i("prefetchCount", 0, 0..=65535);
-        let max_len = i("maxLen", 0, 0..=i64::MAX);
-        let max_len_bytes = i("maxLenBytes", 0, 0..=i64::MAX);
-        let reconnect = i("reconnectWaitSeconds", 3, 0..=86_400);
-        let ttl = i("ttlInSeconds", 0, 0..=i64::MAX);
-        let exchange_kind = md
-            .get_non_empty("exchangeKind")
-            .unwrap_or("fanout")
-            .to_string();
-        if !["fanout", "topic", "direct", "headers"].contains(&exchange_kind.as_str()) {
-            errors.push(MetadataError::new(
-                "exchangeKind",
-                format!("{exchange_kind:?} is not fanout, topic, direct or headers"),
-            ));
-        }
-        let parallel = match md.get_non_empty("concurrencyMode") {
-            None | Some("parallel") => true,
-            Some("single") => false,
-            Some(other) => {
-                errors.push(MetadataError::new(
-                    "concurrencyMode",
-                    format!("{other:?} is not parallel or single"),
-                ));
-                true
-            }
-        };
-        let heartbeat = md
-            .get_duration("heartBeat", Duration::from_secs(1), Duration::from_secs(10))
-            .unwrap_or_else(|e| {
-                errors.push(e);
-                Duration::from_secs(10)
-            });
-        let consumer_id = md.get_non_empty("consumerID").unwrap_or("").to_string();
-        if consumer_id.is_empty() {
-            errors.push(MetadataError::new(
-                "consumerID",
-                "is required (daprd sets it to the app id)",
-            ));
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Self {
+        let durable = r.bool("durable", false);
+        let deleted_when_unused = r.bool("deletedWhenUnused", true);
+        let auto_ack = r.bool("autoAck", false);
+        let requeue_in_failure = r.bool("requeueInFailure", false);
+        let enable_dead_letter = r.bool("enableDeadLetter", false);
+        let publisher_confirm = r.bool("publisherConfirm", false);
+        let properties_to_metadata = r.bool("publishMessagePropertiesToMetadata", false);
+        let delivery_mode = r.int("deliveryMode", 0, 0..=2);
+        let prefetch = r.int("prefetchCount", 0, 0..=65535);
+        let max_len = r.int("maxLen", 0, 0..=i64::MAX);
+        let max_len_bytes = r.int("maxLenBytes", 0, 0..=i64::MAX);
+        let reconnect = r.int("reconnectWaitSeconds", 3, 0..=86_400);
+        let ttl = r.int("ttlInSeconds", 0, 0..=i64::MAX);
+        let exchange_kind = r.one_of(
+            "exchangeKind",
+            "fanout",
+            &["fanout", "topic", "direct", "headers"],
+        );
+        let parallel =
+            r.one_of("concurrencyMode", "parallel", &["parallel", "single"]) == "parallel";
+        let heartbeat = r.duration("heartBeat", Duration::from_secs(1), Duration::from_secs(10));
+        let consumer_id = r.required("consumerID", " (daprd sets it to the app id)");
+        r.finish(|| Self {
             uri,
             consumer_id,
             durable,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 
 /// Parsed `pubsub.redis` metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,24 +49,11 @@ const NOT_YET: &[(&str, &str)] = &[
     ("useOIDC", "OIDC authentication"),
 ];
 
-fn ms_or_duration(
-    md: &Metadata,
-    key: &str,
-    default: Duration,
-    errors: &mut Vec<MetadataError>,
-) -> Duration {
-    match md.get_non_empty(key) {
-        None => default,
-        Some(v) => match v.parse::<u64>() {
-            Ok(ms) => Duration::from_millis(ms),
-            Err(_) => daprd_core::duration::parse_go_duration(v).unwrap_or_else(|_| {
-                errors.push(MetadataError::new(
-                    key,
-                    format!("{v:?} is not a duration (\"60s\") or milliseconds"),
-                ));
-                default
-            }),
-        },
+/// A duration where a bare number means milliseconds (Dapr's legacy rule).
+fn ms_or_duration(r: &mut MetadataReader<'_>, key: &str, default: Duration) -> Duration {
+    match r.md().get_non_empty(key).map(|v| v.parse::<u64>()) {
+        Some(Ok(ms)) => Duration::from_millis(ms),
+        _ => r.duration(key, Duration::from_millis(1), default),
     }
 }
 
@@ -76,87 +63,42 @@ impl RedisMetadata {
     /// # Errors
     /// One [`MetadataError`] per bad key.
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
-        let mut errors = Vec::new();
-        let host = md.get_non_empty("redisHost").unwrap_or("").to_string();
-        if host.is_empty() {
-            errors.push(MetadataError::new("redisHost", "is required (host:port)"));
-        } else if host.contains(',') {
-            errors.push(MetadataError::new(
+        let mut r = MetadataReader::new(md);
+        let host = r.required("redisHost", " (host:port)");
+        if host.contains(',') {
+            r.fail(
                 "redisHost",
                 "a comma list means a Redis cluster, which daprd-rs does not support yet",
-            ));
+            );
         }
-        match md.get_non_empty("redisType") {
-            None | Some("node") => {}
-            Some("cluster") => errors.push(MetadataError::new(
-                "redisType",
-                "cluster is not supported yet by daprd-rs",
-            )),
-            Some(other) => errors.push(MetadataError::new(
-                "redisType",
-                format!("{other:?} is not node or cluster"),
-            )),
+        if r.one_of("redisType", "node", &["node", "cluster"]) == "cluster" {
+            r.fail("redisType", "cluster is not supported yet by daprd-rs");
         }
         for (key, what) in NOT_YET {
-            match md.get_bool(key, false) {
-                Ok(true) => errors.push(MetadataError::new(
-                    *key,
-                    format!("{what} is not supported yet by daprd-rs"),
-                )),
-                Ok(false) => {}
-                Err(e) => errors.push(e),
+            if r.bool(key, false) {
+                r.fail(key, format!("{what} is not supported yet by daprd-rs"));
             }
         }
-        let mut int = |key: &str, default: i64, min: i64| -> i64 {
-            match md.get_i64(key, default) {
-                Ok(v) if v >= min => v,
-                Ok(v) => {
-                    errors.push(MetadataError::new(key, format!("{v} is below {min}")));
-                    default
-                }
-                Err(e) => {
-                    errors.push(e);
-                    default
-                }
-            }
-        };
-        let db = int("redisDB", 0, 0);
-        let concurrency = int("concurrency", 10, 1);
-        let queue_depth = int("queueDepth", 100, 1);
-        let max_len = int("maxLenApprox", 0, 0);
-        let processing_timeout = ms_or_duration(
-            md,
-            "processingTimeout",
-            Duration::from_secs(60),
-            &mut errors,
-        );
+        let db = r.int("redisDB", 0, 0..=i64::MAX);
+        let concurrency = r.int("concurrency", 10, 1..=i64::from(u32::MAX));
+        let queue_depth = r.int("queueDepth", 100, 1..=i64::from(u32::MAX));
+        let max_len = r.int("maxLenApprox", 0, 0..=i64::MAX);
+        let processing_timeout =
+            ms_or_duration(&mut r, "processingTimeout", Duration::from_secs(60));
+        // Integer milliseconds only: anything else keeps the default, as in Dapr.
         let redeliver_interval = md
             .get_non_empty("redeliverInterval")
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_secs(15));
-        let mut dur = |key: &str, default: Duration| {
-            md.get_duration(key, Duration::from_secs(1), default)
-                .unwrap_or_else(|e| {
-                    errors.push(e);
-                    default
-                })
-        };
-        let stream_ttl = Some(dur("streamTTL", Duration::ZERO)).filter(|d| !d.is_zero());
-        let dial_timeout = dur("dialTimeout", Duration::from_secs(5));
-        let read_timeout = dur("readTimeout", Duration::from_secs(3));
-        let write_timeout = dur("writeTimeout", Duration::from_secs(3));
-        let consumer_id = md.get_non_empty("consumerID").unwrap_or("").to_string();
-        if consumer_id.is_empty() {
-            errors.push(MetadataError::new(
-                "consumerID",
-                "is required (daprd sets it to the app id)",
-            ));
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Self {
+        let secs = Duration::from_secs(1);
+        let stream_ttl =
+            Some(r.duration("streamTTL", secs, Duration::ZERO)).filter(|d| !d.is_zero());
+        let dial_timeout = r.duration("dialTimeout", secs, Duration::from_secs(5));
+        let read_timeout = r.duration("readTimeout", secs, Duration::from_secs(3));
+        let write_timeout = r.duration("writeTimeout", secs, Duration::from_secs(3));
+        let consumer_id = r.required("consumerID", " (daprd sets it to the app id)");
+        r.finish(|| Self {
             host,
             username: md.get_non_empty("redisUsername").map(str::to_string),
             password: md.get_non_empty("redisPassword").map(str::to_string),
