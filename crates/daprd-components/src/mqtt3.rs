@@ -376,7 +376,7 @@ impl PubSub for MqttPubSub {
         handler: Handler,
     ) -> Result<Subscription, PubSubError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
-        let id = fastrand_id();
+        let id = next_route_id();
         self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -443,12 +443,10 @@ impl PubSub for MqttPubSub {
     }
 }
 
-fn fastrand_id() -> u64 {
-    u64::from_le_bytes(
-        uuid::Uuid::new_v4().as_bytes()[..8]
-            .try_into()
-            .unwrap_or([0; 8]),
-    )
+/// A process-unique id for a subscription's route.
+fn next_route_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -92,25 +92,6 @@ impl ComponentStore {
             .collect()
     }
 
-    /// Adds a live pub/sub (used by tests and embedders).
-    pub fn insert_pubsub(&mut self, entry: PubSubEntry, ty: &str) {
-        self.registered.push(RegisteredComponent {
-            name: entry.name.clone(),
-            ty: ty.to_string(),
-            version: "v1".into(),
-            capabilities: entry
-                .component
-                .features()
-                .iter()
-                .map(|f| f.as_str().to_string())
-                .collect(),
-        });
-        self.pubsubs
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(entry.name.clone(), Arc::new(entry));
-    }
-
     /// Components for the metadata API, in load order.
     pub fn registered(&self) -> &[RegisteredComponent] {
         &self.registered
