@@ -22,3 +22,13 @@ export DAPRD_BIN="$PWD/target/debug/daprd"
 
 echo "==> JavaScript SDK end-to-end tests"
 (cd tests/e2e/js && npm install --no-audit --no-fund --silent --no-package-lock && npm test)
+
+# The broker matrix: the same SDK suites again with each broker component in place of
+# pubsub.in-memory (DAPRD_E2E_PUBSUB). Needs the brokers on loopback (.ci/run starts them).
+# E2E_BROKERS="" skips it; E2E_BROKERS="redis" runs one.
+for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream}; do
+  echo "==> SDK end-to-end tests against pubsub.$broker"
+  (cd tests/e2e/python && DAPRD_E2E_PUBSUB=$broker ../../../.venv/bin/python -m pytest -q -p no:cacheprovider \
+    test_publish_sdk.py test_subscribe.py test_streaming.py)
+  (cd tests/e2e/js && DAPRD_E2E_PUBSUB=$broker npm test)
+done

@@ -21,6 +21,7 @@ async fn in_memory_conformance() {
         })
     });
     conformance::many_messages_arrive(&connect).await;
+    conformance::bulk_publish(&connect).await;
     conformance::outcomes(
         &connect,
         Traits {
@@ -178,6 +179,7 @@ async fn mqtt3_conformance() {
         native_ttl: false,
     };
     conformance::many_messages_arrive(&connect).await;
+    conformance::bulk_publish(&connect).await;
     conformance::outcomes(&connect, traits).await;
     conformance::ordering(&connect).await;
 }

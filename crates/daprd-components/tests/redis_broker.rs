@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daprd_core::pubsub::{
-    Handler, Message, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+    BulkEntry, BulkPublishRequest, Handler, Message, Outcome, PubSub, PubSubFactory,
+    PublishRequest, SubscribeRequest,
 };
 use daprd_testkit::conformance::{metadata_with_group, random_name};
 use daprd_testkit::{eventually, free_port, ScratchDir};
@@ -89,6 +90,60 @@ async fn publish_writes_the_same_stream_entry_as_dapr() {
         ["data", "{\"a\":1}", "metadata", "{\"ttlInSeconds\":\"10\"}"],
         "{range}"
     );
+}
+
+#[tokio::test]
+async fn bulk_publish_pipelines_one_xadd_per_entry_and_reports_failed_entries() {
+    let topic = random_name("bulk-bytes");
+    let c = connect(&host(), "bulk-app").await;
+    let entry = |id: &str, data: &'static [u8], md: &[(&str, &str)]| BulkEntry {
+        entry_id: id.into(),
+        data: Bytes::from_static(data),
+        content_type: "application/json".into(),
+        metadata: md
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let request = |topic: &str| BulkPublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.into(),
+        entries: vec![
+            entry("a", b"{\"n\":1}", &[("k", "v")]),
+            entry("b", b"{\"n\":2}", &[]),
+        ],
+        metadata: BTreeMap::new(),
+    };
+    let failed = c.bulk_publish(request(&topic)).await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    // each entry is the stream entry a single publish writes, in entry order
+    let range = cli(&host(), &["XRANGE", &topic, "-", "+"]);
+    let fields: Vec<&str> = range
+        .lines()
+        .filter(|l| !l.chars().all(|c| c.is_ascii_digit() || c == '-')) // entry ids
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "data",
+            "{\"n\":1}",
+            "metadata",
+            "{\"k\":\"v\"}",
+            "data",
+            "{\"n\":2}",
+            "metadata",
+            "{}"
+        ],
+        "{range}"
+    );
+    // A key of the wrong type makes every XADD fail: each entry comes back failed, by id.
+    let wrong = random_name("bulk-wrongtype");
+    cli(&host(), &["SET", &wrong, "not a stream"]);
+    let failed = c.bulk_publish(request(&wrong)).await.unwrap();
+    let ids: Vec<&str> = failed.iter().map(|f| f.entry_id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert!(failed[0].error.contains("WRONGTYPE"), "{failed:?}");
+    cli(&host(), &["DEL", &wrong]);
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! The conformance suite every pub/sub component passes (modelled on Dapr's
-//! components-contrib conformance tests): bulk of messages delivered, ack semantics,
-//! consumer groups. Topics and groups are random so suites share one broker in parallel.
+//! components-contrib conformance tests): bulk of messages delivered, bulk publish, ack
+//! semantics, consumer groups, ordering, TTL. Topics and groups are random so suites share one broker in parallel.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PublishRequest, SubscribeRequest};
+use daprd_core::pubsub::{
+    BulkEntry, BulkPublishRequest, Feature, Handler, Message, Outcome, PubSub, PubSubError,
+    PublishRequest, SubscribeRequest,
+};
 use daprd_core::Metadata;
 use tokio::sync::mpsc;
 
@@ -128,6 +131,7 @@ async fn subscribe(
 /// Runs every case; panics with the case name on failure.
 pub async fn run(connect: Connect, traits: Traits) {
     many_messages_arrive(&connect).await;
+    bulk_publish(&connect).await;
     outcomes(&connect, traits).await;
     groups(&connect, traits).await;
     if traits.ordered {
@@ -226,6 +230,61 @@ pub async fn many_messages_arrive(connect: &Connect) {
     assert!(
         quiet(&mut rx, Duration::from_millis(300)).await.is_none(),
         "many_messages_arrive: a success was redelivered"
+    );
+    c.close().await.expect("close");
+}
+
+/// Bulk publish of 100 entries arrives, each entry once. A component declaring
+/// [`Feature::BulkPublish`] publishes them natively and reports no failed entry; any other
+/// must answer [`PubSubError::Unsupported`] (the runtime then publishes entry by entry, which
+/// the case does too).
+pub async fn bulk_publish(connect: &Connect) {
+    let topic = random_topic("bulk");
+    let c = connect(random_name("group")).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = subscribe(&c, &topic, h).await;
+    const N: usize = 100;
+    let requests: Vec<PublishRequest> = (0..N).map(|i| request(&topic, i)).collect();
+    let bulk = BulkPublishRequest {
+        pubsub_name: "conformance".into(),
+        topic: topic.clone(),
+        entries: requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| BulkEntry {
+                entry_id: i.to_string(),
+                data: r.data.clone(),
+                content_type: "application/json".into(),
+                metadata: BTreeMap::new(),
+            })
+            .collect(),
+        metadata: BTreeMap::new(),
+    };
+    if c.features().contains(&Feature::BulkPublish) {
+        let failed = c.bulk_publish(bulk).await.expect("bulk publish");
+        assert!(failed.is_empty(), "bulk_publish: failed entries {failed:?}");
+    } else {
+        let answer = c.bulk_publish(bulk).await;
+        assert!(
+            matches!(answer, Err(PubSubError::Unsupported(_))),
+            "bulk_publish: a component without the BulkPublish feature must answer Unsupported"
+        );
+        for r in requests {
+            c.publish(r).await.expect("publish");
+        }
+    }
+    let got = drain(&mut rx, N, Duration::from_secs(30)).await;
+    let mut ns: Vec<usize> = got.iter().map(number).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    assert_eq!(
+        (got.len(), ns.len()),
+        (N, N),
+        "bulk_publish: every entry once"
+    );
+    assert!(
+        quiet(&mut rx, Duration::from_millis(300)).await.is_none(),
+        "bulk_publish: an entry arrived twice"
     );
     c.close().await.expect("close");
 }

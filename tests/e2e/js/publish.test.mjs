@@ -2,14 +2,17 @@
 import { test, after, before } from "node:test";
 import assert from "node:assert/strict";
 import { DaprClient, CommunicationProtocolEnum, LogLevel } from "@dapr/dapr";
-import { startSidecar, inMemory } from "./sidecar.mjs";
+import { startSidecar, pubsubComponent, isolateBroker, PUBSUB } from "./sidecar.mjs";
 
 let sidecar;
+let cleanup;
 before(async () => {
-  sidecar = await startSidecar({ resources: [inMemory("pubsub"), inMemory("scoped", { allowedTopics: "only" })] });
+  cleanup = await isolateBroker();
+  sidecar = await startSidecar({ resources: [pubsubComponent("pubsub"), pubsubComponent("scoped", { allowedTopics: "only" })] });
 });
 after(async () => {
   await sidecar?.stop();
+  await cleanup?.();
 });
 
 // The HTTP client returns `{ error }`; the gRPC client throws `{ error }`.
@@ -43,7 +46,7 @@ for (const [name, protocol] of [["HTTP", CommunicationProtocolEnum.HTTP], ["gRPC
       assert.deepEqual(bulk.failedMessages, []);
       const md = await c.metadata.get();
       assert.equal(md.id, "checkout");
-      assert.ok(md.components.some((x) => x.name === "pubsub" && x.type === "pubsub.in-memory"), JSON.stringify(md));
+      assert.ok(md.components.some((x) => x.name === "pubsub" && x.type === `pubsub.${PUBSUB}`), JSON.stringify(md));
     } finally {
       await c.stop();
     }

@@ -1,5 +1,6 @@
 // Starts the built daprd binary on free loopback ports with its own resources dir.
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
+import { randomUUID } from "node:crypto";
 import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -9,9 +10,53 @@ import { fileURLToPath } from "node:url";
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 export const DAPRD = process.env.DAPRD_BIN ?? join(ROOT, "target", "debug", "daprd");
 
-export function inMemory(name, metadata = {}) {
-  const items = Object.entries(metadata).map(([k, v]) => `{name: ${k}, value: "${v}"}`).join(", ");
-  return `apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: ${name}\nspec:\n  type: pubsub.in-memory\n  version: v1\n  metadata: [${items}]\n`;
+// The pub/sub component the tests run against: pubsub.in-memory unless DAPRD_E2E_PUBSUB names
+// a broker component (scripts/test.sh runs the suites once per broker). Each test gets its own
+// slice of the shared broker (see isolateBroker), so runs never see each other's messages.
+export const PUBSUB = process.env.DAPRD_E2E_PUBSUB ?? "in-memory";
+const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream"];
+if (!BROKERS.includes(PUBSUB)) throw new Error(`DAPRD_E2E_PUBSUB must be one of ${BROKERS}`);
+const REDIS_DB = "9"; // the e2e database, flushed before each test
+const NATS_URL = "localhost:4222";
+let testTag = "t";
+
+function brokerMetadata() {
+  return {
+    "in-memory": {},
+    redis: { redisHost: "localhost:6379", redisDB: REDIS_DB },
+    // queues are <consumerID>-<topic>: one set per test, still shared by one app id
+    rabbitmq: { connectionString: "amqp://guest:guest@localhost:5672", consumerID: `{appID}-${testTag}` },
+    // the MQTT client id must be unique per sidecar
+    mqtt3: { url: "tcp://localhost:1883", consumerID: "{appID}-{uuid}" },
+    jetstream: { natsURL: `nats://${NATS_URL}` },
+  }[PUBSUB];
+}
+
+export function pubsubComponent(name, metadata = {}) {
+  const merged = { ...brokerMetadata(), ...metadata };
+  const items = Object.entries(merged).map(([k, v]) => `{name: ${k}, value: "${v}"}`).join(", ");
+  return `apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: ${name}\nspec:\n  type: pubsub.${PUBSUB}\n  version: v1\n  metadata: [${items}]\n`;
+}
+
+/** Gives the next test a fresh slice of the broker under test; returns its cleanup. */
+export async function isolateBroker() {
+  testTag = randomUUID().replaceAll("-", "").slice(0, 10);
+  if (PUBSUB === "redis") execFileSync("redis-cli", ["-n", REDIS_DB, "FLUSHDB"]);
+  if (PUBSUB !== "jetstream") return async () => {};
+  // Dapr's JetStream component needs streams holding the subjects: single-token topic names
+  // in one stream ("*"), dead-letter topics "dlq.<x>" in another (a dead-letter republish
+  // keeps the Nats-Msg-Id and would be dropped as a duplicate in the source's stream).
+  const { connect } = await import("nats");
+  const nc = await connect({ servers: NATS_URL });
+  const jsm = await nc.jetstreamManager();
+  const name = `e2e-js-${testTag}`;
+  await jsm.streams.add({ name, subjects: ["*"], max_age: 600e9 });
+  await jsm.streams.add({ name: `${name}-dlt`, subjects: ["dlq.>"], max_age: 600e9 });
+  return async () => {
+    await jsm.streams.delete(name);
+    await jsm.streams.delete(`${name}-dlt`);
+    await nc.close();
+  };
 }
 
 export function freePort() {
@@ -25,7 +70,7 @@ export function freePort() {
   });
 }
 
-export async function startSidecar({ resources = [inMemory("pubsub")], appId = "checkout", env = {}, appPort, appProtocol = "http", waitFor = "/v1.0/healthz/outbound" } = {}) {
+export async function startSidecar({ resources = [pubsubComponent("pubsub")], appId = "checkout", env = {}, appPort, appProtocol = "http", waitFor = "/v1.0/healthz/outbound" } = {}) {
   const dir = mkdtempSync(join(tmpdir(), "daprd-e2e-js-"));
   resources.forEach((doc, i) => writeFileSync(join(dir, `c${i}.yaml`), doc));
   const httpPort = await freePort();

@@ -1,8 +1,16 @@
 // Delivery to apps written with the official JavaScript SDK's DaprServer, over HTTP and gRPC.
-import { test } from "node:test";
+import { afterEach, beforeEach, test } from "node:test";
 import assert from "node:assert/strict";
 import { DaprClient, DaprServer, CommunicationProtocolEnum, DaprPubSubStatusEnum, LogLevel } from "@dapr/dapr";
-import { startSidecar, freePort } from "./sidecar.mjs";
+import { startSidecar, freePort, isolateBroker } from "./sidecar.mjs";
+
+let cleanup;
+beforeEach(async () => {
+  cleanup = await isolateBroker();
+});
+afterEach(async () => {
+  await cleanup?.();
+});
 
 async function eventually(check, what, timeoutMs = 15000) {
   const deadline = Date.now() + timeoutMs;
@@ -35,11 +43,11 @@ for (const [name, protocol, appProtocol] of [
       got.orders.push(data);
     });
     await server.pubsub.subscribeWithOptions("pubsub", "poison", {
-      deadLetterTopic: "dlq",
+      deadLetterTopic: "dlq.js",
       // (the SDK treats a thrown error as SUCCESS, so the handler says DROP explicitly)
       callback: async () => DaprPubSubStatusEnum.DROP,
     });
-    await server.pubsub.subscribe("pubsub", "dlq", async (data) => {
+    await server.pubsub.subscribe("pubsub", "dlq.js", async (data) => {
       got.dlq.push(data);
     });
     await server.start();
@@ -55,7 +63,7 @@ for (const [name, protocol, appProtocol] of [
       assert.deepEqual(got.dlq[0], { bad: true });
       const md = await client.metadata.get();
       const topics = md.subscriptions.map((s) => s.topic).sort();
-      assert.deepEqual(topics, ["dlq", "orders", "poison"]);
+      assert.deepEqual(topics, ["dlq.js", "orders", "poison"]);
     } finally {
       await client.stop();
       // The sidecar goes first: a gRPC app server only stops once daprd's connection closes.

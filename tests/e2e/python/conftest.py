@@ -15,15 +15,84 @@ import requests
 ROOT = Path(__file__).resolve().parents[3]
 DAPRD = Path(os.environ.get("DAPRD_BIN", ROOT / "target" / "debug" / "daprd"))
 
-IN_MEMORY = """apiVersion: dapr.io/v1alpha1
+# The pub/sub component the suites run against: pubsub.in-memory unless DAPRD_E2E_PUBSUB
+# names a broker component (the matrix of issue 4: scripts/test.sh runs the suites once per
+# broker). Each test gets its own consumer groups / database / stream, so runs on the shared
+# brokers never see each other's messages.
+PUBSUB = os.environ.get("DAPRD_E2E_PUBSUB", "in-memory")
+BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream")
+assert PUBSUB in BROKERS, f"DAPRD_E2E_PUBSUB must be one of {BROKERS}"
+REDIS_DB = "9"  # the e2e database, flushed before each test
+NATS_URL = "nats://localhost:4222"
+_test_tag = {"value": "t"}
+
+COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
 metadata:
   name: {name}
 spec:
-  type: pubsub.in-memory
+  type: pubsub.{kind}
   version: v1
   metadata: {metadata}
 """
+
+
+def broker_metadata() -> dict:
+    """Connection and isolation metadata for the broker under test."""
+    tag = _test_tag["value"]
+    return {
+        "in-memory": {},
+        "redis": {"redisHost": "localhost:6379", "redisDB": REDIS_DB},
+        # queues are <consumerID>-<topic>: one set per test, still shared by one app id
+        "rabbitmq": {"connectionString": "amqp://guest:guest@localhost:5672",
+                     "consumerID": "{appID}-" + tag},
+        # the MQTT client id must be unique per sidecar
+        "mqtt3": {"url": "tcp://localhost:1883", "consumerID": "{appID}-{uuid}"},
+        "jetstream": {"natsURL": NATS_URL},
+    }[PUBSUB]
+
+
+@pytest.fixture(autouse=True)
+def isolated_broker(request):
+    """Gives each test a fresh slice of the broker under test."""
+    import uuid
+
+    _test_tag["value"] = uuid.uuid4().hex[:10]
+    if PUBSUB == "redis":
+        subprocess.run(["redis-cli", "-n", REDIS_DB, "FLUSHDB"], check=True, capture_output=True)
+    stream = None
+    if PUBSUB == "jetstream":
+        # Dapr's JetStream component needs streams holding the subjects: the tests use
+        # single-token topic names, taken by one stream ("*"), and dead-letter topics named
+        # "dlq.<x>", taken by a second one. A dead-letter republish keeps the CloudEvent id,
+        # hence the Nats-Msg-Id, and would be dropped as a duplicate in the source's stream
+        # (as with Go daprd).
+        stream = "e2e-" + _test_tag["value"]
+
+        async def create(js):
+            await js.add_stream(name=stream, subjects=["*"], max_age=600)
+            await js.add_stream(name=stream + "-dlt", subjects=["dlq.>"], max_age=600)
+        _nats(create)
+    yield
+    if stream:
+        async def delete(js):
+            await js.delete_stream(stream)
+            await js.delete_stream(stream + "-dlt")
+        _nats(delete)
+
+
+def _nats(action):
+    import asyncio
+
+    import nats
+
+    async def run():
+        nc = await nats.connect(NATS_URL)
+        try:
+            await action(nc.jetstream())
+        finally:
+            await nc.close()
+    asyncio.run(run())
 
 
 def eventually(check, timeout, what):
@@ -47,9 +116,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def in_memory(name: str, **metadata: str) -> str:
-    items = "[" + ", ".join(f'{{name: {k}, value: "{v}"}}' for k, v in metadata.items()) + "]"
-    return IN_MEMORY.format(name=name, metadata=items)
+def pubsub_component(name: str, **metadata: str) -> str:
+    """A pub/sub component named `name` of the kind under test (in-memory by default)."""
+    merged = {**broker_metadata(), **metadata}
+    items = "[" + ", ".join(f'{{name: {k}, value: "{v}"}}' for k, v in merged.items()) + "]"
+    return COMPONENT.format(name=name, kind=PUBSUB, metadata=items)
 
 
 class Sidecar:
@@ -122,7 +193,7 @@ def sidecar_factory():
     started = []
 
     def make(resources=None, **kw):
-        s = Sidecar(resources or [in_memory("pubsub")], **kw)
+        s = Sidecar(resources or [pubsub_component("pubsub")], **kw)
         started.append(s)
         return s
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import requests
 
-from conftest import DAPRD, in_memory, ROOT
+from conftest import DAPRD, PUBSUB, ROOT, pubsub_component
 
 
 def run_sdk(sidecar, code: str) -> str:
@@ -36,11 +36,11 @@ with DaprClient() as c:
 """)
     assert "failed=0" in out
     assert "id=checkout" in out
-    assert "components=pubsub:pubsub.in-memory" in out
+    assert f"components=pubsub:pubsub.{PUBSUB}" in out
 
 
 def test_grpc_errors_reach_the_sdk_with_codes_and_details(sidecar_factory):
-    s = sidecar_factory([in_memory("pubsub"), in_memory("scoped", allowedTopics="only")])
+    s = sidecar_factory([pubsub_component("pubsub"), pubsub_component("scoped", allowedTopics="only")])
     out = run_sdk(s, """
 from dapr.clients import DaprClient
 from dapr.clients.exceptions import DaprGrpcError
@@ -59,7 +59,7 @@ with DaprClient() as c:
 
 
 def test_http_publish_and_error_rows_with_requests(sidecar_factory):
-    s = sidecar_factory([in_memory("pubsub"), in_memory("scoped", publishingScopes="checkout=mine")])
+    s = sidecar_factory([pubsub_component("pubsub"), pubsub_component("scoped", publishingScopes="checkout=mine")])
     r = requests.post(s.http + "/v1.0/publish/pubsub/orders", json={"a": 1})
     assert r.status_code == 204 and r.content == b""
     r = requests.post(s.http + "/v1.0/publish/bulk/pubsub/orders",

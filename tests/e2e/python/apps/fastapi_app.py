@@ -21,17 +21,17 @@ def orders(event=Body()):
     return {"status": "SUCCESS"}
 
 
-@dapr_app.subscribe(pubsub="pubsub", topic="fastapi-dead", dead_letter_topic="fastapi-dlq")
+@dapr_app.subscribe(pubsub="pubsub", topic="fastapi-dead", dead_letter_topic="dlq.fastapi")
 def dead(event=Body()):
     with open(OUT, "a") as f:
         f.write(json.dumps({"route": "fastapi-dead", "event": event}) + "\n")
     return {"status": "DROP"}
 
 
-@dapr_app.subscribe(pubsub="pubsub", topic="fastapi-dlq")
+@dapr_app.subscribe(pubsub="pubsub", topic="dlq.fastapi")
 def dlq(event=Body()):
     with open(OUT, "a") as f:
-        f.write(json.dumps({"route": "fastapi-dlq", "event": event}) + "\n")
+        f.write(json.dumps({"route": "dlq.fastapi", "event": event}) + "\n")
     return {"status": "SUCCESS"}
 
 

@@ -31,21 +31,21 @@ def orders(event: v1.Event) -> TopicEventResponse:
     return TopicEventResponse("success")
 
 
-@app.subscribe(pubsub_name="pubsub", topic="flaky", dead_letter_topic="dlq")
+@app.subscribe(pubsub_name="pubsub", topic="flaky", dead_letter_topic="dlq.all")
 def flaky(event: v1.Event) -> TopicEventResponse:
     record(event, "flaky")
     return TopicEventResponse("retry")
 
 
-@app.subscribe(pubsub_name="pubsub", topic="bad", dead_letter_topic="dlq")
+@app.subscribe(pubsub_name="pubsub", topic="bad", dead_letter_topic="dlq.all")
 def bad(event: v1.Event) -> TopicEventResponse:
     record(event, "bad")
     return TopicEventResponse("drop")
 
 
-@app.subscribe(pubsub_name="pubsub", topic="dlq")
+@app.subscribe(pubsub_name="pubsub", topic="dlq.all")
 def dlq(event: v1.Event) -> TopicEventResponse:
-    record(event, "dlq")
+    record(event, "dlq.all")
     return TopicEventResponse("success")
 
 

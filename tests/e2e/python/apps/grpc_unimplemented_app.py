@@ -11,7 +11,7 @@ from dapr.proto.runtime.v1 import appcallback_pb2, appcallback_pb2_grpc
 class Servicer(appcallback_pb2_grpc.AppCallbackServicer):
     def ListTopicSubscriptions(self, request, context):
         return appcallback_pb2.ListTopicSubscriptionsResponse(subscriptions=[
-            appcallback_pb2.TopicSubscription(pubsub_name="pubsub", topic="orders", dead_letter_topic="dlq"),
+            appcallback_pb2.TopicSubscription(pubsub_name="pubsub", topic="orders", dead_letter_topic="dlq.all"),
         ])
 
 
