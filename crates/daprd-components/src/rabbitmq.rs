@@ -11,7 +11,7 @@
 
 mod metadata;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -78,7 +78,7 @@ impl PubSubFactory for RabbitFactory {
         Ok(Arc::new(RabbitPubSub {
             name: name.to_string(),
             md: Arc::new(md),
-            publisher: Mutex::new(Some(conn)),
+            publisher: Mutex::new(Some(Publisher::new(conn))),
             stop: watch::channel(false).0,
         }))
     }
@@ -88,8 +88,59 @@ impl PubSubFactory for RabbitFactory {
 pub struct RabbitPubSub {
     name: String,
     md: Arc<RabbitMetadata>,
-    publisher: Mutex<Option<(Connection, Channel)>>,
+    publisher: Mutex<Option<Arc<Publisher>>>,
     stop: watch::Sender<bool>,
+}
+
+/// The publishing connection: one channel shared by concurrent publishes (their confirms are
+/// awaited outside any lock), and the exchanges already declared on it (as Go's component,
+/// which declares an exchange once per connection, not on every publish).
+struct Publisher {
+    conn: Connection,
+    ch: Channel,
+    declared: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Publisher {
+    fn new((conn, ch): (Connection, Channel)) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            ch,
+            declared: std::sync::Mutex::default(),
+        })
+    }
+
+    fn usable(&self) -> bool {
+        self.conn.status().connected() && self.ch.status().connected()
+    }
+
+    fn is_declared(&self, exchange: &str) -> bool {
+        self.declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(exchange)
+    }
+
+    fn mark_declared(&self, exchange: &str) {
+        self.declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(exchange.to_string());
+    }
+}
+
+/// The broker closed the channel before routing the message: a cached exchange was deleted
+/// (e.g. auto-deleted with its last queue, `deletedWhenUnused`), or another publish on the
+/// shared channel hit that. Nothing was routed, so declaring again and retrying is safe.
+fn channel_refused(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+        ),
+        lapin::ErrorKind::InvalidChannelState(..) => true,
+        _ => false,
+    }
 }
 
 const FEATURES: &[Feature] = &[Feature::MessageTtl];
@@ -168,47 +219,75 @@ fn broker(what: &str, e: lapin::Error) -> PubSubError {
 }
 
 impl RabbitPubSub {
-    async fn publish_once(&self, request: &PublishRequest) -> Result<(), PubSubError> {
+    /// The live publisher, connecting (again) when there is none or it broke.
+    async fn publisher(&self) -> Result<Arc<Publisher>, PubSubError> {
         let mut guard = self.publisher.lock().await;
-        if guard.as_ref().is_none_or(|(c, _)| !c.status().connected()) {
-            *guard = None;
-            *guard = Some(open(&self.md).await.map_err(|e| broker("connecting", e))?);
+        if let Some(p) = guard.as_ref().filter(|p| p.usable()) {
+            return Ok(p.clone());
         }
-        let Some((_, ch)) = guard.as_ref() else {
-            return Err(PubSubError::Closed);
-        };
-        let result = async {
+        *guard = None;
+        let p = Publisher::new(open(&self.md).await.map_err(|e| broker("connecting", e))?);
+        *guard = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Forgets `p` (unless another publish already replaced it).
+    async fn discard(&self, p: &Arc<Publisher>) {
+        let mut guard = self.publisher.lock().await;
+        if guard.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, p)) {
+            *guard = None;
+        }
+    }
+
+    async fn try_publish(
+        &self,
+        p: &Publisher,
+        request: &PublishRequest,
+    ) -> Result<lapin::Confirmation, lapin::Error> {
+        if !p.is_declared(&request.topic) {
             declare_exchange(
-                ch,
+                &p.ch,
                 &self.md,
                 &request.topic,
                 &self.md.exchange_kind,
                 self.md.durable,
             )
             .await?;
-            let routing_key = get_ci(&request.metadata, "routingKey").unwrap_or("");
-            let confirm = ch
-                .basic_publish(
-                    request.topic.as_str().into(),
-                    routing_key.into(),
-                    BasicPublishOptions::default(),
-                    &request.data,
-                    publish_properties(&self.md, request),
-                )
-                .await?;
-            let confirmation = confirm.await?;
-            Ok::<_, lapin::Error>(confirmation)
+            p.mark_declared(&request.topic);
         }
-        .await;
-        match result {
-            Ok(c) if self.md.publisher_confirm && c.is_nack() => Err(PubSubError::broker(
-                ErrorKind::Transient,
-                "rabbitmq: did not receive confirmation of publishing",
-            )),
-            Ok(_) => Ok(()),
-            Err(e) => {
-                *guard = None;
-                Err(broker("publishing", e))
+        let routing_key = get_ci(&request.metadata, "routingKey").unwrap_or("");
+        let confirm =
+            p.ch.basic_publish(
+                request.topic.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &request.data,
+                publish_properties(&self.md, request),
+            )
+            .await?;
+        confirm.await
+    }
+
+    async fn publish_once(&self, request: &PublishRequest) -> Result<(), PubSubError> {
+        let mut retried = false;
+        loop {
+            let p = self.publisher().await?;
+            match self.try_publish(&p, request).await {
+                Ok(c) if self.md.publisher_confirm && c.is_nack() => {
+                    return Err(PubSubError::broker(
+                        ErrorKind::Transient,
+                        "rabbitmq: did not receive confirmation of publishing",
+                    ))
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    self.discard(&p).await;
+                    if !retried && channel_refused(&e) {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(broker("publishing", e));
+                }
             }
         }
     }
@@ -264,8 +343,8 @@ impl PubSub for RabbitPubSub {
 
     async fn close(&self) -> Result<(), PubSubError> {
         let _ = self.stop.send(true);
-        if let Some((conn, _)) = self.publisher.lock().await.take() {
-            let _ = conn.close(200, "closing".into()).await;
+        if let Some(p) = self.publisher.lock().await.take() {
+            let _ = p.conn.close(200, "closing".into()).await;
         }
         Ok(())
     }

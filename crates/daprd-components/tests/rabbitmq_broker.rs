@@ -139,3 +139,58 @@ async fn names_and_properties_match_dapr() {
     assert_eq!(*d.properties.priority(), Some(3));
     c.close().await.unwrap();
 }
+
+/// Exchanges are declared once per connection (as Go's component does); when the broker has
+/// deleted one since (auto-delete with its last queue), the publish declares it again
+/// instead of failing. Concurrent publishes share the channel and all get confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_redeclares_a_deleted_exchange_and_confirms_concurrent_publishes() {
+    let topic = random_name("rmq-redeclare");
+    let md = metadata_with_group(
+        &random_name("app"),
+        &[("connectionString", &uri()), ("publisherConfirm", "true")],
+    );
+    let c = daprd_components::rabbitmq::RabbitFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap();
+    let request = || PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.clone(),
+        data: Bytes::from_static(b"{}"),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    };
+    let publishes: Vec<_> = (0..50).map(|_| c.publish(request())).collect();
+    for r in futures::future::join_all(publishes).await {
+        r.unwrap();
+    }
+
+    // Delete the (cached) exchange behind the component's back.
+    let conn = lapin::Connection::connect(&uri(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_delete(topic.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    c.publish(request())
+        .await
+        .expect("a publish after the exchange was deleted declares it again");
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        topic.as_str().into(),
+        lapin::ExchangeKind::Fanout,
+        passive,
+        Default::default(),
+    )
+    .await
+    .expect("the exchange exists again");
+    ch.exchange_delete(topic.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+}
