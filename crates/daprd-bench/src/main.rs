@@ -38,6 +38,8 @@ pub struct Opts {
     redis: String,
     blocks: usize,
     block: Duration,
+    /// Only publish rows whose name contains this (profiling runs); skips the e2e part.
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Opts> {
     let mut redis = std::env::var("REDIS_HOST").unwrap_or_else(|_| "127.0.0.1:6379".into());
     let mut blocks = None;
     let mut block = None;
+    let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -60,8 +63,9 @@ fn parse_args() -> Result<Opts> {
                     args.next().context("--block-secs needs seconds")?.parse()?,
                 ))
             }
+            "--only" => only = Some(args.next().context("--only needs a row name part")?),
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -95,6 +99,7 @@ fn parse_args() -> Result<Opts> {
         redis,
         blocks: blocks.unwrap_or(default_blocks),
         block: block.unwrap_or(default_block),
+        only,
     })
 }
 
@@ -380,7 +385,13 @@ async fn main() -> Result<()> {
     } else {
         None
     };
-    let rows = publish::rows(&sidecar, &brokers, &topic, &event, redis_conn.as_ref()).await?;
+    let mut rows = publish::rows(&sidecar, &brokers, &topic, &event, redis_conn.as_ref()).await?;
+    if let Some(only) = &opts.only {
+        rows.retain(|r| r.name.contains(only.as_str()));
+        for r in &mut rows {
+            r.baseline = None;
+        }
+    }
     let mut results = Vec::new();
     for concurrency in [1usize, 16] {
         results.extend(publish::measure(&rows, concurrency, opts.blocks, opts.block, pid).await?);
@@ -388,7 +399,11 @@ async fn main() -> Result<()> {
     let loaded_rss = proc::rss_kib(pid);
     drop(rows);
     drop(sidecar);
-    let e2e = e2e::run(&opts).await?;
+    let e2e = if opts.only.is_some() {
+        json!(null)
+    } else {
+        e2e::run(&opts).await?
+    };
 
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let stripped_path = std::env::temp_dir().join(format!("daprd-stripped-{}", std::process::id()));
