@@ -175,7 +175,7 @@ async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
                 let _ = item.done.send(outcome);
             }
             Ok((delivery, md)) => {
-                let entry_id = uuid::Uuid::new_v4().to_string();
+                let entry_id = crate::trace::random_uuid();
                 let (event, content_type, raw_bytes) = if raw {
                     (
                         Json::String(
@@ -210,7 +210,7 @@ async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
     for (path, indexes) in groups {
         let first = &ready[indexes[0]].3.delivery;
         let batch = BulkDelivery {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: crate::trace::random_uuid(),
             path,
             topic: first.topic.clone(),
             pubsub: first.pubsub.clone(),

@@ -100,7 +100,7 @@ pub fn raw_envelope(
     metadata: &BTreeMap<String, String>,
 ) -> Map<String, Json> {
     let mut ce = Map::new();
-    ce.insert("id".into(), uuid::Uuid::new_v4().to_string().into());
+    ce.insert("id".into(), crate::trace::random_uuid().into());
     ce.insert("specversion".into(), cloudevent::SPEC_VERSION.into());
     ce.insert("datacontenttype".into(), "application/octet-stream".into());
     ce.insert("source".into(), cloudevent::DEFAULT_SOURCE.into());

@@ -207,7 +207,7 @@ impl Publisher {
     ) -> Result<Bytes, ApiError> {
         let span = start_span(trace.traceparent.as_deref(), trace.tracestate.as_deref());
         let traceparent = span.traceparent();
-        let new_id = uuid::Uuid::new_v4().to_string();
+        let new_id = crate::trace::random_uuid();
         let now = SystemTime::now();
         let mut ce = cloudevent::new_envelope(&EnvelopeRequest {
             source: &self.app_id,

@@ -56,6 +56,14 @@ pub fn parse_traceparent(value: &str) -> Option<(String, String, u8)> {
     ))
 }
 
+/// A random (version 4) UUID for CloudEvent ids, from the thread-local PRNG: an id only
+/// needs to be unique, and `Uuid::new_v4` costs a `getrandom` system call per event.
+pub fn random_uuid() -> String {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
+        .into_uuid()
+        .to_string()
+}
+
 /// `digits` random lowercase hex digits, never all zero (W3C forbids all-zero ids).
 fn random_hex(digits: usize) -> String {
     loop {
@@ -90,6 +98,17 @@ pub fn start_span(traceparent: Option<&str>, tracestate: Option<&str>) -> SpanCo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_uuids_are_v4_and_distinct() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| random_uuid()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 4, "{id}");
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
+    }
 
     #[test]
     fn continues_incoming_trace() {
