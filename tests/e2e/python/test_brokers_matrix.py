@@ -109,7 +109,7 @@ def test_http_app_exact_cloudevent_and_dead_letter(broker, sidecar_factory, app_
 def test_sdk_grpc_publish_to_grpc_app(broker, sidecar_factory, app_factory):
     # grpc_app.py subscribes to the fixed topic "orders"; isolate it with a fresh consumer
     if broker.kind == "jetstream":
-        broker.prepare(["orders", "flaky", "bad", "routed"], ["dlq"])
+        broker.prepare(["orders", "flaky", "bad", "routed"], ["dlq.all"])
     app = app_factory("grpc_app.py")
     s = sidecar_factory([component(broker.kind)], app_port=app.port, app_protocol="grpc",
                         app_id=f"grpc-{broker.tag}")
