@@ -14,6 +14,8 @@ pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod secretstores;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -45,7 +45,25 @@ impl PubSubFactory for RedisFactory {
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
         let md = RedisMetadata::parse(metadata)?;
-        let client = redis::Client::open(md.url()).map_err(|e| PubSubError::Connect {
+        let client = if md.enable_tls {
+            let client_tls = match (&md.tls.client_cert, &md.tls.client_key) {
+                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                    client_cert: cert.clone().into_bytes(),
+                    client_key: key.clone().into_bytes(),
+                }),
+                _ => None,
+            };
+            redis::Client::build_with_tls(
+                md.url(),
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert: None,
+                },
+            )
+        } else {
+            redis::Client::open(md.url())
+        }
+        .map_err(|e| PubSubError::Connect {
             message: format!("invalid redis address {:?}", md.host),
             source: Some(Box::new(e)),
         })?;

@@ -334,3 +334,106 @@ async fn survives_a_broker_restart_without_losing_acknowledged_publishes() {
         "the failed publish was not silently stored"
     );
 }
+
+/// `enableTLS`: a private `redis-server` with only a TLS port that requires client
+/// certificates. With `insecureSkipTLSVerify` and `clientCert`/`clientKey` the component
+/// publishes and receives; without the client certificate, or verifying a server certificate
+/// the system roots do not trust, it refuses to connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enable_tls_with_client_certificates() {
+    let certs = daprd_testkit::certs::TestCerts::generate();
+    let port = free_port();
+    let dir = ScratchDir::new("redis-tls");
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--tls-port",
+        ])
+        .arg(port.to_string())
+        .arg("--tls-cert-file")
+        .arg(&certs.server_cert_file)
+        .arg("--tls-key-file")
+        .arg(&certs.server_key_file)
+        .arg("--tls-ca-cert-file")
+        .arg(&certs.ca_file)
+        .args(["--tls-auth-clients", "yes", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let host = format!("127.0.0.1:{port}");
+    let connect = |extra: Vec<(&'static str, String)>| {
+        let host = host.clone();
+        async move {
+            let mut pairs: Vec<(&str, &str)> = vec![("redisHost", host.as_str())];
+            pairs.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+            let md = metadata_with_group("tls-app", &pairs);
+            daprd_components::redis::RedisFactory
+                .connect("pubsub", &md)
+                .await
+        }
+    };
+    let full = vec![
+        ("enableTLS", "true".to_string()),
+        ("insecureSkipTLSVerify", "true".to_string()),
+        ("clientCert", certs.client_cert_pem.clone()),
+        ("clientKey", certs.client_key_pem.clone()),
+        ("dialTimeout", "2s".to_string()),
+    ];
+    let c = eventually(Duration::from_secs(10), "the TLS redis to accept", || {
+        let attempt = connect(full.clone());
+        async move { attempt.await.ok() }
+    })
+    .await;
+    let topic = random_name("tls");
+    let (h, mut rx) = collector();
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    c.publish(PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic,
+        data: Bytes::from_static(b"over tls"),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    })
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("delivery over TLS")
+        .unwrap();
+    assert_eq!(&m.data[..], b"over tls");
+
+    let no_client_cert = full[..2].iter().cloned().chain([full[4].clone()]).collect();
+    assert!(
+        connect(no_client_cert).await.is_err(),
+        "the server requires a client certificate"
+    );
+    let verifying = vec![
+        full[0].clone(),
+        full[2].clone(),
+        full[3].clone(),
+        full[4].clone(),
+    ];
+    assert!(
+        connect(verifying).await.is_err(),
+        "the test CA is not a system root: verification must fail"
+    );
+    c.close().await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}

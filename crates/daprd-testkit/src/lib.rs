@@ -2,6 +2,7 @@
 //! free loopback ports, scratch directories for resources, and the component
 //! [`conformance`] suite every pub/sub component must pass.
 
+pub mod certs;
 pub mod conformance;
 
 use std::future::Future;

@@ -38,12 +38,17 @@ pub struct RedisMetadata {
     pub read_timeout: Duration,
     /// `writeTimeout` (3s).
     pub write_timeout: Duration,
+    /// `enableTLS` (false): `rediss://`.
+    pub enable_tls: bool,
+    /// `insecureSkipTLSVerify` (false): accept any server certificate.
+    pub insecure_skip_verify: bool,
+    /// `clientCert` / `clientKey` (PEM): mutual TLS.
+    pub tls: crate::tls::PemMaterial,
 }
 
 /// Keys Dapr accepts that this build does not implement yet; using them is an error, not
 /// a silent misconfiguration.
 const NOT_YET: &[(&str, &str)] = &[
-    ("enableTLS", "TLS to Redis"),
     ("failover", "Redis Sentinel failover"),
     ("useEntraID", "Entra ID authentication"),
     ("useOIDC", "OIDC authentication"),
@@ -98,6 +103,12 @@ impl RedisMetadata {
         let read_timeout = r.duration("readTimeout", secs, Duration::from_secs(3));
         let write_timeout = r.duration("writeTimeout", secs, Duration::from_secs(3));
         let consumer_id = r.required("consumerID", " (daprd sets it to the app id)");
+        let enable_tls = r.bool("enableTLS", false);
+        let insecure_skip_verify = r.bool("insecureSkipTLSVerify", false);
+        let tls = crate::tls::PemMaterial::read(&mut r, (None, "clientCert", "clientKey"));
+        if !enable_tls && tls.client_cert.is_some() {
+            r.fail("clientCert", "needs enableTLS: true");
+        }
         r.finish(|| Self {
             host,
             username: md.get_non_empty("redisUsername").map(str::to_string),
@@ -113,6 +124,9 @@ impl RedisMetadata {
             dial_timeout,
             read_timeout,
             write_timeout,
+            enable_tls,
+            insecure_skip_verify,
+            tls,
         })
     }
 
@@ -124,7 +138,12 @@ impl RedisMetadata {
             (Some(u), None) => format!("{}@", enc(u)),
             (None, None) => String::new(),
         };
-        format!("redis://{auth}{}/{}", self.host, self.db)
+        let (scheme, fragment) = match (self.enable_tls, self.insecure_skip_verify) {
+            (false, _) => ("redis", ""),
+            (true, false) => ("rediss", ""),
+            (true, true) => ("rediss", "#insecure"),
+        };
+        format!("{scheme}://{auth}{}/{}{fragment}", self.host, self.db)
     }
 }
 
@@ -198,7 +217,7 @@ mod tests {
         let errs = RedisMetadata::parse(&md(&[
             ("concurrency", "0"),
             ("queueDepth", "x"),
-            ("enableTLS", "true"),
+            ("clientCert", "not pem"),
             ("redisType", "cluster"),
         ]))
         .unwrap_err();
@@ -207,7 +226,8 @@ mod tests {
             "redisHost",
             "concurrency",
             "queueDepth",
-            "enableTLS",
+            "clientCert",
+            "clientKey",
             "redisType",
             "consumerID",
         ] {
@@ -225,5 +245,21 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(m.url(), "redis://:p%40ss%2Fw@h:1/2");
+    }
+
+    #[test]
+    fn enable_tls_selects_rediss_and_insecure_skips_verification() {
+        let base = [("redisHost", "h:1"), ("consumerID", "a")];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            RedisMetadata::parse(&md(&all)).unwrap().url()
+        };
+        assert_eq!(with(&[("enableTLS", "true")]), "rediss://h:1/0");
+        assert_eq!(
+            with(&[("enableTLS", "true"), ("insecureSkipTLSVerify", "true")]),
+            "rediss://h:1/0#insecure"
+        );
+        assert_eq!(with(&[("insecureSkipTLSVerify", "true")]), "redis://h:1/0");
     }
 }

@@ -1,0 +1,187 @@
+//! TLS material for broker connections, read the way components-contrib reads it: PEM text
+//! in the metadata (`caCert`, `clientCert`, `clientKey`), checked without I/O at parse time.
+
+use std::sync::Arc;
+
+use daprd_core::metadata::MetadataReader;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// PEM text from the metadata. A client certificate comes with its key or not at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PemMaterial {
+    /// CA certificates that sign the server's certificate (else the system roots).
+    pub ca_cert: Option<String>,
+    /// Client certificate chain (mutual TLS).
+    pub client_cert: Option<String>,
+    /// The client certificate's private key.
+    pub client_key: Option<String>,
+}
+
+impl PemMaterial {
+    /// Reads `keys` = (CA, client certificate, client key) from `r`, reporting bad PEM and a
+    /// certificate without its key (or the reverse) as metadata errors. A `None` key name is
+    /// not read.
+    pub fn read(r: &mut MetadataReader<'_>, keys: (Option<&str>, &str, &str)) -> Self {
+        let (ca_key, cert_key, key_key) = keys;
+        let md = r.md();
+        let get = |k: &str| md.get_non_empty(k).map(str::to_string);
+        let ca_cert = ca_key.and_then(get);
+        let client_cert = get(cert_key);
+        let client_key = get(key_key);
+        if let (Some(k), Some(pem)) = (ca_key, &ca_cert) {
+            if certificates(pem).is_err() {
+                r.fail(k, "is not a PEM certificate");
+            }
+        }
+        if let Some(pem) = &client_cert {
+            if certificates(pem).is_err() {
+                r.fail(cert_key, "is not a PEM certificate");
+            }
+        }
+        if let Some(pem) = &client_key {
+            if PrivateKeyDer::from_pem_slice(pem.as_bytes()).is_err() {
+                r.fail(key_key, "is not a PEM private key");
+            }
+        }
+        match (&client_cert, &client_key) {
+            (Some(_), None) => r.fail(key_key, format!("is required with {cert_key}")),
+            (None, Some(_)) => r.fail(cert_key, format!("is required with {key_key}")),
+            _ => {}
+        }
+        Self {
+            ca_cert,
+            client_cert,
+            client_key,
+        }
+    }
+
+    /// A rustls client configuration: the CA (or the system roots), the client certificate
+    /// if any; `insecure` accepts any server certificate (Dapr's `insecureSkipTLSVerify`).
+    ///
+    /// # Errors
+    /// A message naming what could not be loaded.
+    pub fn client_config(&self, insecure: bool) -> Result<rustls::ClientConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls versions: {e}"))?;
+        let builder = if insecure {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            match &self.ca_cert {
+                Some(pem) => {
+                    for cert in certificates(pem).map_err(|e| format!("caCert: {e}"))? {
+                        roots.add(cert).map_err(|e| format!("caCert: {e}"))?;
+                    }
+                }
+                None => {
+                    for cert in rustls_native_certs::load_native_certs().certs {
+                        let _ = roots.add(cert);
+                    }
+                }
+            }
+            builder.with_root_certificates(roots)
+        };
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let chain = certificates(cert).map_err(|e| format!("client certificate: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+                    .map_err(|e| format!("client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client certificate: {e}"))
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
+}
+
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in the PEM text".into());
+    }
+    Ok(certs)
+}
+
+/// Accepts any server certificate (still checks the handshake signatures).
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daprd_core::Metadata;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<PemMaterial, Vec<String>> {
+        let md: Metadata = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut r = MetadataReader::new(&md);
+        let m = PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
+        r.finish(|| m)
+            .map_err(|errs| errs.iter().map(|e| e.to_string()).collect())
+    }
+
+    #[test]
+    fn bad_pem_and_a_lone_certificate_are_reported() {
+        let errs = read(&[("caCert", "nope"), ("clientCert", "also nope")]).unwrap_err();
+        let all = errs.join("\n");
+        assert!(all.contains("caCert"), "{all}");
+        assert!(all.contains("clientCert"), "{all}");
+        assert!(all.contains("clientKey"), "{all}");
+        assert_eq!(read(&[]).unwrap(), PemMaterial::default());
+    }
+}
