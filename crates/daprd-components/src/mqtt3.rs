@@ -41,6 +41,10 @@ pub struct MqttMetadata {
     pub retain: bool,
     /// `cleanSession` (false).
     pub clean_session: bool,
+    /// `ssl://` (also `tls://`, `mqtts://`, `tcps://`, as Go's component maps them).
+    pub tls: bool,
+    /// `caCert` / `clientCert` / `clientKey` (PEM text).
+    pub tls_material: crate::tls::PemMaterial,
 }
 
 impl MqttMetadata {
@@ -52,15 +56,20 @@ impl MqttMetadata {
         let mut r = MetadataReader::new(md);
         let url = md.get_non_empty("url").unwrap_or("");
         let (mut host, mut port, mut username, mut password) = (String::new(), 1883u16, None, None);
+        let mut tls = false;
         if url.is_empty() {
             r.fail("url", "is required (tcp://host:1883)");
         } else {
             let (scheme, rest) = url.split_once("://").unwrap_or(("tcp", url));
             match scheme {
                 "tcp" | "mqtt" => {}
-                "ssl" | "tls" | "mqtts" | "tcps" | "ws" | "wss" => r.fail(
+                "ssl" | "tls" | "mqtts" | "tcps" => {
+                    tls = true;
+                    port = 8883;
+                }
+                "ws" | "wss" => r.fail(
                     "url",
-                    format!("{scheme}:// is not supported yet by daprd-rs (use tcp://)"),
+                    format!("{scheme}:// (MQTT over WebSocket) is not supported yet by daprd-rs"),
                 ),
                 other => r.fail("url", format!("unknown scheme {other:?}")),
             }
@@ -88,7 +97,8 @@ impl MqttMetadata {
         let qos = u8::try_from(r.int("qos", 1, 0..=2)).unwrap_or(1);
         let retain = r.bool("retain", false);
         let clean_session = r.bool("cleanSession", false);
-        r.unsupported(&["caCert", "clientCert", "clientKey"], "TLS");
+        let tls_material =
+            crate::tls::PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
         let client_id = r.required("consumerID", " (daprd sets it to the app id)");
         r.finish(|| Self {
             host,
@@ -99,6 +109,8 @@ impl MqttMetadata {
             qos,
             retain,
             clean_session,
+            tls,
+            tls_material,
         })
     }
 
@@ -140,6 +152,18 @@ impl PubSubFactory for MqttFactory {
             .set_keep_alive(Duration::from_secs(30));
         if let Some(u) = &md.username {
             opts.set_credentials(u.clone(), md.password.clone().unwrap_or_default());
+        }
+        if md.tls {
+            let config =
+                md.tls_material
+                    .client_config(false)
+                    .map_err(|e| PubSubError::Connect {
+                        message: format!("mqtt tls: {e}"),
+                        source: None,
+                    })?;
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+            ));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let routes: Routes = Arc::default();
@@ -468,8 +492,11 @@ mod tests {
         assert_eq!(m.username.as_deref(), Some("user"));
         assert_eq!(m.qos, 1);
         assert!(!m.retain && !m.clean_session);
+        let tls = MqttMetadata::parse(&md(&[("url", "mqtts://h"), ("consumerID", "app")])).unwrap();
+        assert!(tls.tls && !m.tls);
+        assert_eq!(tls.port, 8883, "the TLS default port");
         let errs = MqttMetadata::parse(&md(&[
-            ("url", "ssl://h:8883"),
+            ("url", "wss://h:8883"),
             ("qos", "3"),
             ("caCert", "x"),
         ]))

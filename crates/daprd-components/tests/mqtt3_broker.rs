@@ -129,3 +129,99 @@ async fn wildcard_subscription_receives_messages_from_another_client() {
         Some("false")
     );
 }
+
+/// `ssl://` with `caCert`/`clientCert`/`clientKey` against a private mosquitto whose only
+/// listener is TLS and requires client certificates: messages flow; without the client
+/// certificate, or without the CA (the test CA is no system root), the connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_url_with_ca_and_client_certificates() {
+    let certs = daprd_testkit::certs::TestCerts::generate();
+    let port = daprd_testkit::free_port();
+    let conf = certs.dir.write(
+        "mosquitto.conf",
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nrequire_certificate true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            certs.ca_file.display(),
+            certs.server_cert_file.display(),
+            certs.server_key_file.display()
+        ),
+    );
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto runs");
+    daprd_testkit::eventually(
+        Duration::from_secs(10),
+        "mosquitto to listen",
+        || async move { std::net::TcpStream::connect(("127.0.0.1", port)).ok() },
+    )
+    .await;
+    let url = format!("ssl://127.0.0.1:{port}");
+    let connect = |with_ca: bool, with_client: bool| {
+        let mut pairs: Vec<(&str, &str)> = vec![("url", url.as_str())];
+        if with_ca {
+            pairs.push(("caCert", certs.ca_pem.as_str()));
+        }
+        if with_client {
+            pairs.push(("clientCert", certs.client_cert_pem.as_str()));
+            pairs.push(("clientKey", certs.client_key_pem.as_str()));
+        }
+        let md = metadata_with_group(&random_name("tls"), &pairs);
+        async move {
+            daprd_components::mqtt3::MqttFactory
+                .connect("pubsub", &md)
+                .await
+        }
+    };
+    let c = connect(true, true)
+        .await
+        .expect("TLS connect with client certificate");
+    let topic = format!("daprd-rs/{}", random_name("tls"));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Success
+        })
+    });
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            handler,
+        )
+        .await
+        .unwrap();
+    c.publish(PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic,
+        data: Bytes::from_static(b"over tls"),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    })
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("delivery over TLS")
+        .unwrap();
+    assert_eq!(&m.data[..], b"over tls");
+    c.close().await.unwrap();
+
+    assert!(
+        connect(true, false).await.is_err(),
+        "the broker requires a client certificate"
+    );
+    assert!(
+        connect(false, true).await.is_err(),
+        "without caCert the server certificate is checked against the system roots"
+    );
+    let _ = broker.kill();
+    let _ = broker.wait();
+}

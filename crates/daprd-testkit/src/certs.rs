@@ -99,6 +99,15 @@ impl TestCerts {
             "/CN=daprd-rs test client",
             "extendedKeyUsage=clientAuth\n",
         );
+        // Brokers started as root may drop to their own user (mosquitto does): let them read
+        // the throwaway server key.
+        for name in ["server.key", "server.crt", "ca.crt"] {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(
+                dir.path().join(name),
+                std::fs::Permissions::from_mode(0o644),
+            );
+        }
         let read = |name: &str| {
             std::fs::read_to_string(dir.path().join(name)).expect("reading generated PEM")
         };
