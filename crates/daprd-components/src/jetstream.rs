@@ -48,6 +48,9 @@ impl PubSubFactory for JetStreamFactory {
         if let Some(t) = &md.token {
             opts = opts.token(t.clone());
         }
+        if let Some((cert, key)) = &md.tls_client {
+            opts = opts.add_client_certificate(cert.into(), key.into());
+        }
         let client = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             opts.connect(md.url.as_str()),
@@ -61,7 +64,11 @@ impl PubSubFactory for JetStreamFactory {
             message: format!("connecting to nats at {}", md.url),
             source: Some(Box::new(e)),
         })?;
-        let js = jetstream::new(client);
+        let js = match (&md.api_prefix, &md.domain) {
+            (Some(prefix), _) => jetstream::with_prefix(client, prefix),
+            (None, Some(domain)) => jetstream::with_domain(client, domain),
+            (None, None) => jetstream::new(client),
+        };
         Ok(Arc::new(JetStreamPubSub {
             name: name.to_string(),
             md: Arc::new(md),

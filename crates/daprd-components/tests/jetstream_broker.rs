@@ -57,3 +57,256 @@ async fn publish_stores_the_subject_and_the_cloudevent_id() {
     );
     js.delete_stream(&stream).await.unwrap();
 }
+
+/// A private nats-server from a config file, killed on drop.
+struct PrivateNats {
+    child: std::process::Child,
+    port: u16,
+    _dir: daprd_testkit::ScratchDir,
+}
+
+impl PrivateNats {
+    async fn start(config: impl Fn(u16, &std::path::Path) -> String) -> Self {
+        let port = daprd_testkit::free_port();
+        let dir = daprd_testkit::ScratchDir::new("nats");
+        let conf = dir.write("nats.conf", &config(port, dir.path()));
+        let child = std::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        daprd_testkit::eventually(
+            Duration::from_secs(10),
+            "nats-server to listen",
+            || async move { std::net::TcpStream::connect(("127.0.0.1", port)).ok() },
+        )
+        .await;
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `domain` and `apiPrefix` pick the JetStream API the component talks to: on a server
+/// whose JetStream domain is `hub`, `domain: hub` and `apiPrefix: $JS.hub.API` subscribe and
+/// receive, `domain: elsewhere` finds no JetStream and the subscribe fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_and_api_prefix_select_the_jetstream_api() {
+    let nats = PrivateNats::start(|port, dir| {
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\", domain: hub }}\n",
+            dir.display()
+        )
+    })
+    .await;
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "domain-test".into(),
+        subjects: vec!["dom.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (n, (key, value)) in [("domain", "hub"), ("apiPrefix", "$JS.hub.API")]
+        .into_iter()
+        .enumerate()
+    {
+        let md = metadata_with_group("unused", &[("natsURL", &url), (key, value)]);
+        let c = daprd_components::jetstream::JetStreamFactory
+            .connect("pubsub", &md)
+            .await
+            .unwrap();
+        let subject = format!("dom.{n}");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let handler: daprd_core::pubsub::Handler = std::sync::Arc::new(move |m| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let _ = tx.send(m);
+                daprd_core::pubsub::Outcome::Success
+            })
+        });
+        let _sub = c
+            .subscribe(
+                daprd_core::pubsub::SubscribeRequest {
+                    topic: subject.clone(),
+                    metadata: BTreeMap::new(),
+                },
+                handler,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{key}={value}: subscribe: {e}"));
+        c.publish(PublishRequest {
+            pubsub_name: "pubsub".into(),
+            topic: subject,
+            data: Bytes::from_static(b"via domain"),
+            metadata: BTreeMap::new(),
+            content_type: None,
+        })
+        .await
+        .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{key}={value}: delivery"))
+            .unwrap();
+        assert_eq!(&m.data[..], b"via domain");
+        c.close().await.unwrap();
+    }
+    let md = metadata_with_group("unused", &[("natsURL", &url), ("domain", "elsewhere")]);
+    let c = daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap();
+    let handler: daprd_core::pubsub::Handler =
+        std::sync::Arc::new(|_m| Box::pin(async { daprd_core::pubsub::Outcome::Success }));
+    let wrong = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.subscribe(
+            daprd_core::pubsub::SubscribeRequest {
+                topic: "dom.x".into(),
+                metadata: BTreeMap::new(),
+            },
+            handler,
+        ),
+    )
+    .await
+    .expect("the subscribe answers");
+    assert!(wrong.is_err(), "no JetStream in domain \"elsewhere\"");
+}
+
+/// `tls_client_cert` / `tls_client_key` against a private nats-server that requires client
+/// certificates. The server certificate is checked against the system roots (as in Dapr), so
+/// the check runs in a child test process whose `SSL_CERT_FILE` names the test CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificate() {
+    let certs = daprd_testkit::certs::TestCerts::generate();
+    let (cert, key, ca) = (
+        certs.server_cert_file.clone(),
+        certs.server_key_file.clone(),
+        certs.ca_file.clone(),
+    );
+    let nats = PrivateNats::start(move |port, dir| {
+        format!(
+            "listen: 127.0.0.1:{port}\ntls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\njetstream {{ store_dir: \"{}\" }}\n",
+            cert.display(),
+            key.display(),
+            ca.display(),
+            dir.display()
+        )
+    })
+    .await;
+    let exe = std::env::current_exe().unwrap();
+    let nats_url = format!("nats://127.0.0.1:{}", nats.port);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "tls_client_certificate_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("SSL_CERT_FILE", &certs.ca_file)
+            .env("JS_TLS_URL", nats_url)
+            .env("JS_TLS_CERT", &certs.client_cert_file)
+            .env("JS_TLS_KEY", &certs.client_key_file)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child test failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child test ran:\n{text}");
+}
+
+/// Run by [`tls_client_certificate`] (needs its environment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by tls_client_certificate with SSL_CERT_FILE set"]
+async fn tls_client_certificate_child() {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is set by the parent"));
+    let (url, cert, key) = (var("JS_TLS_URL"), var("JS_TLS_CERT"), var("JS_TLS_KEY"));
+    let js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .add_client_certificate(cert.clone().into(), key.clone().into())
+            .connect(url.as_str())
+            .await
+            .unwrap(),
+    );
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "tls-test".into(),
+        subjects: vec!["tls.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let md = metadata_with_group(
+        "unused",
+        &[
+            ("natsURL", &url),
+            ("tls_client_cert", &cert),
+            ("tls_client_key", &key),
+        ],
+    );
+    let c = daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &md)
+        .await
+        .expect("connect with the client certificate");
+    c.publish(PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: "tls.a".into(),
+        data: Bytes::from_static(b"{}"),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    })
+    .await
+    .expect("publish over TLS");
+    let info = js
+        .get_stream("tls-test")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.state.messages, 1);
+    // Without the certificate the server refuses the connection: the component (which keeps
+    // retrying in the background, as for a broker that is down) cannot publish.
+    let without = metadata_with_group("unused", &[("natsURL", &url)]);
+    let refused = match daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &without)
+        .await
+    {
+        Err(_) => true,
+        Ok(c) => c
+            .publish(PublishRequest {
+                pubsub_name: "pubsub".into(),
+                topic: "tls.b".into(),
+                data: Bytes::from_static(b"{}"),
+                metadata: BTreeMap::new(),
+                content_type: None,
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "the server requires a client certificate");
+    let info = js
+        .get_stream("tls-test")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(
+        info.state.messages, 1,
+        "nothing got in without a certificate"
+    );
+}

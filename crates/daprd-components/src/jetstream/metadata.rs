@@ -58,6 +58,13 @@ pub struct JetStreamMetadata {
     pub ack_policy: String,
     /// `concurrency` / `concurrencyMode`: single (default) or parallel.
     pub parallel: bool,
+    /// `tls_client_cert` / `tls_client_key`: files of a client certificate (mutual TLS; the
+    /// server certificate is checked against the system roots, as in Dapr).
+    pub tls_client: Option<(String, String)>,
+    /// `domain`: the JetStream domain (API prefix `$JS.<domain>.API`).
+    pub domain: Option<String>,
+    /// `apiPrefix`: a custom JetStream API prefix (wins over `domain`, as in nats.go).
+    pub api_prefix: Option<String>,
 }
 
 impl JetStreamMetadata {
@@ -68,17 +75,14 @@ impl JetStreamMetadata {
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
         let mut r = MetadataReader::new(md);
         let url = r.required("natsURL", "");
-        r.unsupported(
-            &[
-                "jwt",
-                "seedKey",
-                "tls_client_cert",
-                "tls_client_key",
-                "domain",
-                "apiPrefix",
-            ],
-            "this option",
-        );
+        r.unsupported(&["jwt", "seedKey"], "JWT authentication");
+        let tls_client_cert = md.get_non_empty("tls_client_cert").map(str::to_string);
+        let tls_client_key = md.get_non_empty("tls_client_key").map(str::to_string);
+        match (&tls_client_cert, &tls_client_key) {
+            (Some(_), None) => r.fail("tls_client_key", "is required with tls_client_cert"),
+            (None, Some(_)) => r.fail("tls_client_cert", "is required with tls_client_key"),
+            _ => {}
+        }
         let seq = r.int("startSequence", 0, i64::MIN..=i64::MAX);
         let time = r.int("startTime", 0, i64::MIN..=i64::MAX);
         // Policy names are matched case-insensitively.
@@ -157,6 +161,9 @@ impl JetStreamMetadata {
             heartbeat,
             ack_policy,
             parallel,
+            tls_client: tls_client_cert.zip(tls_client_key),
+            domain: md.get_non_empty("domain").map(str::to_string),
+            api_prefix: md.get_non_empty("apiPrefix").map(str::to_string),
         })
     }
 }
@@ -197,10 +204,18 @@ mod tests {
             ("ackWait", "soon"),
             ("ackPolicy", "maybe"),
             ("jwt", "x"),
+            ("tls_client_cert", "/etc/cert.pem"),
         ]))
         .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        for f in ["natsURL", "deliverPolicy", "ackWait", "ackPolicy", "jwt"] {
+        for f in [
+            "natsURL",
+            "deliverPolicy",
+            "ackWait",
+            "ackPolicy",
+            "jwt",
+            "tls_client_key",
+        ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
     }
