@@ -45,7 +45,24 @@ async fn open(md: &RabbitMetadata) -> Result<(Connection, Channel), lapin::Error
     } else {
         format!("{}?heartbeat={}", md.uri, md.heartbeat.as_secs())
     };
-    let conn = Connection::connect(&uri, props).await?;
+    let conn = if uri.starts_with("amqps://") {
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: md
+                .tls
+                .client_cert
+                .as_ref()
+                .zip(md.tls.client_key.as_ref())
+                .map(|(cert, key)| lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: cert.clone().into_bytes(),
+                    key: key.clone().into_bytes(),
+                }),
+            cert_chain: md.tls.ca_cert.clone(),
+        };
+        Connection::connect_with_config(&uri, props, tls, lapin::runtime::default_runtime()?)
+            .await?
+    } else {
+        Connection::connect(&uri, props).await?
+    };
     let channel = conn.create_channel().await?;
     if md.publisher_confirm {
         channel

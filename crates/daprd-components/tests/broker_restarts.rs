@@ -231,14 +231,18 @@ async fn jetstream_reconnects_after_a_broker_restart() {
     restart_scenario(c, "restart.topic", &mut broker, port).await;
 }
 
+/// A private RabbitMQ node (own ports, data and log dirs) with `extra_config` in its
+/// rabbitmq.conf; killed by its plain AMQP port. Returns it and that port.
 #[cfg(feature = "rabbitmq")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_reconnects_after_a_broker_restart() {
-    use daprd_core::pubsub::PubSubFactory;
+async fn private_rabbitmq(
+    dir: &ScratchDir,
+    extra_config: &str,
+    wait_port: Option<u16>,
+) -> (Broker, u16) {
     let port = free_port();
-    let dir = ScratchDir::new("rabbitmq");
     let node = format!("daprdrs{port}@localhost");
     let base = dir.path().to_string_lossy().into_owned();
+    dir.write("rabbitmq.conf", extra_config);
     let env = vec![
         ("RABBITMQ_NODE_PORT".to_string(), port.to_string()),
         ("RABBITMQ_NODENAME".to_string(), node.clone()),
@@ -249,25 +253,38 @@ async fn rabbitmq_reconnects_after_a_broker_restart() {
             "RABBITMQ_ENABLED_PLUGINS_FILE".to_string(),
             format!("{base}/plugins"),
         ),
-        ("RABBITMQ_CONFIG_FILE".to_string(), format!("{base}/none")),
+        (
+            "RABBITMQ_CONFIG_FILE".to_string(),
+            format!("{base}/rabbitmq"),
+        ),
     ];
     let server = if std::path::Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() {
         "/usr/lib/rabbitmq/bin/rabbitmq-server".to_string()
     } else {
         "rabbitmq-server".to_string()
     };
-    let mut broker = Broker::start_with(vec![server], env, Some(port));
+    let broker = Broker::start_with(vec![server], env, Some(port));
+    let wait = wait_port.unwrap_or(port);
     eventually(
         Duration::from_secs(60),
         "the private rabbitmq node",
         || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
+            tokio::net::TcpStream::connect(("127.0.0.1", wait))
                 .await
                 .ok()
                 .map(|_| ())
         },
     )
     .await;
+    (broker, port)
+}
+
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_reconnects_after_a_broker_restart() {
+    use daprd_core::pubsub::PubSubFactory;
+    let dir = ScratchDir::new("rabbitmq");
+    let (mut broker, port) = private_rabbitmq(&dir, "", None).await;
     let md = daprd_testkit::conformance::metadata_with_group(
         &daprd_testkit::conformance::random_name("c"),
         &[
@@ -283,4 +300,83 @@ async fn rabbitmq_reconnects_after_a_broker_restart() {
         .await
         .unwrap();
     restart_scenario(c, "restart-topic", &mut broker, port).await;
+}
+
+/// `amqps://` with `caCert`/`clientCert`/`clientKey` against a private node whose TLS
+/// listener requires client certificates: publish and delivery work; without the client
+/// certificate the connection is refused.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_amqps_with_client_certificates() {
+    use daprd_core::pubsub::PubSubFactory;
+    let certs = daprd_testkit::certs::TestCerts::generate();
+    let tls_port = free_port();
+    let dir = ScratchDir::new("rabbitmq-tls");
+    let config = format!(
+        "listeners.ssl.default = {tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+        certs.ca_file.display(),
+        certs.server_cert_file.display(),
+        certs.server_key_file.display()
+    );
+    let (_broker, _) = private_rabbitmq(&dir, &config, Some(tls_port)).await;
+    let uri = format!("amqps://guest:guest@localhost:{tls_port}");
+    let connect = |with_client: bool| {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("connectionString", uri.as_str()),
+            ("caCert", certs.ca_pem.as_str()),
+        ];
+        if with_client {
+            pairs.push(("clientCert", certs.client_cert_pem.as_str()));
+            pairs.push(("clientKey", certs.client_key_pem.as_str()));
+        }
+        let md = daprd_testkit::conformance::metadata_with_group(
+            &daprd_testkit::conformance::random_name("tls"),
+            &pairs,
+        );
+        async move {
+            daprd_components::rabbitmq::RabbitFactory
+                .connect("p", &md)
+                .await
+        }
+    };
+    let c = connect(true)
+        .await
+        .expect("amqps with a client certificate");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler: daprd_core::pubsub::Handler = std::sync::Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            daprd_core::pubsub::Outcome::Success
+        })
+    });
+    let _sub = c
+        .subscribe(
+            daprd_core::pubsub::SubscribeRequest {
+                topic: "tls-topic".into(),
+                metadata: Default::default(),
+            },
+            handler,
+        )
+        .await
+        .unwrap();
+    c.publish(daprd_core::pubsub::PublishRequest {
+        pubsub_name: "p".into(),
+        topic: "tls-topic".into(),
+        data: bytes::Bytes::from_static(b"over amqps"),
+        metadata: Default::default(),
+        content_type: None,
+    })
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("delivery over amqps")
+        .unwrap();
+    assert_eq!(&m.data[..], b"over amqps");
+    c.close().await.unwrap();
+    assert!(
+        connect(false).await.is_err(),
+        "the node requires a client certificate"
+    );
 }

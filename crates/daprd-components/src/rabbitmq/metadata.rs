@@ -8,8 +8,10 @@ use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 #[derive(Debug, Clone, PartialEq)]
 pub struct RabbitMetadata {
     /// AMQP URI (`connectionString`, legacy `host`, or built from
-    /// `protocol`/`hostname`/`username`/`password`).
+    /// `protocol`/`hostname`/`username`/`password`); `amqps://` is TLS.
     pub uri: String,
+    /// `caCert` / `clientCert` / `clientKey` (PEM text) for `amqps://`.
+    pub tls: crate::tls::PemMaterial,
     /// `consumerID`: queue name prefix (`<consumerID>-<topic>`).
     pub consumer_id: String,
     /// `durable` (false): exchanges and queues survive broker restarts.
@@ -85,12 +87,7 @@ impl RabbitMetadata {
                 None => r.required("connectionString", " (or host, or hostname)"),
             },
         };
-        if uri.starts_with("amqps://") {
-            r.fail(
-                "connectionString",
-                "amqps (TLS) is not supported yet by daprd-rs",
-            );
-        } else if !uri.is_empty() && !uri.starts_with("amqp://") {
+        if !uri.is_empty() && !uri.starts_with("amqp://") && !uri.starts_with("amqps://") {
             r.fail("connectionString", format!("{uri:?} is not an amqp:// URI"));
         }
         if r.bool("saslExternal", false) {
@@ -99,6 +96,8 @@ impl RabbitMetadata {
                 "SASL EXTERNAL is not supported yet by daprd-rs",
             );
         }
+        let tls =
+            crate::tls::PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
         let durable = r.bool("durable", false);
         let deleted_when_unused = r.bool("deletedWhenUnused", true);
         let auto_ack = r.bool("autoAck", false);
@@ -141,6 +140,7 @@ impl RabbitMetadata {
             heartbeat,
             client_name: md.get_non_empty("clientName").map(str::to_string),
             properties_to_metadata,
+            tls,
         })
     }
 }
@@ -183,6 +183,7 @@ mod tests {
             ("exchangeKind", "weird"),
             ("concurrencyMode", "x"),
             ("durable", "perhaps"),
+            ("clientKey", "not a key"),
         ]))
         .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
@@ -192,6 +193,8 @@ mod tests {
             "exchangeKind",
             "concurrencyMode",
             "durable",
+            "clientKey",
+            "clientCert",
             "consumerID",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
