@@ -46,6 +46,13 @@ async fn open(md: &RabbitMetadata) -> Result<(Connection, Channel), lapin::Error
         format!("{}?heartbeat={}", md.uri, md.heartbeat.as_secs())
     };
     let conn = if uri.starts_with("amqps://") {
+        // SASL EXTERNAL: the broker takes the user from the client certificate.
+        let uri = if md.sasl_external {
+            let sep = if uri.contains('?') { '&' } else { '?' };
+            format!("{uri}{sep}auth_mechanism=external")
+        } else {
+            uri
+        };
         let tls = lapin::tcp::OwnedTLSConfig {
             identity: md
                 .tls

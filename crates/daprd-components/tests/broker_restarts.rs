@@ -303,7 +303,8 @@ async fn rabbitmq_reconnects_after_a_broker_restart() {
 }
 
 /// `amqps://` with `caCert`/`clientCert`/`clientKey` against a private node whose TLS
-/// listener requires client certificates: publish and delivery work; without the client
+/// listener requires client certificates: publish and delivery work, with a password and
+/// with `saslExternal` (the user is the certificate's common name); without the client
 /// certificate the connection is refused.
 #[cfg(feature = "rabbitmq")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,14 +313,16 @@ async fn rabbitmq_amqps_with_client_certificates() {
     let certs = daprd_testkit::certs::TestCerts::generate();
     let tls_port = free_port();
     let dir = ScratchDir::new("rabbitmq-tls");
+    dir.write("plugins", "[rabbitmq_auth_mechanism_ssl].\n");
     let config = format!(
-        "listeners.ssl.default = {tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+        "default_user = daprd-rs-test-client\ndefault_pass = secret\nauth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = EXTERNAL\nssl_cert_login_from = common_name\nlisteners.ssl.default = {tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
         certs.ca_file.display(),
         certs.server_cert_file.display(),
         certs.server_key_file.display()
     );
     let (_broker, _) = private_rabbitmq(&dir, &config, Some(tls_port)).await;
-    let uri = format!("amqps://guest:guest@localhost:{tls_port}");
+    let uri = format!("amqps://daprd-rs-test-client:secret@localhost:{tls_port}");
+    let external_uri = format!("amqps://localhost:{tls_port}");
     let connect = |with_client: bool| {
         let mut pairs: Vec<(&str, &str)> = vec![
             ("connectionString", uri.as_str()),
@@ -378,5 +381,48 @@ async fn rabbitmq_amqps_with_client_certificates() {
     assert!(
         connect(false).await.is_err(),
         "the node requires a client certificate"
+    );
+
+    // SASL EXTERNAL: no password in the URI, the certificate names the user.
+    let md = daprd_testkit::conformance::metadata_with_group(
+        &daprd_testkit::conformance::random_name("ext"),
+        &[
+            ("connectionString", external_uri.as_str()),
+            ("caCert", certs.ca_pem.as_str()),
+            ("clientCert", certs.client_cert_pem.as_str()),
+            ("clientKey", certs.client_key_pem.as_str()),
+            ("saslExternal", "true"),
+            ("publisherConfirm", "true"),
+        ],
+    );
+    let c = daprd_components::rabbitmq::RabbitFactory
+        .connect("p", &md)
+        .await
+        .expect("SASL EXTERNAL with the client certificate");
+    c.publish(daprd_core::pubsub::PublishRequest {
+        pubsub_name: "p".into(),
+        topic: "tls-topic".into(),
+        data: bytes::Bytes::from_static(b"{}"),
+        metadata: Default::default(),
+        content_type: None,
+    })
+    .await
+    .expect("publish as the certificate's user");
+    c.close().await.unwrap();
+    let md = daprd_testkit::conformance::metadata_with_group(
+        "no-ext",
+        &[
+            ("connectionString", external_uri.as_str()),
+            ("caCert", certs.ca_pem.as_str()),
+            ("clientCert", certs.client_cert_pem.as_str()),
+            ("clientKey", certs.client_key_pem.as_str()),
+        ],
+    );
+    assert!(
+        daprd_components::rabbitmq::RabbitFactory
+            .connect("p", &md)
+            .await
+            .is_err(),
+        "without saslExternal and without a password the login fails"
     );
 }

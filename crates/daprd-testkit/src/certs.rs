@@ -98,7 +98,7 @@ impl TestCerts {
         signed(
             &dir,
             "client",
-            "/CN=daprd-rs test client",
+            "/CN=daprd-rs-test-client",
             "extendedKeyUsage=clientAuth\n",
         );
         // Brokers started as root may drop to their own user (mosquitto does): let them read

@@ -12,6 +12,8 @@ pub struct RabbitMetadata {
     pub uri: String,
     /// `caCert` / `clientCert` / `clientKey` (PEM text) for `amqps://`.
     pub tls: crate::tls::PemMaterial,
+    /// `saslExternal` (false): authenticate with the client certificate (`amqps://` only).
+    pub sasl_external: bool,
     /// `consumerID`: queue name prefix (`<consumerID>-<topic>`).
     pub consumer_id: String,
     /// `durable` (false): exchanges and queues survive broker restarts.
@@ -90,14 +92,17 @@ impl RabbitMetadata {
         if !uri.is_empty() && !uri.starts_with("amqp://") && !uri.starts_with("amqps://") {
             r.fail("connectionString", format!("{uri:?} is not an amqp:// URI"));
         }
-        if r.bool("saslExternal", false) {
-            r.fail(
-                "saslExternal",
-                "SASL EXTERNAL is not supported yet by daprd-rs",
-            );
-        }
         let tls =
             crate::tls::PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
+        let sasl_external = r.bool("saslExternal", false);
+        if sasl_external
+            && (tls.ca_cert.is_none() || tls.client_cert.is_none() || tls.client_key.is_none())
+        {
+            r.fail(
+                "saslExternal",
+                "can only be true when caCert, clientCert and clientKey are set",
+            );
+        }
         let durable = r.bool("durable", false);
         let deleted_when_unused = r.bool("deletedWhenUnused", true);
         let auto_ack = r.bool("autoAck", false);
@@ -141,6 +146,7 @@ impl RabbitMetadata {
             client_name: md.get_non_empty("clientName").map(str::to_string),
             properties_to_metadata,
             tls,
+            sasl_external,
         })
     }
 }
@@ -184,6 +190,7 @@ mod tests {
             ("concurrencyMode", "x"),
             ("durable", "perhaps"),
             ("clientKey", "not a key"),
+            ("saslExternal", "true"),
         ]))
         .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
@@ -195,6 +202,7 @@ mod tests {
             "durable",
             "clientKey",
             "clientCert",
+            "saslExternal",
             "consumerID",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
