@@ -9,6 +9,7 @@
 //!   (Dapr 1.17+ acks a failed message; daprd-rs keeps it for redelivery, so nothing the
 //!   app did not accept is lost.)
 
+mod conn;
 mod metadata;
 mod subscriber;
 
@@ -22,7 +23,6 @@ use daprd_core::pubsub::{
     BulkPublishRequest, ErrorKind, FailedEntry, Feature, Handler, PubSub, PubSubError,
     PubSubFactory, PublishRequest, SubscribeRequest, Subscription,
 };
-use redis::aio::ConnectionManager;
 
 pub use metadata::RedisMetadata;
 
@@ -45,48 +45,24 @@ impl PubSubFactory for RedisFactory {
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
         let md = RedisMetadata::parse(metadata)?;
-        let client = if md.enable_tls {
-            let client_tls = match (&md.tls.client_cert, &md.tls.client_key) {
-                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                    client_cert: cert.clone().into_bytes(),
-                    client_key: key.clone().into_bytes(),
-                }),
-                _ => None,
-            };
-            redis::Client::build_with_tls(
-                md.url(),
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert: None,
-                },
-            )
-        } else {
-            redis::Client::open(md.url())
-        }
-        .map_err(|e| PubSubError::Connect {
+        let source = conn::Source::new(&md).map_err(|e| PubSubError::Connect {
             message: format!("invalid redis address {:?}", md.host),
             source: Some(Box::new(e)),
         })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(md.dial_timeout))
-            .set_response_timeout(Some(md.write_timeout.max(md.read_timeout)));
-        let conn = tokio::time::timeout(
-            md.dial_timeout,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| PubSubError::Connect {
-            message: format!("connecting to redis at {} timed out", md.host),
-            source: None,
-        })?
-        .map_err(|e| PubSubError::Connect {
-            message: format!("connecting to redis at {}", md.host),
-            source: Some(Box::new(e)),
-        })?;
+        let conn = tokio::time::timeout(md.dial_timeout, source.shared(&md))
+            .await
+            .map_err(|_| PubSubError::Connect {
+                message: format!("connecting to redis at {} timed out", md.host),
+                source: None,
+            })?
+            .map_err(|e| PubSubError::Connect {
+                message: format!("connecting to redis at {}", md.host),
+                source: Some(Box::new(e)),
+            })?;
         Ok(Arc::new(RedisPubSub {
             name: name.to_string(),
             md: Arc::new(md),
-            client,
+            source,
             conn,
             closed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             stop: tokio::sync::watch::channel(false).0,
@@ -98,8 +74,8 @@ impl PubSubFactory for RedisFactory {
 pub struct RedisPubSub {
     name: String,
     md: Arc<RedisMetadata>,
-    client: redis::Client,
-    conn: ConnectionManager,
+    source: conn::Source,
+    conn: conn::Conn,
     closed: Arc<std::sync::atomic::AtomicBool>,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -254,7 +230,7 @@ impl PubSub for RedisPubSub {
             subscriber::Context {
                 component: self.name.clone(),
                 md: self.md.clone(),
-                client: self.client.clone(),
+                source: self.source.clone(),
                 conn: self.conn.clone(),
                 topic: request.topic,
                 handler,

@@ -437,3 +437,100 @@ async fn enable_tls_with_client_certificates() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `redisType: cluster`: three private cluster nodes (own ports and directories), joined with
+/// `redis-cli --cluster create`; the component passes the conformance suite against the
+/// cluster, its random topics spread over the nodes' slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_passes_the_conformance_suite() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let dirs: Vec<ScratchDir> = (0..3).map(|_| ScratchDir::new("redis-cluster")).collect();
+    let mut nodes: Vec<Child> = ports
+        .iter()
+        .zip(&dirs)
+        .map(|(port, dir)| {
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args(["--cluster-config-file", "nodes.conf", "--dir"])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs")
+        })
+        .collect();
+    for port in &ports {
+        let host = format!("127.0.0.1:{port}");
+        eventually(Duration::from_secs(10), "cluster node to listen", || {
+            let host = host.clone();
+            async move { std::net::TcpStream::connect(host.as_str()).ok().map(|_| ()) }
+        })
+        .await;
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    for host in &addrs {
+        eventually(Duration::from_secs(20), "cluster_state:ok", || {
+            let host = host.clone();
+            async move {
+                cli(&host, &["CLUSTER", "INFO"])
+                    .contains("cluster_state:ok")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    let hosts = addrs.join(",");
+    let connect: daprd_testkit::conformance::Connect = Arc::new(move |group| {
+        let hosts = hosts.clone();
+        Box::pin(async move {
+            let md = metadata_with_group(
+                &group,
+                &[
+                    ("redisHost", &hosts),
+                    ("redisType", "cluster"),
+                    ("processingTimeout", "500"),
+                    ("redeliverInterval", "200"),
+                    ("concurrency", "1"),
+                ],
+            );
+            daprd_components::redis::RedisFactory
+                .connect("conformance", &md)
+                .await
+                .unwrap()
+        })
+    });
+    daprd_testkit::conformance::run(
+        connect,
+        daprd_testkit::conformance::Traits {
+            redelivers_on_retry: true,
+            competing_consumers: true,
+            redelivery_wait: Duration::from_secs(5),
+            ordered: true,
+            native_ttl: false,
+        },
+    )
+    .await;
+    for n in &mut nodes {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
+}

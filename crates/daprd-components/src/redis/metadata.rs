@@ -44,6 +44,8 @@ pub struct RedisMetadata {
     pub insecure_skip_verify: bool,
     /// `clientCert` / `clientKey` (PEM): mutual TLS.
     pub tls: crate::tls::PemMaterial,
+    /// `redisType: cluster`: `redisHost` is a comma list of cluster nodes.
+    pub cluster: bool,
 }
 
 /// Keys Dapr accepts that this build does not implement yet; using them is an error, not
@@ -70,14 +72,12 @@ impl RedisMetadata {
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
         let mut r = MetadataReader::new(md);
         let host = r.required("redisHost", " (host:port)");
-        if host.contains(',') {
+        let cluster = r.one_of("redisType", "node", &["node", "cluster"]) == "cluster";
+        if host.contains(',') && !cluster {
             r.fail(
                 "redisHost",
-                "a comma list means a Redis cluster, which daprd-rs does not support yet",
+                "a comma list of hosts needs redisType: cluster",
             );
-        }
-        if r.one_of("redisType", "node", &["node", "cluster"]) == "cluster" {
-            r.fail("redisType", "cluster is not supported yet by daprd-rs");
         }
         for (key, what) in NOT_YET {
             if r.bool(key, false) {
@@ -85,6 +85,9 @@ impl RedisMetadata {
             }
         }
         let db = r.int("redisDB", 0, 0..=i64::MAX);
+        if cluster && db != 0 {
+            r.fail("redisDB", "a Redis Cluster has only database 0");
+        }
         let concurrency = r.int("concurrency", 10, 1..=i64::from(u32::MAX));
         let queue_depth = r.int("queueDepth", 100, 1..=i64::from(u32::MAX));
         let max_len = r.int("maxLenApprox", 0, 0..=i64::MAX);
@@ -127,11 +130,26 @@ impl RedisMetadata {
             enable_tls,
             insecure_skip_verify,
             tls,
+            cluster,
         })
     }
 
     /// The connection URL (`redis://[user:pass@]host/db`).
+    /// The hosts of `redisHost` (one, or the cluster's seed nodes).
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.host
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+    }
+
+    /// The connection URL of the first host.
     pub fn url(&self) -> String {
+        self.url_for(self.hosts().next().unwrap_or(&self.host))
+    }
+
+    /// The connection URL of `host` (credentials, database, TLS as configured).
+    pub fn url_for(&self, host: &str) -> String {
         let auth = match (&self.username, &self.password) {
             (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
             (None, Some(p)) => format!(":{}@", enc(p)),
@@ -143,7 +161,7 @@ impl RedisMetadata {
             (true, false) => ("rediss", ""),
             (true, true) => ("rediss", "#insecure"),
         };
-        format!("{scheme}://{auth}{}/{}{fragment}", self.host, self.db)
+        format!("{scheme}://{auth}{host}/{}{fragment}", self.db)
     }
 }
 
@@ -219,6 +237,7 @@ mod tests {
             ("queueDepth", "x"),
             ("clientCert", "not pem"),
             ("redisType", "cluster"),
+            ("redisDB", "3"),
         ]))
         .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
@@ -228,7 +247,7 @@ mod tests {
             "queueDepth",
             "clientCert",
             "clientKey",
-            "redisType",
+            "redisDB",
             "consumerID",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daprd_core::pubsub::{Handler, Message, Outcome};
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamReadReply};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
@@ -18,15 +17,15 @@ use super::RedisMetadata;
 pub(super) struct Context {
     pub component: String,
     pub md: Arc<RedisMetadata>,
-    pub client: redis::Client,
-    pub conn: ConnectionManager,
+    pub source: super::conn::Source,
+    pub conn: super::conn::Conn,
     pub topic: String,
     pub handler: Handler,
 }
 
 /// `XGROUP CREATE <topic> <group> 0 MKSTREAM`, ignoring BUSYGROUP.
 pub(super) async fn create_group(
-    conn: &mut ConnectionManager,
+    conn: &mut super::conn::Conn,
     topic: &str,
     group: &str,
 ) -> Result<(), RedisError> {
@@ -127,7 +126,7 @@ async fn reader(
     let block_ms = u64::try_from(ctx.md.read_timeout.as_millis())
         .unwrap_or(3000)
         .max(1);
-    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut conn: Option<super::conn::Conn> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
         if *stop.borrow() {
@@ -135,16 +134,7 @@ async fn reader(
         }
         let c = match &mut conn {
             Some(c) => c,
-            None => match ctx
-                .client
-                .get_multiplexed_async_connection_with_config(
-                    // XREADGROUP blocks for readTimeout: the reply may take that long.
-                    &redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(ctx.md.dial_timeout))
-                        .set_response_timeout(Some(ctx.md.read_timeout + Duration::from_secs(5))),
-                )
-                .await
-            {
+            None => match ctx.source.dedicated(&ctx.md).await {
                 Ok(c) => {
                     backoff = Duration::from_millis(100);
                     conn.insert(c)

@@ -1,0 +1,138 @@
+//! Where the component's connections come from: one node (`redisType: node`), or a Redis
+//! Cluster (`redisType: cluster`, or a comma list in `redisHost`, as Dapr reads it).
+//! Commands name one stream key each, so the cluster client routes them by slot.
+
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::RedisMetadata;
+
+/// Builds connections for one component.
+#[derive(Clone)]
+pub(super) enum Source {
+    Node(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// A connection of either kind; every command goes through [`ConnectionLike`].
+#[derive(Clone)]
+pub(super) enum Conn {
+    /// Shared, reconnecting (publishes, acks, the reclaim loop).
+    Manager(ConnectionManager),
+    /// Dedicated to one reader's blocking `XREADGROUP`.
+    Multiplexed(MultiplexedConnection),
+    /// A cluster connection (reconnects to nodes by itself).
+    Cluster(ClusterConnection),
+}
+
+fn tls_certificates(md: &RedisMetadata) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: md
+            .tls
+            .client_cert
+            .as_ref()
+            .zip(md.tls.client_key.as_ref())
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone().into_bytes(),
+                client_key: key.clone().into_bytes(),
+            }),
+        root_cert: None,
+    }
+}
+
+impl Source {
+    /// Parses the addresses (no I/O).
+    pub(super) fn new(md: &RedisMetadata) -> RedisResult<Self> {
+        if md.cluster {
+            let urls: Vec<String> = md.hosts().map(|h| md.url_for(h)).collect();
+            let mut builder = ClusterClient::builder(urls)
+                .connection_timeout(md.dial_timeout)
+                .response_timeout(md.write_timeout.max(md.read_timeout));
+            if md.enable_tls {
+                builder = builder.certs(tls_certificates(md));
+            }
+            return Ok(Self::Cluster(builder.build()?));
+        }
+        let url = md.url_for(&md.host);
+        let client = if md.enable_tls {
+            redis::Client::build_with_tls(url, tls_certificates(md))?
+        } else {
+            redis::Client::open(url)?
+        };
+        Ok(Self::Node(client))
+    }
+
+    /// The shared connection.
+    pub(super) async fn shared(&self, md: &RedisMetadata) -> RedisResult<Conn> {
+        match self {
+            Self::Node(client) => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(md.dial_timeout))
+                    .set_response_timeout(Some(md.write_timeout.max(md.read_timeout)));
+                Ok(Conn::Manager(
+                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                ))
+            }
+            Self::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+
+    /// A connection of its own for a reader: `XREADGROUP ... BLOCK` holds a connection for
+    /// up to `readTimeout`, so the reply may take that long.
+    pub(super) async fn dedicated(&self, md: &RedisMetadata) -> RedisResult<Conn> {
+        let response = md.read_timeout + std::time::Duration::from_secs(5);
+        match self {
+            Self::Node(client) => Ok(Conn::Multiplexed(
+                client
+                    .get_multiplexed_async_connection_with_config(
+                        &redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(md.dial_timeout))
+                            .set_response_timeout(Some(response)),
+                    )
+                    .await?,
+            )),
+            Self::Cluster(client) => Ok(Conn::Cluster(
+                client
+                    .get_async_connection_with_config(
+                        redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(md.dial_timeout)
+                            .set_response_timeout(response),
+                    )
+                    .await?,
+            )),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Manager(c) => c.req_packed_command(cmd),
+            Conn::Multiplexed(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Manager(c) => c.get_db(),
+            Conn::Multiplexed(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
