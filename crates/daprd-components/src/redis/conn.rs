@@ -2,6 +2,8 @@
 //! Cluster (`redisType: cluster`, or a comma list in `redisHost`, as Dapr reads it).
 //! Commands name one stream key each, so the cluster client routes them by slot.
 
+use std::sync::Arc;
+
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -12,8 +14,8 @@ use super::RedisMetadata;
 /// Builds connections for one component.
 #[derive(Clone)]
 pub(super) enum Source {
-    Node(redis::Client),
-    Cluster(ClusterClient),
+    Node(Arc<redis::Client>),
+    Cluster(Arc<ClusterClient>),
 }
 
 /// A connection of either kind; every command goes through [`ConnectionLike`].
@@ -53,7 +55,7 @@ impl Source {
             if md.enable_tls {
                 builder = builder.certs(tls_certificates(md));
             }
-            return Ok(Self::Cluster(builder.build()?));
+            return Ok(Self::Cluster(Arc::new(builder.build()?)));
         }
         let url = md.url_for(&md.host);
         let client = if md.enable_tls {
@@ -61,7 +63,7 @@ impl Source {
         } else {
             redis::Client::open(url)?
         };
-        Ok(Self::Node(client))
+        Ok(Self::Node(Arc::new(client)))
     }
 
     /// The shared connection.
@@ -72,7 +74,7 @@ impl Source {
                     .set_connection_timeout(Some(md.dial_timeout))
                     .set_response_timeout(Some(md.write_timeout.max(md.read_timeout)));
                 Ok(Conn::Manager(
-                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                    ConnectionManager::new_with_config((**client).clone(), config).await?,
                 ))
             }
             Self::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
