@@ -534,3 +534,171 @@ async fn cluster_passes_the_conformance_suite() {
         let _ = n.wait();
     }
 }
+
+/// `failover: true`: a private master, its replica and a Sentinel. The component finds the
+/// master through Sentinel; after the master dies and Sentinel promotes the replica, publishing
+/// works again and the subscription receives from the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_moves_to_the_promoted_replica() {
+    let (mport, rport, sport) = (free_port(), free_port(), free_port());
+    let dirs: Vec<ScratchDir> = (0..3).map(|_| ScratchDir::new("redis-sentinel")).collect();
+    let spawn = |args: Vec<String>, dir: &ScratchDir| {
+        Command::new("redis-server")
+            .args(args)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs")
+    };
+    let base = |port: u16| {
+        vec![
+            "--port".to_string(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+        ]
+    };
+    let mut master = spawn(base(mport), &dirs[0]);
+    let mut replica_args = base(rport);
+    replica_args.extend([
+        "--replicaof".to_string(),
+        "127.0.0.1".into(),
+        mport.to_string(),
+    ]);
+    let mut replica = spawn(replica_args, &dirs[1]);
+    let conf = dirs[2].write(
+        "sentinel.conf",
+        &format!(
+            "port {sport}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {mport} 1\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n"
+        ),
+    );
+    let mut sentinel = Command::new("redis-server")
+        .arg(&conf)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server --sentinel runs");
+    let try_cli = |port: u16, args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the replica to be in sync",
+        || async move {
+            try_cli(rport, &["INFO", "replication"])
+                .contains("master_link_status:up")
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "Sentinel to see the replica",
+        || async move {
+            try_cli(sport, &["SENTINEL", "replicas", "mymaster"])
+                .contains(&rport.to_string())
+                .then_some(())
+        },
+    )
+    .await;
+
+    let md = metadata_with_group(
+        "sentinel-app",
+        &[
+            ("redisHost", &format!("127.0.0.1:{sport}")),
+            ("failover", "true"),
+            ("sentinelMasterName", "mymaster"),
+            ("dialTimeout", "1s"),
+            ("readTimeout", "1s"),
+            ("writeTimeout", "1s"),
+        ],
+    );
+    let c = daprd_components::redis::RedisFactory
+        .connect("pubsub", &md)
+        .await
+        .expect("connect through Sentinel");
+    let topic = random_name("sentinel");
+    let (h, mut rx) = collector();
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    let publish = |data: &'static str| {
+        let (c, topic) = (c.clone(), topic.clone());
+        async move {
+            c.publish(PublishRequest {
+                pubsub_name: "pubsub".into(),
+                topic,
+                data: Bytes::from_static(data.as_bytes()),
+                metadata: BTreeMap::new(),
+                content_type: None,
+            })
+            .await
+        }
+    };
+    publish("before").await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("delivery from the first master")
+        .unwrap();
+    assert_eq!(&m.data[..], b"before");
+    // the stream (and its consumer group) must reach the replica before the master goes
+    eventually(Duration::from_secs(10), "the stream on the replica", || {
+        let topic = topic.clone();
+        async move { (try_cli(rport, &["XLEN", &topic]).trim() == "1").then_some(()) }
+    })
+    .await;
+
+    let _ = master.kill();
+    let _ = master.wait();
+    eventually(
+        Duration::from_secs(30),
+        "Sentinel to promote the replica",
+        || async move {
+            try_cli(sport, &["SENTINEL", "get-master-addr-by-name", "mymaster"])
+                .contains(&rport.to_string())
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(30), "publishing to work again", || {
+        let p = publish("after");
+        async move { p.await.ok() }
+    })
+    .await;
+    // "before" may come again if its XACK had not reached the replica (at least once).
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("delivery from the promoted replica")
+            .unwrap();
+        match &m.data[..] {
+            b"after" => break,
+            b"before" => continue,
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+    c.close().await.unwrap();
+    for p in [&mut replica, &mut sentinel] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}

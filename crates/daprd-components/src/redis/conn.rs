@@ -1,5 +1,6 @@
-//! Where the component's connections come from: one node (`redisType: node`), or a Redis
-//! Cluster (`redisType: cluster`, or a comma list in `redisHost`, as Dapr reads it).
+//! Where the component's connections come from: one node (`redisType: node`), a Redis
+//! Cluster (`redisType: cluster`, `redisHost` a comma list of nodes), or the master that
+//! Redis Sentinel names (`failover: true`, `redisHost` the Sentinel(s)).
 //! Commands name one stream key each, so the cluster client routes them by slot.
 
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::RedisMetadata;
@@ -16,6 +18,8 @@ use super::RedisMetadata;
 pub(super) enum Source {
     Node(Arc<redis::Client>),
     Cluster(Arc<ClusterClient>),
+    /// `failover: true`: the master that Sentinel names (asked again after an error).
+    Sentinel(Arc<tokio::sync::Mutex<SentinelClient>>),
 }
 
 /// A connection of either kind; every command goes through [`ConnectionLike`].
@@ -27,6 +31,49 @@ pub(super) enum Conn {
     Multiplexed(MultiplexedConnection),
     /// A cluster connection (reconnects to nodes by itself).
     Cluster(ClusterConnection),
+    /// The Sentinel-named master, shared; dropped after a connection error or `READONLY`
+    /// (a demoted master) so the next command asks Sentinel again.
+    Sentinel(SentinelConn),
+}
+
+/// A shared connection to the current master.
+#[derive(Clone)]
+pub(super) struct SentinelConn {
+    sentinel: Arc<tokio::sync::Mutex<SentinelClient>>,
+    current: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+    config: redis::AsyncConnectionConfig,
+    db: i64,
+}
+
+impl SentinelConn {
+    fn config_db(&self) -> i64 {
+        self.db
+    }
+
+    async fn get(&self) -> RedisResult<MultiplexedConnection> {
+        let mut current = self.current.lock().await;
+        if let Some(c) = current.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .sentinel
+            .lock()
+            .await
+            .get_async_connection_with_config(&self.config)
+            .await?;
+        *current = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn after<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &result {
+            let demoted = e.to_string().contains("READONLY");
+            if demoted || e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                *self.current.lock().await = None;
+            }
+        }
+        result
+    }
 }
 
 fn tls_certificates(md: &RedisMetadata) -> redis::TlsCertificates {
@@ -47,6 +94,23 @@ fn tls_certificates(md: &RedisMetadata) -> redis::TlsCertificates {
 impl Source {
     /// Parses the addresses (no I/O).
     pub(super) fn new(md: &RedisMetadata) -> RedisResult<Self> {
+        if let Some(master) = &md.sentinel_master {
+            let sentinels: Vec<String> = md.hosts().map(|h| md.sentinel_url(h)).collect();
+            let mut node = redis::RedisConnectionInfo::default().set_db(md.db);
+            if let Some(u) = &md.username {
+                node = node.set_username(u);
+            }
+            if let Some(p) = &md.password {
+                node = node.set_password(p);
+            }
+            let client = SentinelClient::build(
+                sentinels,
+                master.as_str(),
+                Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(node)),
+                SentinelServerType::Master,
+            )?;
+            return Ok(Self::Sentinel(Arc::new(tokio::sync::Mutex::new(client))));
+        }
         if md.cluster {
             let urls: Vec<String> = md.hosts().map(|h| md.url_for(h)).collect();
             let mut builder = ClusterClient::builder(urls)
@@ -78,6 +142,18 @@ impl Source {
                 ))
             }
             Self::Cluster(client) => Ok(Conn::Cluster(client.get_async_connection().await?)),
+            Self::Sentinel(sentinel) => {
+                let conn = SentinelConn {
+                    sentinel: sentinel.clone(),
+                    current: Arc::default(),
+                    config: redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(md.dial_timeout))
+                        .set_response_timeout(Some(md.write_timeout.max(md.read_timeout))),
+                    db: md.db,
+                };
+                conn.get().await?;
+                Ok(Conn::Sentinel(conn))
+            }
         }
     }
 
@@ -104,6 +180,19 @@ impl Source {
                     )
                     .await?,
             )),
+            // The reader drops its connection on any error and asks for a new one: a fresh
+            // master lookup each time.
+            Self::Sentinel(sentinel) => Ok(Conn::Multiplexed(
+                sentinel
+                    .lock()
+                    .await
+                    .get_async_connection_with_config(
+                        &redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(md.dial_timeout))
+                            .set_response_timeout(Some(response)),
+                    )
+                    .await?,
+            )),
         }
     }
 }
@@ -114,6 +203,13 @@ impl ConnectionLike for Conn {
             Conn::Manager(c) => c.req_packed_command(cmd),
             Conn::Multiplexed(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let result = match s.get().await {
+                    Ok(mut c) => c.req_packed_command(cmd).await,
+                    Err(e) => Err(e),
+                };
+                s.after(result).await
+            }),
         }
     }
 
@@ -127,6 +223,13 @@ impl ConnectionLike for Conn {
             Conn::Manager(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let result = match s.get().await {
+                    Ok(mut c) => c.req_packed_commands(pipeline, offset, count).await,
+                    Err(e) => Err(e),
+                };
+                s.after(result).await
+            }),
         }
     }
 
@@ -135,6 +238,7 @@ impl ConnectionLike for Conn {
             Conn::Manager(c) => c.get_db(),
             Conn::Multiplexed(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(s) => s.config_db(),
         }
     }
 }

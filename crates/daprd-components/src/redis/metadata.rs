@@ -46,12 +46,16 @@ pub struct RedisMetadata {
     pub tls: crate::tls::PemMaterial,
     /// `redisType: cluster`: `redisHost` is a comma list of cluster nodes.
     pub cluster: bool,
+    /// `failover: true` + `sentinelMasterName`: `redisHost` names Sentinel(s).
+    pub sentinel_master: Option<String>,
+    /// `sentinelUsername` / `sentinelPassword`: credentials for Sentinel itself.
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
 }
 
 /// Keys Dapr accepts that this build does not implement yet; using them is an error, not
 /// a silent misconfiguration.
 const NOT_YET: &[(&str, &str)] = &[
-    ("failover", "Redis Sentinel failover"),
     ("useEntraID", "Entra ID authentication"),
     ("useOIDC", "OIDC authentication"),
 ];
@@ -73,7 +77,25 @@ impl RedisMetadata {
         let mut r = MetadataReader::new(md);
         let host = r.required("redisHost", " (host:port)");
         let cluster = r.one_of("redisType", "node", &["node", "cluster"]) == "cluster";
-        if host.contains(',') && !cluster {
+        let failover = r.bool("failover", false);
+        let sentinel_master = md.get_non_empty("sentinelMasterName").map(str::to_string);
+        if failover && sentinel_master.is_none() {
+            r.fail("sentinelMasterName", "is required with failover: true");
+        }
+        if failover && cluster {
+            r.fail("failover", "cannot be combined with redisType: cluster");
+        }
+        if failover
+            && r.md()
+                .get_non_empty("enableTLS")
+                .is_some_and(|v| v == "true")
+        {
+            r.fail(
+                "enableTLS",
+                "TLS with Sentinel (failover) is not supported yet by daprd-rs",
+            );
+        }
+        if host.contains(',') && !cluster && !failover {
             r.fail(
                 "redisHost",
                 "a comma list of hosts needs redisType: cluster",
@@ -131,6 +153,9 @@ impl RedisMetadata {
             insecure_skip_verify,
             tls,
             cluster,
+            sentinel_master: sentinel_master.filter(|_| failover),
+            sentinel_username: md.get_non_empty("sentinelUsername").map(str::to_string),
+            sentinel_password: md.get_non_empty("sentinelPassword").map(str::to_string),
         })
     }
 
@@ -146,6 +171,17 @@ impl RedisMetadata {
     /// The connection URL of the first host.
     pub fn url(&self) -> String {
         self.url_for(self.hosts().next().unwrap_or(&self.host))
+    }
+
+    /// The URL of a Sentinel (its own credentials).
+    pub fn sentinel_url(&self, host: &str) -> String {
+        let auth = match (&self.sentinel_username, &self.sentinel_password) {
+            (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
+            (None, Some(p)) => format!(":{}@", enc(p)),
+            (Some(u), None) => format!("{}@", enc(u)),
+            (None, None) => String::new(),
+        };
+        format!("redis://{auth}{host}")
     }
 
     /// The connection URL of `host` (credentials, database, TLS as configured).
