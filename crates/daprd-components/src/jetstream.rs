@@ -48,7 +48,20 @@ impl PubSubFactory for JetStreamFactory {
         if let Some(t) = &md.token {
             opts = opts.token(t.clone());
         }
-        if let Some((cert, key)) = &md.tls_client {
+        if let Some((jwt, seed)) = &md.jwt {
+            // validated at parse time
+            let key =
+                Arc::new(
+                    nkeys::KeyPair::from_seed(seed).map_err(|e| PubSubError::Connect {
+                        message: format!("jetstream seedKey: {e}"),
+                        source: None,
+                    })?,
+                );
+            opts = opts.jwt(jwt.clone(), move |nonce| {
+                let key = key.clone();
+                async move { key.sign(&nonce).map_err(async_nats::AuthError::new) }
+            });
+        } else if let Some((cert, key)) = &md.tls_client {
             opts = opts.add_client_certificate(cert.into(), key.into());
         }
         let client = tokio::time::timeout(

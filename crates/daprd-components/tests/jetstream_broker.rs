@@ -70,19 +70,23 @@ impl PrivateNats {
         let port = daprd_testkit::free_port();
         let dir = daprd_testkit::ScratchDir::new("nats");
         let conf = dir.write("nats.conf", &config(port, dir.path()));
-        let child = std::process::Command::new("nats-server")
+        let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
+        let mut child = std::process::Command::new("nats-server")
             .arg("-c")
             .arg(&conf)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("nats-server runs");
-        daprd_testkit::eventually(
-            Duration::from_secs(10),
-            "nats-server to listen",
-            || async move { std::net::TcpStream::connect(("127.0.0.1", port)).ok() },
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = child.try_wait().ok().flatten().is_some();
+            if exited || std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.path().join("nats.log")).unwrap_or_default();
+                panic!("nats-server did not start (exited: {exited}): {log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Self {
             child,
             port,
@@ -308,5 +312,129 @@ async fn tls_client_certificate_child() {
     assert_eq!(
         info.state.messages, 1,
         "nothing got in without a certificate"
+    );
+}
+
+/// A NATS JWT (`ed25519-nkey`), signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": random_name("jti"), "iat": iat, "iss": issuer.public_key(), "name": name,
+        "sub": subject, "nats": nats,
+    });
+    let body = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let sig = issuer.sign(body.as_bytes()).unwrap();
+    format!("{body}.{}", b64(&sig))
+}
+
+/// `jwt` + `seedKey` against a private nats-server in operator mode (operator, account and
+/// user JWTs made here): the component signs the server's nonce with the seed and publishes
+/// to a stream; without credentials the server refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_and_seed_key_authenticate() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "acct",
+        serde_json::json!({"type": "account", "version": 2, "limits": {
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "user",
+        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+                           "subs": -1, "data": -1, "payload": -1}),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let (account_pub, system_pub) = (account.public_key(), system.public_key());
+    let nats = PrivateNats::start(move |port, dir| {
+        format!(
+            "listen: 127.0.0.1:{port}\noperator: {operator_jwt}\nsystem_account: {system_pub}\nresolver: MEMORY\nresolver_preload: {{ {account_pub}: {account_jwt}, {system_pub}: {system_jwt} }}\njetstream {{ store_dir: \"{}\" }}\n",
+            dir.display()
+        )
+    })
+    .await;
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let seed = user.seed().unwrap();
+    let signer = std::sync::Arc::new(nkeys::KeyPair::from_seed(&seed).unwrap());
+    let js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::new()
+            .jwt(user_jwt.clone(), move |nonce| {
+                let signer = signer.clone();
+                async move { signer.sign(&nonce).map_err(async_nats::AuthError::new) }
+            })
+            .connect(url.as_str())
+            .await
+            .unwrap(),
+    );
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "jwt-test".into(),
+        subjects: vec!["jwt.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let request = |topic: &str| PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.into(),
+        data: Bytes::from_static(b"{}"),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    };
+    let md = metadata_with_group(
+        "unused",
+        &[("natsURL", &url), ("jwt", &user_jwt), ("seedKey", &seed)],
+    );
+    let c = daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap();
+    c.publish(request("jwt.a"))
+        .await
+        .expect("publish as the JWT user");
+    let stored = js
+        .get_stream("jwt-test")
+        .await
+        .unwrap()
+        .cached_info()
+        .state
+        .messages;
+    assert_eq!(stored, 1);
+    let anonymous = metadata_with_group("unused", &[("natsURL", &url)]);
+    let refused = match daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &anonymous)
+        .await
+    {
+        Err(_) => true,
+        Ok(c) => c.publish(request("jwt.b")).await.is_err(),
+    };
+    assert!(
+        refused,
+        "an operator-mode server refuses a client without credentials"
     );
 }

@@ -61,6 +61,9 @@ pub struct JetStreamMetadata {
     /// `tls_client_cert` / `tls_client_key`: files of a client certificate (mutual TLS; the
     /// server certificate is checked against the system roots, as in Dapr).
     pub tls_client: Option<(String, String)>,
+    /// `jwt` + `seedKey`: user JWT and the nkey seed that signs the server's nonce (wins
+    /// over the client certificate, as in Dapr).
+    pub jwt: Option<(String, String)>,
     /// `domain`: the JetStream domain (API prefix `$JS.<domain>.API`).
     pub domain: Option<String>,
     /// `apiPrefix`: a custom JetStream API prefix (wins over `domain`, as in nats.go).
@@ -75,7 +78,16 @@ impl JetStreamMetadata {
     pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
         let mut r = MetadataReader::new(md);
         let url = r.required("natsURL", "");
-        r.unsupported(&["jwt", "seedKey"], "JWT authentication");
+        let jwt = md.get_non_empty("jwt").map(str::to_string);
+        let seed_key = md.get_non_empty("seedKey").map(str::to_string);
+        match (&jwt, &seed_key) {
+            (Some(_), None) => r.fail("seedKey", "is required with jwt"),
+            (None, Some(_)) => r.fail("jwt", "is required with seedKey"),
+            (Some(_), Some(seed)) if nkeys::KeyPair::from_seed(seed).is_err() => {
+                r.fail("seedKey", "is not an nkey seed")
+            }
+            _ => {}
+        }
         let tls_client_cert = md.get_non_empty("tls_client_cert").map(str::to_string);
         let tls_client_key = md.get_non_empty("tls_client_key").map(str::to_string);
         match (&tls_client_cert, &tls_client_key) {
@@ -162,6 +174,7 @@ impl JetStreamMetadata {
             ack_policy,
             parallel,
             tls_client: tls_client_cert.zip(tls_client_key),
+            jwt: jwt.zip(seed_key),
             domain: md.get_non_empty("domain").map(str::to_string),
             api_prefix: md.get_non_empty("apiPrefix").map(str::to_string),
         })
@@ -204,6 +217,7 @@ mod tests {
             ("ackWait", "soon"),
             ("ackPolicy", "maybe"),
             ("jwt", "x"),
+            ("seedKey", "not a seed"),
             ("tls_client_cert", "/etc/cert.pem"),
         ]))
         .unwrap_err();
@@ -213,7 +227,7 @@ mod tests {
             "deliverPolicy",
             "ackWait",
             "ackPolicy",
-            "jwt",
+            "seedKey",
             "tls_client_key",
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
