@@ -345,38 +345,7 @@ async fn rabbitmq_amqps_with_client_certificates() {
     let c = connect(true)
         .await
         .expect("amqps with a client certificate");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let handler: daprd_core::pubsub::Handler = std::sync::Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            daprd_core::pubsub::Outcome::Success
-        })
-    });
-    let _sub = c
-        .subscribe(
-            daprd_core::pubsub::SubscribeRequest {
-                topic: "tls-topic".into(),
-                metadata: Default::default(),
-            },
-            handler,
-        )
-        .await
-        .unwrap();
-    c.publish(daprd_core::pubsub::PublishRequest {
-        pubsub_name: "p".into(),
-        topic: "tls-topic".into(),
-        data: bytes::Bytes::from_static(b"over amqps"),
-        metadata: Default::default(),
-        content_type: None,
-    })
-    .await
-    .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("delivery over amqps")
-        .unwrap();
-    assert_eq!(&m.data[..], b"over amqps");
+    let _ = daprd_testkit::conformance::round_trip(&c, "tls-topic", b"over amqps").await;
     c.close().await.unwrap();
     assert!(
         connect(false).await.is_err(),
@@ -399,13 +368,10 @@ async fn rabbitmq_amqps_with_client_certificates() {
         .connect("p", &md)
         .await
         .expect("SASL EXTERNAL with the client certificate");
-    c.publish(daprd_core::pubsub::PublishRequest {
-        pubsub_name: "p".into(),
-        topic: "tls-topic".into(),
-        data: bytes::Bytes::from_static(b"{}"),
-        metadata: Default::default(),
-        content_type: None,
-    })
+    c.publish(daprd_testkit::conformance::publish_request(
+        "tls-topic",
+        b"{}",
+    ))
     .await
     .expect("publish as the certificate's user");
     c.close().await.unwrap();

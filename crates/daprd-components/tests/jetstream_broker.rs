@@ -132,39 +132,8 @@ async fn domain_and_api_prefix_select_the_jetstream_api() {
             .connect("pubsub", &md)
             .await
             .unwrap();
-        let subject = format!("dom.{n}");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let handler: daprd_core::pubsub::Handler = std::sync::Arc::new(move |m| {
-            let tx = tx.clone();
-            Box::pin(async move {
-                let _ = tx.send(m);
-                daprd_core::pubsub::Outcome::Success
-            })
-        });
-        let _sub = c
-            .subscribe(
-                daprd_core::pubsub::SubscribeRequest {
-                    topic: subject.clone(),
-                    metadata: BTreeMap::new(),
-                },
-                handler,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{key}={value}: subscribe: {e}"));
-        c.publish(PublishRequest {
-            pubsub_name: "pubsub".into(),
-            topic: subject,
-            data: Bytes::from_static(b"via domain"),
-            metadata: BTreeMap::new(),
-            content_type: None,
-        })
-        .await
-        .unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{key}={value}: delivery"))
-            .unwrap();
-        assert_eq!(&m.data[..], b"via domain");
+        let _ =
+            daprd_testkit::conformance::round_trip(&c, &format!("dom.{n}"), b"via domain").await;
         c.close().await.unwrap();
     }
     let md = metadata_with_group("unused", &[("natsURL", &url), ("domain", "elsewhere")]);
@@ -267,15 +236,9 @@ async fn tls_client_certificate_child() {
         .connect("pubsub", &md)
         .await
         .expect("connect with the client certificate");
-    c.publish(PublishRequest {
-        pubsub_name: "pubsub".into(),
-        topic: "tls.a".into(),
-        data: Bytes::from_static(b"{}"),
-        metadata: BTreeMap::new(),
-        content_type: None,
-    })
-    .await
-    .expect("publish over TLS");
+    c.publish(daprd_testkit::conformance::publish_request("tls.a", b"{}"))
+        .await
+        .expect("publish over TLS");
     let info = js
         .get_stream("tls-test")
         .await
@@ -292,13 +255,7 @@ async fn tls_client_certificate_child() {
     {
         Err(_) => true,
         Ok(c) => c
-            .publish(PublishRequest {
-                pubsub_name: "pubsub".into(),
-                topic: "tls.b".into(),
-                data: Bytes::from_static(b"{}"),
-                metadata: BTreeMap::new(),
-                content_type: None,
-            })
+            .publish(daprd_testkit::conformance::publish_request("tls.b", b"{}"))
             .await
             .is_err(),
     };
@@ -399,13 +356,7 @@ async fn jwt_and_seed_key_authenticate() {
     })
     .await
     .unwrap();
-    let request = |topic: &str| PublishRequest {
-        pubsub_name: "pubsub".into(),
-        topic: topic.into(),
-        data: Bytes::from_static(b"{}"),
-        metadata: BTreeMap::new(),
-        content_type: None,
-    };
+    let request = |topic: &str| daprd_testkit::conformance::publish_request(topic, b"{}");
     let md = metadata_with_group(
         "unused",
         &[("natsURL", &url), ("jwt", &user_jwt), ("seedKey", &seed)],

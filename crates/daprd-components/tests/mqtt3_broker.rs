@@ -180,38 +180,7 @@ async fn ssl_url_with_ca_and_client_certificates() {
         .await
         .expect("TLS connect with client certificate");
     let topic = format!("daprd-rs/{}", random_name("tls"));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let handler: Handler = Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            Outcome::Success
-        })
-    });
-    let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-            },
-            handler,
-        )
-        .await
-        .unwrap();
-    c.publish(PublishRequest {
-        pubsub_name: "pubsub".into(),
-        topic,
-        data: Bytes::from_static(b"over tls"),
-        metadata: BTreeMap::new(),
-        content_type: None,
-    })
-    .await
-    .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("delivery over TLS")
-        .unwrap();
-    assert_eq!(&m.data[..], b"over tls");
+    let _ = daprd_testkit::conformance::round_trip(&c, &topic, b"over tls").await;
     c.close().await.unwrap();
 
     assert!(

@@ -15,7 +15,7 @@ use daprd_core::pubsub::{
     BulkEntry, BulkPublishRequest, Handler, Message, Outcome, PubSub, PubSubFactory,
     PublishRequest, SubscribeRequest,
 };
-use daprd_testkit::conformance::{metadata_with_group, random_name};
+use daprd_testkit::conformance::{metadata_with_group, publish_request, random_name, round_trip};
 use daprd_testkit::{eventually, free_port, ScratchDir};
 use tokio::sync::mpsc;
 
@@ -391,32 +391,7 @@ async fn enable_tls_with_client_certificates() {
         async move { attempt.await.ok() }
     })
     .await;
-    let topic = random_name("tls");
-    let (h, mut rx) = collector();
-    let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-            },
-            h,
-        )
-        .await
-        .unwrap();
-    c.publish(PublishRequest {
-        pubsub_name: "pubsub".into(),
-        topic,
-        data: Bytes::from_static(b"over tls"),
-        metadata: BTreeMap::new(),
-        content_type: None,
-    })
-    .await
-    .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("delivery over TLS")
-        .unwrap();
-    assert_eq!(&m.data[..], b"over tls");
+    let _ = round_trip(&c, &random_name("tls"), b"over tls").await;
 
     let no_client_cert = full[..2].iter().cloned().chain([full[4].clone()]).collect();
     assert!(
@@ -630,36 +605,11 @@ async fn sentinel_failover_moves_to_the_promoted_replica() {
         .await
         .expect("connect through Sentinel");
     let topic = random_name("sentinel");
-    let (h, mut rx) = collector();
-    let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-            },
-            h,
-        )
-        .await
-        .unwrap();
-    let publish = |data: &'static str| {
+    let (_sub, mut rx) = round_trip(&c, &topic, b"before").await;
+    let publish = |data: &'static [u8]| {
         let (c, topic) = (c.clone(), topic.clone());
-        async move {
-            c.publish(PublishRequest {
-                pubsub_name: "pubsub".into(),
-                topic,
-                data: Bytes::from_static(data.as_bytes()),
-                metadata: BTreeMap::new(),
-                content_type: None,
-            })
-            .await
-        }
+        async move { c.publish(publish_request(&topic, data)).await }
     };
-    publish("before").await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("delivery from the first master")
-        .unwrap();
-    assert_eq!(&m.data[..], b"before");
     // the stream (and its consumer group) must reach the replica before the master goes
     eventually(Duration::from_secs(10), "the stream on the replica", || {
         let topic = topic.clone();
@@ -680,7 +630,7 @@ async fn sentinel_failover_moves_to_the_promoted_replica() {
     )
     .await;
     eventually(Duration::from_secs(30), "publishing to work again", || {
-        let p = publish("after");
+        let p = publish(b"after");
         async move { p.await.ok() }
     })
     .await;

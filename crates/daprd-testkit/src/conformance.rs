@@ -399,6 +399,45 @@ pub async fn groups(connect: &Connect, traits: Traits) {
     }
 }
 
+/// A publish of `data` to `topic` with no metadata.
+pub fn publish_request(topic: &str, data: &'static [u8]) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.into(),
+        data: Bytes::from_static(data),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    }
+}
+
+/// Subscribes to `topic` on `c` (every message answered `Success`), publishes `data` and waits
+/// up to 10 s for it: the smallest proof that a connection works both ways. Returns the live
+/// subscription and the receiver of any further messages.
+pub async fn round_trip(
+    c: &Arc<dyn PubSub>,
+    topic: &str,
+    data: &'static [u8],
+) -> (
+    daprd_core::pubsub::Subscription,
+    mpsc::UnboundedReceiver<Message>,
+) {
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let sub = subscribe(c, topic, h).await;
+    c.publish(publish_request(topic, data))
+        .await
+        .expect("publish");
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("round trip on {topic}: no delivery within 10 s"))
+        .expect("subscription open");
+    assert_eq!(
+        &m.data[..],
+        data,
+        "round trip on {topic}: other bytes came back"
+    );
+    (sub, rx)
+}
+
 /// Metadata with `consumerID` set, plus `extra`.
 pub fn metadata_with_group(group: &str, extra: &[(&str, &str)]) -> Metadata {
     let mut md: Metadata = extra

@@ -32,8 +32,10 @@ fn print_problems(problems: &[String]) {
     }
 }
 
-/// mimalloc: the glibc allocator spent about 9 % of the sidecar's CPU under publish load
-/// (malloc, free, consolidation); see docs/BENCHMARKS.md.
+/// With `--features mimalloc`: the glibc allocator spends about 9 % of the sidecar's CPU under
+/// publish load (malloc, free, consolidation); mimalloc trades that for ~1.7 MB more RSS
+/// (docs/BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
