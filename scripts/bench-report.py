@@ -20,12 +20,16 @@ def main(path):
     for c in (1, 16):
         rows = [r for r in d["publish"] if r.get("concurrency") == c and "row" in r]
         print(f"#### Publish, concurrency {c}\n")
-        print("| row | p50 µs | p99 µs | p99.9 µs | msg/s | B−A p50 µs | B−A p99 µs | sidecar CPU µs/msg |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| row | p50 µs | p99 µs | p99.9 µs | msg/s | B−A p50 µs | B−A p99 µs | B/A p50 | B/A p99 | sidecar CPU µs/msg |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
+            def ratio(q):
+                added = r[f"added_{q}_us"]
+                base = None if added is None else r[f"{q}_us"] - added
+                return None if not base else r[f"{q}_us"] / base
             print(f"| {' '.join(r['row'].split())} | {fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {fmt(r['p999_us'])} | "
                   f"{fmt(r['msgs_per_s'])} | {fmt(r['added_p50_us'])} | {fmt(r['added_p99_us'])} | "
-                  f"{fmt(r['sidecar_cpu_us_per_msg'], 1)} |")
+                  f"{fmt(ratio('p50'), 2)} | {fmt(ratio('p99'), 2)} | {fmt(r['sidecar_cpu_us_per_msg'], 1)} |")
         print()
     e = d.get("end_to_end") or {}
     if e:

@@ -402,6 +402,8 @@ pub async fn measure(
             "concurrency": concurrency, "row": row.name.trim(), "p50_us": p50, "p99_us": p99,
             "p999_us": p999, "msgs_per_s": msgs, "entries_per_call": row.per_op,
             "added_p50_us": added.map(|a| a.0), "added_p99_us": added.map(|a| a.1),
+            "ratio_p50": row.baseline.map(|b| p50 / medians[b].0.max(1.0)),
+            "ratio_p99": row.baseline.map(|b| p99 / medians[b].1.max(1.0)),
             "sidecar_cpu_us_per_msg": cpu,
         }));
     }
