@@ -42,9 +42,9 @@ impl PubSubFactory for JetStreamFactory {
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
         let md = JetStreamMetadata::parse(metadata)?;
-        let mut opts = async_nats::ConnectOptions::new()
-            .name(&md.name)
-            .retry_on_initial_connect();
+        // The first connection must succeed (as in Dapr, an unreachable or refusing server
+        // fails component init with a clear error); later outages reconnect by themselves.
+        let mut opts = async_nats::ConnectOptions::new().name(&md.name);
         if let Some(t) = &md.token {
             opts = opts.token(t.clone());
         }

@@ -389,3 +389,19 @@ async fn jwt_and_seed_key_authenticate() {
         "an operator-mode server refuses a client without credentials"
     );
 }
+
+/// As in Dapr, a server that cannot be reached fails component init with an error naming it
+/// (later outages are reconnected: `broker_restarts.rs`).
+#[tokio::test]
+async fn an_unreachable_server_fails_component_init() {
+    let url = format!("nats://127.0.0.1:{}", daprd_testkit::free_port());
+    let md = metadata_with_group("unused", &[("natsURL", &url)]);
+    let err = match daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &md)
+        .await
+    {
+        Ok(_) => panic!("connected to nothing at {url}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&url), "{err}");
+}
