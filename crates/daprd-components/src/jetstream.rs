@@ -125,10 +125,7 @@ impl PubSub for JetStreamPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::broker(
-                ErrorKind::Permanent,
-                "component is closed",
-            ));
+            return Err(PubSubError::closed_component());
         }
         let mut headers = async_nats::HeaderMap::new();
         if let Some(id) = message_id(&request.data) {

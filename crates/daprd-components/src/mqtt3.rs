@@ -341,10 +341,7 @@ impl PubSub for MqttPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::broker(
-                ErrorKind::Permanent,
-                "component is closed",
-            ));
+            return Err(PubSubError::closed_component());
         }
         if !*self.connected.borrow() {
             return Err(PubSubError::broker(

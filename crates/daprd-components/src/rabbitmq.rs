@@ -325,10 +325,7 @@ impl PubSub for RabbitPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::broker(
-                ErrorKind::Permanent,
-                "component is closed",
-            ));
+            return Err(PubSubError::closed_component());
         }
         self.publish_once(&request).await
     }

@@ -128,10 +128,7 @@ impl PubSub for RedisPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(PubSubError::broker(
-                ErrorKind::Permanent,
-                "component is closed",
-            ));
+            return Err(PubSubError::closed_component());
         }
         let cmd = xadd_command(
             &self.md,
@@ -158,10 +155,7 @@ impl PubSub for RedisPubSub {
         request: BulkPublishRequest,
     ) -> Result<Vec<FailedEntry>, PubSubError> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(PubSubError::broker(
-                ErrorKind::Permanent,
-                "component is closed",
-            ));
+            return Err(PubSubError::closed_component());
         }
         let now = SystemTime::now();
         let mut pipe = redis::pipe();

@@ -219,6 +219,12 @@ impl From<Vec<MetadataError>> for PubSubError {
 }
 
 impl PubSubError {
+    /// A publish to a broker component after `close`: permanent (retrying cannot help). The
+    /// in-memory bus answers [`PubSubError::Closed`] instead, which counts as transient.
+    pub fn closed_component() -> Self {
+        Self::broker(ErrorKind::Permanent, "component is closed")
+    }
+
     /// A broker error of `kind` with a message.
     pub fn broker(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self::Broker {
