@@ -7,6 +7,8 @@
 pub mod in_memory;
 #[cfg(feature = "jetstream")]
 pub mod jetstream;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "mqtt3")]
 pub mod mqtt3;
 #[cfg(feature = "rabbitmq")]
@@ -14,6 +16,8 @@ pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod secretstores;
+#[cfg(feature = "snssqs")]
+pub mod snssqs;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -34,6 +38,10 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(jetstream::JetStreamFactory));
     #[cfg(feature = "mqtt3")]
     registry.register_pubsub(Arc::new(mqtt3::MqttFactory));
+    #[cfg(feature = "kafka")]
+    registry.register_pubsub(Arc::new(kafka::KafkaFactory));
+    #[cfg(feature = "snssqs")]
+    registry.register_pubsub(Arc::new(snssqs::SnsSqsFactory));
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry
@@ -60,9 +68,11 @@ mod tests {
             r.resolve("pubsub.MQTT", "v1").is_ok(),
             "alias of pubsub.mqtt3"
         );
-        let e = r.resolve("pubsub.kafka", "v1").err().unwrap();
+        let e = r.resolve("pubsub.pulsar", "v1").err().unwrap();
         assert!(matches!(e, RegistryError::NotSupportedYet { .. }), "{e}");
         assert!(e.to_string().contains("not supported yet"));
+        #[cfg(feature = "kafka")]
+        assert!(r.resolve("pubsub.kafka", "v1").is_ok());
         let e = r.resolve("pubsub.hazelcast", "v1").err().unwrap();
         assert!(e.to_string().contains("removed from Dapr in v1.11"), "{e}");
         let e = r.resolve("pubsub.natsstreaming", "v1").err().unwrap();
