@@ -137,7 +137,9 @@ struct TopicHandler {
     handler: Handler,
 }
 
-type Handlers = Arc<Mutex<HashMap<String, TopicHandler>>>;
+/// Subscriptions by sanitized topic name. Several subscriptions to one topic (streams) share
+/// the queue: each message goes to one of them, in turn.
+type Handlers = Arc<Mutex<HashMap<String, (usize, Vec<TopicHandler>)>>>;
 
 #[derive(Default)]
 struct ConsumerState {
@@ -473,14 +475,14 @@ impl PubSub for SnsSqsPubSub {
         self.handlers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                sanitized.clone(),
-                TopicHandler {
-                    id,
-                    topic: request.topic.clone(),
-                    handler,
-                },
-            );
+            .entry(sanitized.clone())
+            .or_default()
+            .1
+            .push(TopicHandler {
+                id,
+                topic: request.topic.clone(),
+                handler,
+            });
         let running = state.running.as_ref().is_some_and(|r| !*r.borrow());
         if !running {
             let (tx, rx) = watch::channel(false);
@@ -503,8 +505,11 @@ impl PubSub for SnsSqsPubSub {
         let handlers = self.handlers.clone();
         Ok(Subscription::new(move || {
             let mut map = handlers.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&sanitized).is_some_and(|h| h.id == id) {
-                map.remove(&sanitized);
+            if let Some((_, list)) = map.get_mut(&sanitized) {
+                list.retain(|h| h.id != id);
+                if list.is_empty() {
+                    map.remove(&sanitized);
+                }
             }
             // No subscription left: stop reading, so messages are not received (and counted
             // towards messageRetryLimit) while nobody handles them.
@@ -648,9 +653,12 @@ impl PollerShared {
             return;
         };
         let target = {
-            let map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
-            map.get(&sanitized)
-                .map(|h| (h.topic.clone(), h.handler.clone()))
+            let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
+            map.get_mut(&sanitized).and_then(|(next, list)| {
+                *next = next.wrapping_add(1);
+                let h = list.get(*next % list.len().max(1))?;
+                Some((h.topic.clone(), h.handler.clone()))
+            })
         };
         let Some((topic, handler)) = target else {
             tracing::warn!(component = %self.component, topic = %sanitized, "snssqs: no subscription for the message's topic; it will be received again");

@@ -2,7 +2,7 @@
 import { execFileSync, spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -14,11 +14,14 @@ export const DAPRD = process.env.DAPRD_BIN ?? join(ROOT, "target", "debug", "dap
 // a broker component (scripts/test.sh runs the suites once per broker). Each test gets its own
 // slice of the shared broker (see isolateBroker), so runs never see each other's messages.
 export const PUBSUB = process.env.DAPRD_E2E_PUBSUB ?? "in-memory";
-const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream"];
+const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs"];
 if (!BROKERS.includes(PUBSUB)) throw new Error(`DAPRD_E2E_PUBSUB must be one of ${BROKERS}`);
 const REDIS_DB = "9"; // the e2e database, flushed before each test
 const NATS_URL = "localhost:4222";
+// SNS/SQS: a local moto server (.ci/run starts it), reset before each test
+const SNSSQS_ENDPOINT = process.env.SNSSQS_ENDPOINT ?? "http://127.0.0.1:4566";
 let testTag = "t";
+let kafkaPort = 0;
 
 function brokerMetadata() {
   return {
@@ -29,11 +32,24 @@ function brokerMetadata() {
     // the MQTT client id must be unique per sidecar
     mqtt3: { url: "tcp://localhost:1883", consumerID: "{appID}-{uuid}" },
     jetstream: { natsURL: `nats://${NATS_URL}` },
+    // a private tansu broker per test (isolateBroker): it creates no topic on demand, hence
+    // autoCreateTopics (a daprd-rs extension); a fresh broker holds only this test's messages,
+    // so groups start from the oldest offset; one partition keeps topic-wide order
+    kafka: {
+      brokers: `127.0.0.1:${kafkaPort}`, authType: "none", initialOffset: "oldest",
+      autoCreateTopics: "true", autoCreateTopicPartitions: "1", backOffDuration: "1s",
+    },
+    "aws.snssqs": {
+      endpoint: SNSSQS_ENDPOINT, region: "us-east-1", accessKey: "test", secretKey: "test",
+      messageVisibilityTimeout: "2",
+    },
   }[PUBSUB];
 }
 
 export function pubsubComponent(name, metadata = {}) {
   const merged = { ...brokerMetadata(), ...metadata };
+  // consumerID names the SQS queue: two components of one app need two queues
+  if (PUBSUB === "aws.snssqs" && !("consumerID" in metadata)) merged.consumerID = `{appID}-${name}`;
   const items = Object.entries(merged).map(([k, v]) => `{name: ${k}, value: "${v}"}`).join(", ");
   return `apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: ${name}\nspec:\n  type: pubsub.${PUBSUB}\n  version: v1\n  metadata: [${items}]\n`;
 }
@@ -42,6 +58,11 @@ export function pubsubComponent(name, metadata = {}) {
 export async function isolateBroker() {
   testTag = randomUUID().replaceAll("-", "").slice(0, 10);
   if (PUBSUB === "redis") execFileSync("redis-cli", ["-n", REDIS_DB, "FLUSHDB"]);
+  if (PUBSUB === "aws.snssqs") {
+    const r = await fetch(`${SNSSQS_ENDPOINT}/moto-api/reset`, { method: "POST" });
+    if (!r.ok) throw new Error(`moto reset: ${r.status}`);
+  }
+  if (PUBSUB === "kafka") return startTansu();
   if (PUBSUB !== "jetstream") return async () => {};
   // Dapr's JetStream component needs streams holding the subjects: single-token topic names
   // in one stream ("*"), dead-letter topics "dlq.<x>" in another (a dead-letter republish
@@ -56,6 +77,29 @@ export async function isolateBroker() {
     await jsm.streams.delete(name);
     await jsm.streams.delete(`${name}-dlt`);
     await nc.close();
+  };
+}
+
+/** A private Kafka-protocol broker (tansu, in-memory storage) on a free port; returns its stop. */
+async function startTansu() {
+  kafkaPort = await freePort();
+  const url = `tcp://127.0.0.1:${kafkaPort}`;
+  const proc = spawn("tansu", ["broker", "--listener-url", url, "--advertised-listener-url", url,
+    "--storage-engine", "memory://tansu/"], { stdio: "ignore" });
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const open = await new Promise((res) => {
+      const sock = connect(kafkaPort, "127.0.0.1");
+      sock.on("connect", () => { sock.destroy(); res(true); });
+      sock.on("error", () => res(false));
+    });
+    if (open) break;
+    if (Date.now() > deadline) throw new Error("tansu did not listen");
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return async () => {
+    proc.kill("SIGKILL");
+    await new Promise((r) => (proc.exitCode !== null ? r() : proc.on("exit", r)));
   };
 }
 

@@ -20,11 +20,14 @@ DAPRD = Path(os.environ.get("DAPRD_BIN", ROOT / "target" / "debug" / "daprd"))
 # broker). Each test gets its own consumer groups / database / stream, so runs on the shared
 # brokers never see each other's messages.
 PUBSUB = os.environ.get("DAPRD_E2E_PUBSUB", "in-memory")
-BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream")
+BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs")
 assert PUBSUB in BROKERS, f"DAPRD_E2E_PUBSUB must be one of {BROKERS}"
 REDIS_DB = "9"  # the e2e database, flushed before each test
 NATS_URL = "nats://localhost:4222"
+# SNS/SQS: a local moto server (.ci/run starts it), reset before each test
+SNSSQS_ENDPOINT = os.environ.get("SNSSQS_ENDPOINT", "http://127.0.0.1:4566")
 _test_tag = {"value": "t"}
+_kafka = {"port": None}
 
 COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -49,6 +52,16 @@ def broker_metadata() -> dict:
         # the MQTT client id must be unique per sidecar
         "mqtt3": {"url": "tcp://localhost:1883", "consumerID": "{appID}-{uuid}"},
         "jetstream": {"natsURL": NATS_URL},
+        # a private tansu broker per test (see isolated_broker); it creates no topic on
+        # demand, hence autoCreateTopics (a daprd-rs extension). A fresh broker has only this
+        # test's messages, so groups read from the oldest offset: no race with the join.
+        # One partition: the suites expect topic-wide order (Kafka orders per partition;
+        # several partitions are covered by the Rust conformance suite).
+        "kafka": {"brokers": f"127.0.0.1:{_kafka['port']}", "authType": "none",
+                  "initialOffset": "oldest", "autoCreateTopics": "true",
+                  "autoCreateTopicPartitions": "1", "backOffDuration": "1s"},
+        "aws.snssqs": {"endpoint": SNSSQS_ENDPOINT, "region": "us-east-1", "accessKey": "test",
+                       "secretKey": "test", "messageVisibilityTimeout": "2"},
     }[PUBSUB]
 
 
@@ -60,6 +73,11 @@ def isolated_broker(request):
     _test_tag["value"] = uuid.uuid4().hex[:10]
     if PUBSUB == "redis":
         subprocess.run(["redis-cli", "-n", REDIS_DB, "FLUSHDB"], check=True, capture_output=True)
+    if PUBSUB == "aws.snssqs":
+        requests.post(SNSSQS_ENDPOINT + "/moto-api/reset", timeout=10).raise_for_status()
+    kafka = start_tansu() if PUBSUB == "kafka" else None
+    if kafka:
+        _kafka["port"] = kafka.port
     stream = None
     if PUBSUB == "jetstream":
         # Dapr's JetStream component needs streams holding the subjects: the tests use
@@ -74,11 +92,39 @@ def isolated_broker(request):
             await js.add_stream(name=stream + "-dlt", subjects=["dlq.>"], max_age=600)
         _nats(create)
     yield
+    if kafka:
+        kafka.stop()
     if stream:
         async def delete(js):
             await js.delete_stream(stream)
             await js.delete_stream(stream + "-dlt")
         _nats(delete)
+
+
+class Tansu:
+    """A private Kafka-protocol broker (tansu, in-memory storage) on a free port."""
+
+    def __init__(self, port):
+        self.port = port
+        url = f"tcp://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            ["tansu", "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_tansu() -> Tansu:
+    t = Tansu(free_port())
+
+    def up():
+        with socket.create_connection(("127.0.0.1", t.port), timeout=1):
+            return True
+    eventually(up, 10, "tansu to listen")
+    return t
 
 
 def _nats(action):
@@ -119,6 +165,9 @@ def free_port() -> int:
 def pubsub_component(name: str, **metadata: str) -> str:
     """A pub/sub component named `name` of the kind under test (in-memory by default)."""
     merged = {**broker_metadata(), **metadata}
+    if PUBSUB == "aws.snssqs" and "consumerID" not in metadata:
+        # consumerID names the SQS queue: two components of one app need two queues
+        merged["consumerID"] = "{appID}-" + name
     items = "[" + ", ".join(f'{{name: {k}, value: "{v}"}}' for k, v in merged.items()) + "]"
     return COMPONENT.format(name=name, kind=PUBSUB, metadata=items)
 
