@@ -4,13 +4,17 @@
 #   2. end-to-end tests that start the built `daprd` binary and drive it with the official
 #      Python SDK (`dapr`, pytest) and JavaScript SDK (`@dapr/dapr`, node --test).
 # It installs the test-only Python and npm packages itself (into .venv and
-# tests/e2e/js/node_modules). Needs: cargo, python3 (with venv), node and npm.
+# tests/e2e/js/node_modules). Needs: cargo, python3 (with venv), node and npm, and the brokers
+# on loopback that .ci/run starts: Redis, RabbitMQ, Mosquitto, NATS, tansu (Kafka, 9092, and
+# the `tansu` command for private brokers) and moto (SNS/SQS, 4566).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "==> cargo test --workspace"
-cargo build --locked -p daprd
-cargo test --locked --workspace
+# Every component is built in (feature daprd/full: pubsub.kafka with librdkafka and
+# pubsub.aws.snssqs with the AWS SDK), so the tests cover them all.
+echo "==> cargo test --workspace --features daprd/full"
+cargo build --locked -p daprd --features full
+cargo test --locked --workspace --features daprd/full
 
 echo "==> Python SDK end-to-end tests"
 if [ ! -x .venv/bin/python ]; then
@@ -26,7 +30,7 @@ echo "==> JavaScript SDK end-to-end tests"
 # The broker matrix: the same SDK suites again with each broker component in place of
 # pubsub.in-memory (DAPRD_E2E_PUBSUB). Needs the brokers on loopback (.ci/run starts them).
 # E2E_BROKERS="" skips it; E2E_BROKERS="redis" runs one.
-for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream}; do
+for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs}; do
   echo "==> SDK end-to-end tests against pubsub.$broker"
   (cd tests/e2e/python && DAPRD_E2E_PUBSUB=$broker ../../../.venv/bin/python -m pytest -q -p no:cacheprovider \
     test_publish_sdk.py test_subscribe.py test_streaming.py)

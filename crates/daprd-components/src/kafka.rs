@@ -196,6 +196,51 @@ impl KafkaPubSub {
     }
 }
 
+impl KafkaPubSub {
+    /// The error for a failed publish; a time-out on a topic the broker does not have says so.
+    async fn publish_error(&self, topic: &str, e: KafkaError) -> PubSubError {
+        let what = format!("publishing to topic {topic}");
+        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut) {
+            return kafka_error(&what, e);
+        }
+        let client = self.producer.clone();
+        let name = topic.to_string();
+        let missing = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(2)))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .first()
+                        .map(|t| t.error().is_some() || t.partitions().is_empty())
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if missing {
+            return PubSubError::Broker {
+                message: format!("kafka: {what}: topic {topic} does not exist on the broker, which does not create topics on demand (create it, or set autoCreateTopics)"),
+                kind: ErrorKind::Permanent,
+                source: Some(Box::new(e)),
+            };
+        }
+        kafka_error(&what, e)
+    }
+
+    /// A topic the broker no longer knows (deleted, or a broker that lost its data) is
+    /// created again by the next publish with `autoCreateTopics`.
+    fn forget_topic(&self, topic: &str, e: &KafkaError) {
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
+            self.created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(topic);
+        }
+    }
+}
+
 /// What a publish's metadata makes of a record: key, partition and headers.
 #[derive(Debug, Default)]
 pub struct RecordParts {
@@ -330,11 +375,19 @@ impl PubSub for KafkaPubSub {
         let parts =
             RecordParts::from_metadata(&request.metadata, self.md.exclude_header_meta.as_ref())?;
         self.ensure_topic(&request.topic).await?;
-        self.producer
+        let res = self
+            .producer
             .send(parts.record(&request.topic, &request.data), PUBLISH_TIMEOUT)
             .await
             .map(|_| ())
-            .map_err(|(e, _)| kafka_error(&format!("publishing to topic {}", request.topic), e))
+            .map_err(|(e, _)| {
+                self.forget_topic(&request.topic, &e);
+                e
+            });
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.publish_error(&request.topic, e).await),
+        }
     }
 
     async fn bulk_publish(

@@ -1,4 +1,4 @@
-//! Broker restarts for MQTT and JetStream: a private broker process (own port, own data
+//! Broker restarts for MQTT, JetStream, RabbitMQ and Kafka: a private broker process (own port, own data
 //! directory) is stopped and started again; the component reconnects by itself, a publish
 //! during the outage fails, and deliveries resume.
 
@@ -391,4 +391,41 @@ async fn rabbitmq_amqps_with_client_certificates() {
             .is_err(),
         "without saslExternal and without a password the login fails"
     );
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_recovers_after_a_broker_restart() {
+    use daprd_core::pubsub::PubSubFactory;
+    // tansu with in-memory storage: the restarted broker has lost its topics and groups, the
+    // harder case. The component creates the topic again (autoCreateTopics) and its consumer
+    // rejoins the group by itself.
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut broker = Broker::start(vec![
+        "tansu".into(),
+        "broker".into(),
+        "--listener-url".into(),
+        url.clone(),
+        "--advertised-listener-url".into(),
+        url,
+        "--storage-engine".into(),
+        "memory://tansu/".into(),
+    ]);
+    port_open(port).await;
+    let md = daprd_testkit::conformance::metadata_with_group(
+        &daprd_testkit::conformance::random_name("restart"),
+        &[
+            ("brokers", &format!("127.0.0.1:{port}")),
+            ("authType", "none"),
+            ("initialOffset", "oldest"),
+            ("autoCreateTopics", "true"),
+            ("clientConnectionTopicMetadataRefreshInterval", "1s"),
+        ],
+    );
+    let c = daprd_components::kafka::KafkaFactory
+        .connect("p", &md)
+        .await
+        .unwrap();
+    restart_scenario(c, "restart-topic", &mut broker, port).await;
 }

@@ -521,6 +521,9 @@ impl KafkaMetadata {
         // partitions as with Go daprd; no key → random partition.
         p.push(("partitioner", "fnv1a_random".into()));
         p.push(("linger.ms", "1".into()));
+        // A publish fails after 10 s without the broker's acknowledgement (librdkafka would
+        // keep it queued for 5 minutes; sarama gives up within seconds when no broker answers).
+        p.push(("message.timeout.ms", "10000".into()));
         if let Some(max) = self.max_message_bytes {
             p.push(("message.max.bytes", max.max(1000).to_string()));
         }

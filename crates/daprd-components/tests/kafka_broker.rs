@@ -1,0 +1,148 @@
+//! `pubsub.kafka` against the Kafka-protocol broker on loopback (`KAFKA_BROKERS`, default
+//! tansu on `127.0.0.1:9092`): per-key order across partitions, inbound metadata, what
+//! happens without `autoCreateTopics`, and init against an unreachable broker.
+
+#![cfg(feature = "kafka")]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use daprd_components::kafka::KafkaFactory;
+use daprd_core::metadata::Metadata;
+use daprd_core::pubsub::{
+    Handler, Message, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+};
+use daprd_testkit::conformance::{metadata_with_group, random_name};
+use tokio::sync::mpsc;
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn metadata(extra: &[(&str, &str)]) -> Metadata {
+    let brokers = brokers();
+    let mut pairs = vec![
+        ("brokers", brokers.as_str()),
+        ("authType", "none"),
+        ("initialOffset", "oldest"),
+    ];
+    pairs.extend_from_slice(extra);
+    metadata_with_group(&random_name("kafka"), &pairs)
+}
+
+async fn connect(md: &Metadata) -> Arc<dyn PubSub> {
+    KafkaFactory.connect("kafka", md).await.unwrap()
+}
+
+fn collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let h: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Success
+        })
+    });
+    (h, rx)
+}
+
+fn keyed(topic: &str, key: &str, n: usize) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "kafka".into(),
+        topic: topic.into(),
+        data: Bytes::from(format!("{key}:{n}")),
+        metadata: BTreeMap::from([("partitionKey".to_string(), key.to_string())]),
+        content_type: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_one_key_arrive_in_order_across_partitions() {
+    let c = connect(&metadata(&[
+        ("autoCreateTopics", "true"),
+        ("autoCreateTopicPartitions", "4"),
+    ]))
+    .await;
+    let topic = random_name("keys");
+    let (h, mut rx) = collector();
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    let keys = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+    const PER_KEY: usize = 25;
+    for n in 0..PER_KEY {
+        for key in keys {
+            c.publish(keyed(&topic, key, n)).await.unwrap();
+        }
+    }
+    let mut seen: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut partitions = HashSet::new();
+    let mut key_partition: HashMap<String, String> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for _ in 0..keys.len() * PER_KEY {
+        let m = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("every message within 30 s")
+            .unwrap();
+        let text = String::from_utf8(m.data.to_vec()).unwrap();
+        let (key, n) = text.split_once(':').unwrap();
+        assert_eq!(m.metadata["__key"], key);
+        assert_eq!(m.metadata["__topic"], topic);
+        assert!(m.metadata["__timestamp"].parse::<i64>().unwrap() > 1_600_000_000_000);
+        let p = m.metadata["__partition"].clone();
+        let first = key_partition.entry(key.to_string()).or_insert(p.clone());
+        assert_eq!(*first, p, "one key, one partition");
+        partitions.insert(p);
+        seen.entry(key.to_string())
+            .or_default()
+            .push(n.parse().unwrap());
+    }
+    for key in keys {
+        assert_eq!(
+            seen[key],
+            (0..PER_KEY).collect::<Vec<_>>(),
+            "{key}: in publish order"
+        );
+    }
+    assert!(
+        partitions.len() > 1,
+        "six keys on four partitions use more than one: {partitions:?}"
+    );
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_create_a_missing_topic_is_a_clear_publish_error() {
+    // As Go daprd on a broker that does not create topics on demand.
+    let c = connect(&metadata(&[])).await;
+    let topic = random_name("missing");
+    let err = c.publish(keyed(&topic, "k", 0)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("topic {topic} does not exist")),
+        "{text}"
+    );
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_fails_when_no_broker_answers() {
+    let port = daprd_testkit::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let md = metadata_with_group("g", &[("brokers", &addr), ("authType", "none")]);
+    let err = match KafkaFactory.connect("kafka", &md).await {
+        Ok(_) => panic!("connected to a closed port"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains(&addr), "{err}");
+}
