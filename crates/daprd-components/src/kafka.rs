@@ -220,6 +220,10 @@ impl KafkaPubSub {
         .await
         .unwrap_or(false);
         if missing {
+            self.created
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(topic);
             return PubSubError::Broker {
                 message: format!("kafka: {what}: topic {topic} does not exist on the broker, which does not create topics on demand (create it, or set autoCreateTopics)"),
                 kind: ErrorKind::Permanent,

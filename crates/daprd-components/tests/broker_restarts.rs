@@ -130,6 +130,17 @@ async fn publish_until_delivered(
 }
 
 async fn restart_scenario(c: Arc<dyn PubSub>, topic: &str, broker: &mut Broker, port: u16) {
+    restart_scenario_within(c, topic, broker, port, Duration::from_secs(30)).await;
+}
+
+/// [`restart_scenario`] with `resume` for deliveries to come back after the restart.
+async fn restart_scenario_within(
+    c: Arc<dyn PubSub>,
+    topic: &str,
+    broker: &mut Broker,
+    port: u16,
+    resume: Duration,
+) {
     let (h, mut rx) = collector();
     let _sub = c
         .subscribe(
@@ -165,15 +176,7 @@ async fn restart_scenario(c: Arc<dyn PubSub>, topic: &str, broker: &mut Broker, 
     .await;
     broker.spawn();
     port_open(port).await;
-    publish_until_delivered(
-        &c,
-        &mut rx,
-        topic,
-        3,
-        Duration::from_secs(30),
-        "deliveries to resume",
-    )
-    .await;
+    publish_until_delivered(&c, &mut rx, topic, 3, resume, "deliveries to resume").await;
 }
 
 #[cfg(feature = "mqtt3")]
@@ -427,5 +430,14 @@ async fn kafka_recovers_after_a_broker_restart() {
         .connect("p", &md)
         .await
         .unwrap();
-    restart_scenario(c, "restart-topic", &mut broker, port).await;
+    // A group coordinator that lost its state: the consumer rejoins after its session
+    // times out and librdkafka's reconnect back-off, which takes longer than a reconnect.
+    restart_scenario_within(
+        c,
+        "restart-topic",
+        &mut broker,
+        port,
+        Duration::from_secs(60),
+    )
+    .await;
 }

@@ -524,6 +524,9 @@ impl KafkaMetadata {
         // A publish fails after 10 s without the broker's acknowledgement (librdkafka would
         // keep it queued for 5 minutes; sarama gives up within seconds when no broker answers).
         p.push(("message.timeout.ms", "10000".into()));
+        // A topic the broker does not know fails the publish after 2 s (UnknownTopicOrPartition)
+        // instead of waiting for the whole message time-out.
+        p.push(("topic.metadata.propagation.max.ms", "2000".into()));
         if let Some(max) = self.max_message_bytes {
             p.push(("message.max.bytes", max.max(1000).to_string()));
         }
