@@ -200,25 +200,11 @@ impl KafkaPubSub {
     /// The error for a failed publish; a time-out on a topic the broker does not have says so.
     async fn publish_error(&self, topic: &str, e: KafkaError) -> PubSubError {
         let what = format!("publishing to topic {topic}");
-        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut) {
-            return kafka_error(&what, e);
-        }
-        let client = self.producer.clone();
-        let name = topic.to_string();
-        let missing = tokio::task::spawn_blocking(move || {
-            client
-                .client()
-                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(2)))
-                .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .first()
-                        .map(|t| t.error().is_some() || t.partitions().is_empty())
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
+        let missing = match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => true,
+            Some(RDKafkaErrorCode::MessageTimedOut) => self.topic_is_missing(topic).await,
+            _ => false,
+        };
         if missing {
             self.created
                 .lock()
@@ -233,15 +219,24 @@ impl KafkaPubSub {
         kafka_error(&what, e)
     }
 
-    /// A topic the broker no longer knows (deleted, or a broker that lost its data) is
-    /// created again by the next publish with `autoCreateTopics`.
-    fn forget_topic(&self, topic: &str, e: &KafkaError) {
-        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition) {
-            self.created
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(topic);
-        }
+    /// Whether the broker's metadata lacks `topic` (asked after a publish timed out).
+    async fn topic_is_missing(&self, topic: &str) -> bool {
+        let client = self.producer.clone();
+        let name = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(2)))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .first()
+                        .map(|t| t.error().is_some() || t.partitions().is_empty())
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -379,18 +374,13 @@ impl PubSub for KafkaPubSub {
         let parts =
             RecordParts::from_metadata(&request.metadata, self.md.exclude_header_meta.as_ref())?;
         self.ensure_topic(&request.topic).await?;
-        let res = self
+        match self
             .producer
             .send(parts.record(&request.topic, &request.data), PUBLISH_TIMEOUT)
             .await
-            .map(|_| ())
-            .map_err(|(e, _)| {
-                self.forget_topic(&request.topic, &e);
-                e
-            });
-        match res {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.publish_error(&request.topic, e).await),
+        {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(self.publish_error(&request.topic, e).await),
         }
     }
 
