@@ -1,6 +1,7 @@
 //! `pubsub.kafka` against the Kafka-protocol broker on loopback (`KAFKA_BROKERS`, default
-//! tansu on `127.0.0.1:9092`): per-key order across partitions, inbound metadata, what
-//! happens without `autoCreateTopics`, and init against an unreachable broker.
+//! tansu on `127.0.0.1:9092`): per-key order across partitions, partitions handled concurrently,
+//! inbound metadata, what happens without `autoCreateTopics`, and init against an unreachable
+//! broker.
 
 #![cfg(feature = "kafka")]
 #![allow(clippy::unwrap_used)]
@@ -145,4 +146,77 @@ async fn init_fails_when_no_broker_answers() {
         Err(e) => e,
     };
     assert!(err.to_string().contains(&addr), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_partition_does_not_hold_up_the_others() {
+    let c = connect(&metadata(&[
+        ("autoCreateTopics", "true"),
+        ("autoCreateTopicPartitions", "3"),
+    ]))
+    .await;
+    let topic = random_name("busy");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let gate = release.clone();
+    let h: Handler = Arc::new(move |m: Message| {
+        let tx = tx.clone();
+        let gate = gate.clone();
+        Box::pin(async move {
+            let _ = tx.send(m.clone());
+            if m.data[..] == *b"slow" {
+                gate.notified().await;
+            }
+            Outcome::Success
+        })
+    });
+    let _sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    let on = |partition: &str, data: &'static str| PublishRequest {
+        pubsub_name: "kafka".into(),
+        topic: topic.clone(),
+        data: Bytes::from_static(data.as_bytes()),
+        metadata: BTreeMap::from([("partitionNumber".to_string(), partition.to_string())]),
+        content_type: None,
+    };
+    c.publish(on("0", "slow")).await.unwrap();
+    c.publish(on("0", "behind-slow")).await.unwrap();
+    // Partition 0 is now busy with "slow"; only then do the other partitions get messages.
+    let first = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("the first message")
+        .unwrap();
+    assert_eq!(&first.data[..], b"slow");
+    for p in ["1", "2"] {
+        c.publish(on(p, "other")).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut got = vec!["slow".to_string()];
+    while got.iter().filter(|d: &&String| *d == "other").count() < 2 {
+        let m = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("the other partitions deliver while partition 0 is busy")
+            .unwrap();
+        got.push(String::from_utf8(m.data.to_vec()).unwrap());
+    }
+    assert!(got.contains(&"slow".to_string()), "{got:?}");
+    assert!(
+        !got.contains(&"behind-slow".to_string()),
+        "partition 0 is handled in order: {got:?}"
+    );
+    release.notify_one();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("partition 0 goes on once released")
+        .unwrap();
+    assert_eq!(&m.data[..], b"behind-slow");
+    c.close().await.unwrap();
 }

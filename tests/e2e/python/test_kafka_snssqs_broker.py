@@ -283,3 +283,55 @@ def test_snssqs_failed_message_is_received_again_then_deleted_at_the_retry_limit
         return a["ApproximateNumberOfMessages"] == "0" and a["ApproximateNumberOfMessagesNotVisible"] == "0"
     eventually(gone, 15, "the message deleted at the retry limit")
     assert len(received(app.port, "/flaky")) == 2
+
+
+def test_snssqs_fifo_topic_and_queue_keep_order(sidecar_factory, app_factory, moto):
+    sns, sqs = moto
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "ledger", "route": "/ledger"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    comp = SNSSQS_COMPONENT + ('  - {name: fifo, value: "true"}\n'
+                               '  - {name: concurrencyMode, value: single}\n')
+    s = sidecar_factory([comp], app_port=app.port)
+    s.wait_ready()
+    arns = [t["TopicArn"] for t in sns.list_topics()["Topics"]]
+    assert [a.rsplit(":", 1)[1] for a in arns] == ["ledger.fifo"]
+    attrs = sns.get_topic_attributes(TopicArn=arns[0])["Attributes"]
+    assert attrs["FifoTopic"] == "true" and attrs["ContentBasedDeduplication"] == "true"
+    queue_url = sqs.get_queue_url(QueueName="checkout.fifo")["QueueUrl"]
+    qattrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    assert qattrs["FifoQueue"] == "true"
+    for n in range(20):
+        s.publish("ledger", json.dumps({"n": n}))
+    def all_in():
+        got = received(app.port, "/ledger")
+        return got if len(got) == 20 else None
+    got = eventually(all_in, 20, "20 FIFO messages")
+    assert [json.loads(r["body"])["data"]["n"] for r in got] == list(range(20))
+
+
+def test_snssqs_dead_letters_queue_gets_what_the_app_keeps_refusing(
+        sidecar_factory, app_factory, moto):
+    sns, sqs = moto
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "bills", "route": "/bills"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/bills": {"status": 500}}).raise_for_status()
+    comp = SNSSQS_COMPONENT.replace('"2"}', '"1"}') + (
+        '  - {name: sqsDeadLettersQueueName, value: bills-dlq}\n'
+        '  - {name: messageReceiveLimit, value: "2"}\n')
+    s = sidecar_factory([comp], app_port=app.port)
+    s.wait_ready()
+    dlq_url = sqs.get_queue_url(QueueName="bills-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = sqs.get_queue_url(QueueName="checkout")["QueueUrl"]
+    redrive = json.loads(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])
+                         ["Attributes"]["RedrivePolicy"])
+    assert redrive["deadLetterTargetArn"] == dlq_arn and int(redrive["maxReceiveCount"]) == 2
+    s.publish("bills", '{"bill":1}')
+    eventually(lambda: len(received(app.port, "/bills")) == 2, 15, "two refused deliveries")
+    got = []
+    deadline = time.monotonic() + 15
+    while not got and time.monotonic() < deadline:
+        got = sqs.receive_message(QueueUrl=dlq_url, WaitTimeSeconds=1).get("Messages", [])
+    assert got, "the message never reached the dead-letters queue"
+    assert json.loads(json.loads(got[0]["Body"])["Message"])["data"] == {"bill": 1}
+    assert len(received(app.port, "/bills")) == 2
