@@ -12,6 +12,9 @@
 //!   `backOff*` policy (forever by default, as in Dapr: the runtime's dead-letter topic is
 //!   what unblocks a poison message); without it the message is skipped and its offset is
 //!   committed with the next one's.
+//! * Bulk subscriptions: a partition's queued messages (up to the batch size) are handed over
+//!   together so the runtime sends them to the app in one bulk request; offsets are stored up
+//!   to the last of the settled run from the batch's start.
 //! * A partition with `channelBufferSize` messages waiting is paused until half drain.
 //! * Inbound metadata: `__key`, `__offset`, `__partition`, `__topic`, `__timestamp` (ms)
 //!   and the record headers.
@@ -464,6 +467,7 @@ impl PubSub for KafkaPubSub {
             md: self.md.clone(),
             consumer: Arc::new(consumer),
             handler,
+            bulk: request.bulk,
             epochs,
             cancelled,
             stop: self.stop.subscribe(),
@@ -527,6 +531,8 @@ struct ConsumeLoop {
     md: Arc<KafkaMetadata>,
     consumer: SharedConsumer,
     handler: Handler,
+    /// Bulk subscription batch size ([`SubscribeRequest::bulk`]).
+    bulk: Option<usize>,
     epochs: Arc<Mutex<HashMap<i32, u64>>>,
     cancelled: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
@@ -646,6 +652,7 @@ impl ConsumeLoop {
         let md = self.md.clone();
         let epochs = self.epochs.clone();
         let component = self.component.clone();
+        let bulk = self.bulk;
         tokio::spawn(async move {
             let flow = worker_flow;
             loop {
@@ -654,19 +661,46 @@ impl ConsumeLoop {
                     _ = done.wait_for(|d| *d) => break,
                     m = rx.recv() => m,
                 };
-                let Some((msg, at_epoch)) = next else { break };
-                if at_epoch == epoch(&epochs, partition) {
-                    let settled = handle_one(&msg, &handler, &md, &mut done, &component).await;
-                    if settled {
-                        if let Err(e) =
-                            flow.consumer
-                                .store_offset(msg.topic(), msg.partition(), msg.offset())
-                        {
-                            tracing::debug!(%component, topic = msg.topic(), partition, offset = msg.offset(), error = %e, "kafka: storing the offset failed (partition revoked?)");
-                        }
+                let Some(first) = next else { break };
+                // A bulk subscription gets what is already queued (up to its batch size)
+                // at once, so the runtime can batch it; otherwise one message at a time.
+                let mut batch = vec![first];
+                while batch.len() < bulk.unwrap_or(1) {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
                     }
                 }
-                flow.done();
+                let current = epoch(&epochs, partition);
+                let live: Vec<&OwnedMessage> = batch
+                    .iter()
+                    .filter(|(_, at)| *at == current)
+                    .map(|(m, _)| m)
+                    .collect();
+                let settled = futures::future::join_all(
+                    live.iter()
+                        .map(|m| handle_one(m, &handler, &md, done.clone(), &component)),
+                )
+                .await;
+                // Commit up to the last message of the settled run from the start: a message
+                // behind an unsettled one (shutting down) is delivered again, never skipped.
+                let last = live
+                    .iter()
+                    .zip(&settled)
+                    .take_while(|(_, ok)| **ok)
+                    .map(|(m, _)| *m)
+                    .last();
+                if let Some(msg) = last {
+                    if let Err(e) =
+                        flow.consumer
+                            .store_offset(msg.topic(), msg.partition(), msg.offset())
+                    {
+                        tracing::debug!(%component, topic = msg.topic(), partition, offset = msg.offset(), error = %e, "kafka: storing the offset failed (partition revoked?)");
+                    }
+                }
+                for _ in &batch {
+                    flow.done();
+                }
             }
             drop(flow);
         });
@@ -679,7 +713,7 @@ async fn handle_one(
     msg: &OwnedMessage,
     handler: &Handler,
     md: &KafkaMetadata,
-    done: &mut watch::Receiver<bool>,
+    mut done: watch::Receiver<bool>,
     component: &str,
 ) -> bool {
     let message = Message {

@@ -147,6 +147,7 @@ async fn restart_scenario_within(
             SubscribeRequest {
                 topic: topic.into(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             h,
         )

@@ -149,6 +149,7 @@ async fn domain_and_api_prefix_select_the_jetstream_api() {
             daprd_core::pubsub::SubscribeRequest {
                 topic: "dom.x".into(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             handler,
         ),

@@ -74,6 +74,7 @@ async fn messages_of_one_key_arrive_in_order_across_partitions() {
             SubscribeRequest {
                 topic: topic.clone(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             h,
         )
@@ -175,6 +176,7 @@ async fn a_busy_partition_does_not_hold_up_the_others() {
             SubscribeRequest {
                 topic: topic.clone(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             h,
         )
@@ -219,4 +221,86 @@ async fn a_busy_partition_does_not_hold_up_the_others() {
         .unwrap();
     assert_eq!(&m.data[..], b"behind-slow");
     c.close().await.unwrap();
+}
+
+type Counter = Arc<std::sync::atomic::AtomicUsize>;
+
+/// Handler that counts calls in flight and answers once `n` are in flight together (or
+/// after 10 s); returns the largest number seen in flight and the number answered.
+fn in_flight_gate(n: usize) -> (Handler, Counter, Counter) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (now2, most2, answered2) = (now.clone(), most.clone(), answered.clone());
+    let h: Handler = Arc::new(move |_m| {
+        let (now, most, answered) = (now2.clone(), most2.clone(), answered2.clone());
+        Box::pin(async move {
+            let mine = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(mine, Ordering::SeqCst);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while most.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            answered.fetch_add(1, Ordering::SeqCst);
+            Outcome::Success
+        })
+    });
+    (h, most, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_subscription_gets_a_partition_s_queued_messages_together() {
+    use std::sync::atomic::Ordering;
+    let md = metadata(&[
+        ("autoCreateTopics", "true"),
+        ("autoCreateTopicPartitions", "1"),
+    ]);
+    let c = connect(&md).await;
+    let topic = random_name("bulk");
+    for n in 0..10 {
+        c.publish(keyed(&topic, "k", n)).await.unwrap();
+    }
+    // one partition, ten messages waiting: a bulk subscription of 10 has them all in
+    // flight at once; a plain one handles them one by one
+    let (h, most, _) = in_flight_gate(10);
+    let sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+                bulk: Some(10),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    daprd_testkit::eventually(Duration::from_secs(30), "ten messages in flight", || {
+        let most = most.clone();
+        async move { (most.load(Ordering::SeqCst) == 10).then_some(()) }
+    })
+    .await;
+    sub.close();
+    let plain = connect(&metadata(&[])).await;
+    let (h, most, answered) = in_flight_gate(1);
+    let _sub = plain
+        .subscribe(
+            SubscribeRequest {
+                topic: topic.clone(),
+                metadata: BTreeMap::new(),
+                bulk: None,
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    daprd_testkit::eventually(Duration::from_secs(30), "ten messages answered", || {
+        let answered = answered.clone();
+        async move { (answered.load(Ordering::SeqCst) == 10).then_some(()) }
+    })
+    .await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "one at a time without bulk");
+    c.close().await.unwrap();
+    plain.close().await.unwrap();
 }

@@ -84,6 +84,7 @@ async fn wildcard_subscription_receives_messages_from_another_client() {
             SubscribeRequest {
                 topic: format!("{base}/+/events"),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             handler,
         )

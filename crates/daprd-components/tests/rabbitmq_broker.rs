@@ -44,6 +44,7 @@ async fn names_and_properties_match_dapr() {
             SubscribeRequest {
                 topic: topic.clone(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             handler,
         )

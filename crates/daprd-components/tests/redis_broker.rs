@@ -156,6 +156,7 @@ async fn subscribe_uses_consumer_id_as_group_and_reads_go_daprd_entries() {
             SubscribeRequest {
                 topic: topic.clone(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             h,
         )
@@ -279,6 +280,7 @@ async fn survives_a_broker_restart_without_losing_acknowledged_publishes() {
             SubscribeRequest {
                 topic: topic.clone(),
                 metadata: BTreeMap::new(),
+                bulk: None,
             },
             h,
         )

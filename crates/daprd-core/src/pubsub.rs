@@ -121,6 +121,10 @@ pub struct SubscribeRequest {
     pub topic: String,
     /// Subscription metadata, passed on unchanged.
     pub metadata: BTreeMap<String, String>,
+    /// A bulk subscription batching up to this many messages: a component that otherwise
+    /// hands over one message at a time (per partition, per queue) may hand over up to this
+    /// many before the first is answered, so that the runtime can batch them.
+    pub bulk: Option<usize>,
 }
 
 /// The runtime's callback for each received message.

@@ -132,6 +132,7 @@ pub async fn subscribe(
     let request = SubscribeRequest {
         topic: entry.broker_topic(&spec.topic),
         metadata: spec.metadata.clone(),
+        bulk: None,
     };
     let handle = entry
         .component

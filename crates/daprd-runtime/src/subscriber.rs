@@ -174,6 +174,11 @@ pub async fn start_one(
         let request = SubscribeRequest {
             topic: entry.broker_topic(&spec.topic),
             metadata: spec.metadata.clone(),
+            bulk: if spec.bulk.enabled {
+                Some(spec.bulk.max_messages.max(1))
+            } else {
+                None
+            },
         };
         let handler = if spec.bulk.enabled {
             crate::bulk::handler(pipeline.clone(), spec.bulk)

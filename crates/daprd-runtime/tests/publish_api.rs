@@ -74,6 +74,7 @@ impl Harness {
                 SubscribeRequest {
                     topic: topic.into(),
                     metadata: BTreeMap::new(),
+                    bulk: None,
                 },
                 handler,
             )

@@ -121,6 +121,7 @@ async fn subscribe(
         SubscribeRequest {
             topic: topic.into(),
             metadata: BTreeMap::new(),
+            bulk: None,
         },
         handler,
     )
