@@ -129,23 +129,31 @@ impl PubSubFactory for KafkaFactory {
     }
 }
 
-async fn check_brokers(producer: &FutureProducer, brokers: &[String]) -> Result<(), PubSubError> {
+/// The broker's metadata (all topics, or one), fetched off the async threads.
+async fn fetch_metadata(
+    producer: &FutureProducer,
+    topic: Option<String>,
+    wait: Duration,
+) -> Result<rdkafka::metadata::Metadata, String> {
     let client = producer.clone();
-    let res = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         client
             .client()
-            .fetch_metadata(None, Timeout::After(Duration::from_secs(10)))
-            .map(|_| ())
+            .fetch_metadata(topic.as_deref(), Timeout::After(wait))
+            .map_err(|e| e.to_string())
     })
     .await
-    .map_err(|e| PubSubError::Connect {
-        message: format!("kafka: checking the brokers: {e}"),
-        source: None,
-    })?;
-    res.map_err(|e| PubSubError::Connect {
-        message: format!("kafka: no broker of {} answered: {e}", brokers.join(",")),
-        source: Some(Box::new(e)),
-    })
+    .map_err(|e| e.to_string())?
+}
+
+async fn check_brokers(producer: &FutureProducer, brokers: &[String]) -> Result<(), PubSubError> {
+    fetch_metadata(producer, None, Duration::from_secs(10))
+        .await
+        .map(|_| ())
+        .map_err(|e| PubSubError::Connect {
+            message: format!("kafka: no broker of {} answered: {e}", brokers.join(",")),
+            source: None,
+        })
 }
 
 /// A live `pubsub.kafka` component.
@@ -197,9 +205,7 @@ impl KafkaPubSub {
             .insert(topic.to_string());
         Ok(())
     }
-}
 
-impl KafkaPubSub {
     /// The error for a failed publish; a time-out on a topic the broker does not have says so.
     async fn publish_error(&self, topic: &str, e: KafkaError) -> PubSubError {
         let what = format!("publishing to topic {topic}");
@@ -224,21 +230,18 @@ impl KafkaPubSub {
 
     /// Whether the broker's metadata lacks `topic` (asked after a publish timed out).
     async fn topic_is_missing(&self, topic: &str) -> bool {
-        let client = self.producer.clone();
-        let name = topic.to_string();
-        tokio::task::spawn_blocking(move || {
-            client
-                .client()
-                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(2)))
-                .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .first()
-                        .map(|t| t.error().is_some() || t.partitions().is_empty())
-                })
-                .unwrap_or(false)
-        })
+        fetch_metadata(
+            &self.producer,
+            Some(topic.to_string()),
+            Duration::from_secs(2),
+        )
         .await
+        .ok()
+        .and_then(|m| {
+            m.topics()
+                .first()
+                .map(|t| t.error().is_some() || t.partitions().is_empty())
+        })
         .unwrap_or(false)
     }
 }
