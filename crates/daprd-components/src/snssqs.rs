@@ -486,7 +486,7 @@ impl PubSub for SnsSqsPubSub {
         let running = state.running.as_ref().is_some_and(|r| !*r.borrow());
         if !running {
             let (tx, rx) = watch::channel(false);
-            state.running = Some(tx.clone());
+            state.running = Some(tx);
             let poller = Poller {
                 shared: Arc::new(PollerShared {
                     component: self.name.clone(),
