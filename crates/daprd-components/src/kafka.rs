@@ -451,8 +451,13 @@ impl PubSub for KafkaPubSub {
             ))
         })?;
         self.ensure_topic(&request.topic).await?;
-        let context = RebalanceContext::default();
+        let context = RebalanceContext {
+            epochs: Arc::default(),
+            pending: Arc::default(),
+            drain_wait: self.md.session_timeout,
+        };
         let epochs = context.epochs.clone();
+        let pending = context.pending.clone();
         let consumer: StreamConsumer<RebalanceContext> =
             client_config(&self.md.consumer_properties(&group))
                 .create_with_context(context)
@@ -472,6 +477,7 @@ impl PubSub for KafkaPubSub {
             handler,
             bulk: request.bulk,
             epochs,
+            pending,
             cancelled,
             stop: self.stop.subscribe(),
         };
@@ -498,6 +504,10 @@ impl PubSub for KafkaPubSub {
 #[derive(Default)]
 struct RebalanceContext {
     epochs: Arc<Mutex<HashMap<i32, u64>>>,
+    /// Messages queued or in flight, per partition.
+    pending: Arc<Mutex<HashMap<i32, Arc<AtomicUsize>>>>,
+    /// How long a revocation waits for the partition's message in flight (`sessionTimeout`).
+    drain_wait: Duration,
 }
 
 impl ClientContext for RebalanceContext {}
@@ -508,11 +518,40 @@ impl ConsumerContext for RebalanceContext {
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
-        if let Rebalance::Revoke(tpl) = rebalance {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        {
             let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
-            for e in tpl.elements() {
-                *epochs.entry(e.partition()).or_default() += 1;
+            for p in &revoked {
+                *epochs.entry(*p).or_default() += 1;
             }
+        }
+        // Like sarama, let the message in flight finish (and its offset be stored, so the
+        // commit before the revocation includes it) instead of having the partition's next
+        // owner deliver it again; queued messages are skipped by the epoch bump above.
+        let counters: Vec<Arc<AtomicUsize>> = {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            revoked
+                .iter()
+                .filter_map(|p| pending.get(p).cloned())
+                .collect()
+        };
+        let deadline = Instant::now() + self.drain_wait;
+        let wait = || {
+            while counters.iter().any(|c| c.load(Ordering::SeqCst) > 0) && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // The callback runs inside the consume loop's poll: on a multi-thread runtime the
+        // workers go on elsewhere meanwhile; elsewhere waiting would only stall them.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => {}
         }
     }
 }
@@ -537,6 +576,7 @@ struct ConsumeLoop {
     /// Bulk subscription batch size ([`SubscribeRequest::bulk`]).
     bulk: Option<usize>,
     epochs: Arc<Mutex<HashMap<i32, u64>>>,
+    pending: Arc<Mutex<HashMap<i32, Arc<AtomicUsize>>>>,
     cancelled: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 }
@@ -549,7 +589,7 @@ struct PartitionWorker {
 
 /// Pauses a partition whose queue is full and resumes it once half drained.
 struct Flow {
-    pending: AtomicUsize,
+    pending: Arc<AtomicUsize>,
     paused: Mutex<bool>,
     high: usize,
     consumer: SharedConsumer,
@@ -642,8 +682,13 @@ impl ConsumeLoop {
 
     fn spawn_worker(&self, partition: i32, mut done: watch::Receiver<bool>) -> PartitionWorker {
         let (tx, mut rx) = mpsc::unbounded_channel::<(OwnedMessage, u64)>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition, pending.clone());
         let flow = Arc::new(Flow {
-            pending: AtomicUsize::new(0),
+            pending,
             paused: Mutex::new(false),
             high: self.md.channel_buffer_size.max(1),
             consumer: self.consumer.clone(),
@@ -680,10 +725,11 @@ impl ConsumeLoop {
                     .filter(|(_, at)| *at == current)
                     .map(|(m, _)| m)
                     .collect();
-                let settled = futures::future::join_all(
-                    live.iter()
-                        .map(|m| handle_one(m, &handler, &md, done.clone(), &component)),
-                )
+                let settled = futures::future::join_all(live.iter().map(|m| {
+                    // a revocation ends retries in place: the next owner retries
+                    let revoked = || epoch(&epochs, partition) != current;
+                    handle_one(m, &handler, &md, done.clone(), &component, revoked)
+                }))
                 .await;
                 // Commit up to the last message of the settled run from the start: a message
                 // behind an unsettled one (shutting down) is delivered again, never skipped.
@@ -718,6 +764,7 @@ async fn handle_one(
     md: &KafkaMetadata,
     mut done: watch::Receiver<bool>,
     component: &str,
+    revoked: impl Fn() -> bool,
 ) -> bool {
     let message = Message {
         topic: msg.topic().to_string(),
@@ -746,6 +793,9 @@ async fn handle_one(
             _ = tokio::time::sleep(delay) => {}
             // Shutting down: not committed, so the group redelivers it.
             _ = done.wait_for(|d| *d) => return false,
+        }
+        if revoked() {
+            return false;
         }
     }
 }
