@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PublishRequest, SubscribeRequest};
+use daprd_core::pubsub::{Message, PubSub, PublishRequest, SubscribeRequest};
 use daprd_testkit::{eventually, free_port, ScratchDir};
 use tokio::sync::mpsc;
 
@@ -79,17 +79,7 @@ async fn port_open(port: u16) {
     .await;
 }
 
-fn collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let h: Handler = Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            Outcome::Success
-        })
-    });
-    (h, rx)
-}
+use daprd_testkit::conformance::success_collector as collector;
 
 fn req(topic: &str, n: u32) -> PublishRequest {
     PublishRequest {
@@ -142,17 +132,7 @@ async fn restart_scenario_within(
     resume: Duration,
 ) {
     let (h, mut rx) = collector();
-    let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.into(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            h,
-        )
-        .await
-        .unwrap();
+    let _sub = c.subscribe(SubscribeRequest::new(topic), h).await.unwrap();
     publish_until_delivered(
         &c,
         &mut rx,

@@ -145,14 +145,7 @@ async fn domain_and_api_prefix_select_the_jetstream_api() {
         std::sync::Arc::new(|_m| Box::pin(async { daprd_core::pubsub::Outcome::Success }));
     let wrong = tokio::time::timeout(
         Duration::from_secs(20),
-        c.subscribe(
-            daprd_core::pubsub::SubscribeRequest {
-                topic: "dom.x".into(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            handler,
-        ),
+        c.subscribe(daprd_core::pubsub::SubscribeRequest::new("dom.x"), handler),
     )
     .await
     .expect("the subscribe answers");

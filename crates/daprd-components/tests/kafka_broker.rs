@@ -38,17 +38,7 @@ async fn connect(md: &Metadata) -> Arc<dyn PubSub> {
     KafkaFactory.connect("kafka", md).await.unwrap()
 }
 
-fn collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let h: Handler = Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            Outcome::Success
-        })
-    });
-    (h, rx)
-}
+use daprd_testkit::conformance::success_collector as collector;
 
 fn keyed(topic: &str, key: &str, n: usize) -> PublishRequest {
     PublishRequest {
@@ -70,14 +60,7 @@ async fn messages_of_one_key_arrive_in_order_across_partitions() {
     let topic = random_name("keys");
     let (h, mut rx) = collector();
     let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            h,
-        )
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
         .await
         .unwrap();
     let keys = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
@@ -172,14 +155,7 @@ async fn a_busy_partition_does_not_hold_up_the_others() {
         })
     });
     let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            h,
-        )
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
         .await
         .unwrap();
     let on = |partition: &str, data: &'static str| PublishRequest {
@@ -285,14 +261,7 @@ async fn a_bulk_subscription_gets_a_partition_s_queued_messages_together() {
     let plain = connect(&metadata(&[])).await;
     let (h, most, answered) = in_flight_gate(1);
     let _sub = plain
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            h,
-        )
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
         .await
         .unwrap();
     daprd_testkit::eventually(Duration::from_secs(30), "ten messages answered", || {

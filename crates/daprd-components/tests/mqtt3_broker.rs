@@ -80,14 +80,7 @@ async fn wildcard_subscription_receives_messages_from_another_client() {
         })
     });
     let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: format!("{base}/+/events"),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            handler,
-        )
+        .subscribe(SubscribeRequest::new(format!("{base}/+/events")), handler)
         .await
         .unwrap();
     let (h, p) = host_port();

@@ -40,14 +40,7 @@ async fn names_and_properties_match_dapr() {
         .unwrap();
     let handler: Handler = Arc::new(|_m| Box::pin(async { Outcome::Success }));
     let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            handler,
-        )
+        .subscribe(SubscribeRequest::new(topic.clone()), handler)
         .await
         .unwrap();
 

@@ -12,12 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daprd_core::pubsub::{
-    BulkEntry, BulkPublishRequest, Handler, Message, Outcome, PubSub, PubSubFactory,
-    PublishRequest, SubscribeRequest,
+    BulkEntry, BulkPublishRequest, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
 };
 use daprd_testkit::conformance::{metadata_with_group, publish_request, random_name, round_trip};
 use daprd_testkit::{eventually, free_port, ScratchDir};
-use tokio::sync::mpsc;
 
 fn host() -> String {
     std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost:6379".into())
@@ -54,17 +52,7 @@ async fn connect(host: &str, group: &str) -> Arc<dyn PubSub> {
         .unwrap()
 }
 
-fn collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let h: Handler = Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            Outcome::Success
-        })
-    });
-    (h, rx)
-}
+use daprd_testkit::conformance::success_collector as collector;
 
 #[tokio::test]
 async fn publish_writes_the_same_stream_entry_as_dapr() {
@@ -152,14 +140,7 @@ async fn subscribe_uses_consumer_id_as_group_and_reads_go_daprd_entries() {
     let c = connect(&host(), "checkout").await;
     let (h, mut rx) = collector();
     let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            h,
-        )
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
         .await
         .unwrap();
     let groups = cli(&host(), &["XINFO", "GROUPS", &topic]);
@@ -276,14 +257,7 @@ async fn survives_a_broker_restart_without_losing_acknowledged_publishes() {
     let c = connect(&host, "restart-app").await;
     let (h, mut rx) = collector();
     let _sub = c
-        .subscribe(
-            SubscribeRequest {
-                topic: topic.clone(),
-                metadata: BTreeMap::new(),
-                bulk: None,
-            },
-            h,
-        )
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
         .await
         .unwrap();
     let publish = |n: u32| {

@@ -127,6 +127,17 @@ pub struct SubscribeRequest {
     pub bulk: Option<usize>,
 }
 
+impl SubscribeRequest {
+    /// A plain (not bulk) subscription to `topic` with no metadata.
+    pub fn new(topic: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            metadata: BTreeMap::new(),
+            bulk: None,
+        }
+    }
+}
+
 /// The runtime's callback for each received message.
 pub type Handler = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
 

@@ -70,14 +70,7 @@ impl Harness {
             .expect("pubsub exists");
         let sub = entry
             .component
-            .subscribe(
-                SubscribeRequest {
-                    topic: topic.into(),
-                    metadata: BTreeMap::new(),
-                    bulk: None,
-                },
-                handler,
-            )
+            .subscribe(SubscribeRequest::new(topic), handler)
             .await
             .expect("subscribe");
         (sub, rx)

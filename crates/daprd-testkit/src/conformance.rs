@@ -92,6 +92,19 @@ fn collector(
     (handler, rx)
 }
 
+/// A handler answering `Success` to every message, and the receiver of what it got.
+pub fn success_collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let h: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Success
+        })
+    });
+    (h, rx)
+}
+
 async fn drain(
     rx: &mut mpsc::UnboundedReceiver<Message>,
     want: usize,
@@ -117,16 +130,9 @@ async fn subscribe(
     topic: &str,
     handler: Handler,
 ) -> daprd_core::pubsub::Subscription {
-    c.subscribe(
-        SubscribeRequest {
-            topic: topic.into(),
-            metadata: BTreeMap::new(),
-            bulk: None,
-        },
-        handler,
-    )
-    .await
-    .expect("subscribe")
+    c.subscribe(SubscribeRequest::new(topic), handler)
+        .await
+        .expect("subscribe")
 }
 
 /// Runs every case; panics with the case name on failure.
