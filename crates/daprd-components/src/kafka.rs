@@ -46,6 +46,38 @@ use tokio::sync::{mpsc, watch};
 
 pub use metadata::{Auth, BackOff, InitialOffset, KafkaMetadata};
 
+/// The producer of a component: it remembers the last error librdkafka reported.
+type KafkaProducer = FutureProducer<LastError>;
+
+/// Keeps the last client-level error librdkafka reports (a refused SASL login, a failed TLS
+/// handshake, a refused connection): those reach only this callback, and a component that
+/// fails to start names them. Clones share the record.
+#[derive(Clone, Default)]
+struct LastError(Arc<Mutex<Option<(KafkaError, String)>>>);
+
+impl LastError {
+    fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn get(&self) -> Option<(KafkaError, String)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", "kafka client: {error}: {reason}");
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // "all brokers are down" follows a refused login; the refusal is the news
+        let consequence = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
+            && last.as_ref().is_some_and(|(k, _)| is_refusal(k));
+        if !consequence {
+            *last = Some((error, reason.to_string()));
+        }
+    }
+}
+
 /// How long a publish may wait in librdkafka's queue and for the broker's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -98,15 +130,15 @@ impl PubSubFactory for KafkaFactory {
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
         let md = KafkaMetadata::parse(metadata)?;
-        let producer: FutureProducer =
-            client_config(&md.producer_properties())
-                .create()
-                .map_err(|e| PubSubError::Connect {
-                    message: format!("kafka: creating the producer: {e}"),
-                    source: Some(Box::new(e)),
-                })?;
+        let errors = LastError::default();
+        let producer: KafkaProducer = client_config(&md.producer_properties())
+            .create_with_context(errors.clone())
+            .map_err(|e| PubSubError::Connect {
+                message: format!("kafka: creating the producer: {e}"),
+                source: Some(Box::new(e)),
+            })?;
         // As in Dapr (sarama's NewClient), init fails when no broker answers.
-        check_brokers(&producer, &md.brokers).await?;
+        check_brokers(&producer, &errors, &md.brokers).await?;
         let admin = match md.auto_create_partitions {
             None => None,
             Some(_) => Some(
@@ -122,6 +154,7 @@ impl PubSubFactory for KafkaFactory {
             name: name.to_string(),
             md: Arc::new(md),
             producer,
+            errors,
             admin,
             created: Mutex::default(),
             stop: watch::channel(false).0,
@@ -131,7 +164,7 @@ impl PubSubFactory for KafkaFactory {
 
 /// The broker's metadata (all topics, or one), fetched off the async threads.
 async fn fetch_metadata(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     topic: Option<String>,
     wait: Duration,
 ) -> Result<rdkafka::metadata::Metadata, String> {
@@ -146,21 +179,56 @@ async fn fetch_metadata(
     .map_err(|e| e.to_string())?
 }
 
-async fn check_brokers(producer: &FutureProducer, brokers: &[String]) -> Result<(), PubSubError> {
-    fetch_metadata(producer, None, Duration::from_secs(10))
-        .await
-        .map(|_| ())
-        .map_err(|e| PubSubError::Connect {
-            message: format!("kafka: no broker of {} answered: {e}", brokers.join(",")),
+/// Whether librdkafka's error means the broker refused this client's credentials (retrying
+/// will not help).
+fn is_refusal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::UnsupportedSASLMechanism
+                | RDKafkaErrorCode::IllegalSASLState
+                | RDKafkaErrorCode::SSL
+        )
+    )
+}
+
+/// Asks the brokers for metadata for up to 10 s; a refused login or TLS handshake ends it at
+/// once. The error names the brokers and the last problem librdkafka reported.
+async fn check_brokers(
+    producer: &KafkaProducer,
+    errors: &LastError,
+    brokers: &[String],
+) -> Result<(), PubSubError> {
+    let brokers = brokers.join(",");
+    errors.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = fetch_metadata(producer, None, Duration::from_millis(500)).await;
+        let Err(e) = attempt else { return Ok(()) };
+        let message = match errors.get() {
+            Some((k, reason)) if is_refusal(&k) => {
+                format!("kafka: broker {brokers} refused the client: {reason}")
+            }
+            _ if Instant::now() < deadline => continue,
+            Some((_, reason)) => format!("kafka: no broker of {brokers} answered: {reason}"),
+            None => format!("kafka: no broker of {brokers} answered: {e}"),
+        };
+        return Err(PubSubError::Connect {
+            message,
             source: None,
-        })
+        });
+    }
 }
 
 /// A live `pubsub.kafka` component.
 pub struct KafkaPubSub {
     name: String,
     md: Arc<KafkaMetadata>,
-    producer: FutureProducer,
+    producer: KafkaProducer,
+    /// What the producer's client last reported as an error.
+    errors: LastError,
     /// Present with `autoCreateTopics`.
     admin: Option<AdminClient<DefaultClientContext>>,
     /// Topics known to exist (created or found by `autoCreateTopics`).
@@ -488,7 +556,7 @@ impl PubSub for KafkaPubSub {
     }
 
     async fn ping(&self) -> Result<(), PubSubError> {
-        check_brokers(&self.producer, &self.md.brokers).await
+        check_brokers(&self.producer, &self.errors, &self.md.brokers).await
     }
 
     async fn close(&self) -> Result<(), PubSubError> {
