@@ -1,7 +1,7 @@
 //! `pubsub.kafka` against the Kafka-protocol broker on loopback (`KAFKA_BROKERS`, default
 //! tansu on `127.0.0.1:9092`): per-key order across partitions, partitions handled concurrently,
-//! inbound metadata, what happens without `autoCreateTopics`, and init against an unreachable
-//! broker.
+//! inbound metadata, a revocation waiting for the message in flight, what happens without
+//! `autoCreateTopics`, and init against an unreachable broker.
 
 #![cfg(feature = "kafka")]
 #![allow(clippy::unwrap_used)]
@@ -142,18 +142,7 @@ async fn a_busy_partition_does_not_hold_up_the_others() {
     let topic = random_name("busy");
     let release = Arc::new(tokio::sync::Notify::new());
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-    let gate = release.clone();
-    let h: Handler = Arc::new(move |m: Message| {
-        let tx = tx.clone();
-        let gate = gate.clone();
-        Box::pin(async move {
-            let _ = tx.send(m.clone());
-            if m.data[..] == *b"slow" {
-                gate.notified().await;
-            }
-            Outcome::Success
-        })
-    });
+    let h = gated(tx, release.clone(), b"slow");
     let _sub = c
         .subscribe(SubscribeRequest::new(topic.clone()), h)
         .await
@@ -197,6 +186,103 @@ async fn a_busy_partition_does_not_hold_up_the_others() {
         .unwrap();
     assert_eq!(&m.data[..], b"behind-slow");
     c.close().await.unwrap();
+}
+
+/// A handler that reports each message on `tx` and answers `Success`, holding the message
+/// whose data is `held` until `gate` is notified.
+fn gated(
+    tx: mpsc::UnboundedSender<Message>,
+    gate: Arc<tokio::sync::Notify>,
+    held: &'static [u8],
+) -> Handler {
+    Arc::new(move |m: Message| {
+        let tx = tx.clone();
+        let gate = gate.clone();
+        Box::pin(async move {
+            let hold = m.data[..] == *held;
+            let _ = tx.send(m);
+            if hold {
+                gate.notified().await;
+            }
+            Outcome::Success
+        })
+    })
+}
+
+/// A member joining the group revokes the partition while its message is with the app. The
+/// revocation waits for the app's answer (as sarama does), so that message's offset is
+/// committed and the partition's next owner does not deliver it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_waits_for_the_message_in_flight() {
+    let brokers = brokers();
+    let md = metadata_with_group(
+        &random_name("drain"),
+        &[
+            ("brokers", brokers.as_str()),
+            ("authType", "none"),
+            ("initialOffset", "oldest"),
+            ("autoCreateTopics", "true"),
+            ("heartbeatInterval", "1s"),
+            // the longest a revocation waits for the app; the test holds well below it
+            ("sessionTimeout", "30s"),
+        ],
+    );
+    let topic = random_name("drain");
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let first = connect(&md).await;
+    let _a = first
+        .subscribe(
+            SubscribeRequest::new(topic.clone()),
+            gated(tx.clone(), release.clone(), b"held"),
+        )
+        .await
+        .unwrap();
+    first
+        .publish(daprd_testkit::conformance::publish_request(&topic, b"held"))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("the first member gets the message")
+        .unwrap();
+    assert_eq!(&m.data[..], b"held");
+
+    // A second member of the group: the partition is revoked from the first one while
+    // "held" is with its app. Without the wait, the rebalance ends within a few heartbeats and
+    // the partition's owner reads from the last commit, before "held": it comes again.
+    let second = connect(&md).await;
+    let (tx2, rx2) = (tx.clone(), release.clone());
+    let _b = second
+        .subscribe(
+            SubscribeRequest::new(topic.clone()),
+            gated(tx2, rx2, b"never held"),
+        )
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+    assert!(
+        again.is_err(),
+        "nothing is delivered while the revoked partition's message is held: {again:?}"
+    );
+    release.notify_one();
+    first
+        .publish(daprd_testkit::conformance::publish_request(
+            &topic, b"after",
+        ))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("the group goes on after the answer")
+        .unwrap();
+    assert_eq!(
+        &m.data[..],
+        b"after",
+        "the held message was committed, not delivered again"
+    );
+    first.close().await.unwrap();
+    second.close().await.unwrap();
 }
 
 type Counter = Arc<std::sync::atomic::AtomicUsize>;
