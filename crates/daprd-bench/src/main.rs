@@ -111,11 +111,14 @@ pub enum Broker {
     RabbitMq,
     Mqtt,
     JetStream,
+    /// Only with the `kafka` feature (the daprd under test needs it too).
+    Kafka,
 }
 
 const NATS: &str = "nats://127.0.0.1:4222";
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672";
 const MQTT: &str = "tcp://127.0.0.1:1883";
+const KAFKA: &str = "127.0.0.1:9092";
 
 impl Broker {
     /// The component name in the sidecar.
@@ -126,6 +129,7 @@ impl Broker {
             Broker::RabbitMq => "rabbitmq",
             Broker::Mqtt => "mqtt",
             Broker::JetStream => "jetstream",
+            Broker::Kafka => "kafka",
         }
     }
 
@@ -136,6 +140,7 @@ impl Broker {
             Broker::RabbitMq => Some("127.0.0.1:5672".into()),
             Broker::Mqtt => Some("127.0.0.1:1883".into()),
             Broker::JetStream => Some("127.0.0.1:4222".into()),
+            Broker::Kafka => Some(KAFKA.into()),
         }
     }
 
@@ -160,6 +165,13 @@ impl Broker {
                 ("consumerID", "{uuid}".into()),
             ],
             Broker::JetStream => vec![("natsURL", NATS.into())],
+            // tansu creates no topic on demand
+            Broker::Kafka => vec![
+                ("brokers", KAFKA.into()),
+                ("authType", "none".into()),
+                ("autoCreateTopics", "true".into()),
+                ("consumerID", "{uuid}".into()),
+            ],
         }
     }
 
@@ -170,6 +182,7 @@ impl Broker {
             Broker::RabbitMq => "pubsub.rabbitmq",
             Broker::Mqtt => "pubsub.mqtt3",
             Broker::JetStream => "pubsub.jetstream",
+            Broker::Kafka => "pubsub.kafka",
         }
     }
 
@@ -208,6 +221,14 @@ impl Broker {
                     .connect("bench", &md)
                     .await?
             }
+            #[cfg(feature = "kafka")]
+            Broker::Kafka => {
+                daprd_components::kafka::KafkaFactory
+                    .connect("bench", &md)
+                    .await?
+            }
+            #[cfg(not(feature = "kafka"))]
+            Broker::Kafka => anyhow::bail!("daprd-bench was built without the kafka feature"),
         };
         Ok(Some(c))
     }
@@ -336,11 +357,16 @@ async fn main() -> Result<()> {
         Broker::RabbitMq,
         Broker::Mqtt,
         Broker::JetStream,
+        Broker::Kafka,
         Broker::Memory,
     ];
     let brokers: Vec<Broker> = all
         .into_iter()
         .filter(|b| {
+            if *b == Broker::Kafka && !cfg!(feature = "kafka") {
+                println!("skipping Kafka: daprd-bench built without the kafka feature");
+                return false;
+            }
             let up = b
                 .address(&opts.redis)
                 .map(|a| port_open(&a))
