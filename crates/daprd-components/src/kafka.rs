@@ -20,6 +20,7 @@
 //!   and the record headers.
 
 mod metadata;
+mod producer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,44 +40,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 pub use metadata::{Auth, BackOff, InitialOffset, KafkaMetadata};
-
-/// The producer of a component: it remembers the last error librdkafka reported.
-type KafkaProducer = FutureProducer<LastError>;
-
-/// Keeps the last client-level error librdkafka reports (a refused SASL login, a failed TLS
-/// handshake, a refused connection): those reach only this callback, and a component that
-/// fails to start names them. Clones share the record.
-#[derive(Clone, Default)]
-struct LastError(Arc<Mutex<Option<(KafkaError, String)>>>);
-
-impl LastError {
-    fn clear(&self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    fn get(&self) -> Option<(KafkaError, String)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl ClientContext for LastError {
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", "kafka client: {error}: {reason}");
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // "all brokers are down" follows a refused login; the refusal is the news
-        let consequence = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown)
-            && last.as_ref().is_some_and(|(k, _)| is_refusal(k));
-        if !consequence {
-            *last = Some((error, reason.to_string()));
-        }
-    }
-}
+use producer::{is_refusal, KafkaProducer, LastError, Opaque, Record};
 
 /// How long a publish may wait in librdkafka's queue and for the broker's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -131,12 +100,13 @@ impl PubSubFactory for KafkaFactory {
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
         let md = KafkaMetadata::parse(metadata)?;
         let errors = LastError::default();
-        let producer: KafkaProducer = client_config(&md.producer_properties())
-            .create_with_context(errors.clone())
-            .map_err(|e| PubSubError::Connect {
-                message: format!("kafka: creating the producer: {e}"),
-                source: Some(Box::new(e)),
-            })?;
+        let producer =
+            KafkaProducer::new(&client_config(&md.producer_properties()), errors.clone()).map_err(
+                |e| PubSubError::Connect {
+                    message: format!("kafka: creating the producer: {e}"),
+                    source: Some(Box::new(e)),
+                },
+            )?;
         // As in Dapr (sarama's NewClient), init fails when no broker answers.
         check_brokers(&producer, &errors, &md.brokers).await?;
         let admin = match md.auto_create_partitions {
@@ -177,21 +147,6 @@ async fn fetch_metadata(
     })
     .await
     .map_err(|e| e.to_string())?
-}
-
-/// Whether librdkafka's error means the broker refused this client's credentials (retrying
-/// will not help).
-fn is_refusal(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Authentication
-                | RDKafkaErrorCode::SaslAuthenticationFailed
-                | RDKafkaErrorCode::UnsupportedSASLMechanism
-                | RDKafkaErrorCode::IllegalSASLState
-                | RDKafkaErrorCode::SSL
-        )
-    )
 }
 
 /// Asks the brokers for metadata for up to 10 s; a refused login or TLS handshake ends it at
@@ -368,8 +323,8 @@ impl RecordParts {
         h
     }
 
-    fn record<'a>(&'a self, topic: &'a str, data: &'a [u8]) -> FutureRecord<'a, str, [u8]> {
-        let mut rec = FutureRecord::to(topic)
+    fn record<'a>(&'a self, topic: &'a str, data: &'a [u8], report: Opaque) -> Record<'a> {
+        let mut rec = Record::with_opaque_to(topic, report)
             .payload(data)
             .headers(self.owned_headers());
         if let Some(k) = &self.key {
@@ -450,11 +405,14 @@ impl PubSub for KafkaPubSub {
         self.ensure_topic(&request.topic).await?;
         match self
             .producer
-            .send(parts.record(&request.topic, &request.data), PUBLISH_TIMEOUT)
+            .send(
+                |report| parts.record(&request.topic, &request.data, report),
+                PUBLISH_TIMEOUT,
+            )
             .await
         {
-            Ok(_) => Ok(()),
-            Err((e, _)) => Err(self.publish_error(&request.topic, e).await),
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.publish_error(&request.topic, e).await),
         }
     }
 
@@ -479,10 +437,10 @@ impl PubSub for KafkaPubSub {
         for (entry, parts) in request.entries.iter().zip(&parts) {
             match self
                 .producer
-                .send_result(parts.record(&request.topic, &entry.data))
+                .enqueue(|report| parts.record(&request.topic, &entry.data, report))
             {
                 Ok(delivery) => pending.push((entry.entry_id.clone(), delivery)),
-                Err((e, _)) => failed.push(FailedEntry {
+                Err(e) => failed.push(FailedEntry {
                     entry_id: entry.entry_id.clone(),
                     error: format!("kafka: publishing to topic {}: {e}", request.topic),
                 }),
@@ -492,7 +450,7 @@ impl PubSub for KafkaPubSub {
             let res = tokio::time::timeout(PUBLISH_TIMEOUT, delivery).await;
             let error = match res {
                 Ok(Ok(Ok(_))) => continue,
-                Ok(Ok(Err((e, _)))) => e.to_string(),
+                Ok(Ok(Err(e))) => e.to_string(),
                 Ok(Err(_)) => "the producer was closed".to_string(),
                 Err(_) => "timed out waiting for the broker".to_string(),
             };
