@@ -70,13 +70,7 @@ impl Drop for Broker {
 }
 
 async fn port_open(port: u16) {
-    eventually(Duration::from_secs(60), "the broker port", || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    daprd_testkit::listening(port, Duration::from_secs(60)).await;
 }
 
 use daprd_testkit::conformance::success_collector as collector;

@@ -24,7 +24,7 @@ use daprd_core::metadata::Metadata;
 use daprd_core::pubsub::PubSubFactory;
 use daprd_testkit::certs::TestCerts;
 use daprd_testkit::conformance::{metadata_with_group, random_name, round_trip};
-use daprd_testkit::{eventually, free_port, ScratchDir};
+use daprd_testkit::{free_port, ScratchDir};
 
 struct Killed(Child);
 
@@ -52,13 +52,7 @@ fn spawn_in(dir: &Path, cmd: &str, args: &[String]) -> Killed {
 }
 
 async fn listening(port: u16) {
-    eventually(Duration::from_secs(20), "a listening port", || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    daprd_testkit::listening(port, Duration::from_secs(20)).await;
 }
 
 /// tansu listening on `listen` and advertising `advertise`, storing in `storage`, run from

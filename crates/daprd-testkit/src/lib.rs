@@ -29,6 +29,21 @@ where
     }
 }
 
+/// Waits up to `timeout` until something accepts TCP connections on 127.0.0.1:`port`.
+pub async fn listening(port: u16, timeout: Duration) {
+    eventually(
+        timeout,
+        &format!("a listener on 127.0.0.1:{port}"),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
