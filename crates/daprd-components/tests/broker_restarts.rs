@@ -243,17 +243,7 @@ async fn private_rabbitmq(
     };
     let broker = Broker::start_with(vec![server], env, Some(port));
     let wait = wait_port.unwrap_or(port);
-    eventually(
-        Duration::from_secs(60),
-        "the private rabbitmq node",
-        || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", wait))
-                .await
-                .ok()
-                .map(|_| ())
-        },
-    )
-    .await;
+    daprd_testkit::listening(wait, Duration::from_secs(60)).await;
     (broker, port)
 }
 
