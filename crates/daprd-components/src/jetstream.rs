@@ -219,12 +219,18 @@ impl PubSub for JetStreamPubSub {
         let component = self.name.clone();
         let topic = request.topic.clone();
         let md = self.md.clone();
+        // The consume task and each delivery hold a guard until their ack/nak is sent: the
+        // subscription's stop waits for that. Messages the server pushed but no delivery
+        // took are redelivered after `ackWait`.
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
         tokio::spawn(async move {
             loop {
+                // A stop wins over a message that is ready: no delivery starts after it.
                 let next = tokio::select! {
-                    m = messages.next() => m,
+                    biased;
                     _ = cancelled.wait_for(|c| *c) => None,
                     _ = stop.wait_for(|c| *c) => None,
+                    m = messages.next() => m,
                 };
                 let Some(next) = next else { return };
                 let msg = match next {
@@ -239,7 +245,9 @@ impl PubSub for JetStreamPubSub {
                 let md = md.clone();
                 let topic = topic.clone();
                 let component = component.clone();
+                let settling = guard.clone();
                 let work = async move {
+                    let _settling = settling;
                     let m = Message {
                         topic: topic.clone(),
                         data: msg.payload.clone(),
@@ -269,11 +277,15 @@ impl PubSub for JetStreamPubSub {
         });
         Ok(Subscription::new(move || {
             let _ = cancel.send(true);
-        }))
+        })
+        .with_drain(drained))
     }
 
     async fn close(&self) -> Result<(), PubSubError> {
         let _ = self.stop.send(true);
+        // Acks are publishes the client buffers: write them out before the process ends.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.js.client().flush()).await;
         Ok(())
     }
 }

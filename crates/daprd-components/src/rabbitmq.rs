@@ -356,10 +356,12 @@ impl PubSub for RabbitPubSub {
             .map_err(|e| broker("declaring the subscription", e))?;
         let (cancel, cancelled) = watch::channel(false);
         let component_stop = self.stop.subscribe();
-        tokio::spawn(sub.run(Some((conn, ch)), cancelled, component_stop));
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
+        tokio::spawn(sub.run(Some((conn, ch)), cancelled, component_stop, guard));
         Ok(Subscription::new(move || {
             let _ = cancel.send(true);
-        }))
+        })
+        .with_drain(drained))
     }
 
     async fn close(&self) -> Result<(), PubSubError> {
@@ -461,11 +463,17 @@ impl SubscriptionTask {
         Ok(())
     }
 
+    /// Consumes until cancelled or the component stops, reconnecting after errors. On a stop
+    /// it cancels the consumer, waits until every delivery it started has been acked or
+    /// nacked, and only then closes the connection (closing it earlier made the broker
+    /// redeliver messages the app had accepted). Prefetched deliveries that were never
+    /// handed over go back to the queue with the channel. `_guard` is held until then.
     async fn run(
         self: Arc<Self>,
         mut first: Option<(Connection, Channel)>,
         mut cancelled: watch::Receiver<bool>,
         mut stop: watch::Receiver<bool>,
+        _guard: daprd_core::pubsub::DrainGuard,
     ) {
         loop {
             let (conn, ch) = match first.take() {
@@ -499,7 +507,7 @@ impl SubscriptionTask {
                 Ok::<_, lapin::Error>(consumer)
             }
             .await;
-            let mut consumer = match consumed {
+            let mut consumer: lapin::Consumer = match consumed {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(component = %self.component, queue = %self.queue, error = %e, "rabbitmq subscription failed; retrying");
@@ -509,13 +517,25 @@ impl SubscriptionTask {
                     continue;
                 }
             };
+            // Held by every delivery of this connection until it is settled.
+            let (settling, settled) = daprd_core::pubsub::drain_tracker();
             loop {
+                // A stop wins over a delivery that is ready: none starts after it.
                 let next = tokio::select! {
-                    d = consumer.next() => Some(d),
+                    biased;
                     _ = cancelled.wait_for(|c| *c) => None,
                     _ = stop.wait_for(|c| *c) => None,
+                    d = consumer.next() => Some(d),
                 };
                 let Some(next) = next else {
+                    let _ = ch
+                        .basic_cancel(
+                            consumer.tag(),
+                            lapin::options::BasicCancelOptions::default(),
+                        )
+                        .await;
+                    drop(settling);
+                    settled.wait().await;
                     let _ = conn.close(200, "unsubscribed".into()).await;
                     return;
                 };
@@ -528,7 +548,9 @@ impl SubscriptionTask {
                     None => break,
                 };
                 let me = self.clone();
+                let settling = settling.clone();
                 let work = async move {
+                    let _settling = settling;
                     let mut metadata = BTreeMap::new();
                     if me.md.properties_to_metadata {
                         if let Some(v) = delivery.properties.message_id() {

@@ -211,15 +211,19 @@ impl PubSub for RedisPubSub {
         subscriber::create_group(&mut self.conn.clone(), &request.topic, &self.md.consumer_id)
             .await
             .map_err(|e| broker_err("creating consumer group", e))?;
+        // The subscription's own stop flag, set at once by its `stop` (so no worker takes a
+        // new entry after it) or when the component closes.
         let (cancel, cancelled) = tokio::sync::watch::channel(false);
+        let cancel = Arc::new(cancel);
         let mut component_stop = self.stop.subscribe();
-        let mut sub_cancel = cancelled.clone();
-        let stopped = async move {
+        let on_close = cancel.clone();
+        tokio::spawn(async move {
             tokio::select! {
-                _ = component_stop.wait_for(|s| *s) => {}
-                _ = sub_cancel.wait_for(|s| *s) => {}
+                _ = component_stop.wait_for(|s| *s) => { let _ = on_close.send(true); }
+                _ = on_close.closed() => {}
             }
-        };
+        });
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
         subscriber::start(
             subscriber::Context {
                 component: self.name.clone(),
@@ -228,12 +232,15 @@ impl PubSub for RedisPubSub {
                 conn: self.conn.clone(),
                 topic: request.topic,
                 handler,
+                holding: std::sync::Mutex::default(),
             },
-            Box::pin(stopped),
+            cancelled,
+            guard,
         );
         Ok(Subscription::new(move || {
             let _ = cancel.send(true);
-        }))
+        })
+        .with_drain(drained))
     }
 
     async fn ping(&self) -> Result<(), PubSubError> {

@@ -34,6 +34,7 @@ async fn in_memory_conformance() {
     )
     .await;
     conformance::ordering(&connect).await;
+    conformance::graceful_stop(&connect, false, Duration::ZERO).await;
 }
 
 #[cfg(feature = "redis")]
@@ -79,7 +80,14 @@ async fn rabbitmq_conformance() {
     let connect: Connect = Arc::new(move |group| {
         let uri = uri.clone();
         Box::pin(async move {
-            // requeueInFailure makes RETRY redeliver (Dapr's default discards it).
+            // requeueInFailure makes RETRY redeliver (Dapr's default discards it). The
+            // graceful-stop case needs the queue to outlive its consumer (Dapr's default
+            // deletedWhenUnused: true drops it, and its messages, with the last consumer).
+            let deleted_when_unused = if group.starts_with("stop-") {
+                "false"
+            } else {
+                "true"
+            };
             let md = metadata_with_group(
                 &group,
                 &[
@@ -87,6 +95,7 @@ async fn rabbitmq_conformance() {
                     ("requeueInFailure", "true"),
                     ("concurrencyMode", "single"),
                     ("prefetchCount", "1"),
+                    ("deletedWhenUnused", deleted_when_unused),
                 ],
             );
             daprd_components::rabbitmq::RabbitFactory
@@ -182,6 +191,9 @@ async fn mqtt3_conformance() {
     conformance::bulk_publish(&connect).await;
     conformance::outcomes(&connect, traits).await;
     conformance::ordering(&connect).await;
+    // A persistent session (cleanSession false): the next client with the same id gets what
+    // the stopped one had not acknowledged.
+    conformance::graceful_stop(&connect, true, Duration::from_secs(1)).await;
 }
 
 /// Kafka metadata for the conformance cases: a fresh group reads each new topic from the

@@ -311,6 +311,55 @@ async fn survives_a_broker_restart_without_losing_acknowledged_publishes() {
     );
 }
 
+/// After a 5 s outage, during which every publish fails, publishing works again within
+/// 1 s of the broker's return (the shared connection's reconnect pauses have a ceiling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_resumes_within_a_second_of_the_broker_returning() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port, ScratchDir::new("redis-recover"));
+    redis.ready().await;
+    let c = connect(&format!("127.0.0.1:{port}"), "recover-app").await;
+    let topic = random_name("recover");
+    let publish = || {
+        c.publish(PublishRequest {
+            pubsub_name: "pubsub".into(),
+            topic: topic.clone(),
+            data: Bytes::from_static(b"x"),
+            metadata: BTreeMap::new(),
+            content_type: None,
+        })
+    };
+    publish().await.unwrap();
+    redis.stop();
+    let down = std::time::Instant::now();
+    let mut failures = 0;
+    while down.elapsed() < Duration::from_secs(5) {
+        assert!(
+            publish().await.is_err(),
+            "no publish succeeds while the broker is down"
+        );
+        failures += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(failures > 0);
+    let dir = std::mem::replace(&mut redis.dir, ScratchDir::new("unused"));
+    let redis = PrivateRedis::start(port, dir);
+    redis.ready().await;
+    let back = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "publishing to work again",
+        || async { publish().await.ok() },
+    )
+    .await;
+    let took = back.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "publishing resumed {took:?} after the broker answered again (want ≤ 1 s)"
+    );
+    drop(redis);
+}
+
 /// `enableTLS`: a private `redis-server` with only a TLS port that requires client
 /// certificates. With `insecureSkipTLSVerify` and `clientCert`/`clientKey` the component
 /// publishes and receives; without the client certificate, or verifying a server certificate

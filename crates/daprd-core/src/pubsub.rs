@@ -142,9 +142,11 @@ impl SubscribeRequest {
 pub type Handler = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
 /// A live subscription. Dropping it (or calling [`Subscription::close`]) stops the
-/// component's consume loop for it.
+/// component's consume loop for it; [`Subscription::stop`] also waits until every message
+/// it handed to the handler is settled (acked, nacked or left for redelivery).
 pub struct Subscription {
     stop: Option<Box<dyn FnOnce() + Send + Sync>>,
+    drained: Option<Drained>,
 }
 
 impl Subscription {
@@ -152,13 +154,36 @@ impl Subscription {
     pub fn new(stop: impl FnOnce() + Send + Sync + 'static) -> Self {
         Self {
             stop: Some(Box::new(stop)),
+            drained: None,
         }
+    }
+
+    /// The same subscription, whose [`Subscription::stop`] waits for `drained`: the
+    /// component's consume tasks hold the matching [`DrainGuard`]s and drop them once they
+    /// fetch no more and have settled what they handed over.
+    #[must_use]
+    pub fn with_drain(mut self, drained: Drained) -> Self {
+        self.drained = Some(drained);
+        self
     }
 
     /// Stops the subscription now.
     pub fn close(mut self) {
         if let Some(stop) = self.stop.take() {
             stop();
+        }
+    }
+
+    /// Stops fetching now; the returned future resolves once every message already handed
+    /// to the handler has been settled with the broker (at once for a component that does
+    /// not track it).
+    pub fn stop(mut self) -> BoxFuture<'static, ()> {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        match self.drained.take() {
+            Some(d) => Box::pin(d.wait()),
+            None => Box::pin(std::future::ready(())),
         }
     }
 }
@@ -175,8 +200,32 @@ impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("open", &self.stop.is_some())
+            .field("drain", &self.drained.is_some())
             .finish()
     }
+}
+
+/// Held by each task of a subscription that may still settle a message with the broker;
+/// cloned freely. [`Drained`] resolves when the last one is dropped.
+#[derive(Clone)]
+pub struct DrainGuard(#[allow(dead_code)] futures::channel::mpsc::Sender<std::convert::Infallible>);
+
+/// Resolves when every [`DrainGuard`] of its pair is gone.
+pub struct Drained(futures::channel::mpsc::Receiver<std::convert::Infallible>);
+
+impl Drained {
+    /// Waits for the last guard to drop.
+    pub async fn wait(mut self) {
+        use futures::StreamExt as _;
+        // Nothing is ever sent: `next` answers `None` once every sender is dropped.
+        while self.0.next().await.is_some() {}
+    }
+}
+
+/// A new guard and the future that waits for it and all its clones.
+pub fn drain_tracker() -> (DrainGuard, Drained) {
+    let (tx, rx) = futures::channel::mpsc::channel(0);
+    (DrainGuard(tx), Drained(rx))
 }
 
 /// Whether a component error is worth retrying.
@@ -322,4 +371,40 @@ pub trait PubSubFactory: Send + Sync {
         name: &str,
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn stop_waits_for_every_guard() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (guard, drained) = drain_tracker();
+        let s = stopped.clone();
+        let sub = Subscription::new(move || s.store(true, Ordering::SeqCst)).with_drain(drained);
+        let second = guard.clone();
+        let mut wait = sub.stop();
+        assert!(stopped.load(Ordering::SeqCst), "stop runs at once");
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        drop(guard);
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "a clone still holds"
+        );
+        drop(second);
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn stop_without_drain_is_ready() {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut wait = Subscription::new(|| {}).stop();
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+    }
 }

@@ -19,6 +19,10 @@ pub const RUNTIME_VERSION: &str = concat!("1.18.3+daprd-rs.", env!("CARGO_PKG_VE
 /// Default maximum request body (4Mi).
 pub const DEFAULT_MAX_BODY: usize = 4 << 20;
 
+/// Grace period of the shutdown sequence when `--dapr-graceful-shutdown-seconds` is negative
+/// (as Go daprd).
+pub const DEFAULT_GRACEFUL_SHUTDOWN: Duration = Duration::from_secs(5);
+
 /// What the process reads from its environment.
 #[derive(Debug, Clone, Default)]
 pub struct Env {
@@ -278,8 +282,12 @@ impl RuntimeConfig {
             DEFAULT_MAX_BODY
         };
 
-        let graceful_shutdown =
-            Duration::from_secs(opts.dapr_graceful_shutdown_seconds.max(0).unsigned_abs());
+        // Go daprd reads a negative grace period (the Kubernetes injector passes -1) as its
+        // default of 5 s, not as "no grace".
+        let graceful_shutdown = match u64::try_from(opts.dapr_graceful_shutdown_seconds) {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => DEFAULT_GRACEFUL_SHUTDOWN,
+        };
         let block_shutdown = if opts.dapr_block_shutdown_duration.is_empty() {
             None
         } else {
@@ -476,6 +484,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen_addresses.len(), 2);
         assert!(c.listen_addresses[0].is_ipv6());
+    }
+
+    #[test]
+    fn negative_grace_period_is_the_default() {
+        let grace = |v: &str| {
+            cfg(&["--app-id", "a", "--dapr-graceful-shutdown-seconds", v])
+                .unwrap()
+                .graceful_shutdown
+        };
+        assert_eq!(grace("-1"), Duration::from_secs(5));
+        assert_eq!(grace("-30"), Duration::from_secs(5));
+        assert_eq!(grace("0"), Duration::ZERO);
+        assert_eq!(grace("12"), Duration::from_secs(12));
     }
 
     #[test]

@@ -236,8 +236,8 @@ impl Sidecar {
         let reason = self.state.shutdown.wait().await;
         let grace = self.state.config.graceful_shutdown;
         tracing::info!(?reason, grace = ?grace, "shutting down");
-        // Stop fetching, then let in-flight deliveries and API calls finish.
-        self.state.subscriptions.stop_all();
+        // Stop fetching, then let in-flight deliveries, their acks and API calls finish.
+        let settled = self.state.subscriptions.stop_all();
         if let (crate::runtime::ShutdownReason::Signal, Some(block)) =
             (reason, self.state.config.block_shutdown)
         {
@@ -268,6 +268,7 @@ impl Sidecar {
         let in_flight = self.state.subscriptions.in_flight.clone();
         let drained = tokio::time::timeout(grace, async {
             in_flight.wait_idle().await;
+            settled.await;
             while self.servers.join_next().await.is_some() {}
         })
         .await;

@@ -80,13 +80,17 @@ impl Subscriptions {
         removed.into_iter().map(|a| a.spec).collect()
     }
 
-    /// Stops every subscription (no new messages are fetched).
-    pub fn stop_all(&self) {
+    /// Stops every subscription (no new messages are fetched); the returned future resolves
+    /// once the components have settled (acked or nacked) every message they handed over.
+    pub fn stop_all(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        for a in active.iter_mut() {
-            if let Some(h) = a.handle.take() {
-                h.close();
-            }
+        let drains: Vec<_> = active
+            .iter_mut()
+            .filter_map(|a| a.handle.take())
+            .map(Subscription::stop)
+            .collect();
+        async move {
+            futures::future::join_all(drains).await;
         }
     }
 }

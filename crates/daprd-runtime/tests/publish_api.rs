@@ -872,9 +872,32 @@ async fn max_body_size_is_enforced() {
         .send()
         .await
         .unwrap();
+    // Go daprd's answer: its body limit makes the read fail, which the publish handler
+    // reports as a failed publish (500, ERR_PUBSUB_PUBLISH_MESSAGE).
     assert_eq!(resp.status(), 500);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["errorCode"], "ERR_PUBSUB_PUBLISH_MESSAGE");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-body-size"),
+        "{body}"
+    );
+    // Bulk publish: Go daprd's JSON decoder fails on the cut stream (400,
+    // ERR_PUBSUB_EVENTS_SER).
+    let resp = client
+        .post(format!("{http}/v1.0-alpha1/publish/bulk/pubsub/t"))
+        .body(format!(
+            "[{{\"entryId\":\"1\",\"event\":\"{}\",\"contentType\":\"text/plain\"}}]",
+            "a".repeat(2048)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["errorCode"], "ERR_PUBSUB_EVENTS_SER", "{body}");
     let resp = client
         .post(format!("{http}/v1.0/publish/pubsub/t"))
         .body(vec![b'a'; 512])
@@ -892,7 +915,30 @@ async fn max_body_size_is_enforced() {
         })
         .await
         .unwrap_err();
-    assert_eq!(st.code(), tonic::Code::OutOfRange, "{st:?}");
+    // grpc-go's answer (Go daprd), not tonic's OUT_OF_RANGE.
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    assert_eq!(
+        st.message(),
+        format!("grpc: received message larger than max ({} vs. 1024)", {
+            use prost::Message as _;
+            pb::PublishEventRequest {
+                pubsub_name: "pubsub".into(),
+                topic: "t".into(),
+                data: vec![b'a'; 2048],
+                ..Default::default()
+            }
+            .encoded_len()
+        }),
+    );
+    // Under the limit over gRPC too.
+    g.publish_event(pb::PublishEventRequest {
+        pubsub_name: "pubsub".into(),
+        topic: "t".into(),
+        data: vec![b'a'; 512],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

@@ -2,9 +2,10 @@
 //! components-contrib conformance tests): bulk of messages delivered, bulk publish, ack
 //! semantics, consumer groups, ordering, TTL. Topics and groups are random so suites share one broker in parallel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,6 +142,7 @@ pub async fn run(connect: Connect, traits: Traits) {
     bulk_publish(&connect).await;
     outcomes(&connect, traits).await;
     groups(&connect, traits).await;
+    graceful_stop(&connect, traits.redelivers_on_retry, traits.redelivery_wait).await;
     if traits.ordered {
         ordering(&connect).await;
     }
@@ -404,6 +406,114 @@ pub async fn groups(connect: &Connect, traits: Traits) {
     for c in [a, b, other] {
         c.close().await.expect("close");
     }
+}
+
+/// A subscription stopped mid-stream (as on SIGTERM): no delivery starts after
+/// [`Subscription::stop`](daprd_core::pubsub::Subscription::stop), its future resolves only
+/// once every delivery in the app's hands has been answered and settled, and — where the
+/// broker keeps what was not settled (`resumes`) — a new subscriber of the same group then
+/// gets every message the app had not accepted and none that it had (lost 0, dup 0).
+pub async fn graceful_stop(connect: &Connect, resumes: bool, redelivery_wait: Duration) {
+    const N: usize = 60;
+    let topic = random_topic("stop");
+    let group = random_name("stop");
+    let c = connect(group.clone()).await;
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let accepted: Arc<Mutex<HashSet<usize>>> = Arc::default();
+    let handler: Handler = {
+        let (stopping, late, started, accepted) = (
+            stopping.clone(),
+            late.clone(),
+            started.clone(),
+            accepted.clone(),
+        );
+        Arc::new(move |m: Message| {
+            // Counted when the component calls the handler, not when it polls the future.
+            if stopping.load(Ordering::SeqCst) {
+                late.fetch_add(1, Ordering::SeqCst);
+            }
+            started.fetch_add(1, Ordering::SeqCst);
+            let accepted = accepted.clone();
+            Box::pin(async move {
+                // The app's work: long enough for the stop to find deliveries in hand.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                lock(&accepted).insert(number(&m));
+                Outcome::Success
+            })
+        })
+    };
+    let sub = subscribe(&c, &topic, handler).await;
+    for i in 0..N {
+        c.publish(request(&topic, i)).await.expect("publish");
+    }
+    crate::eventually(
+        Duration::from_secs(30) + redelivery_wait,
+        "graceful stop: the first deliveries",
+        || async { (lock(&accepted).len() >= 5).then_some(()) },
+    )
+    .await;
+    stopping.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), sub.stop())
+        .await
+        .expect("graceful stop: the stop settles within 30 s");
+    assert_eq!(
+        late.load(Ordering::SeqCst),
+        0,
+        "graceful stop: deliveries started after the stop"
+    );
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        lock(&accepted).len(),
+        "graceful stop: the stop resolved while deliveries were still in the app's hands"
+    );
+    c.close().await.expect("close");
+    if !resumes {
+        return;
+    }
+    let before: HashSet<usize> = lock(&accepted).clone();
+    let rest: HashSet<usize> = (0..N).filter(|n| !before.contains(n)).collect();
+    let c2 = connect(group).await;
+    let (h2, mut rx2) = collector(|_, _| Outcome::Success);
+    let _s2 = subscribe(&c2, &topic, h2).await;
+    let got: Vec<usize> = drain(
+        &mut rx2,
+        rest.len(),
+        Duration::from_secs(30) + redelivery_wait,
+    )
+    .await
+    .iter()
+    .map(number)
+    .collect();
+    let again: Vec<usize> = got.iter().copied().filter(|n| before.contains(n)).collect();
+    assert!(
+        again.is_empty(),
+        "graceful stop: messages the app had accepted came again: {again:?}"
+    );
+    let got_set: HashSet<usize> = got.iter().copied().collect();
+    let mut lost: Vec<usize> = rest.difference(&got_set).copied().collect();
+    lost.sort_unstable();
+    assert!(
+        lost.is_empty(),
+        "graceful stop: messages never accepted did not come to the next subscriber: {lost:?}"
+    );
+    assert_eq!(
+        got.len(),
+        got_set.len(),
+        "graceful stop: duplicates {got:?}"
+    );
+    let extra = quiet(&mut rx2, redelivery_wait.max(Duration::from_secs(1))).await;
+    assert!(
+        extra.is_none(),
+        "graceful stop: a message came again: {:?}",
+        extra.map(|m| number(&m))
+    );
+    c2.close().await.expect("close");
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A publish of `data` to `topic` with no metadata.

@@ -93,10 +93,26 @@ impl Bus {
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Message>(QUEUE_DEPTH);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
         let component = self.inner.name.clone();
         let topic = pattern.clone();
         tokio::spawn(async move {
-            while let Some(message) = rx.recv().await {
+            let _guard = guard;
+            loop {
+                // A stop wins over a queued message: no delivery starts after it. What is
+                // still queued is dropped (the in-memory bus keeps nothing, as in Dapr).
+                let message = tokio::select! {
+                    biased;
+                    _ = stop_rx.wait_for(|s| *s) => None,
+                    m = rx.recv() => m,
+                };
+                let Some(message) = message else {
+                    if !rx.is_empty() {
+                        tracing::debug!(%component, %topic, dropped = rx.len(), "in-memory subscription stopped with messages queued");
+                    }
+                    return;
+                };
                 let outcome = handler(message).await;
                 if outcome == Outcome::Retry {
                     tracing::debug!(%component, %topic, "in-memory handler asked for a retry; message not redelivered");
@@ -114,6 +130,7 @@ impl Bus {
             });
         let inner = Arc::downgrade(&self.inner);
         Ok(Subscription::new(move || {
+            let _ = stop_tx.send(true);
             if let Some(inner) = inner.upgrade() {
                 inner
                     .subscribers
@@ -121,7 +138,8 @@ impl Bus {
                     .unwrap_or_else(PoisonError::into_inner)
                     .retain(|s| s.id != id);
             }
-        }))
+        })
+        .with_drain(drained))
     }
 
     /// Drops every subscriber and refuses further use.

@@ -13,6 +13,14 @@ use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::RedisMetadata;
 
+/// First pause between reconnect attempts of the shared connection.
+const RECONNECT_MIN_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Longest pause between reconnect attempts: a broker that is back is used within this.
+const RECONNECT_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Attempts of one reconnect round (about 1.5 s in all); a command during an outage waits for
+/// the round and then fails.
+const RECONNECT_ATTEMPTS: usize = 8;
+
 /// Builds connections for one component.
 #[derive(Clone)]
 pub(super) enum Source {
@@ -134,9 +142,16 @@ impl Source {
     pub(super) async fn shared(&self, md: &RedisMetadata) -> RedisResult<Conn> {
         match self {
             Self::Node(client) => {
+                // Reconnect attempts at most RECONNECT_MAX_DELAY apart: with the client's
+                // default (doubling from 100 ms, no ceiling) publishing stayed broken for up
+                // to 6 s after the broker came back. When the attempts run out, the next
+                // command starts a new round at once.
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(md.dial_timeout))
-                    .set_response_timeout(Some(md.write_timeout.max(md.read_timeout)));
+                    .set_response_timeout(Some(md.write_timeout.max(md.read_timeout)))
+                    .set_min_delay(RECONNECT_MIN_DELAY)
+                    .set_max_delay(RECONNECT_MAX_DELAY)
+                    .set_number_of_retries(RECONNECT_ATTEMPTS);
                 Ok(Conn::Manager(
                     ConnectionManager::new_with_config((**client).clone(), config).await?,
                 ))

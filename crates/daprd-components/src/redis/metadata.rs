@@ -25,8 +25,9 @@ pub struct RedisMetadata {
     /// `processingTimeout` (60s; a bare number is milliseconds): idle time before a pending
     /// message is reclaimed. 0 disables reclaiming.
     pub processing_timeout: Duration,
-    /// `redeliverInterval` (15s; **integer milliseconds only**, anything else keeps the
-    /// default, as in Dapr): how often pending messages are checked. 0 disables reclaiming.
+    /// `redeliverInterval` (15s; a bare number is milliseconds, as in Dapr, or a Go duration
+    /// such as `1s`, which Dapr ignores): how often pending messages are checked. 0 disables
+    /// reclaiming.
     pub redeliver_interval: Duration,
     /// `maxLenApprox`: `XADD ... MAXLEN ~ n`.
     pub max_len_approx: Option<u64>,
@@ -115,12 +116,10 @@ impl RedisMetadata {
         let max_len = r.int("maxLenApprox", 0, 0..=i64::MAX);
         let processing_timeout =
             ms_or_duration(&mut r, "processingTimeout", Duration::from_secs(60));
-        // Integer milliseconds only: anything else keeps the default, as in Dapr.
-        let redeliver_interval = md
-            .get_non_empty("redeliverInterval")
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(Duration::from_secs(15));
+        // Go daprd reads only integer milliseconds here and silently keeps 15 s for "1s";
+        // daprd-rs takes a Go duration too and names anything else as an error.
+        let redeliver_interval =
+            ms_or_duration(&mut r, "redeliverInterval", Duration::from_secs(15));
         let secs = Duration::from_secs(1);
         let stream_ttl =
             Some(r.duration("streamTTL", secs, Duration::ZERO)).filter(|d| !d.is_zero());
@@ -237,18 +236,29 @@ mod tests {
     }
 
     #[test]
-    fn redeliver_interval_is_milliseconds_only() {
+    fn redeliver_interval_takes_milliseconds_or_a_duration() {
         let m = RedisMetadata::parse(&md(&[
             ("redisHost", "h:1"),
             ("consumerID", "a"),
-            ("redeliverInterval", "30s"),
+            ("redeliverInterval", "1s"),
             ("processingTimeout", "2000"),
         ]))
         .unwrap();
         assert_eq!(
             m.redeliver_interval,
-            Duration::from_secs(15),
-            "\"30s\" silently keeps the default, as in Dapr"
+            Duration::from_secs(1),
+            "\"1s\" is one second (Go daprd silently keeps 15 s)"
+        );
+        let errs = RedisMetadata::parse(&md(&[
+            ("redisHost", "h:1"),
+            ("consumerID", "a"),
+            ("redeliverInterval", "soon"),
+        ]))
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.to_string().contains("redeliverInterval")),
+            "{errs:?}"
         );
         assert_eq!(
             m.processing_timeout,

@@ -1,13 +1,20 @@
 //! The Redis Streams consume loop: reader, workers and the reclaim loop of one subscription.
+//!
+//! Entries this subscription holds (queued for a worker or in the app's hands) are in
+//! [`Context::holding`]: the reclaim loop never takes them back, and a refresher resets their
+//! idle time on the broker (`XCLAIM ... JUSTID`, which does not count a delivery) well within
+//! `processingTimeout`, so another sidecar of the same consumer group takes one over only
+//! when its holder is really gone. A slow handler never gets its own message a second time.
+//!
+//! On stop, workers take no new entry, finish the one in hand including its `XACK`, and
+//! only then drop their [`DrainGuard`]; queued entries stay pending and are reclaimed later.
 
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use daprd_core::pubsub::{Handler, Message, Outcome};
+use daprd_core::pubsub::{DrainGuard, Handler, Message, Outcome};
 use redis::streams::{StreamId, StreamReadReply};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
@@ -21,6 +28,25 @@ pub(super) struct Context {
     pub conn: super::conn::Conn,
     pub topic: String,
     pub handler: Handler,
+    /// Ids read or claimed by this subscription and not yet acked or given up.
+    pub holding: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Context {
+    fn holding(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.holding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records `id` as held; false when it already was (a second copy must not be queued).
+    fn hold(&self, id: &str) -> bool {
+        self.holding().insert(id.to_string())
+    }
+
+    fn release(&self, id: &str) {
+        self.holding().remove(id);
+    }
 }
 
 /// `XGROUP CREATE <topic> <group> 0 MKSTREAM`, ignoring BUSYGROUP.
@@ -63,23 +89,29 @@ fn to_message(topic: &str, entry: &StreamId) -> Message {
     }
 }
 
-type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-pub(super) fn start(ctx: Context, stop: Stop) {
+/// Starts the tasks of one subscription; they end once `stop_rx` turns true (workers after
+/// settling the entry in hand), and each holds a clone of `guard` until then.
+pub(super) fn start(ctx: Context, stop_rx: tokio::sync::watch::Receiver<bool>, guard: DrainGuard) {
     let ctx = Arc::new(ctx);
     let (tx, rx) = mpsc::channel::<(String, Message)>(ctx.md.queue_depth);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        stop.await;
-        let _ = stop_tx.send(true);
-    });
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     for _ in 0..ctx.md.concurrency {
-        tokio::spawn(worker(ctx.clone(), rx.clone(), stop_rx.clone()));
+        tokio::spawn(worker(
+            ctx.clone(),
+            rx.clone(),
+            stop_rx.clone(),
+            guard.clone(),
+        ));
     }
-    tokio::spawn(reader(ctx.clone(), tx.clone(), stop_rx.clone()));
+    tokio::spawn(reader(
+        ctx.clone(),
+        tx.clone(),
+        stop_rx.clone(),
+        guard.clone(),
+    ));
     if !ctx.md.processing_timeout.is_zero() && !ctx.md.redeliver_interval.is_zero() {
-        tokio::spawn(reclaimer(ctx, tx, stop_rx));
+        tokio::spawn(refresher(ctx.clone(), stop_rx.clone()));
+        tokio::spawn(reclaimer(ctx, tx, stop_rx, guard));
     }
 }
 
@@ -87,16 +119,22 @@ async fn worker(
     ctx: Arc<Context>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<(String, Message)>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    _guard: DrainGuard,
 ) {
     loop {
         let next = {
             let mut rx = rx.lock().await;
+            // A stop wins over a queued entry: no new delivery starts after it.
             tokio::select! {
-                m = rx.recv() => m,
+                biased;
                 _ = stop.wait_for(|s| *s) => None,
+                m = rx.recv() => m,
             }
         };
         let Some((id, msg)) = next else { return };
+        if *stop.borrow() {
+            return;
+        }
         let outcome = (ctx.handler)(msg).await;
         match outcome {
             Outcome::Success | Outcome::Drop => {
@@ -115,6 +153,36 @@ async fn worker(
                 tracing::debug!(component = %ctx.component, topic = %ctx.topic, %id, "message left pending for redelivery");
             }
         }
+        ctx.release(&id);
+    }
+}
+
+/// Keeps the entries this subscription holds fresh on the broker: resets their idle time
+/// (`XCLAIM <min-idle 0> ... JUSTID`, no delivery counted) a few times per
+/// `processingTimeout`, so no other consumer's reclaim loop takes them over.
+async fn refresher(ctx: Arc<Context>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period = (ctx.md.processing_timeout / 3).max(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let ids: Vec<String> = ctx.holding().iter().cloned().collect();
+        for chunk in ids.chunks(1000) {
+            let mut conn = ctx.conn.clone();
+            let refreshed: Result<Value, RedisError> = redis::cmd("XCLAIM")
+                .arg(&ctx.topic)
+                .arg(&ctx.md.consumer_id)
+                .arg(&ctx.md.consumer_id)
+                .arg(0)
+                .arg(chunk)
+                .arg("JUSTID")
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = refreshed {
+                tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %e, "refreshing held entries failed");
+            }
+        }
     }
 }
 
@@ -122,6 +190,7 @@ async fn reader(
     ctx: Arc<Context>,
     tx: mpsc::Sender<(String, Message)>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    _guard: DrainGuard,
 ) {
     let block_ms = u64::try_from(ctx.md.read_timeout.as_millis())
         .unwrap_or(3000)
@@ -171,6 +240,7 @@ async fn reader(
                 for key in reply.keys {
                     for entry in key.ids {
                         let msg = to_message(&ctx.topic, &entry);
+                        ctx.hold(&entry.id);
                         if tx.send((entry.id.clone(), msg)).await.is_err() {
                             return;
                         }
@@ -201,6 +271,7 @@ async fn reclaimer(
     ctx: Arc<Context>,
     tx: mpsc::Sender<(String, Message)>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    _guard: DrainGuard,
 ) {
     loop {
         reclaim_once(&ctx, &tx).await;
@@ -226,8 +297,15 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
         .arg(ctx.md.queue_depth)
         .query_async(&mut conn)
         .await;
+    // Entries this subscription holds are not idle, whatever the broker's clock says.
     let ids: Vec<String> = match pending {
-        Ok(p) => p.into_iter().map(|(id, _, _, _)| id).collect(),
+        Ok(p) => {
+            let holding = ctx.holding();
+            p.into_iter()
+                .map(|(id, _, _, _)| id)
+                .filter(|id| !holding.contains(id))
+                .collect()
+        }
         Err(e) => {
             tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %e, "XPENDING failed");
             return;
@@ -257,6 +335,10 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
                     .await;
             }
             for entry in &reply.ids {
+                if !ctx.hold(&entry.id) {
+                    // Read again by this subscription since the XPENDING: already queued.
+                    continue;
+                }
                 tracing::debug!(component = %ctx.component, topic = %ctx.topic, id = %entry.id, "redelivering a pending message");
                 if tx
                     .send((entry.id.clone(), to_message(&ctx.topic, entry)))

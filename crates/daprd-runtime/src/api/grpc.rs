@@ -207,13 +207,88 @@ impl tonic::service::Interceptor for TokenCheck {
 }
 
 /// The `Dapr` gRPC service with API-token checking and the body-size limit applied.
-pub fn service(
-    state: Arc<RuntimeState>,
-) -> tonic::service::interceptor::InterceptedService<DaprServer<DaprApi>, TokenCheck> {
+pub type DaprService =
+    GrpcGoStatus<tonic::service::interceptor::InterceptedService<DaprServer<DaprApi>, TokenCheck>>;
+
+/// The `Dapr` gRPC service with API-token checking and the body-size limit applied.
+pub fn service(state: Arc<RuntimeState>) -> DaprService {
     let limit = state.config.max_body_size;
     let token = state.config.env.api_token.as_deref().map(Arc::from);
     let server = DaprServer::new(DaprApi { state })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
-    tonic::service::interceptor::InterceptedService::new(server, TokenCheck { token })
+    GrpcGoStatus(tonic::service::interceptor::InterceptedService::new(
+        server,
+        TokenCheck { token },
+    ))
+}
+
+/// Answers a request message over the receive limit as grpc-go (Go daprd) does:
+/// `RESOURCE_EXHAUSTED` with "grpc: received message larger than max (N vs. M)", where
+/// tonic answers `OUT_OF_RANGE`.
+#[derive(Clone)]
+pub struct GrpcGoStatus<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for GrpcGoStatus<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for GrpcGoStatus<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(http::Response<RB>) -> http::Response<RB>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use futures::TryFutureExt as _;
+        self.0
+            .call(req)
+            .map_ok(too_large_as_grpc_go as fn(http::Response<RB>) -> http::Response<RB>)
+    }
+}
+
+/// Rewrites tonic's trailers-only "decoded message length too large" answer.
+fn too_large_as_grpc_go<RB>(mut resp: http::Response<RB>) -> http::Response<RB> {
+    const TONIC: &str = "Error, decoded message length too large: found ";
+    let headers = resp.headers();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+        return resp;
+    }
+    let Some(message) = headers
+        .get("grpc-message")
+        .and_then(|m| {
+            percent_encoding::percent_decode(m.as_bytes())
+                .decode_utf8()
+                .ok()
+        })
+        .filter(|m| m.starts_with(TONIC))
+    else {
+        return resp;
+    };
+    // "...found N bytes, the limit is: M bytes"
+    let numbers: Vec<&str> = message[TONIC.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let go = match numbers.as_slice() {
+        [found, limit] => format!("grpc: received message larger than max ({found} vs. {limit})"),
+        _ => "grpc: received message larger than max".to_string(),
+    };
+    let encoded =
+        percent_encoding::utf8_percent_encode(&go, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let headers = resp.headers_mut();
+    headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", v);
+    }
+    resp
 }
