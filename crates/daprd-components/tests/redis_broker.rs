@@ -311,6 +311,97 @@ async fn survives_a_broker_restart_without_losing_acknowledged_publishes() {
     );
 }
 
+/// A handler slower than `processingTimeout` is not given its own message a second time,
+/// nor is the message taken by another sidecar of the same consumer group while it runs
+/// (Go daprd redelivers it concurrently: components-contrib#4599).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_is_not_given_its_message_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let topic = random_name("slow");
+    let group = random_name("slow-app");
+    // processingTimeout 500 ms, reclaim every 200 ms (connect's settings).
+    let (a, b) = (
+        connect(&host(), &group).await,
+        connect(&host(), &group).await,
+    );
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let slow = || -> daprd_core::pubsub::Handler {
+        let (deliveries, done) = (deliveries.clone(), done.clone());
+        Arc::new(move |_m| {
+            deliveries.fetch_add(1, Ordering::SeqCst);
+            let done = done.clone();
+            Box::pin(async move {
+                // Three times processingTimeout.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                daprd_core::pubsub::Outcome::Success
+            })
+        })
+    };
+    let _sa = a
+        .subscribe(SubscribeRequest::new(topic.clone()), slow())
+        .await
+        .unwrap();
+    let _sb = b
+        .subscribe(SubscribeRequest::new(topic.clone()), slow())
+        .await
+        .unwrap();
+    a.publish(publish_request(&topic, b"slow")).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the slow handler to finish",
+        || async { (done.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
+    // Two more reclaim rounds past processingTimeout: nothing may come again.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        deliveries.load(Ordering::SeqCst),
+        1,
+        "the message was delivered again while (or after) its handler ran"
+    );
+    let pending = cli(&host(), &["XPENDING", &topic, &group]);
+    assert!(pending.starts_with('0'), "acked: {pending}");
+}
+
+/// A subscription that is gone (stopped with its handler still holding a message) no longer
+/// keeps the message fresh: another member of the group takes it after `processingTimeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_holder_is_gone_is_taken_over() {
+    let topic = random_name("gone");
+    let group = random_name("gone-app");
+    let (a, b) = (
+        connect(&host(), &group).await,
+        connect(&host(), &group).await,
+    );
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let hang: daprd_core::pubsub::Handler = Arc::new(move |_m| {
+        let _ = got_tx.send(());
+        Box::pin(std::future::pending())
+    });
+    let sa = a
+        .subscribe(SubscribeRequest::new(topic.clone()), hang)
+        .await
+        .unwrap();
+    a.publish(publish_request(&topic, b"held")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), got.recv())
+        .await
+        .expect("the first holder gets the message");
+    drop(sa);
+    a.close().await.unwrap();
+    let (h, mut rx) = collector();
+    let _sb = b
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("another member takes the message over")
+        .unwrap();
+    assert_eq!(&m.data[..], b"held");
+}
+
 /// After a 5 s outage, during which every publish fails, publishing works again within
 /// 1 s of the broker's return (the shared connection's reconnect pauses have a ceiling).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
