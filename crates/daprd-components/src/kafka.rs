@@ -495,6 +495,7 @@ impl PubSub for KafkaPubSub {
             .subscribe(&[request.topic.as_str()])
             .map_err(|e| kafka_error(&format!("subscribing to topic {}", request.topic), e))?;
         let (cancel, cancelled) = watch::channel(false);
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
         let run = ConsumeLoop {
             component: self.name.clone(),
             topic: request.topic.clone(),
@@ -506,11 +507,13 @@ impl PubSub for KafkaPubSub {
             pending,
             cancelled,
             stop: self.stop.subscribe(),
+            guard,
         };
         tokio::spawn(run.run());
         Ok(Subscription::new(move || {
             let _ = cancel.send(true);
-        }))
+        })
+        .with_drain(drained))
     }
 
     async fn ping(&self) -> Result<(), PubSubError> {
@@ -605,6 +608,8 @@ struct ConsumeLoop {
     pending: Arc<Mutex<HashMap<i32, Arc<AtomicUsize>>>>,
     cancelled: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
+    /// Held until the loop has stopped its workers and committed their offsets.
+    guard: daprd_core::pubsub::DrainGuard,
 }
 
 /// One partition's queue: handled in order by its own task.
@@ -664,9 +669,10 @@ impl ConsumeLoop {
         let (done_tx, done_rx) = watch::channel(false);
         loop {
             let next = tokio::select! {
-                m = self.consumer.recv() => m.map(|m| m.detach()),
+                biased;
                 _ = self.cancelled.wait_for(|c| *c) => break,
                 _ = self.stop.wait_for(|c| *c) => break,
+                m = self.consumer.recv() => m.map(|m| m.detach()),
             };
             let msg = match next {
                 Ok(m) => m,
@@ -692,6 +698,7 @@ impl ConsumeLoop {
         drop(workers);
         drop(done_rx);
         let consumer = self.consumer;
+        let guard = self.guard;
         let _ = tokio::task::spawn_blocking(move || {
             // Workers hold clones of the consumer; wait (bounded) until they let go.
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -704,6 +711,7 @@ impl ConsumeLoop {
             drop(consumer);
         })
         .await;
+        drop(guard);
     }
 
     fn spawn_worker(&self, partition: i32, mut done: watch::Receiver<bool>) -> PartitionWorker {

@@ -171,6 +171,7 @@ impl PubSubFactory for MqttFactory {
         let loop_confirms = confirms.clone();
         let (connected_tx, mut connected_rx) = watch::channel(false);
         let (stop_tx, mut stop_rx) = watch::channel(false);
+        let (disconnected_tx, disconnected_rx) = watch::channel(false);
         let loop_routes = routes.clone();
         let loop_client = client.clone();
         let component = name.to_string();
@@ -187,6 +188,7 @@ impl PubSubFactory for MqttFactory {
                         let filters: Vec<(String, u8)> = loop_routes
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
+                            .routes
                             .iter()
                             .map(|r| (r.filter.clone(), r.qos))
                             .collect();
@@ -230,19 +232,36 @@ impl PubSubFactory for MqttFactory {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let targets: Vec<mpsc::UnboundedSender<rumqttc::Publish>> = loop_routes
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .iter()
-                            .filter(|r| rumqttc::matches(&p.topic, strip_share(&r.filter)))
-                            .map(|r| r.queue.clone())
-                            .collect();
-                        if targets.is_empty() {
+                        // A message no subscription of this process wants (yet) is parked,
+                        // not acknowledged: a persistent session replays its messages right
+                        // after CONNACK, before the runtime subscribes, and messages keep
+                        // coming between a subscription's stop and the component's close.
+                        let expired = {
+                            let mut inbound =
+                                loop_routes.lock().unwrap_or_else(PoisonError::into_inner);
+                            let targets: Vec<mpsc::UnboundedSender<rumqttc::Publish>> = inbound
+                                .routes
+                                .iter()
+                                .filter(|r| rumqttc::matches(&p.topic, strip_share(&r.filter)))
+                                .map(|r| r.queue.clone())
+                                .collect();
+                            for t in &targets {
+                                let _ = t.send(p.clone());
+                            }
+                            if targets.is_empty() {
+                                inbound.park(p);
+                            }
+                            inbound.expired(std::time::Instant::now())
+                        };
+                        for p in expired {
+                            tracing::warn!(%component, topic = %p.topic, "mqtt message matched no subscription for {PARK_TTL:?}; acknowledged without delivery");
                             let _ = loop_client.ack(&p).await;
                         }
-                        for t in targets {
-                            let _ = t.send(p.clone());
-                        }
+                    }
+                    // Requests go out in order: once DISCONNECT is written, every PUBACK
+                    // queued before it is too.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        let _ = disconnected_tx.send(true);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -276,6 +295,7 @@ impl PubSubFactory for MqttFactory {
             confirms,
             send_order: tokio::sync::Mutex::new(()),
             connected: connected_rx,
+            disconnected: disconnected_rx,
             stop: stop_tx,
         }))
     }
@@ -318,7 +338,59 @@ struct Route {
     queue: mpsc::UnboundedSender<rumqttc::Publish>,
 }
 
-type Routes = Arc<Mutex<Vec<Route>>>;
+/// How long a message that matches no subscription waits for one before it is acknowledged
+/// without delivery (so an abandoned filter of a persistent session cannot hold the broker's
+/// in-flight window forever).
+const PARK_TTL: Duration = Duration::from_secs(60);
+/// Most messages parked at once; beyond that the oldest is forgotten unacknowledged (the
+/// broker sends it again on the next session).
+const PARK_MAX: usize = 10_000;
+
+/// Where incoming messages go: the subscriptions' queues, and the messages that matched none.
+#[derive(Default)]
+struct Inbound {
+    routes: Vec<Route>,
+    parked: std::collections::VecDeque<(std::time::Instant, rumqttc::Publish)>,
+}
+
+impl Inbound {
+    fn park(&mut self, p: rumqttc::Publish) {
+        if self.parked.len() >= PARK_MAX {
+            self.parked.pop_front();
+        }
+        self.parked.push_back((std::time::Instant::now(), p));
+    }
+
+    /// Takes the parked messages older than [`PARK_TTL`].
+    fn expired(&mut self, now: std::time::Instant) -> Vec<rumqttc::Publish> {
+        let mut out = Vec::new();
+        while let Some((at, _)) = self.parked.front() {
+            if now.duration_since(*at) < PARK_TTL {
+                break;
+            }
+            if let Some((_, p)) = self.parked.pop_front() {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// Adds `route` and hands it the parked messages it matches.
+    fn add(&mut self, route: Route) {
+        let filter = strip_share(&route.filter).to_string();
+        let parked = std::mem::take(&mut self.parked);
+        for (at, p) in parked {
+            if rumqttc::matches(&p.topic, &filter) {
+                let _ = route.queue.send(p);
+            } else {
+                self.parked.push_back((at, p));
+            }
+        }
+        self.routes.push(route);
+    }
+}
+
+type Routes = Arc<Mutex<Inbound>>;
 
 /// A live `pubsub.mqtt3` component.
 pub struct MqttPubSub {
@@ -328,6 +400,8 @@ pub struct MqttPubSub {
     confirms: SharedConfirms,
     send_order: tokio::sync::Mutex<()>,
     connected: watch::Receiver<bool>,
+    /// Turns true once the event loop has written DISCONNECT (and so every ack before it).
+    disconnected: watch::Receiver<bool>,
     stop: watch::Sender<bool>,
 }
 
@@ -398,15 +472,6 @@ impl PubSub for MqttPubSub {
     ) -> Result<Subscription, PubSubError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
         let id = next_route_id();
-        self.routes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Route {
-                id,
-                filter: request.topic.clone(),
-                qos: self.md.qos,
-                queue: tx,
-            });
         self.client
             .subscribe(request.topic.clone(), self.md.qos())
             .await
@@ -415,10 +480,30 @@ impl PubSub for MqttPubSub {
                 kind: ErrorKind::Transient,
                 source: Some(Box::new(e)),
             })?;
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(Route {
+                id,
+                filter: request.topic.clone(),
+                qos: self.md.qos,
+                queue: tx,
+            });
         let client = self.client.clone();
         let filter = request.topic.clone();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
         tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
+            let _guard = guard;
+            loop {
+                // A stop wins over a queued message: none is delivered after it. What is
+                // queued stays unacknowledged; the broker sends it again on the next session.
+                let next = tokio::select! {
+                    biased;
+                    _ = stop_rx.wait_for(|s| *s) => None,
+                    p = rx.recv() => p,
+                };
+                let Some(p) = next else { return };
                 let mut metadata = BTreeMap::new();
                 metadata.insert("retained".to_string(), p.retain.to_string());
                 let msg = Message {
@@ -447,18 +532,24 @@ impl PubSub for MqttPubSub {
             .and_then(|(_, v)| daprd_core::metadata::parse_loose_bool(v))
             .unwrap_or(self.md.clean_session);
         Ok(Subscription::new(move || {
+            let _ = stop_tx.send(true);
             routes
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
+                .routes
                 .retain(|r| r.id != id);
             if unsubscribe {
                 let _ = client.try_unsubscribe(topic);
             }
-        }))
+        })
+        .with_drain(drained))
     }
 
     async fn close(&self) -> Result<(), PubSubError> {
         let _ = self.client.disconnect().await;
+        // Let the event loop write the acks queued before the DISCONNECT.
+        let mut disconnected = self.disconnected.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), disconnected.wait_for(|d| *d)).await;
         let _ = self.stop.send(true);
         Ok(())
     }

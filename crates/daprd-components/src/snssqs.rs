@@ -135,6 +135,9 @@ struct TopicHandler {
     id: u64,
     topic: String,
     handler: Handler,
+    /// Cloned by each delivery to this subscription until its message is deleted (or left):
+    /// the subscription's stop waits for those.
+    guard: daprd_core::pubsub::DrainGuard,
 }
 
 /// Subscriptions by sanitized topic name. Several subscriptions to one topic (streams) share
@@ -472,6 +475,7 @@ impl PubSub for SnsSqsPubSub {
         let queue = self.prepare(&mut state, &topic_arn).await?;
         state.next_id += 1;
         let id = state.next_id;
+        let (guard, drained) = daprd_core::pubsub::drain_tracker();
         self.handlers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -482,6 +486,7 @@ impl PubSub for SnsSqsPubSub {
                 id,
                 topic: request.topic.clone(),
                 handler,
+                guard,
             });
         let running = state.running.as_ref().is_some_and(|r| !*r.borrow());
         if !running {
@@ -518,7 +523,8 @@ impl PubSub for SnsSqsPubSub {
                     let _ = r.send(true);
                 }
             }
-        }))
+        })
+        .with_drain(drained))
     }
 
     async fn ping(&self) -> Result<(), PubSubError> {
@@ -657,10 +663,10 @@ impl PollerShared {
             map.get_mut(&sanitized).and_then(|(next, list)| {
                 *next = next.wrapping_add(1);
                 let h = list.get(*next % list.len().max(1))?;
-                Some((h.topic.clone(), h.handler.clone()))
+                Some((h.topic.clone(), h.handler.clone(), h.guard.clone()))
             })
         };
-        let Some((topic, handler)) = target else {
+        let Some((topic, handler, _settling)) = target else {
             tracing::warn!(component = %self.component, topic = %sanitized, "snssqs: no subscription for the message's topic; it will be received again");
             return;
         };
