@@ -201,10 +201,29 @@ impl PubSub for JetStreamPubSub {
             ..Default::default()
         };
         let consumer: jetstream::consumer::Consumer<push::Config> = match &md.durable_name {
-            Some(durable) => stream
-                .get_or_create_consumer(durable, config)
-                .await
-                .map_err(|e| broker("creating the consumer", e))?,
+            Some(durable) => {
+                let mut consumer: jetstream::consumer::Consumer<push::Config> = stream
+                    .get_or_create_consumer(durable, config)
+                    .await
+                    .map_err(|e| broker("creating the consumer", e))?;
+                // An existing durable consumer keeps its own subject: binding a second
+                // subscription to it would hand that subscription another topic's messages.
+                let info = consumer
+                    .info()
+                    .await
+                    .map_err(|e| broker("reading the consumer", e))?;
+                let filter = info.config.filter_subject.clone();
+                if !filter.is_empty() && filter != request.topic {
+                    return Err(PubSubError::broker(
+                        ErrorKind::Permanent,
+                        format!(
+                            "jetstream: durable consumer {durable:?} serves subject {filter:?}, not {:?}: give each topic its own durableName",
+                            request.topic
+                        ),
+                    ));
+                }
+                consumer
+            }
             None => stream
                 .create_consumer(config)
                 .await

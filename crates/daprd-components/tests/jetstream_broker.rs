@@ -8,8 +8,44 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use daprd_core::pubsub::{PubSubFactory, PublishRequest};
+use daprd_core::pubsub::{PubSubFactory, PublishRequest, SubscribeRequest};
 use daprd_testkit::conformance::{metadata_with_group, random_name};
+
+/// A durable consumer serves one subject: a second topic on the same `durableName` is refused
+/// by name instead of being handed the first topic's messages.
+#[tokio::test]
+async fn one_durable_name_for_two_topics_is_refused() {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://localhost:4222".into());
+    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let tag = random_name("durable");
+    let (a, b) = (format!("{tag}.a"), format!("{tag}.b"));
+    let stream = random_name("daprd-rs-durable");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{tag}.*")],
+        max_age: Duration::from_secs(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let md = metadata_with_group("unused", &[("natsURL", &url), ("durableName", &tag)]);
+    let c = daprd_components::jetstream::JetStreamFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap();
+    let (h, _rx) = daprd_testkit::conformance::success_collector();
+    let _first = c
+        .subscribe(SubscribeRequest::new(a.clone()), h.clone())
+        .await
+        .unwrap();
+    let err = c
+        .subscribe(SubscribeRequest::new(b.clone()), h)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("durableName"), "{err}");
+    assert!(err.to_string().contains(&a), "{err}");
+    js.delete_stream(&stream).await.unwrap();
+}
 
 #[tokio::test]
 async fn publish_stores_the_subject_and_the_cloudevent_id() {

@@ -321,16 +321,22 @@ impl Publisher {
             &input.metadata,
             input.transport,
         )?;
-        let mut seen = std::collections::BTreeSet::new();
-        let mut entries = Vec::with_capacity(input.entries.len());
-        for e in input.entries {
-            if e.entry_id.is_empty() || !seen.insert(e.entry_id.clone()) {
+        {
+            let mut seen = std::collections::HashSet::with_capacity(input.entries.len());
+            if input
+                .entries
+                .iter()
+                .any(|e| e.entry_id.is_empty() || !seen.insert(e.entry_id.as_str()))
+            {
                 return Err(ApiError::marshal_events(
                     &entry.name,
                     &input.topic,
                     &self.app_id,
                 ));
             }
+        }
+        let mut entries = Vec::with_capacity(input.entries.len());
+        for e in input.entries {
             // Entry metadata wins; request metadata fills the gaps — only for entries that
             // carried metadata of their own, as daprd does.
             let metadata = e.metadata.map(|mut m| {
@@ -370,18 +376,21 @@ impl Publisher {
         self.check_scope(&entry, &input.topic)?;
         let broker_topic = entry.broker_topic(&input.topic);
         let failed = if entry.component.features().contains(&Feature::BulkPublish) {
+            // Only the ids are kept for a failure of the whole request (not a second copy
+            // of every entry).
+            let ids: Vec<String> = bulk_entries.iter().map(|b| b.entry_id.clone()).collect();
             let request = BulkPublishRequest {
                 pubsub_name: entry.name.clone(),
                 topic: broker_topic,
-                entries: bulk_entries.clone(),
+                entries: bulk_entries,
                 metadata: input.metadata,
             };
             match entry.component.bulk_publish(request).await {
                 Ok(failed) => failed,
-                Err(e) => bulk_entries
-                    .iter()
-                    .map(|b| FailedEntry {
-                        entry_id: b.entry_id.clone(),
+                Err(e) => ids
+                    .into_iter()
+                    .map(|entry_id| FailedEntry {
+                        entry_id,
                         error: e.to_string(),
                     })
                     .collect(),

@@ -314,14 +314,6 @@ async fn single(state: AppState, req: Request, rest: &str) -> Response {
     }
 }
 
-fn get_ci<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
-}
-
 /// Converts a bulk entry's `event` to bytes according to its `contentType` (daprd's
 /// `ConvertEventToBytes`).
 pub fn event_to_bytes(event: &Value, content_type: &str) -> Result<Vec<u8>, String> {
@@ -350,72 +342,214 @@ pub fn event_to_bytes(event: &Value, content_type: &str) -> Result<Vec<u8>, Stri
 }
 
 /// Parses the bulk body: a JSON array of `{entryId, event, contentType, metadata}` with
-/// keys matched case-insensitively, as Go's `encoding/json` does.
+/// keys matched case-insensitively, as Go's `encoding/json` does (a later key wins). The
+/// array is read entry by entry: only one entry's JSON tree exists at a time, so a body of
+/// 50,000 small entries costs the entries themselves, not a document tree many times the
+/// body's size.
 fn parse_bulk_entries(
     body: &[u8],
     pubsub: &str,
     topic: &str,
     app_id: &str,
 ) -> Result<Vec<BulkInputEntry>, ApiError> {
+    use serde::de::DeserializeSeed as _;
     let unmarshal = |e: String| ApiError::unmarshal_events(pubsub, topic, app_id, &e);
-    let value = daprd_core::cloudevent::decode_first_json(body).ok_or_else(|| {
-        unmarshal(match serde_json::from_slice::<Value>(body) {
-            Err(e) => e.to_string(),
-            Ok(_) => "invalid json".into(),
-        })
-    })?;
-    let Value::Array(items) = value else {
-        return Err(unmarshal(
-            "json: cannot unmarshal non-array into Go value of type []http.bulkPublishMessageEntry"
-                .into(),
-        ));
+    let mut failure = None;
+    let seed = BulkEntries {
+        failure: &mut failure,
+        envelope_error: &|e: &str| ApiError::marshal_envelope(pubsub, topic, app_id, e),
+        unmarshal: &unmarshal,
     };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let obj = match item {
-            Value::Object(o) => o,
-            Value::Null => serde_json::Map::new(),
-            _ => return Err(unmarshal("json: cannot unmarshal non-object into Go struct field of type http.bulkPublishMessageEntry".into())),
-        };
-        let str_field = |k: &str| -> Result<String, ApiError> {
-            match get_ci(&obj, k) {
+    // The first JSON value only; what follows it is ignored, as by Go's json.Decoder.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match seed.deserialize(&mut de) {
+        Ok(entries) => Ok(entries),
+        Err(e) => Err(failure.unwrap_or_else(|| unmarshal(e.to_string()))),
+    }
+}
+
+/// Deserializes the bulk array into entries; an error the API answers with is left in
+/// `failure` (the serde error then only stops the parse).
+struct BulkEntries<'f> {
+    failure: &'f mut Option<ApiError>,
+    envelope_error: &'f dyn Fn(&str) -> ApiError,
+    unmarshal: &'f dyn Fn(String) -> ApiError,
+}
+
+impl BulkEntries<'_> {
+    fn fail<E: serde::de::Error>(&mut self, e: ApiError) -> E {
+        *self.failure = Some(e);
+        E::custom("bulk entries")
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BulkEntries<'_> {
+    type Value = Vec<BulkInputEntry>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+const NON_ARRAY: &str =
+    "json: cannot unmarshal non-array into Go value of type []http.bulkPublishMessageEntry";
+
+impl<'de> serde::de::Visitor<'de> for BulkEntries<'_> {
+    type Value = Vec<BulkInputEntry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON array of bulk publish entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        mut self,
+        mut seq: A,
+    ) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(fields) = seq.next_element::<Option<EntryFields>>()? {
+            let entry = match fields.unwrap_or_default().into_entry(self.envelope_error) {
+                Ok(e) => e,
+                Err(EntryError::Unmarshal(m)) => {
+                    let e = (self.unmarshal)(m);
+                    return Err(self.fail(e));
+                }
+                Err(EntryError::Api(e)) => return Err(self.fail(e)),
+            };
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, _: A) -> Result<Self::Value, A::Error> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+
+    fn visit_unit<E: serde::de::Error>(mut self) -> Result<Self::Value, E> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+
+    fn visit_bool<E: serde::de::Error>(mut self, _: bool) -> Result<Self::Value, E> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, _: &str) -> Result<Self::Value, E> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, _: i64) -> Result<Self::Value, E> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, _: u64) -> Result<Self::Value, E> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, _: f64) -> Result<Self::Value, E> {
+        let e = (self.unmarshal)(NON_ARRAY.into());
+        Err(self.fail(e))
+    }
+}
+
+/// The four fields of one entry, as JSON values (keys matched case-insensitively).
+#[derive(Default)]
+struct EntryFields {
+    entry_id: Option<Value>,
+    event: Option<Value>,
+    content_type: Option<Value>,
+    metadata: Option<Value>,
+}
+
+enum EntryError {
+    Unmarshal(String),
+    Api(ApiError),
+}
+
+impl<'de> serde::Deserialize<'de> for EntryFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EntryFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("json: cannot unmarshal non-object into Go struct field of type http.bulkPublishMessageEntry")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<EntryFields, A::Error> {
+                let mut f = EntryFields::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = if key.eq_ignore_ascii_case("entryId") {
+                        &mut f.entry_id
+                    } else if key.eq_ignore_ascii_case("event") {
+                        &mut f.event
+                    } else if key.eq_ignore_ascii_case("contentType") {
+                        &mut f.content_type
+                    } else if key.eq_ignore_ascii_case("metadata") {
+                        &mut f.metadata
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl EntryFields {
+    fn into_entry(
+        self,
+        envelope_error: &dyn Fn(&str) -> ApiError,
+    ) -> Result<BulkInputEntry, EntryError> {
+        let str_field = |v: Option<Value>, k: &str| -> Result<String, EntryError> {
+            match v {
                 None | Some(Value::Null) => Ok(String::new()),
-                Some(Value::String(s)) => Ok(s.clone()),
-                Some(_) => Err(unmarshal(format!("json: cannot unmarshal non-string into Go struct field bulkPublishMessageEntry.{k} of type string"))),
+                Some(Value::String(s)) => Ok(s),
+                Some(_) => Err(EntryError::Unmarshal(format!("json: cannot unmarshal non-string into Go struct field bulkPublishMessageEntry.{k} of type string"))),
             }
         };
-        let entry_id = str_field("entryId")?;
-        let content_type = str_field("contentType")?;
-        let metadata = match get_ci(&obj, "metadata") {
+        let entry_id = str_field(self.entry_id, "entryId")?;
+        let content_type = str_field(self.content_type, "contentType")?;
+        let metadata = match self.metadata {
             None | Some(Value::Null) => None,
             Some(Value::Object(m)) => {
                 let mut md = BTreeMap::new();
                 for (k, v) in m {
                     match v {
                         Value::String(s) => {
-                            md.insert(k.clone(), s.clone());
+                            md.insert(k, s);
                         }
                         Value::Null => {
-                            md.insert(k.clone(), String::new());
+                            md.insert(k, String::new());
                         }
-                        _ => return Err(unmarshal(format!("json: cannot unmarshal non-string into Go struct field bulkPublishMessageEntry.metadata of type string (key {k:?})"))),
+                        _ => return Err(EntryError::Unmarshal(format!("json: cannot unmarshal non-string into Go struct field bulkPublishMessageEntry.metadata of type string (key {k:?})"))),
                     }
                 }
                 Some(md)
             }
-            Some(_) => return Err(unmarshal("json: cannot unmarshal non-object into Go struct field bulkPublishMessageEntry.metadata of type map[string]string".into())),
+            Some(_) => return Err(EntryError::Unmarshal("json: cannot unmarshal non-object into Go struct field bulkPublishMessageEntry.metadata of type map[string]string".into())),
         };
-        let event = get_ci(&obj, "event").cloned().unwrap_or(Value::Null);
+        let event = self.event.unwrap_or(Value::Null);
         let bytes = event_to_bytes(&event, &content_type)
-            .map_err(|e| ApiError::marshal_envelope(pubsub, topic, app_id, &e))?;
-        out.push(BulkInputEntry {
+            .map_err(|e| EntryError::Api(envelope_error(&e)))?;
+        Ok(BulkInputEntry {
             entry_id,
             event: bytes.into(),
             content_type,
             metadata,
-        });
+        })
     }
-    Ok(out)
 }
 
 #[derive(serde::Serialize)]
@@ -681,5 +815,31 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.reason, "DAPR_PUBSUB_MARSHAL_ENVELOPE");
+    }
+
+    #[test]
+    fn bulk_body_edges_as_go_decodes_them() {
+        // Unknown keys are skipped; what follows the array is ignored (json.Decoder).
+        let entries =
+            parse_bulk_entries(br#" [{"entryId":"a","event":"x","contentType":"text/plain","other":[1,{"b":2}]}] trailing"#, "ps", "t", "app")
+                .unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].entry_id, "a");
+        // A null entry is an empty one: no content type matches its null event.
+        let e = parse_bulk_entries(b"[null]", "ps", "t", "app").unwrap_err();
+        assert_eq!(e.reason, "DAPR_PUBSUB_MARSHAL_ENVELOPE");
+        for (body, want) in [
+            (&b"null"[..], "non-array"),
+            (b"\"s\"", "non-array"),
+            (b"[1]", "non-object"),
+            (br#"[{"entryId":1}]"#, "bulkPublishMessageEntry.entryId"),
+            (br#"[{"metadata":{"k":1}}]"#, "metadata of type string"),
+            (br#"[{"metadata":[]}]"#, "map[string]string"),
+            (b"[{", "EOF"),
+        ] {
+            let e = parse_bulk_entries(body, "ps", "t", "app").unwrap_err();
+            assert_eq!(e.reason, "DAPR_PUBSUB_UNMARSHAL_EVENTS", "{body:?}");
+            assert!(e.message.contains(want), "{body:?}: {}", e.message);
+        }
     }
 }
