@@ -785,6 +785,9 @@ impl ConsumeLoop {
                     flow.done();
                 }
             }
+            // Stopped: what is still queued will not be handled here, so a revocation (the
+            // group leave when the consumer closes) must not wait for it.
+            flow.pending.store(0, Ordering::SeqCst);
             drop(flow);
         });
         PartitionWorker { tx, flow }
