@@ -25,12 +25,30 @@ pub struct AppStats {
 }
 
 impl AppStats {
-    fn now_us(&self) -> u64 {
+    /// Fresh counters.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            base: Instant::now(),
+            latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+            received: AtomicU64::new(0),
+            slow_received: AtomicU64::new(0),
+            slow_busy_us: AtomicU64::new(0),
+            slow_first_last: Mutex::new(None),
+        })
+    }
+
+    /// Messages the app received on its main route.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds since the stats were made (the clock of the events' `t`).
+    pub fn now_us(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 }
 
-async fn start_app(topic: &str, slow_topic: &str, stats: Arc<AppStats>) -> Result<u16> {
+pub(crate) async fn start_app(topic: &str, slow_topic: &str, stats: Arc<AppStats>) -> Result<u16> {
     use axum::routing::{get, post};
     let subs = json!([
         {"pubsubname": "memory", "topic": topic, "route": "/e2e"},
@@ -113,7 +131,7 @@ fn take_histogram(stats: &AppStats) -> Histogram<u64> {
     out
 }
 
-async fn publish(http: &reqwest::Client, url: &str, t: u64) -> Result<()> {
+pub(crate) async fn publish(http: &reqwest::Client, url: &str, t: u64) -> Result<()> {
     let r = http
         .post(url)
         .header("content-type", "application/json")
@@ -168,14 +186,7 @@ async fn open_loop(
 
 /// Runs the end-to-end rows and the idle footprint of a sidecar with subscriptions.
 pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
-    let stats = Arc::new(AppStats {
-        base: Instant::now(),
-        latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
-        received: AtomicU64::new(0),
-        slow_received: AtomicU64::new(0),
-        slow_busy_us: AtomicU64::new(0),
-        slow_first_last: Mutex::new(None),
-    });
+    let stats = Arc::new(AppStats::new()?);
     let topic = format!("e2e-{}", std::process::id());
     let slow_topic = format!("e2e-slow-{}", std::process::id());
     let app_port = start_app(&topic, &slow_topic, stats.clone()).await?;

@@ -9,15 +9,20 @@
 //!   from `/proc/<pid>/stat` deltas.
 //! * End to end (`e2e.rs`): open-loop rates, closed-loop maximum, a 10 ms handler; idle CPU
 //!   and RSS of a sidecar with subscriptions.
+//! * Bulk publish memory (`bulk_memory.rs`): RSS of a fresh sidecar around three bulk
+//!   publishes of 50,000 entries, in-memory and Redis.
+//! * Soak (`soak.rs`, `--soak SECS`): steady publish → deliver, RSS and fds every 10 s.
 //! * Footprint: exec → `/v1.0/healthz/outbound` 204, idle RSS, binary size (and stripped).
 //!
 //! `--quick` runs a few seconds (CI keeps the harness from rotting); the default full mode
 //! is what `docs/BENCHMARKS.md` records. `--daprd PATH` picks the binary (default: the
 //! release build, else the debug build, next to this executable).
 
+mod bulk_memory;
 mod e2e;
 mod proc;
 mod publish;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -40,6 +45,10 @@ pub struct Opts {
     block: Duration,
     /// Only publish rows whose name contains this (profiling runs); skips the e2e part.
     only: Option<String>,
+    /// `--soak SECS`: only the soak run, this long.
+    soak: Option<u64>,
+    /// `--soak-rate N`: messages per second of the soak (default 200).
+    soak_rate: u64,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -50,6 +59,8 @@ fn parse_args() -> Result<Opts> {
     let mut blocks = None;
     let mut block = None;
     let mut only = None;
+    let mut soak = None;
+    let mut soak_rate = 200;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -64,8 +75,12 @@ fn parse_args() -> Result<Opts> {
                 ))
             }
             "--only" => only = Some(args.next().context("--only needs a row name part")?),
+            "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
+            "--soak-rate" => {
+                soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
+            }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -100,6 +115,8 @@ fn parse_args() -> Result<Opts> {
         blocks: blocks.unwrap_or(default_blocks),
         block: block.unwrap_or(default_block),
         only,
+        soak,
+        soak_rate,
     })
 }
 
@@ -133,7 +150,7 @@ impl Broker {
         }
     }
 
-    fn address(self, redis: &str) -> Option<String> {
+    pub fn address(self, redis: &str) -> Option<String> {
         match self {
             Broker::Memory => None,
             Broker::Redis => Some(redis.to_string()),
@@ -234,7 +251,7 @@ impl Broker {
     }
 }
 
-fn port_open(addr: &str) -> bool {
+pub fn port_open(addr: &str) -> bool {
     addr.parse::<std::net::SocketAddr>()
         .ok()
         .or_else(|| std::net::ToSocketAddrs::to_socket_addrs(addr).ok()?.next())
@@ -352,6 +369,15 @@ pub async fn start_sidecar(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let opts = parse_args()?;
+    if let Some(secs) = opts.soak {
+        let doc = soak::run(&opts, secs, opts.soak_rate).await?;
+        if let Some(parent) = opts.out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&opts.out, serde_json::to_vec_pretty(&json!({"soak": doc}))?)?;
+        println!("results written to {}", opts.out.display());
+        return Ok(());
+    }
     let all = [
         Broker::Redis,
         Broker::RabbitMq,
@@ -430,6 +456,11 @@ async fn main() -> Result<()> {
     } else {
         e2e::run(&opts).await?
     };
+    let bulk_memory = if opts.only.is_some() {
+        json!(null)
+    } else {
+        bulk_memory::run(&opts, &brokers).await?
+    };
 
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let stripped_path = std::env::temp_dir().join(format!("daprd-stripped-{}", std::process::id()));
@@ -474,6 +505,7 @@ async fn main() -> Result<()> {
         "brokers": brokers.iter().map(|b| b.component()).collect::<Vec<_>>(),
         "publish": results,
         "end_to_end": e2e,
+        "bulk_memory": bulk_memory,
         "startup_ms": {"p50": p50_start, "max": max_start, "runs": starts.len()},
         "idle_rss_kib": idle_rss,
         "rss_after_load_kib": loaded_rss,

@@ -338,6 +338,11 @@ struct Route {
     queue: mpsc::UnboundedSender<rumqttc::Publish>,
 }
 
+/// First pause before a message the app did not accept is handed over again.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between two attempts at one message.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// How long a message that matches no subscription waits for one before it is acknowledged
 /// without delivery (so an abandoned filter of a persistent session cannot hold the broker's
 /// in-flight window forever).
@@ -512,12 +517,30 @@ impl PubSub for MqttPubSub {
                     metadata,
                     content_type: None,
                 };
-                match handler(msg).await {
-                    Outcome::Success | Outcome::Drop => {
-                        let _ = client.ack(&p).await;
-                    }
-                    Outcome::Retry => {
-                        tracing::debug!(topic = %filter, "mqtt message not acknowledged; the broker redelivers it on reconnect")
+                // MQTT 3 has no negative acknowledgement (the broker sends an unacknowledged
+                // message again only on the next session), so a message the app did not
+                // accept is handed to it again here, in order, with a growing pause (as Go
+                // daprd's component retries), until it is accepted or the subscription stops.
+                let mut pause = RETRY_FIRST;
+                loop {
+                    match handler(msg.clone()).await {
+                        Outcome::Success | Outcome::Drop => {
+                            let _ = client.ack(&p).await;
+                            break;
+                        }
+                        Outcome::Retry => {
+                            tracing::debug!(topic = %filter, retry_in = ?pause, "mqtt message not accepted; retrying");
+                            let stopped = tokio::select! {
+                                biased;
+                                _ = stop_rx.wait_for(|s| *s) => true,
+                                _ = tokio::time::sleep(pause) => false,
+                            };
+                            if stopped {
+                                // Left unacknowledged: the next session gets it again.
+                                return;
+                            }
+                            pause = (pause * 2).min(RETRY_MAX);
+                        }
                     }
                 }
             }

@@ -342,6 +342,7 @@ impl PubSub for RabbitPubSub {
             .map(str::to_string)
             .unwrap_or_else(|| format!("{}-{}", self.md.consumer_id, request.topic));
         let sub = Arc::new(SubscriptionTask {
+            failures: Failures::default(),
             component: self.name.clone(),
             md: self.md.clone(),
             topic: request.topic.clone(),
@@ -373,7 +374,27 @@ impl PubSub for RabbitPubSub {
     }
 }
 
+/// Consecutive deliveries the app did not accept, for the pause before a requeue.
+#[derive(Default)]
+struct Failures(std::sync::atomic::AtomicU32);
+
+impl Failures {
+    /// Counts one more failure; the pause before its requeue: 100 ms doubling up to 5 s.
+    fn pause(&self) -> std::time::Duration {
+        let n = self
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .min(6);
+        (std::time::Duration::from_millis(100) * (1 << n)).min(std::time::Duration::from_secs(5))
+    }
+
+    fn reset(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 struct SubscriptionTask {
+    failures: Failures,
     component: String,
     md: Arc<RabbitMetadata>,
     topic: String,
@@ -549,6 +570,7 @@ impl SubscriptionTask {
                 };
                 let me = self.clone();
                 let settling = settling.clone();
+                let mut stopping = (cancelled.clone(), stop.clone());
                 let work = async move {
                     let _settling = settling;
                     let mut metadata = BTreeMap::new();
@@ -578,6 +600,18 @@ impl SubscriptionTask {
                             delivery.acker.ack(BasicAckOptions::default()).await
                         }
                         Outcome::Retry => {
+                            // A requeued message comes straight back: pause first (growing
+                            // while the app keeps failing, cut short by a stop) so an app
+                            // that is down does not cost a busy loop.
+                            if me.md.requeue_in_failure {
+                                let pause = me.failures.pause();
+                                tokio::select! {
+                                    biased;
+                                    _ = stopping.0.wait_for(|c| *c) => {}
+                                    _ = stopping.1.wait_for(|c| *c) => {}
+                                    _ = tokio::time::sleep(pause) => {}
+                                }
+                            }
                             delivery
                                 .acker
                                 .nack(BasicNackOptions {
@@ -587,6 +621,9 @@ impl SubscriptionTask {
                                 .await
                         }
                     };
+                    if matches!(outcome, Outcome::Success | Outcome::Drop) {
+                        me.failures.reset();
+                    }
                     if let Err(e) = res {
                         tracing::warn!(component = %me.component, queue = %me.queue, error = %e, "rabbitmq ack/nack failed; the broker will redeliver");
                     }

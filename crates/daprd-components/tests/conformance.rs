@@ -179,11 +179,12 @@ async fn mqtt3_conformance() {
         })
     });
     // MQTT: consumerID is the client id (no consumer groups; the same id twice kicks the
-    // first client off), and an unacked message is redelivered only on reconnect.
+    // first client off). The broker redelivers an unacked message only on reconnect, so the
+    // component hands a RETRY message to the handler again itself.
     let traits = Traits {
-        redelivers_on_retry: false,
+        redelivers_on_retry: true,
         competing_consumers: false,
-        redelivery_wait: Duration::ZERO,
+        redelivery_wait: Duration::from_secs(1),
         ordered: true,
         native_ttl: false,
     };

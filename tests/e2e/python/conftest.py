@@ -260,7 +260,7 @@ class App:
     """A test app process listening on a free port."""
 
     def __init__(self, script, env=None):
-        self.port = free_port()
+        self.port = int((env or {}).get("PORT") or free_port())
         self.out = tempfile.NamedTemporaryFile(prefix="app-out-", suffix=".jsonl", delete=False).name
         full_env = dict(os.environ)
         full_env.update({"OUT": self.out, "PYTHONUNBUFFERED": "1"})
@@ -290,7 +290,8 @@ class App:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        os.unlink(self.out)
+        if os.path.exists(self.out):
+            os.unlink(self.out)
 
 
 @pytest.fixture

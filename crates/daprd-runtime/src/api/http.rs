@@ -346,7 +346,7 @@ pub fn event_to_bytes(event: &Value, content_type: &str) -> Result<Vec<u8>, Stri
 /// array is read entry by entry: only one entry's JSON tree exists at a time, so a body of
 /// 50,000 small entries costs the entries themselves, not a document tree many times the
 /// body's size.
-fn parse_bulk_entries(
+pub fn parse_bulk_entries(
     body: &[u8],
     pubsub: &str,
     topic: &str,

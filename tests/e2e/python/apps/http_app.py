@@ -65,6 +65,14 @@ class Handler(BaseHTTPRequestHandler):
                              "body": body.decode(errors="replace"), "done": time.time()})
         status = mode.get("status", 200)
         out = mode.get("body", "").encode()
+        if mode.get("poison_mod"):
+            # only events whose data.seq is a multiple of poison_mod get `status`/`body`
+            try:
+                seq = json.loads(body)["data"]["seq"]
+            except (ValueError, KeyError, TypeError):
+                seq = None
+            if seq is None or seq % mode["poison_mod"] != 0:
+                status, out = 200, b""
         if mode.get("bulk"):
             # answer each bulk entry with the status named in its event's data (default SUCCESS)
             entries = json.loads(body)["entries"]

@@ -1,0 +1,51 @@
+//! The CloudEvent decode of the delivery path, and the envelope of the publish path, on
+//! arbitrary bytes: no panic.
+#![no_main]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use daprd_core::cloudevent;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    // First byte picks a content type; the rest is the body.
+    let types = [
+        "application/json",
+        "application/cloudevents+json",
+        "text/plain",
+        "application/octet-stream",
+        "application/xml",
+        "",
+    ];
+    let (ct, body) = match data.split_first() {
+        Some((b, rest)) => (types[usize::from(*b) % types.len()], rest),
+        None => ("", data),
+    };
+    if let Some(serde_json::Value::Object(event)) = cloudevent::decode_first_json(body) {
+        let _ = daprd_runtime::delivery::has_expired(&event, SystemTime::now());
+        let _ = daprd_runtime::routing::json_to_cel(&serde_json::Value::Object(event));
+    }
+    let metadata: BTreeMap<String, String> = [
+        ("ttlInSeconds".to_string(), String::from_utf8_lossy(body).into_owned()),
+        ("cloudevent.id".to_string(), "x".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let _ = cloudevent::ttl_from_metadata(&metadata);
+    if let Ok(mut envelope) = cloudevent::new_envelope(&cloudevent::EnvelopeRequest {
+        source: "app",
+        topic: "t",
+        pubsub_name: "p",
+        data_content_type: ct,
+        data: body,
+        traceparent: "",
+        tracestate: "",
+        metadata: Some(&metadata),
+        new_id: "id",
+        now: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+    }) {
+        let _ = cloudevent::apply_ttl(&mut envelope, &metadata, SystemTime::now());
+    }
+    let _ = daprd_runtime::delivery::raw_envelope(body, "t", "p", &metadata);
+});

@@ -1,0 +1,19 @@
+//! The resources loader on arbitrary YAML: components, subscriptions and resiliency parsed
+//! and checked; every problem is an error entry, never a panic.
+#![no_main]
+
+use std::path::Path;
+
+use daprd_runtime::config::resources::{parse_file, LoadContext, Resources};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let ctx = LoadContext {
+        app_id: "app",
+        namespace: None,
+    };
+    let mut out = Resources::default();
+    parse_file(Path::new("fuzz.yaml"), data, &ctx, &mut out);
+    let _ = daprd_runtime::subscriptions::parse_declarative(&out.others);
+    let _ = daprd_runtime::resiliency::Resiliency::load(&out.others, "app");
+});
