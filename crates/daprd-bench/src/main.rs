@@ -49,6 +49,8 @@ pub struct Opts {
     soak: Option<u64>,
     /// `--soak-rate N`: messages per second of the soak (default 200).
     soak_rate: u64,
+    /// `--bulk-memory`: only the bulk publish memory rows.
+    bulk_memory_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -61,6 +63,7 @@ fn parse_args() -> Result<Opts> {
     let mut only = None;
     let mut soak = None;
     let mut soak_rate = 200;
+    let mut bulk_memory_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -75,12 +78,13 @@ fn parse_args() -> Result<Opts> {
                 ))
             }
             "--only" => only = Some(args.next().context("--only needs a row name part")?),
+            "--bulk-memory" => bulk_memory_only = true,
             "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
             "--soak-rate" => {
                 soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
             }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -117,6 +121,7 @@ fn parse_args() -> Result<Opts> {
         only,
         soak,
         soak_rate,
+        bulk_memory_only,
     })
 }
 
@@ -403,6 +408,14 @@ async fn main() -> Result<()> {
             up
         })
         .collect();
+    if opts.bulk_memory_only {
+        let doc = bulk_memory::run(&opts, &brokers).await?;
+        std::fs::write(
+            &opts.out,
+            serde_json::to_vec_pretty(&json!({"bulk_memory": doc}))?,
+        )?;
+        return Ok(());
+    }
     let event = json!({"orderId": 1, "pad": "x".repeat(1000)});
     let topic = format!("bench.{}", std::process::id());
     if brokers.contains(&Broker::JetStream) {

@@ -120,6 +120,9 @@ pub fn xadd_command(
 /// those of a single publish, as Dapr's default bulk publisher sends them).
 const FEATURES: &[Feature] = &[Feature::BulkPublish];
 
+/// Entries per pipeline of a bulk publish.
+const BULK_PIPELINE: usize = 1000;
+
 #[async_trait]
 impl PubSub for RedisPubSub {
     fn features(&self) -> &[Feature] {
@@ -158,43 +161,66 @@ impl PubSub for RedisPubSub {
             return Err(PubSubError::closed_component());
         }
         let now = SystemTime::now();
-        let mut pipe = redis::pipe();
-        let mut sent = Vec::with_capacity(request.entries.len());
         let mut failed = Vec::new();
-        for entry in request.entries {
-            match xadd_command(&self.md, &request.topic, &entry.data, &entry.metadata, now) {
-                Ok(cmd) => {
-                    pipe.add_command(cmd);
-                    sent.push(entry.entry_id);
+        let mut entries = request.entries.into_iter().peekable();
+        // Pipelines of BULK_PIPELINE entries, one after the other: a 50,000-entry request
+        // never holds 50,000 encoded commands and replies at once.
+        while entries.peek().is_some() {
+            let mut pipe = redis::pipe();
+            let mut sent = Vec::with_capacity(BULK_PIPELINE);
+            for entry in entries.by_ref().take(BULK_PIPELINE) {
+                match xadd_command(&self.md, &request.topic, &entry.data, &entry.metadata, now) {
+                    Ok(cmd) => {
+                        pipe.add_command(cmd);
+                        sent.push(entry.entry_id);
+                    }
+                    Err(e) => failed.push(FailedEntry {
+                        entry_id: entry.entry_id,
+                        error: e.to_string(),
+                    }),
                 }
-                Err(e) => failed.push(FailedEntry {
-                    entry_id: entry.entry_id,
-                    error: e.to_string(),
-                }),
             }
-        }
-        if sent.is_empty() {
-            return Ok(failed);
-        }
-        let mut conn = self.conn.clone();
-        let results: Vec<redis::RedisResult<String>> = tokio::time::timeout(
-            self.md.write_timeout,
-            pipe.ignore_errors().query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| {
-            PubSubError::broker(
-                ErrorKind::Transient,
-                "redis streams: error from bulk publish: timed out",
-            )
-        })?
-        .map_err(|e| broker_err("error from bulk publish", e))?;
-        for (entry_id, result) in sent.into_iter().zip(results) {
-            if let Err(e) = result {
-                failed.push(FailedEntry {
-                    entry_id,
-                    error: format!("redis streams: error from publish: {e}"),
-                });
+            if sent.is_empty() {
+                continue;
+            }
+            let mut conn = self.conn.clone();
+            let results: Result<Vec<redis::RedisResult<String>>, PubSubError> =
+                match tokio::time::timeout(
+                    self.md.write_timeout,
+                    pipe.ignore_errors().query_async(&mut conn),
+                )
+                .await
+                {
+                    Err(_) => Err(PubSubError::broker(
+                        ErrorKind::Transient,
+                        "redis streams: error from bulk publish: timed out",
+                    )),
+                    Ok(r) => r.map_err(|e| broker_err("error from bulk publish", e)),
+                };
+            match results {
+                Ok(results) => {
+                    for (entry_id, result) in sent.into_iter().zip(results) {
+                        if let Err(e) = result {
+                            failed.push(FailedEntry {
+                                entry_id,
+                                error: format!("redis streams: error from publish: {e}"),
+                            });
+                        }
+                    }
+                }
+                // A pipeline that failed as a whole fails its entries (and the ones after
+                // it: the connection is gone); earlier pipelines stay published.
+                Err(e) => {
+                    let error = e.to_string();
+                    failed.extend(
+                        sent.into_iter()
+                            .chain(entries.by_ref().map(|e| e.entry_id))
+                            .map(|entry_id| FailedEntry {
+                                entry_id,
+                                error: error.clone(),
+                            }),
+                    );
+                }
             }
         }
         Ok(failed)

@@ -104,6 +104,9 @@ pub struct Publisher {
 /// Most entries of a non-native bulk publish in flight at once (as daprd).
 const BULK_CONCURRENCY: usize = 100;
 
+/// Entries whose envelopes exist at once during a bulk publish (and per native bulk call).
+const BULK_CHUNK: usize = 1000;
+
 /// `rawPayload` (exact key, Go `ParseBool`).
 pub fn raw_payload(md: &BTreeMap<String, String>) -> Result<bool, String> {
     match md.get("rawPayload").map(String::as_str) {
@@ -335,95 +338,151 @@ impl Publisher {
                 ));
             }
         }
-        let mut entries = Vec::with_capacity(input.entries.len());
-        for e in input.entries {
-            // Entry metadata wins; request metadata fills the gaps — only for entries that
-            // carried metadata of their own, as daprd does.
-            let metadata = e.metadata.map(|mut m| {
-                for (k, v) in &input.metadata {
-                    m.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-                m
-            });
-            entries.push((
-                e.entry_id,
-                e.event,
-                e.content_type,
-                metadata.unwrap_or_default(),
-            ));
-        }
-        let mut bulk_entries = Vec::with_capacity(entries.len());
-        for (entry_id, event, content_type, metadata) in entries {
-            let data = if raw {
-                event
-            } else {
-                self.envelope(
-                    &entry,
-                    &input.topic,
-                    &event,
-                    &content_type,
-                    &metadata,
-                    &input.trace,
-                )?
-            };
-            bulk_entries.push(BulkEntry {
-                entry_id,
-                data,
-                content_type,
-                metadata,
-            });
+        // Every envelope that can fail is checked before anything is published (as daprd
+        // builds them all first); the envelopes themselves are built a chunk at a time below,
+        // so a 50,000-entry request never holds 50,000 envelopes.
+        if !raw {
+            for e in &input.entries {
+                self.check_envelope(&entry, &e.event, &e.content_type)?;
+            }
         }
         self.check_scope(&entry, &input.topic)?;
         let broker_topic = entry.broker_topic(&input.topic);
-        let failed = if entry.component.features().contains(&Feature::BulkPublish) {
-            // Only the ids are kept for a failure of the whole request (not a second copy
-            // of every entry).
-            let ids: Vec<String> = bulk_entries.iter().map(|b| b.entry_id.clone()).collect();
-            let request = BulkPublishRequest {
-                pubsub_name: entry.name.clone(),
-                topic: broker_topic,
-                entries: bulk_entries,
-                metadata: input.metadata,
-            };
-            match entry.component.bulk_publish(request).await {
-                Ok(failed) => failed,
-                Err(e) => ids
-                    .into_iter()
-                    .map(|entry_id| FailedEntry {
-                        entry_id,
-                        error: e.to_string(),
+        let native = entry.component.features().contains(&Feature::BulkPublish);
+        let mut failed = Vec::new();
+        let mut entries = input.entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let mut chunk = Vec::with_capacity(BULK_CHUNK);
+            for e in entries.by_ref().take(BULK_CHUNK) {
+                // Entry metadata wins; request metadata fills the gaps — only for entries
+                // that carried metadata of their own, as daprd does.
+                let metadata = e
+                    .metadata
+                    .map(|mut m| {
+                        for (k, v) in &input.metadata {
+                            m.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                        m
                     })
-                    .collect(),
+                    .unwrap_or_default();
+                let data = if raw {
+                    e.event
+                } else {
+                    self.envelope(
+                        &entry,
+                        &input.topic,
+                        &e.event,
+                        &e.content_type,
+                        &metadata,
+                        &input.trace,
+                    )?
+                };
+                chunk.push(BulkEntry {
+                    entry_id: e.entry_id,
+                    data,
+                    content_type: e.content_type,
+                    metadata,
+                });
             }
-        } else {
-            let component = entry.component.clone();
-            let name = entry.name.clone();
-            futures::stream::iter(bulk_entries)
-                .map(|b| {
-                    let component = component.clone();
-                    let request = PublishRequest {
-                        pubsub_name: name.clone(),
-                        topic: broker_topic.clone(),
-                        data: b.data,
-                        metadata: b.metadata,
-                        content_type: Some(b.content_type),
-                    };
-                    async move {
-                        component.publish(request).await.err().map(|e| FailedEntry {
-                            entry_id: b.entry_id,
-                            error: e.to_string(),
-                        })
-                    }
-                })
-                .buffer_unordered(BULK_CONCURRENCY)
-                .filter_map(|r| async move { r })
-                .collect()
-                .await
-        };
+            if native {
+                failed.extend(
+                    self.bulk_native(&entry, &broker_topic, chunk, &input.metadata)
+                        .await,
+                );
+            } else {
+                failed.extend(self.bulk_one_by_one(&entry, &broker_topic, chunk).await);
+            }
+        }
         let error = (!failed.is_empty()).then(|| {
             let first = failed.first().map(|f| f.error.clone()).unwrap_or_default();
             ApiError::publish_message(&entry.name, &input.topic, &first)
         });
         Ok(BulkOutcome { failed, error })
+    }
+
+    /// The envelope error `envelope` would give for this entry, without building it: only a
+    /// CloudEvent body that is not a JSON object fails.
+    fn check_envelope(
+        &self,
+        entry: &PubSubEntry,
+        data: &[u8],
+        content_type: &str,
+    ) -> Result<(), ApiError> {
+        if cloudevent::is_cloudevent_content_type(content_type)
+            && !matches!(
+                cloudevent::decode_first_json(data),
+                Some(serde_json::Value::Object(_))
+            )
+        {
+            // The envelope itself names the problem.
+            self.envelope(
+                entry,
+                "",
+                data,
+                content_type,
+                &BTreeMap::new(),
+                &TraceHeaders::default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One chunk through the component's native bulk publish.
+    async fn bulk_native(
+        &self,
+        entry: &PubSubEntry,
+        broker_topic: &str,
+        chunk: Vec<BulkEntry>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Vec<FailedEntry> {
+        // Only the ids are kept for a failure of the whole call (not a second copy of every
+        // entry).
+        let ids: Vec<String> = chunk.iter().map(|b| b.entry_id.clone()).collect();
+        let request = BulkPublishRequest {
+            pubsub_name: entry.name.clone(),
+            topic: broker_topic.to_string(),
+            entries: chunk,
+            metadata: metadata.clone(),
+        };
+        match entry.component.bulk_publish(request).await {
+            Ok(failed) => failed,
+            Err(e) => ids
+                .into_iter()
+                .map(|entry_id| FailedEntry {
+                    entry_id,
+                    error: e.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// One chunk as concurrent single publishes.
+    async fn bulk_one_by_one(
+        &self,
+        entry: &PubSubEntry,
+        broker_topic: &str,
+        chunk: Vec<BulkEntry>,
+    ) -> Vec<FailedEntry> {
+        futures::stream::iter(chunk)
+            .map(|b| {
+                let component = entry.component.clone();
+                let request = PublishRequest {
+                    pubsub_name: entry.name.clone(),
+                    topic: broker_topic.to_string(),
+                    data: b.data,
+                    metadata: b.metadata,
+                    content_type: Some(b.content_type),
+                };
+                async move {
+                    component.publish(request).await.err().map(|e| FailedEntry {
+                        entry_id: b.entry_id,
+                        error: e.to_string(),
+                    })
+                }
+            })
+            .buffer_unordered(BULK_CONCURRENCY)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await
     }
 }
