@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = daprd_runtime::routing::json_to_cel(&serde_json::Value::Object(event));
     }
     let metadata: BTreeMap<String, String> = [
-        ("ttlInSeconds".to_string(), String::from_utf8_lossy(body).into_owned()),
+        (
+            "ttlInSeconds".to_string(),
+            String::from_utf8_lossy(body).into_owned(),
+        ),
         ("cloudevent.id".to_string(), "x".to_string()),
     ]
     .into_iter()
@@ -45,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         new_id: "id",
         now: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
     }) {
-        let _ = cloudevent::apply_ttl(&mut envelope, &metadata, SystemTime::now());
+        cloudevent::apply_ttl(&mut envelope, &metadata, false, SystemTime::now());
     }
     let _ = daprd_runtime::delivery::raw_envelope(body, "t", "p", &metadata);
 });

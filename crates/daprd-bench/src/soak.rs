@@ -111,13 +111,14 @@ pub async fn run(opts: &Opts, secs: u64, rate: u64) -> Result<serde_json::Value>
             "fds": open_fds(pid),
             "rss_kib": rss_kib(pid),
         });
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
         println!(
             "{:>6} {:>10} {:>10} {:>6} {:>8.1}",
-            s["t_s"],
-            s["published"],
-            s["delivered"],
-            s["fds"],
-            s["rss_kib"].as_u64().unwrap_or(0) as f64 / 1024.0
+            n("t_s"),
+            n("published"),
+            n("delivered"),
+            n("fds"),
+            n("rss_kib") as f64 / 1024.0
         );
         samples.push(s);
     }

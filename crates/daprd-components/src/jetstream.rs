@@ -10,6 +10,7 @@ mod metadata;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::push, AckKind};
 use async_trait::async_trait;
@@ -97,6 +98,48 @@ pub struct JetStreamPubSub {
     md: Arc<JetStreamMetadata>,
     js: jetstream::Context,
     stop: watch::Sender<bool>,
+}
+
+/// What a subscription knows of the stream sequences it was handed: the ones in the app's
+/// hands, and the last [`SEEN_SETTLED`] it acknowledged.
+#[derive(Default)]
+struct Seen {
+    in_hand: std::collections::HashSet<u64>,
+    settled: std::collections::HashSet<u64>,
+    settled_order: std::collections::VecDeque<u64>,
+}
+
+const SEEN_SETTLED: usize = 10_000;
+
+enum Admit {
+    Deliver,
+    InHand,
+    Settled,
+}
+
+impl Seen {
+    fn admit(&mut self, seq: u64) -> Admit {
+        if self.in_hand.contains(&seq) {
+            Admit::InHand
+        } else if self.settled.contains(&seq) {
+            Admit::Settled
+        } else {
+            self.in_hand.insert(seq);
+            Admit::Deliver
+        }
+    }
+
+    fn done(&mut self, seq: u64, acked: bool) {
+        self.in_hand.remove(&seq);
+        if acked && self.settled.insert(seq) {
+            self.settled_order.push_back(seq);
+            if self.settled_order.len() > SEEN_SETTLED {
+                if let Some(old) = self.settled_order.pop_front() {
+                    self.settled.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 /// The `Nats-Msg-Id` a publish carries: the CloudEvent id when the data is one.
@@ -242,6 +285,7 @@ impl PubSub for JetStreamPubSub {
         // subscription's stop waits for that. Messages the server pushed but no delivery
         // took are redelivered after `ackWait`.
         let (guard, drained) = daprd_core::pubsub::drain_tracker();
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
         tokio::spawn(async move {
             loop {
                 // A stop wins over a message that is ready: no delivery starts after it.
@@ -259,6 +303,23 @@ impl PubSub for JetStreamPubSub {
                         continue;
                     }
                 };
+                // The server redelivers a message `ackWait` after it pushed it, even while it
+                // waits here behind a slow handler: a copy of a message in the app's hands is
+                // dropped (the first delivery's ack settles it), a copy of one already
+                // accepted is acknowledged again, never handed to the app a second time.
+                let stream_seq = msg.info().ok().map(|i| i.stream_sequence);
+                if let Some(seq) = stream_seq {
+                    let verdict = seen.lock().unwrap_or_else(|p| p.into_inner()).admit(seq);
+                    match verdict {
+                        Admit::Deliver => {}
+                        Admit::InHand => continue,
+                        Admit::Settled => {
+                            let _ = msg.ack().await;
+                            continue;
+                        }
+                    }
+                }
+                let seen = seen.clone();
                 let handler = handler.clone();
                 let parallel = md.parallel;
                 let md = md.clone();
@@ -275,14 +336,42 @@ impl PubSub for JetStreamPubSub {
                             .collect::<BTreeMap<_, _>>(),
                         content_type: None,
                     };
-                    let outcome = handler(m).await;
+                    // While the app works on it, tell the server every half `ackWait` (30 s
+                    // by default) that the message is in progress: otherwise it is delivered
+                    // again, to this or another subscriber, while the first handler still runs.
+                    let outcome = if md.ack_policy == "none" {
+                        handler(m).await
+                    } else {
+                        let work = handler(m);
+                        tokio::pin!(work);
+                        let period = (md.ack_wait.unwrap_or(Duration::from_secs(30)) / 2)
+                            .max(Duration::from_millis(100));
+                        loop {
+                            tokio::select! {
+                                o = &mut work => break o,
+                                _ = tokio::time::sleep(period) => {
+                                    let _ = msg.ack_with(AckKind::Progress).await;
+                                }
+                            }
+                        }
+                    };
                     if md.ack_policy == "none" {
+                        if let Some(seq) = stream_seq {
+                            seen.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .done(seq, true);
+                        }
                         return;
                     }
                     let res = match outcome {
                         Outcome::Success | Outcome::Drop => msg.ack().await,
                         Outcome::Retry => msg.ack_with(AckKind::Nak(md.ack_wait)).await,
                     };
+                    if let Some(seq) = stream_seq {
+                        seen.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .done(seq, res.is_ok() && outcome != Outcome::Retry);
+                    }
                     if let Err(e) = res {
                         tracing::warn!(%component, %topic, error = %e, "jetstream ack/nak failed; the server will redeliver");
                     }

@@ -670,13 +670,37 @@ impl PollerShared {
             tracing::warn!(component = %self.component, topic = %sanitized, "snssqs: no subscription for the message's topic; it will be received again");
             return;
         };
-        let outcome = handler(Message {
+        let work = handler(Message {
             topic,
             data: Bytes::from(data),
             metadata: BTreeMap::new(),
             content_type: None,
-        })
-        .await;
+        });
+        // While the app works on it, keep the message invisible (every half
+        // messageVisibilityTimeout): otherwise SQS hands it out again while the first handler
+        // still runs.
+        tokio::pin!(work);
+        let timeout = self.md.visibility_timeout;
+        let period = Duration::from_millis(u64::try_from(timeout).unwrap_or(10) * 500);
+        let outcome = loop {
+            tokio::select! {
+                o = &mut work => break o,
+                _ = tokio::time::sleep(period) => {
+                    if let Err(e) = self
+                        .sqs
+                        .change_message_visibility()
+                        .queue_url(&self.queue.url)
+                        .receipt_handle(receipt)
+                        .visibility_timeout(timeout)
+                        .send()
+                        .await
+                    {
+                        let e = aws_error("extending the message's visibility", e);
+                        tracing::warn!(component = %self.component, error = %e, "snssqs: the message may be received again while it is handled");
+                    }
+                }
+            }
+        };
         match outcome {
             Outcome::Success | Outcome::Drop => self.delete(receipt).await,
             // Visible again after messageVisibilityTimeout.

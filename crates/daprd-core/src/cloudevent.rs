@@ -161,9 +161,14 @@ fn override_of<'m>(md: Option<&'m BTreeMap<String, String>>, field: &str) -> Opt
         .map(|(_, v)| v.as_str())
 }
 
-/// RFC 3339 with second precision in UTC, as daprd writes `time` and `expiration`.
+/// RFC 3339 with second precision in UTC, as daprd writes `time` and `expiration`. A time
+/// past the last second of year 9999 (a huge TTL) is written as that second: RFC 3339 has four
+/// year digits.
 pub fn format_time(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    // 9999-12-31T23:59:59Z
+    const LAST: Duration = Duration::from_secs(253_402_300_799);
+    let last = SystemTime::UNIX_EPOCH + LAST;
+    humantime::format_rfc3339_seconds(t.min(last)).to_string()
 }
 
 /// Builds the envelope for a publish: wraps `req.data`, or, when the content type is
@@ -342,6 +347,17 @@ pub fn apply_ttl(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_huge_ttl_expires_at_the_end_of_year_9999() {
+        // Found by the cloudevent fuzz target: this TTL made the RFC 3339 formatting panic.
+        let md: BTreeMap<String, String> = [("ttlInSeconds".into(), "8888888888888888888".into())]
+            .into_iter()
+            .collect();
+        let mut envelope = Map::new();
+        apply_ttl(&mut envelope, &md, false, SystemTime::now());
+        assert_eq!(envelope["expiration"], "9999-12-31T23:59:59Z");
+    }
 
     const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 

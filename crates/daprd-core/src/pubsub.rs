@@ -376,7 +376,6 @@ pub trait PubSubFactory: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future as _;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]

@@ -10,7 +10,9 @@ beyond the first.
 - the app answering 500 / RETRY for every tenth message, with and without a resiliency
   policy, with a dead-letter topic: exact delivery counts, each poison message on the
   dead-letter topic once;
-- the app down for 10 s: lost 0, sidecar CPU under 5 % meanwhile.
+- the app down for 10 s: lost 0, sidecar CPU under 5 % meanwhile;
+- a slow app (its handler takes twice the broker's redelivery timeout): no message is
+  delivered a second time while its first delivery is still in the app's hands.
 
 Each test has its own topic and consumer group on the shared brokers (a private tansu for
 Kafka); the durable settings a production user would choose are set (RabbitMQ durable queues
@@ -210,6 +212,12 @@ def seqs(app_port, path="/t"):
     return [json.loads(r["body"])["data"]["seq"] for r in got if r["path"] == path]
 
 
+def started_seqs(app_port, path="/t"):
+    """The seq of every delivery the app has begun to handle (finished or not)."""
+    got = requests.get(f"http://127.0.0.1:{app_port}/_started", timeout=5).json()
+    return [json.loads(r["body"])["data"]["seq"] for r in got if r["path"] == path]
+
+
 def start_subscriber(broker, app, sidecar_factory):
     s = sidecar_factory([broker.component("sub")], app_id="sub", app_port=app.port)
     s.wait_ready(30)
@@ -377,3 +385,23 @@ def test_app_down_for_10s_loses_nothing(broker, sidecar_factory, app_factory):
     assert back.port == port
     eventually(lambda: set(seqs(back.port)) >= set(range(40)), 90,
                "the messages published while the app was down")
+
+
+# The broker's redelivery timeout in the suite's settings (Redis processingTimeout, JetStream
+# ackWait, SQS messageVisibilityTimeout); the others have none.
+REDELIVERY_TIMEOUT = {"redis": 2, "jetstream": 2, "aws.snssqs": 2}
+
+
+def test_slow_app_gets_no_concurrent_duplicate(broker, sidecar_factory, app_factory):
+    slow = 2 * REDELIVERY_TIMEOUT.get(broker.kind, 2)
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": broker.subscriptions()})
+    requests.post(f"http://127.0.0.1:{app.port}/_mode",
+                  json={"/t": {"sleep": slow}}, timeout=5)
+    sub = sidecar_factory([broker.component("sub")], app_id="sub", app_port=app.port)
+    sub.wait_ready(30)
+    pub = sidecar_factory([broker.component("pub")], app_id="pub")
+    Publisher(pub, broker.topic, 3).join()
+    eventually(lambda: set(seqs(app.port)) >= {0, 1, 2}, 60, "the slow deliveries")
+    time.sleep(REDELIVERY_TIMEOUT.get(broker.kind, 2) + 1)  # a stray redelivery would come
+    got = started_seqs(app.port)
+    assert sorted(got) == [0, 1, 2], f"deliveries begun {sorted(got)} (handler {slow} s)"

@@ -57,7 +57,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(204)
         mode = MODES.get(self.path, {})
         with LOCK:
-            STARTED.append({"path": self.path, "at": time.time()})
+            STARTED.append({"path": self.path, "at": time.time(),
+                            "body": body.decode(errors="replace")})
         if mode.get("sleep"):
             time.sleep(mode["sleep"])
         with LOCK:
