@@ -184,19 +184,12 @@ async fn open_loop(
     Ok(ok.load(Ordering::Relaxed))
 }
 
-/// Runs the end-to-end rows and the idle footprint of a sidecar with subscriptions.
-pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
-    let stats = Arc::new(AppStats::new()?);
-    let topic = format!("e2e-{}", std::process::id());
-    let slow_topic = format!("e2e-slow-{}", std::process::id());
-    let app_port = start_app(&topic, &slow_topic, stats.clone()).await?;
-    let brokers = [crate::Broker::Memory, crate::Broker::Redis];
-    let (sidecar, _) = start_sidecar(opts, &brokers, Some(app_port)).await?;
-    let pid = sidecar.child.id();
-    let http = reqwest::Client::new();
+/// Waits (up to 20 s) until the sidecar at `base` answers `/v1.0/healthz` with 204: its
+/// subscriptions have started.
+pub(crate) async fn wait_subscribed(http: &reqwest::Client, base: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while http
-        .get(format!("{}/v1.0/healthz", sidecar.http))
+        .get(format!("{base}/v1.0/healthz"))
         .send()
         .await
         .map(|r| r.status() != 204)
@@ -207,6 +200,20 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
+}
+
+/// Runs the end-to-end rows and the idle footprint of a sidecar with subscriptions.
+pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
+    let stats = Arc::new(AppStats::new()?);
+    let topic = format!("e2e-{}", std::process::id());
+    let slow_topic = format!("e2e-slow-{}", std::process::id());
+    let app_port = start_app(&topic, &slow_topic, stats.clone()).await?;
+    let brokers = [crate::Broker::Memory, crate::Broker::Redis];
+    let (sidecar, _) = start_sidecar(opts, &brokers, Some(app_port)).await?;
+    let pid = sidecar.child.id();
+    let http = reqwest::Client::new();
+    wait_subscribed(&http, &sidecar.http).await?;
 
     // Idle: CPU over the idle period, RSS at 10 s (or 1 s quick) and at the end.
     let (idle_secs, first_sample) = if opts.quick { (2, 1) } else { (60, 10) };

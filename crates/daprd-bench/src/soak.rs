@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use crate::e2e::{publish, start_app, AppStats};
+use crate::e2e::{publish, start_app, wait_subscribed, AppStats};
 use crate::proc::{cpu_ticks, rss_kib};
 use crate::{port_open, start_sidecar, Broker, Opts};
 
@@ -37,19 +37,7 @@ pub async fn run(opts: &Opts, secs: u64, rate: u64) -> Result<serde_json::Value>
     let (sidecar, _) = start_sidecar(opts, &[broker], Some(app_port)).await?;
     let pid = sidecar.child.id();
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http
-        .get(format!("{}/v1.0/healthz", sidecar.http))
-        .send()
-        .await
-        .map(|r| r.status() != 204)
-        .unwrap_or(true)
-    {
-        if Instant::now() > deadline {
-            bail!("subscriptions did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_subscribed(&http, &sidecar.http).await?;
     let url = format!(
         "{}/v1.0/publish/{}/{topic}",
         sidecar.http,

@@ -19,7 +19,6 @@ Kafka); the durable settings a production user would choose are set (RabbitMQ du
 that outlive their consumer, MQTT persistent sessions, JetStream durable consumers). The
 README's delivery guarantees table quotes what this suite measures."""
 
-import asyncio
 import json
 import os
 import signal
@@ -32,7 +31,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import SNSSQS_ENDPOINT, eventually, start_tansu
+from conftest import SNSSQS_ENDPOINT, _nats, eventually, start_tansu
 
 BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs"]
 # SIGTERMs per run of the graceful test (the issue's 20 is FAULT_SIGTERMS=20)
@@ -142,18 +141,6 @@ class Broker:
                 await js.delete_stream(self.stream)
                 await js.delete_stream(self.stream + "-dlt")
             _nats(delete)
-
-
-def _nats(action):
-    import nats
-
-    async def run():
-        nc = await nats.connect("nats://localhost:4222")
-        try:
-            await action(nc.jetstream())
-        finally:
-            await nc.close()
-    asyncio.run(run())
 
 
 @pytest.fixture(params=BROKERS)
