@@ -12,7 +12,9 @@ beyond the first.
   dead-letter topic once;
 - the app down for 10 s: lost 0, sidecar CPU under 5 % meanwhile;
 - a slow app (its handler takes twice the broker's redelivery timeout): no message is
-  delivered a second time while its first delivery is still in the app's hands.
+  delivered a second time while its first delivery is still in the app's hands;
+- a poison message retried forever (no dead-letter topic), then a subscriber restart: it is
+  still there afterwards, not skipped.
 
 Each test has its own topic and consumer group on the shared brokers (a private tansu for
 Kafka); the durable settings a production user would choose are set (RabbitMQ durable queues
@@ -392,3 +394,23 @@ def test_slow_app_gets_no_concurrent_duplicate(broker, sidecar_factory, app_fact
     time.sleep(REDELIVERY_TIMEOUT.get(broker.kind, 2) + 1)  # a stray redelivery would come
     got = started_seqs(app.port)
     assert sorted(got) == [0, 1, 2], f"deliveries begun {sorted(got)} (handler {slow} s)"
+
+
+def test_poison_retried_forever_survives_a_restart(broker, sidecar_factory, app_factory):
+    subs = broker.subscriptions(dead_letters=False)
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    # seq 0 fails (500) until the app is told otherwise
+    requests.post(f"http://127.0.0.1:{app.port}/_mode",
+                  json={"/t": {"status": 500, "poison_mod": 1000}}, timeout=5)
+    sub = start_subscriber(broker, app, sidecar_factory)
+    pub = sidecar_factory([broker.component("pub")], app_id="pub")
+    Publisher(pub, broker.topic, 5).join()
+    eventually(lambda: started_seqs(app.port).count(0) >= 2, 60, "the poison message retried")
+    rc, out = terminate(sub, signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    before = started_seqs(app.port).count(0)
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/t": {}}, timeout=5)
+    start_subscriber(broker, app, sidecar_factory)
+    eventually(lambda: started_seqs(app.port).count(0) > before, 60,
+               "the poison message after the restart")
+    eventually(lambda: set(seqs(app.port)) >= set(range(5)), 60, "every message")
