@@ -317,12 +317,14 @@ def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
     s.publish("h", '{"n":3}')
     # What happens to n=2, published while unsubscribed, is the broker's semantics: the Redis
     # consumer group outlives the subscription (kept), a new JetStream consumer with the
-    # default deliverPolicy "all" replays the stream, while the in-memory bus, the auto-deleted
-    # RabbitMQ queue (deletedWhenUnused) and an unsubscribed MQTT topic do not keep it. The
-    # Kafka group resumes from its committed offset and the SQS queue stays subscribed to the
-    # SNS topic: both keep it.
+    # default deliverPolicy "all" replays the stream, while the in-memory bus and the
+    # auto-deleted RabbitMQ queue (deletedWhenUnused) do not keep it. The Kafka group resumes
+    # from its committed offset and the SQS queue stays subscribed to the SNS topic: both keep
+    # it. MQTT (cleanSession false, so the topic stays subscribed) keeps it too: the message
+    # that arrives while no subscription wants it is held unacknowledged and handed to the
+    # subscription that comes back.
     expected = {"redis": [1, 2, 3], "jetstream": [1, 1, 2, 3], "kafka": [1, 2, 3],
-                "aws.snssqs": [1, 2, 3]}.get(PUBSUB, [1, 3])
+                "aws.snssqs": [1, 2, 3], "mqtt3": [1, 2, 3]}.get(PUBSUB, [1, 3])
     numbers = lambda: [json.loads(r["body"])["data"]["n"] for r in received(app.port, "/h")]
     if PUBSUB == "aws.snssqs":
         # a standard SQS queue promises no order: 2 and 3 may come in one receive, in parallel
