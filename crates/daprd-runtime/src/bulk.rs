@@ -1,4 +1,4 @@
-//! Bulk subscribe (SPEC §5.7): the default bulk subscriber buffers messages from a normal
+//! Bulk subscribe (Dapr's `bulkSubscribe`): the default bulk subscriber buffers messages from a normal
 //! subscription and flushes a batch when `maxMessagesCount` is reached or
 //! `maxAwaitDurationMs` has passed since the batch's first message. Each message's ack
 //! waits for its own entry's result. Entries are decoded and routed one by one, grouped by
@@ -54,7 +54,7 @@ pub struct BulkDelivery {
 /// Per-entry answers of the app; an entry missing from the map is a retry.
 pub type BulkReply = HashMap<String, AppReply>;
 
-/// The bulk response table of SPEC §5.7 for a 2xx body.
+/// What Go daprd makes of an app's 2xx answer to a bulk delivery (per-entry statuses).
 pub fn interpret_bulk_body(body: &[u8]) -> Result<BulkReply, String> {
     let v: Json =
         serde_json::from_slice(body).map_err(|e| format!("invalid bulk response: {e}"))?;

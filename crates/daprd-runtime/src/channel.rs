@@ -348,7 +348,8 @@ impl AppChannel for HttpChannel {
     }
 }
 
-/// The single-delivery table of SPEC §5.6 for a 2xx body.
+/// What Go daprd makes of an HTTP app's 2xx body for one delivery (`status` SUCCESS, RETRY,
+/// DROP, empty or unknown).
 pub fn interpret_status_body(body: &[u8]) -> AppReply {
     let Ok(Json::Object(obj)) = serde_json::from_slice::<Json>(body) else {
         return AppReply::Success;
@@ -449,7 +450,7 @@ fn json_to_prost(v: &Json) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// Builds the `TopicEventRequest` of SPEC §5.8 from a decoded CloudEvent.
+/// Builds the `TopicEventRequest` Go daprd sends a gRPC app, from a decoded CloudEvent.
 ///
 /// # Errors
 /// `data_base64` that is not valid base64.
@@ -516,7 +517,7 @@ pub fn topic_event_request(d: &Delivery) -> Result<pb::TopicEventRequest, String
     })
 }
 
-/// The outcome table of SPEC §5.8 for a `TopicEventResponse` status value.
+/// What Go daprd makes of a gRPC app's `TopicEventResponse` status value.
 pub fn interpret_grpc_status(status: i32) -> AppReply {
     use pb::topic_event_response::TopicEventResponseStatus as S;
     match S::try_from(status) {

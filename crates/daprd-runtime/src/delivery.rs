@@ -1,4 +1,4 @@
-//! The inbound pipeline (SPEC §5.5): for each message from a component, decode the
+//! The inbound pipeline (Go daprd's subscription delivery): for each message from a component, decode the
 //! CloudEvent (or synthesize one for raw subscriptions), drop expired events, route with
 //! CEL, deliver to the app, and turn the app's answer into an ack, a nack or a
 //! dead-letter publish. A message is acknowledged only after the app accepted it, or after

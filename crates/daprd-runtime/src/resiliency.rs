@@ -1,4 +1,4 @@
-//! Resiliency policies (SPEC §6.4): retries (constant / exponential, `maxRetries`,
+//! Resiliency policies (Dapr's `Resiliency` resource): retries (constant / exponential, `maxRetries`,
 //! `matching` on HTTP status and gRPC codes), timeouts and circuit breakers, applied to a
 //! pub/sub component's `inbound` (delivery to the app) and `outbound` (publish, bulk
 //! publish, dead-letter publish) operations, with Dapr's default-policy names. Without a

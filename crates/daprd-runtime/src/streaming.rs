@@ -1,4 +1,4 @@
-//! Streaming subscriptions (`SubscribeTopicEventsAlpha1`, SPEC §4.4): each stream owns its
+//! Streaming subscriptions (`SubscribeTopicEventsAlpha1`, Dapr's streaming subscription API): each stream owns its
 //! own component subscription, independent of the app channel. Events go out as
 //! `event_message`s and are settled by the client's `event_processed` answers, matched by
 //! CloudEvent id. When the stream ends for any reason the component subscription is

@@ -1,4 +1,4 @@
-//! The subscription model and its three sources (SPEC §5.1–5.4): declarative
+//! The subscription model and its three sources (as Dapr has them): declarative
 //! `Subscription` resources (v1alpha1 and v2alpha1), programmatic subscriptions discovered
 //! from the app (HTTP `GET /dapr/subscribe` JSON or gRPC `ListTopicSubscriptions`), and
 //! streaming subscriptions; plus Dapr's precedence rules.

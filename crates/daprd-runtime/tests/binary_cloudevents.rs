@@ -1,4 +1,4 @@
-//! Binary-mode CloudEvents (SPEC §5.5, since v1.17): a broker message with content type
+//! Binary-mode CloudEvents (Dapr 1.17 and later): a broker message with content type
 //! `application/octet-stream` and `ce_*` metadata is rebuilt into a CloudEvent for the app.
 //! No built-in component produces such messages yet (Kafka will), so the pipeline is driven
 //! directly with the message a component would hand it.
