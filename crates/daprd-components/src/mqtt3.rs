@@ -338,11 +338,6 @@ struct Route {
     queue: mpsc::UnboundedSender<rumqttc::Publish>,
 }
 
-/// First pause before a message the app did not accept is handed over again.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-/// Longest pause between two attempts at one message.
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
 /// How long a message that matches no subscription waits for one before it is acknowledged
 /// without delivery (so an abandoned filter of a persistent session cannot hold the broker's
 /// in-flight window forever).
@@ -521,7 +516,7 @@ impl PubSub for MqttPubSub {
                 // message again only on the next session), so a message the app did not
                 // accept is handed to it again here, in order, with a growing pause (as Go
                 // daprd's component retries), until it is accepted or the subscription stops.
-                let mut pause = RETRY_FIRST;
+                let mut backoff = daprd_core::backoff::RETRY;
                 loop {
                     match handler(msg.clone()).await {
                         Outcome::Success | Outcome::Drop => {
@@ -529,6 +524,7 @@ impl PubSub for MqttPubSub {
                             break;
                         }
                         Outcome::Retry => {
+                            let pause = backoff.next_pause();
                             tracing::debug!(topic = %filter, retry_in = ?pause, "mqtt message not accepted; retrying");
                             let stopped = tokio::select! {
                                 biased;
@@ -539,7 +535,6 @@ impl PubSub for MqttPubSub {
                                 // Left unacknowledged: the next session gets it again.
                                 return;
                             }
-                            pause = (pause * 2).min(RETRY_MAX);
                         }
                     }
                 }

@@ -379,13 +379,10 @@ impl PubSub for RabbitPubSub {
 struct Failures(std::sync::atomic::AtomicU32);
 
 impl Failures {
-    /// Counts one more failure; the pause before its requeue: 100 ms doubling up to 5 s.
+    /// Counts one more failure; the pause before its requeue (`backoff::RETRY`).
     fn pause(&self) -> std::time::Duration {
-        let n = self
-            .0
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .min(6);
-        (std::time::Duration::from_millis(100) * (1 << n)).min(std::time::Duration::from_secs(5))
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        daprd_core::backoff::RETRY.after(n)
     }
 
     fn reset(&self) {

@@ -558,7 +558,7 @@ impl Poller {
         let md = this.md.clone();
         let limit = (md.parallel && md.concurrency_limit > 0)
             .then(|| Arc::new(Semaphore::new(md.concurrency_limit)));
-        let mut back_off = Duration::from_millis(100);
+        let mut back_off = daprd_core::backoff::RETRY;
         loop {
             let receive = this
                 .sqs
@@ -576,18 +576,17 @@ impl Poller {
             };
             let out = match res {
                 Ok(out) => {
-                    back_off = Duration::from_millis(100);
+                    back_off.reset();
                     out
                 }
                 Err(e) => {
                     let e = aws_error("receiving from the SQS queue", e);
                     tracing::warn!(component = %this.component, queue = %this.queue.arn, error = %e, "snssqs: receive failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(back_off) => {}
+                        _ = tokio::time::sleep(back_off.next_pause()) => {}
                         _ = self.cancelled.wait_for(|c| *c) => return,
                         _ = self.stop.wait_for(|c| *c) => return,
                     }
-                    back_off = (back_off * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };

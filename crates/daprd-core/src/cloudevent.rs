@@ -256,17 +256,32 @@ pub fn embed_data(content_type: &str, data: &[u8]) -> (&'static str, Value) {
     )
 }
 
+/// The caller's own CloudEvent in a body sent as `application/cloudevents+json`.
+fn cloudevent_object(data: &[u8]) -> Result<Map<String, Value>, CloudEventError> {
+    match decode_first_json(data) {
+        Some(Value::Object(m)) => Ok(m),
+        Some(other) => Err(CloudEventError::NotAnObject(format!(
+            "expected an object, got {}",
+            json_kind(&other)
+        ))),
+        None => Err(CloudEventError::NotAnObject("invalid json".into())),
+    }
+}
+
+/// The error [`new_envelope`] would give for `data` of `content_type`, without building the
+/// envelope (a bulk publish checks every entry before it publishes any).
+///
+/// # Errors
+/// [`CloudEventError::NotAnObject`] when a CloudEvent body is not a JSON object.
+pub fn check_envelope_data(content_type: &str, data: &[u8]) -> Result<(), CloudEventError> {
+    if is_cloudevent_content_type(content_type) {
+        cloudevent_object(data)?;
+    }
+    Ok(())
+}
+
 fn from_cloudevent(req: &EnvelopeRequest<'_>) -> Result<Map<String, Value>, CloudEventError> {
-    let mut m = match decode_first_json(req.data) {
-        Some(Value::Object(m)) => m,
-        Some(other) => {
-            return Err(CloudEventError::NotAnObject(format!(
-                "expected an object, got {}",
-                json_kind(&other)
-            )))
-        }
-        None => return Err(CloudEventError::NotAnObject("invalid json".into())),
-    };
+    let mut m = cloudevent_object(req.data)?;
     if !m.contains_key("time") {
         m.insert("time".into(), format_time(req.now).into());
     }

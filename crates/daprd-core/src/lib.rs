@@ -12,6 +12,7 @@
 //! The runtime (`daprd-runtime`) depends on this crate; components (`daprd-components`)
 //! implement it. Nothing here opens a socket or a file.
 
+pub mod backoff;
 pub mod cloudevent;
 pub mod duration;
 pub mod json;

@@ -343,7 +343,9 @@ impl Publisher {
         // so a 50,000-entry request never holds 50,000 envelopes.
         if !raw {
             for e in &input.entries {
-                self.check_envelope(&entry, &e.event, &e.content_type)?;
+                cloudevent::check_envelope_data(&e.content_type, &e.event).map_err(|err| {
+                    ApiError::cloud_event_creation(&entry.name, &self.app_id, &err.to_string())
+                })?;
             }
         }
         self.check_scope(&entry, &input.topic)?;
@@ -398,33 +400,6 @@ impl Publisher {
             ApiError::publish_message(&entry.name, &input.topic, &first)
         });
         Ok(BulkOutcome { failed, error })
-    }
-
-    /// The envelope error `envelope` would give for this entry, without building it: only a
-    /// CloudEvent body that is not a JSON object fails.
-    fn check_envelope(
-        &self,
-        entry: &PubSubEntry,
-        data: &[u8],
-        content_type: &str,
-    ) -> Result<(), ApiError> {
-        if cloudevent::is_cloudevent_content_type(content_type)
-            && !matches!(
-                cloudevent::decode_first_json(data),
-                Some(serde_json::Value::Object(_))
-            )
-        {
-            // The envelope itself names the problem.
-            self.envelope(
-                entry,
-                "",
-                data,
-                content_type,
-                &BTreeMap::new(),
-                &TraceHeaders::default(),
-            )?;
-        }
-        Ok(())
     }
 
     /// One chunk through the component's native bulk publish.

@@ -196,7 +196,7 @@ async fn reader(
         .unwrap_or(3000)
         .max(1);
     let mut conn: Option<super::conn::Conn> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = daprd_core::backoff::RETRY;
     loop {
         if *stop.borrow() {
             return;
@@ -205,16 +205,15 @@ async fn reader(
             Some(c) => c,
             None => match ctx.source.dedicated(&ctx.md).await {
                 Ok(c) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     conn.insert(c)
                 }
                 Err(e) => {
                     tracing::warn!(component = %ctx.component, error = %e, "redis reader cannot connect; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_pause()) => {}
                         _ = stop.wait_for(|s| *s) => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             },
@@ -258,10 +257,9 @@ async fn reader(
                     conn = None;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_pause()) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
