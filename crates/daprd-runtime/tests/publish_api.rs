@@ -1022,3 +1022,45 @@ async fn namespaced_components_prefix_broker_topics() {
         "the envelope keeps the API topic"
     );
 }
+
+/// A bulk publish is built a chunk at a time, but every entry is checked first: an invalid
+/// CloudEvent in the last chunk fails the request before any entry is published.
+#[tokio::test]
+async fn bulk_publish_checks_every_entry_before_publishing_any() {
+    let h = start().await;
+    let (_sub, mut rx) = h.subscribe("pubsub", "bulkcheck").await;
+    let mut entries: Vec<Value> = (0..1500)
+        .map(|i| serde_json::json!({"entryId": i.to_string(), "event": "x", "contentType": "text/plain"}))
+        .collect();
+    entries.push(
+        serde_json::json!({"entryId": "bad", "event": "not an object",
+                                    "contentType": "application/cloudevents+json"}),
+    );
+    let (status, body) = error_body(
+        h.post("/v1.0-alpha1/publish/bulk/pubsub/bulkcheck")
+            .json(&entries)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["errorCode"], "ERR_PUBSUB_CLOUD_EVENTS_SER", "{body}");
+    // The same request without the bad entry publishes all 1500 (two chunks).
+    entries.pop();
+    let resp = h
+        .post("/v1.0-alpha1/publish/bulk/pubsub/bulkcheck")
+        .json(&entries)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    for _ in 0..1500 {
+        let m = next(&mut rx).await;
+        assert!(
+            !String::from_utf8_lossy(&m.data).contains("not an object"),
+            "nothing of the refused request was published"
+        );
+    }
+    assert!(rx.try_recv().is_err(), "exactly the second request's 1500");
+}
