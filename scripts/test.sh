@@ -4,11 +4,14 @@
 #   2. end-to-end tests that start the built `daprd` binary and drive it with the official
 #      Python SDK (`dapr`, pytest) and JavaScript SDK (`@dapr/dapr`, node --test).
 # It installs the test-only Python and npm packages itself (into .venv and
-# tests/e2e/js/node_modules). Needs: cargo, python3 (with venv), node and npm, and the brokers
-# on loopback that .ci/run starts: Redis, RabbitMQ, Mosquitto, NATS, tansu (Kafka, 9092, and
-# the `tansu` command for private brokers) and moto (SNS/SQS, 4566).
+# tests/e2e/js/node_modules), and first runs scripts/services.sh, which installs and starts
+# what is missing of the brokers on loopback: Redis, RabbitMQ, Mosquitto, NATS, tansu (Kafka,
+# 9092, and the `tansu` command for private brokers) and moto (SNS/SQS, 4566). Needs: cargo,
+# python3 (with venv), node and npm, and the Debian packages of those brokers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/services.sh
 
 # Every component is built in (feature daprd/full: pubsub.kafka with librdkafka and
 # pubsub.aws.snssqs with the AWS SDK), so the tests cover them all.
@@ -28,7 +31,7 @@ echo "==> JavaScript SDK end-to-end tests"
 (cd tests/e2e/js && npm install --no-audit --no-fund --silent --no-package-lock && npm test)
 
 # The broker matrix: the same SDK suites again with each broker component in place of
-# pubsub.in-memory (DAPRD_E2E_PUBSUB). Needs the brokers on loopback (.ci/run starts them).
+# pubsub.in-memory (DAPRD_E2E_PUBSUB). The brokers are those scripts/services.sh started.
 # E2E_BROKERS="" skips it; E2E_BROKERS="redis" runs one.
 for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs}; do
   echo "==> SDK end-to-end tests against pubsub.$broker"

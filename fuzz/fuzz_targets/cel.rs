@@ -1,7 +1,7 @@
 //! CEL routing rules: compiling an arbitrary `match` and evaluating it against an event.
 #![no_main]
 
-use daprd_runtime::routing::{json_to_cel, Rule};
+use daprd_runtime::inbound::routing::{json_to_cel, Rule};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -23,8 +23,8 @@ fuzz_target!(|data: &[u8]| {
         None => ("", data),
     };
     if let Some(serde_json::Value::Object(event)) = cloudevent::decode_first_json(body) {
-        let _ = daprd_runtime::delivery::has_expired(&event, SystemTime::now());
-        let _ = daprd_runtime::routing::json_to_cel(&serde_json::Value::Object(event));
+        let _ = daprd_runtime::inbound::delivery::has_expired(&event, SystemTime::now());
+        let _ = daprd_runtime::inbound::routing::json_to_cel(&serde_json::Value::Object(event));
     }
     let metadata: BTreeMap<String, String> = [
         (
@@ -50,5 +50,5 @@ fuzz_target!(|data: &[u8]| {
     }) {
         cloudevent::apply_ttl(&mut envelope, &metadata, false, SystemTime::now());
     }
-    let _ = daprd_runtime::delivery::raw_envelope(body, "t", "p", &metadata);
+    let _ = daprd_runtime::inbound::delivery::raw_envelope(body, "t", "p", &metadata);
 });

@@ -1,7 +1,8 @@
 //! The HTTP API's Go-compatible path cleaning and query decoding, and the publish path split.
 #![no_main]
 
-use daprd_runtime::api::http::{go_path_clean, query_unescape, request_metadata};
+use daprd_core::gocompat::{go_path_clean, query_unescape};
+use daprd_runtime::api::http::request_metadata;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

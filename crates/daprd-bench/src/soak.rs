@@ -54,14 +54,17 @@ pub async fn run(opts: &Opts, secs: u64, rate: u64) -> Result<serde_json::Value>
     );
     let published = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    // publishes sent and not answered yet: the count is read only once they are all in
+    let in_flight = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(secs);
     let sender = {
-        let (http, url, published, failed, stats) = (
+        let (http, url, published, failed, stats, in_flight) = (
             http.clone(),
             url.clone(),
             published.clone(),
             failed.clone(),
             stats.clone(),
+            in_flight.clone(),
         );
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
@@ -76,14 +79,21 @@ pub async fn run(opts: &Opts, secs: u64, rate: u64) -> Result<serde_json::Value>
                     std::thread::sleep(intended - now);
                 }
                 let t = stats.now_us();
-                let (http, url, published, failed) =
-                    (http.clone(), url.clone(), published.clone(), failed.clone());
+                let (http, url, published, failed, in_flight) = (
+                    http.clone(),
+                    url.clone(),
+                    published.clone(),
+                    failed.clone(),
+                    in_flight.clone(),
+                );
+                in_flight.fetch_add(1, Ordering::SeqCst);
                 handle.spawn(async move {
                     if publish(&http, &url, t).await.is_ok() {
-                        published.fetch_add(1, Ordering::Relaxed);
+                        published.fetch_add(1, Ordering::SeqCst);
                     } else {
-                        failed.fetch_add(1, Ordering::Relaxed);
+                        failed.fetch_add(1, Ordering::SeqCst);
                     }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         })
@@ -111,8 +121,11 @@ pub async fn run(opts: &Opts, secs: u64, rate: u64) -> Result<serde_json::Value>
         samples.push(s);
     }
     sender.await?;
-    let want = published.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(30);
+    while in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let want = published.load(Ordering::SeqCst);
     while stats.received() < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -139,6 +152,15 @@ pub async fn run(opts: &Opts, secs: u64, rate: u64) -> Result<serde_json::Value>
         bail!(
             "soak: {} published messages were not delivered",
             want - delivered
+        );
+    }
+    // a publish that failed on the client's side may still have reached the broker; more
+    // deliveries than that are duplicates
+    let sent = want + failed.load(Ordering::SeqCst);
+    if delivered > sent {
+        bail!(
+            "soak: {} more deliveries than publishes (duplicates)",
+            delivered - sent
         );
     }
     if rss.len() >= 3 && tail_max > limit {

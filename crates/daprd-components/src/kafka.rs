@@ -21,31 +21,30 @@
 
 mod metadata;
 mod producer;
+mod subscriber;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use daprd_core::metadata::{Metadata, MetadataError};
 use daprd_core::pubsub::{
-    BulkPublishRequest, ErrorKind, FailedEntry, Feature, Handler, Message, Outcome, PubSub,
-    PubSubError, PubSubFactory, PublishRequest, SubscribeRequest, Subscription,
+    BulkPublishRequest, ErrorKind, FailedEntry, Feature, Handler, PubSub, PubSubError,
+    PubSubFactory, PublishRequest, SubscribeRequest, Subscription,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::util::Timeout;
-use rdkafka::{ClientContext, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub use metadata::{Auth, BackOff, InitialOffset, KafkaMetadata};
 use producer::{is_refusal, KafkaProducer, LastError, Opaque, Record};
+use subscriber::{ConsumeLoop, RebalanceContext};
 
 /// How long a publish may wait in librdkafka's queue and for the broker's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,9 +57,27 @@ fn client_config(props: &[(&'static str, String)]) -> ClientConfig {
     for (k, v) in props {
         config.set(*k, v);
     }
+    // The client library takes its level from the `log` crate, which the sidecar does not
+    // use (errors only, then): take it from the sidecar's own log filter.
+    config.set_log_level(librdkafka_log_level());
     config
 }
 
+/// The most detailed level of the client library's lines the sidecar's log shows.
+fn librdkafka_log_level() -> rdkafka::config::RDKafkaLogLevel {
+    use rdkafka::config::RDKafkaLogLevel;
+    if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
+        RDKafkaLogLevel::Debug
+    } else if tracing::enabled!(target: "librdkafka", tracing::Level::INFO) {
+        RDKafkaLogLevel::Info
+    } else if tracing::enabled!(target: "librdkafka", tracing::Level::WARN) {
+        RDKafkaLogLevel::Warning
+    } else {
+        RDKafkaLogLevel::Error
+    }
+}
+
+/// A librdkafka error as a component error: permanent for the codes a retry meets again.
 fn kafka_error(what: &str, e: KafkaError) -> PubSubError {
     let permanent = matches!(
         e.rdkafka_error_code(),
@@ -72,15 +89,12 @@ fn kafka_error(what: &str, e: KafkaError) -> PubSubError {
                 | RDKafkaErrorCode::InvalidTopic
         )
     );
-    PubSubError::Broker {
-        message: format!("kafka: {what}: {e}"),
-        kind: if permanent {
-            ErrorKind::Permanent
-        } else {
-            ErrorKind::Transient
-        },
-        source: Some(Box::new(e)),
-    }
+    let kind = if permanent {
+        ErrorKind::Permanent
+    } else {
+        ErrorKind::Transient
+    };
+    PubSubError::with_kind(kind, "kafka", what, e)
 }
 
 #[async_trait]
@@ -124,7 +138,6 @@ impl PubSubFactory for KafkaFactory {
             name: name.to_string(),
             md: Arc::new(md),
             producer,
-            errors,
             admin,
             created: Mutex::default(),
             stop: watch::channel(false).0,
@@ -182,8 +195,6 @@ pub struct KafkaPubSub {
     name: String,
     md: Arc<KafkaMetadata>,
     producer: KafkaProducer,
-    /// What the producer's client last reported as an error.
-    errors: LastError,
     /// Present with `autoCreateTopics`.
     admin: Option<AdminClient<DefaultClientContext>>,
     /// Topics known to exist (created or found by `autoCreateTopics`).
@@ -242,11 +253,11 @@ impl KafkaPubSub {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(topic);
-            return PubSubError::Broker {
-                message: format!("kafka: {what}: topic {topic} does not exist on the broker, which does not create topics on demand (create it, or set autoCreateTopics)"),
-                kind: ErrorKind::Permanent,
-                source: Some(Box::new(e)),
-            };
+            return PubSubError::permanent(
+                "kafka",
+                &format!("{what}: topic {topic} does not exist on the broker, which does not create topics on demand (create it, or set autoCreateTopics)"),
+                e,
+            );
         }
         kafka_error(&what, e)
     }
@@ -337,57 +348,6 @@ impl RecordParts {
     }
 }
 
-/// Go's `url.QueryEscape`, used for `escapeHeaders`.
-pub fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-/// The metadata the runtime gets with a consumed record.
-pub fn inbound_metadata(msg: &OwnedMessage, md: &KafkaMetadata) -> BTreeMap<String, String> {
-    let escape = |v: &[u8]| {
-        let s = String::from_utf8_lossy(v);
-        if md.escape_headers {
-            query_escape(&s)
-        } else {
-            s.into_owned()
-        }
-    };
-    let mut out = BTreeMap::new();
-    if let Some(headers) = msg.headers() {
-        for h in headers.iter() {
-            if md
-                .exclude_header_meta
-                .as_ref()
-                .is_some_and(|re| re.is_match(h.key))
-            {
-                continue;
-            }
-            out.insert(h.key.to_string(), escape(h.value.unwrap_or_default()));
-        }
-    }
-    if let Some(k) = msg.key() {
-        out.insert("__key".into(), escape(k));
-    }
-    out.insert("__offset".into(), msg.offset().to_string());
-    out.insert("__topic".into(), msg.topic().to_string());
-    out.insert(
-        "__timestamp".into(),
-        msg.timestamp().to_millis().unwrap_or(0).to_string(),
-    );
-    out.insert("__partition".into(), msg.partition().to_string());
-    out
-}
-
 const FEATURES: &[Feature] = &[Feature::BulkPublish];
 
 #[async_trait]
@@ -398,7 +358,7 @@ impl PubSub for KafkaPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let parts =
             RecordParts::from_metadata(&request.metadata, self.md.exclude_header_meta.as_ref())?;
@@ -421,7 +381,7 @@ impl PubSub for KafkaPubSub {
         request: BulkPublishRequest,
     ) -> Result<Vec<FailedEntry>, PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let exclude = self.md.exclude_header_meta.as_ref();
         let mut parts = Vec::with_capacity(request.entries.len());
@@ -468,7 +428,7 @@ impl PubSub for KafkaPubSub {
         handler: Handler,
     ) -> Result<Subscription, PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let group = self.md.consumer_group.clone().ok_or_else(|| {
             PubSubError::Metadata(MetadataError::new(
@@ -505,8 +465,7 @@ impl PubSub for KafkaPubSub {
             bulk: request.bulk,
             epochs,
             pending,
-            cancelled,
-            stop: self.stop.subscribe(),
+            stop: crate::stop::Stop::new(cancelled, self.stop.subscribe()),
             guard,
         };
         tokio::spawn(run.run());
@@ -516,324 +475,11 @@ impl PubSub for KafkaPubSub {
         .with_drain(drained))
     }
 
-    async fn ping(&self) -> Result<(), PubSubError> {
-        check_brokers(&self.producer, &self.errors, &self.md.brokers).await
-    }
-
     async fn close(&self) -> Result<(), PubSubError> {
         let _ = self.stop.send(true);
         let producer = self.producer.clone();
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         Ok(())
-    }
-}
-
-/// Counts partition revocations, so queued messages of a revoked partition are not handled
-/// (the partition's next owner reads them from the committed offset).
-#[derive(Default)]
-struct RebalanceContext {
-    epochs: Arc<Mutex<HashMap<i32, u64>>>,
-    /// Messages queued or in flight, per partition.
-    pending: Arc<Mutex<HashMap<i32, Arc<AtomicUsize>>>>,
-    /// How long a revocation waits for the partition's message in flight (`sessionTimeout`).
-    drain_wait: Duration,
-}
-
-impl ClientContext for RebalanceContext {}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(
-        &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
-        };
-        let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-        {
-            let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &revoked {
-                *epochs.entry(*p).or_default() += 1;
-            }
-        }
-        // Like sarama, let the message in flight finish (and its offset be stored, so the
-        // commit before the revocation includes it) instead of having the partition's next
-        // owner deliver it again; queued messages are skipped by the epoch bump above.
-        let counters: Vec<Arc<AtomicUsize>> = {
-            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            revoked
-                .iter()
-                .filter_map(|p| pending.get(p).cloned())
-                .collect()
-        };
-        let deadline = Instant::now() + self.drain_wait;
-        let wait = || {
-            while counters.iter().any(|c| c.load(Ordering::SeqCst) > 0) && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
-        // The callback runs inside the consume loop's poll: on a multi-thread runtime the
-        // workers go on elsewhere meanwhile; elsewhere waiting would only stall them.
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => {}
-        }
-    }
-}
-
-fn epoch(epochs: &Mutex<HashMap<i32, u64>>, partition: i32) -> u64 {
-    epochs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&partition)
-        .copied()
-        .unwrap_or(0)
-}
-
-type SharedConsumer = Arc<StreamConsumer<RebalanceContext>>;
-
-struct ConsumeLoop {
-    component: String,
-    topic: String,
-    md: Arc<KafkaMetadata>,
-    consumer: SharedConsumer,
-    handler: Handler,
-    /// Bulk subscription batch size ([`SubscribeRequest::bulk`]).
-    bulk: Option<usize>,
-    epochs: Arc<Mutex<HashMap<i32, u64>>>,
-    pending: Arc<Mutex<HashMap<i32, Arc<AtomicUsize>>>>,
-    cancelled: watch::Receiver<bool>,
-    stop: watch::Receiver<bool>,
-    /// Held until the loop has stopped its workers and committed their offsets.
-    guard: daprd_core::pubsub::DrainGuard,
-}
-
-/// One partition's queue: handled in order by its own task.
-struct PartitionWorker {
-    tx: mpsc::UnboundedSender<(OwnedMessage, u64)>,
-    flow: Arc<Flow>,
-}
-
-/// Pauses a partition whose queue is full and resumes it once half drained.
-struct Flow {
-    pending: Arc<AtomicUsize>,
-    paused: Mutex<bool>,
-    high: usize,
-    consumer: SharedConsumer,
-    topic: String,
-    partition: i32,
-}
-
-impl Flow {
-    fn tpl(&self) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, self.partition);
-        tpl
-    }
-
-    fn queued(&self) {
-        let n = self.pending.fetch_add(1, Ordering::SeqCst) + 1;
-        if n >= self.high {
-            let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-            if !*paused && self.pending.load(Ordering::SeqCst) >= self.high {
-                if let Err(e) = self.consumer.pause(&self.tpl()) {
-                    tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "kafka: pausing a partition failed");
-                } else {
-                    *paused = true;
-                }
-            }
-        }
-    }
-
-    fn done(&self) {
-        let n = self.pending.fetch_sub(1, Ordering::SeqCst) - 1;
-        if n <= self.high / 2 {
-            let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-            if *paused {
-                if let Err(e) = self.consumer.resume(&self.tpl()) {
-                    tracing::warn!(topic = %self.topic, partition = self.partition, error = %e, "kafka: resuming a partition failed");
-                }
-                *paused = false;
-            }
-        }
-    }
-}
-
-impl ConsumeLoop {
-    async fn run(mut self) {
-        let mut workers: HashMap<i32, PartitionWorker> = HashMap::new();
-        let (done_tx, done_rx) = watch::channel(false);
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = self.cancelled.wait_for(|c| *c) => break,
-                _ = self.stop.wait_for(|c| *c) => break,
-                m = self.consumer.recv() => m.map(|m| m.detach()),
-            };
-            let msg = match next {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(component = %self.component, topic = %self.topic, error = %e, "kafka consumer error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let partition = msg.partition();
-            let worker = workers
-                .entry(partition)
-                .or_insert_with(|| self.spawn_worker(partition, done_rx.clone()));
-            worker.flow.queued();
-            let current = epoch(&self.epochs, partition);
-            if worker.tx.send((msg, current)).is_err() {
-                worker.flow.done();
-            }
-        }
-        // Stop the workers (queued messages are left for redelivery), wait for the message
-        // each is handling, commit what was stored and leave the group.
-        let _ = done_tx.send(true);
-        drop(workers);
-        drop(done_rx);
-        let consumer = self.consumer;
-        let guard = self.guard;
-        let _ = tokio::task::spawn_blocking(move || {
-            // Workers hold clones of the consumer; wait (bounded) until they let go.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Arc::strong_count(&consumer) > 1 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-                tracing::debug!(error = %e, "kafka: final offset commit");
-            }
-            drop(consumer);
-        })
-        .await;
-        drop(guard);
-    }
-
-    fn spawn_worker(&self, partition: i32, mut done: watch::Receiver<bool>) -> PartitionWorker {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(OwnedMessage, u64)>();
-        let pending = Arc::new(AtomicUsize::new(0));
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(partition, pending.clone());
-        let flow = Arc::new(Flow {
-            pending,
-            paused: Mutex::new(false),
-            high: self.md.channel_buffer_size.max(1),
-            consumer: self.consumer.clone(),
-            topic: self.topic.clone(),
-            partition,
-        });
-        let worker_flow = flow.clone();
-        let handler = self.handler.clone();
-        let md = self.md.clone();
-        let epochs = self.epochs.clone();
-        let component = self.component.clone();
-        let bulk = self.bulk;
-        tokio::spawn(async move {
-            let flow = worker_flow;
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = done.wait_for(|d| *d) => break,
-                    m = rx.recv() => m,
-                };
-                let Some(first) = next else { break };
-                // A bulk subscription gets what is already queued (up to its batch size)
-                // at once, so the runtime can batch it; otherwise one message at a time.
-                let mut batch = vec![first];
-                while batch.len() < bulk.unwrap_or(1) {
-                    match rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
-                }
-                let current = epoch(&epochs, partition);
-                let live: Vec<&OwnedMessage> = batch
-                    .iter()
-                    .filter(|(_, at)| *at == current)
-                    .map(|(m, _)| m)
-                    .collect();
-                let settled = futures::future::join_all(live.iter().map(|m| {
-                    // a revocation ends retries in place: the next owner retries
-                    let revoked = || epoch(&epochs, partition) != current;
-                    handle_one(m, &handler, &md, done.clone(), &component, revoked)
-                }))
-                .await;
-                // Commit up to the last message of the settled run from the start: a message
-                // behind an unsettled one (shutting down) is delivered again, never skipped.
-                let last = live
-                    .iter()
-                    .zip(&settled)
-                    .take_while(|(_, ok)| **ok)
-                    .map(|(m, _)| *m)
-                    .last();
-                if let Some(msg) = last {
-                    if let Err(e) =
-                        flow.consumer
-                            .store_offset(msg.topic(), msg.partition(), msg.offset())
-                    {
-                        tracing::debug!(%component, topic = msg.topic(), partition, offset = msg.offset(), error = %e, "kafka: storing the offset failed (partition revoked?)");
-                    }
-                }
-                for _ in &batch {
-                    flow.done();
-                }
-            }
-            // Stopped: what is still queued will not be handled here, so a revocation (the
-            // group leave when the consumer closes) must not wait for it.
-            flow.pending.store(0, Ordering::SeqCst);
-            drop(flow);
-        });
-        PartitionWorker { tx, flow }
-    }
-}
-
-/// Hands `msg` to the runtime until it is settled; `true` when its offset may be committed.
-async fn handle_one(
-    msg: &OwnedMessage,
-    handler: &Handler,
-    md: &KafkaMetadata,
-    mut done: watch::Receiver<bool>,
-    component: &str,
-    revoked: impl Fn() -> bool,
-) -> bool {
-    let message = Message {
-        topic: msg.topic().to_string(),
-        data: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
-        metadata: inbound_metadata(msg, md),
-        content_type: None,
-    };
-    let started = Instant::now();
-    let mut attempt = 0u64;
-    loop {
-        match handler(message.clone()).await {
-            Outcome::Success | Outcome::Drop => return true,
-            Outcome::Retry => {}
-        }
-        let Some(back_off) = &md.consume_retry else {
-            tracing::error!(%component, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), "kafka: message not processed; skipped (consumeRetryEnabled is false)");
-            return false;
-        };
-        let Some(delay) = back_off.next_delay(attempt, started.elapsed()) else {
-            tracing::error!(%component, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), "kafka: too many failed attempts at processing the message; skipped");
-            return false;
-        };
-        attempt += 1;
-        tracing::warn!(%component, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), attempt, "kafka: message not processed; retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            // Shutting down: not committed, so the group redelivers it.
-            _ = done.wait_for(|d| *d) => return false,
-        }
-        if revoked() {
-            return false;
-        }
     }
 }
 
@@ -867,10 +513,5 @@ mod tests {
         let e = RecordParts::from_metadata(&bad, None).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Permanent);
         assert!(e.to_string().contains("partitionNumber"), "{e}");
-    }
-
-    #[test]
-    fn query_escape_matches_go() {
-        assert_eq!(query_escape("a b/c?d=é~"), "a+b%2Fc%3Fd%3D%C3%A9~");
     }
 }

@@ -18,8 +18,8 @@ pub mod redis;
 pub mod secretstores;
 #[cfg(feature = "snssqs")]
 pub mod snssqs;
-#[cfg(feature = "tls")]
-pub mod tls;
+#[cfg(any(feature = "jetstream", feature = "kafka", feature = "rabbitmq"))]
+mod stop;
 
 use std::sync::Arc;
 
@@ -42,6 +42,21 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(kafka::KafkaFactory));
     #[cfg(feature = "snssqs")]
     registry.register_pubsub(Arc::new(snssqs::SnsSqsFactory));
+    // What a smaller build leaves out answers with the feature that brings it in.
+    #[cfg(not(feature = "in-memory"))]
+    registry.compiled_out("pubsub.in-memory", "in-memory");
+    #[cfg(not(feature = "redis"))]
+    registry.compiled_out("pubsub.redis", "redis");
+    #[cfg(not(feature = "rabbitmq"))]
+    registry.compiled_out("pubsub.rabbitmq", "rabbitmq");
+    #[cfg(not(feature = "jetstream"))]
+    registry.compiled_out("pubsub.jetstream", "jetstream");
+    #[cfg(not(feature = "mqtt3"))]
+    registry.compiled_out("pubsub.mqtt3", "mqtt3");
+    #[cfg(not(feature = "kafka"))]
+    registry.compiled_out("pubsub.kafka", "kafka");
+    #[cfg(not(feature = "snssqs"))]
+    registry.compiled_out("pubsub.aws.snssqs", "snssqs");
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry
@@ -73,6 +88,21 @@ mod tests {
         assert!(e.to_string().contains("not supported yet"));
         #[cfg(feature = "kafka")]
         assert!(r.resolve("pubsub.kafka", "v1").is_ok());
+        #[cfg(not(feature = "snssqs"))]
+        {
+            let e = r.resolve("pubsub.snssqs", "v1").err().unwrap();
+            assert!(
+                matches!(
+                    e,
+                    RegistryError::CompiledOut {
+                        feature: "snssqs",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(e.to_string().contains("--features snssqs"), "{e}");
+        }
         let e = r.resolve("pubsub.hazelcast", "v1").err().unwrap();
         assert!(e.to_string().contains("removed from Dapr in v1.11"), "{e}");
         let e = r.resolve("pubsub.natsstreaming", "v1").err().unwrap();

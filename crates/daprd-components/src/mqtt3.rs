@@ -8,13 +8,16 @@
 //!   redelivered by the broker per MQTT session rules (on reconnect, `cleanSession` false).
 //!   Inbound metadata `retained`.
 
+mod metadata;
+mod subscriber;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
+use daprd_core::metadata::{Metadata, MetadataError};
 use daprd_core::pubsub::{
     ErrorKind, Feature, Handler, Message, Outcome, PubSub, PubSubError, PubSubFactory,
     PublishRequest, SubscribeRequest, Subscription,
@@ -22,106 +25,8 @@ use daprd_core::pubsub::{
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
-/// Parsed `pubsub.mqtt3` metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MqttMetadata {
-    /// Broker host.
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
-    /// User from the URL.
-    pub username: Option<String>,
-    /// Password from the URL.
-    pub password: Option<String>,
-    /// `consumerID`: the MQTT client id.
-    pub client_id: String,
-    /// `qos` (1).
-    pub qos: u8,
-    /// `retain` (false).
-    pub retain: bool,
-    /// `cleanSession` (false).
-    pub clean_session: bool,
-    /// `ssl://` (also `tls://`, `mqtts://`, `tcps://`, as Go's component maps them).
-    pub tls: bool,
-    /// `caCert` / `clientCert` / `clientKey` (PEM text).
-    pub tls_material: crate::tls::PemMaterial,
-}
-
-impl MqttMetadata {
-    /// Parses and checks `md`.
-    ///
-    /// # Errors
-    /// Every bad key.
-    pub fn parse(md: &Metadata) -> Result<Self, Vec<MetadataError>> {
-        let mut r = MetadataReader::new(md);
-        let url = md.get_non_empty("url").unwrap_or("");
-        let (mut host, mut port, mut username, mut password) = (String::new(), 1883u16, None, None);
-        let mut tls = false;
-        if url.is_empty() {
-            r.fail("url", "is required (tcp://host:1883)");
-        } else {
-            let (scheme, rest) = url.split_once("://").unwrap_or(("tcp", url));
-            match scheme {
-                "tcp" | "mqtt" => {}
-                "ssl" | "tls" | "mqtts" | "tcps" => {
-                    tls = true;
-                    port = 8883;
-                }
-                "ws" | "wss" => r.fail(
-                    "url",
-                    format!("{scheme}:// (MQTT over WebSocket) is not supported yet by daprd-rs"),
-                ),
-                other => r.fail("url", format!("unknown scheme {other:?}")),
-            }
-            let rest = rest.trim_end_matches('/');
-            let (auth, hostport) = match rest.rsplit_once('@') {
-                Some((a, h)) => (Some(a), h),
-                None => (None, rest),
-            };
-            if let Some(a) = auth {
-                let (u, p) = a.split_once(':').unwrap_or((a, ""));
-                username = Some(u.to_string());
-                password = (!p.is_empty()).then(|| p.to_string());
-            }
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => match p.parse() {
-                    Ok(p) => {
-                        host = h.to_string();
-                        port = p;
-                    }
-                    Err(_) => r.fail("url", format!("{p:?} is not a port")),
-                },
-                None => host = hostport.to_string(),
-            }
-        }
-        let qos = u8::try_from(r.int("qos", 1, 0..=2)).unwrap_or(1);
-        let retain = r.bool("retain", false);
-        let clean_session = r.bool("cleanSession", false);
-        let tls_material =
-            crate::tls::PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
-        let client_id = r.required("consumerID", " (daprd sets it to the app id)");
-        r.finish(|| Self {
-            host,
-            port,
-            username,
-            password,
-            client_id,
-            qos,
-            retain,
-            clean_session,
-            tls,
-            tls_material,
-        })
-    }
-
-    fn qos(&self) -> QoS {
-        match self.qos {
-            0 => QoS::AtMostOnce,
-            2 => QoS::ExactlyOnce,
-            _ => QoS::AtLeastOnce,
-        }
-    }
-}
+pub use metadata::MqttMetadata;
+use subscriber::{next_route_id, strip_share, Route, Routes, PARK_TTL};
 
 /// Builds `pubsub.mqtt3` components.
 pub struct MqttFactory;
@@ -146,137 +51,27 @@ impl PubSubFactory for MqttFactory {
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
         let md = MqttMetadata::parse(metadata)?;
-        let mut opts = MqttOptions::new(md.client_id.clone(), md.host.clone(), md.port);
-        opts.set_clean_session(md.clean_session)
-            .set_manual_acks(true)
-            .set_keep_alive(Duration::from_secs(30));
-        if let Some(u) = &md.username {
-            opts.set_credentials(u.clone(), md.password.clone().unwrap_or_default());
-        }
-        if md.tls {
-            let config =
-                md.tls_material
-                    .client_config(false)
-                    .map_err(|e| PubSubError::Connect {
-                        message: format!("mqtt tls: {e}"),
-                        source: None,
-                    })?;
-            opts.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
-            ));
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let (client, eventloop) = AsyncClient::new(options(&md)?, 1024);
         let routes: Routes = Arc::default();
         let confirms: SharedConfirms = Arc::default();
-        let loop_confirms = confirms.clone();
+        let send_order = Arc::new(tokio::sync::Mutex::new(()));
         let (connected_tx, mut connected_rx) = watch::channel(false);
-        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
         let (disconnected_tx, disconnected_rx) = watch::channel(false);
-        let loop_routes = routes.clone();
-        let loop_client = client.clone();
-        let component = name.to_string();
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    e = eventloop.poll() => e,
-                    _ = stop_rx.wait_for(|s| *s) => return,
-                };
-                match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = connected_tx.send(true);
-                        // (Re)subscribe every filter on a new session.
-                        let filters: Vec<(String, u8)> = loop_routes
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .routes
-                            .iter()
-                            .map(|r| (r.filter.clone(), r.qos))
-                            .collect();
-                        for (f, q) in filters {
-                            let qos = match q {
-                                0 => QoS::AtMostOnce,
-                                2 => QoS::ExactlyOnce,
-                                _ => QoS::AtLeastOnce,
-                            };
-                            let _ = loop_client.subscribe(f, qos).await;
-                        }
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
-                        let mut c = loop_confirms.lock().unwrap_or_else(PoisonError::into_inner);
-                        if let Some(tx) = c.queued.pop_front() {
-                            if pkid == 0 {
-                                let _ = tx.send(Ok(()));
-                            } else {
-                                c.by_pkid.insert(pkid, tx);
-                            }
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(tx) = loop_confirms
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .by_pkid
-                            .remove(&ack.pkid)
-                        {
-                            let _ = tx.send(Ok(()));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubComp(comp))) => {
-                        if let Some(tx) = loop_confirms
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .by_pkid
-                            .remove(&comp.pkid)
-                        {
-                            let _ = tx.send(Ok(()));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        // A message no subscription of this process wants (yet) is parked,
-                        // not acknowledged: a persistent session replays its messages right
-                        // after CONNACK, before the runtime subscribes, and messages keep
-                        // coming between a subscription's stop and the component's close.
-                        let expired = {
-                            let mut inbound =
-                                loop_routes.lock().unwrap_or_else(PoisonError::into_inner);
-                            let targets: Vec<mpsc::UnboundedSender<rumqttc::Publish>> = inbound
-                                .routes
-                                .iter()
-                                .filter(|r| rumqttc::matches(&p.topic, strip_share(&r.filter)))
-                                .map(|r| r.queue.clone())
-                                .collect();
-                            for t in &targets {
-                                let _ = t.send(p.clone());
-                            }
-                            if targets.is_empty() {
-                                inbound.park(p);
-                            }
-                            inbound.expired(std::time::Instant::now())
-                        };
-                        for p in expired {
-                            tracing::warn!(%component, topic = %p.topic, "mqtt message matched no subscription for {PARK_TTL:?}; acknowledged without delivery");
-                            let _ = loop_client.ack(&p).await;
-                        }
-                    }
-                    // Requests go out in order: once DISCONNECT is written, every PUBACK
-                    // queued before it is too.
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                        let _ = disconnected_tx.send(true);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = connected_tx.send(false);
-                        // Unconfirmed publishes are reported as failed (never a false success).
-                        loop_confirms
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .fail_all(&format!("connection lost: {e}"));
-                        tracing::warn!(%component, error = %e, "mqtt connection lost; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
+        tokio::spawn(
+            EventLoop {
+                component: name.to_string(),
+                eventloop,
+                client: client.clone(),
+                routes: routes.clone(),
+                confirms: confirms.clone(),
+                send_order: send_order.clone(),
+                connected: connected_tx,
+                disconnected: disconnected_tx,
+                reconnect: daprd_core::backoff::RECONNECT,
             }
-        });
+            .run(stop_rx),
+        );
         let ok = matches!(
             tokio::time::timeout(Duration::from_secs(10), connected_rx.wait_for(|c| *c)).await,
             Ok(Ok(_))
@@ -293,7 +88,7 @@ impl PubSubFactory for MqttFactory {
             client,
             routes,
             confirms,
-            send_order: tokio::sync::Mutex::new(()),
+            send_order,
             connected: connected_rx,
             disconnected: disconnected_rx,
             stop: stop_tx,
@@ -301,12 +96,165 @@ impl PubSubFactory for MqttFactory {
     }
 }
 
-/// `$share/<group>/<filter>` → `<filter>` (the broker delivers with the real topic).
-fn strip_share(filter: &str) -> &str {
-    filter
-        .strip_prefix("$share/")
-        .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
-        .unwrap_or(filter)
+/// The client options: client id, broker, session, credentials, TLS.
+fn options(md: &MqttMetadata) -> Result<MqttOptions, PubSubError> {
+    let mut opts = MqttOptions::new(md.client_id.clone(), md.host.clone(), md.port);
+    opts.set_clean_session(md.clean_session)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(30));
+    if let Some(u) = &md.username {
+        opts.set_credentials(u.clone(), md.password.clone().unwrap_or_default());
+    }
+    if md.tls {
+        let config = md
+            .tls_material
+            .client_config(false)
+            .map_err(|e| PubSubError::Connect {
+                message: format!("mqtt tls: {e}"),
+                source: Some(Box::new(e)),
+            })?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+    }
+    Ok(opts)
+}
+
+/// The connection's event loop: drives the client library, (re)subscribes on every new
+/// session, matches acknowledgements to waiting publishes, hands messages to the
+/// subscriptions, and reconnects with backoff.
+struct EventLoop {
+    component: String,
+    eventloop: rumqttc::EventLoop,
+    client: AsyncClient,
+    routes: Routes,
+    confirms: SharedConfirms,
+    /// The publishers' order lock (see [`MqttPubSub::publish`]).
+    send_order: Arc<tokio::sync::Mutex<()>>,
+    connected: watch::Sender<bool>,
+    /// Set once DISCONNECT is written: requests go out in order, so every PUBACK queued
+    /// before it is too.
+    disconnected: watch::Sender<bool>,
+    reconnect: daprd_core::backoff::Backoff,
+}
+
+impl EventLoop {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let event = tokio::select! {
+                e = self.eventloop.poll() => e,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => self.connected().await,
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => self.sent(pkid),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => self.confirmed(ack.pkid),
+                Ok(Event::Incoming(Packet::PubComp(comp))) => self.confirmed(comp.pkid),
+                Ok(Event::Incoming(Packet::Publish(p))) => self.received(p).await,
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                    let _ = self.disconnected.send(true);
+                }
+                Ok(_) => {}
+                Err(e) => self.lost(e).await,
+            }
+        }
+    }
+
+    /// A new session: subscribe every filter again.
+    async fn connected(&mut self) {
+        self.reconnect.reset();
+        let _ = self.connected.send(true);
+        let filters: Vec<(String, u8)> = self
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .routes
+            .iter()
+            .map(|r| (r.filter.clone(), r.qos))
+            .collect();
+        for (f, q) in filters {
+            let qos = match q {
+                0 => QoS::AtMostOnce,
+                2 => QoS::ExactlyOnce,
+                _ => QoS::AtLeastOnce,
+            };
+            let _ = self.client.subscribe(f, qos).await;
+        }
+    }
+
+    /// A PUBLISH went out: the oldest waiter is its (QoS 0 is done once written).
+    fn sent(&self, pkid: u16) {
+        let mut c = self.confirms.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = c.queued.pop_front() {
+            if pkid == 0 {
+                let _ = tx.send(Ok(()));
+            } else {
+                c.by_pkid.insert(pkid, tx);
+            }
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2).
+    fn confirmed(&self, pkid: u16) {
+        let waiter = self
+            .confirms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_pkid
+            .remove(&pkid);
+        if let Some(tx) = waiter {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    /// A message for the subscriptions. One that no subscription of this process wants (yet)
+    /// is parked, not acknowledged: a persistent session replays its messages right after
+    /// CONNACK, before the runtime subscribes, and messages keep coming between a
+    /// subscription's stop and the component's close.
+    async fn received(&mut self, p: rumqttc::Publish) {
+        let expired = {
+            let mut inbound = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+            let targets: Vec<mpsc::UnboundedSender<rumqttc::Publish>> = inbound
+                .routes
+                .iter()
+                .filter(|r| rumqttc::matches(&p.topic, strip_share(&r.filter)))
+                .map(|r| r.queue.clone())
+                .collect();
+            for t in &targets {
+                let _ = t.send(p.clone());
+            }
+            if targets.is_empty() {
+                inbound.park(p);
+            }
+            inbound.expired(std::time::Instant::now())
+        };
+        for p in expired {
+            tracing::warn!(component = %self.component, topic = %p.topic, "mqtt message matched no subscription for {PARK_TTL:?}; acknowledged without delivery");
+            let _ = self.client.ack(&p).await;
+        }
+    }
+
+    /// The connection dropped. Unconfirmed publishes are reported as failed (never a false
+    /// success), and their requests are dropped: the client library would send them again
+    /// on the next connection, where a resent one would answer for a newer request's waiter.
+    /// Under the publishers' order lock, so no publish is between its waiter and its request;
+    /// `clean` also takes what was queued since the library's own clean-up on the error.
+    async fn lost(&mut self, e: rumqttc::ConnectionError) {
+        let _ = self.connected.send(false);
+        {
+            let _order = self.send_order.lock().await;
+            self.eventloop.clean();
+            self.eventloop
+                .pending
+                .retain(|r| !matches!(r, rumqttc::Request::Publish(_)));
+            self.confirms
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .fail_all(&format!("connection lost: {e}"));
+        }
+        tracing::warn!(component = %self.component, error = %e, "mqtt connection lost; reconnecting");
+        tokio::time::sleep(self.reconnect.next_pause()).await;
+    }
 }
 
 /// Publishes waiting for the broker's acknowledgement (PUBACK, or PUBCOMP for QoS 2): the
@@ -331,74 +279,13 @@ impl Confirms {
 
 type SharedConfirms = Arc<Mutex<Confirms>>;
 
-struct Route {
-    id: u64,
-    filter: String,
-    qos: u8,
-    queue: mpsc::UnboundedSender<rumqttc::Publish>,
-}
-
-/// How long a message that matches no subscription waits for one before it is acknowledged
-/// without delivery (so an abandoned filter of a persistent session cannot hold the broker's
-/// in-flight window forever).
-const PARK_TTL: Duration = Duration::from_secs(60);
-/// Most messages parked at once; beyond that the oldest is forgotten unacknowledged (the
-/// broker sends it again on the next session).
-const PARK_MAX: usize = 10_000;
-
-/// Where incoming messages go: the subscriptions' queues, and the messages that matched none.
-#[derive(Default)]
-struct Inbound {
-    routes: Vec<Route>,
-    parked: std::collections::VecDeque<(std::time::Instant, rumqttc::Publish)>,
-}
-
-impl Inbound {
-    fn park(&mut self, p: rumqttc::Publish) {
-        if self.parked.len() >= PARK_MAX {
-            self.parked.pop_front();
-        }
-        self.parked.push_back((std::time::Instant::now(), p));
-    }
-
-    /// Takes the parked messages older than [`PARK_TTL`].
-    fn expired(&mut self, now: std::time::Instant) -> Vec<rumqttc::Publish> {
-        let mut out = Vec::new();
-        while let Some((at, _)) = self.parked.front() {
-            if now.duration_since(*at) < PARK_TTL {
-                break;
-            }
-            if let Some((_, p)) = self.parked.pop_front() {
-                out.push(p);
-            }
-        }
-        out
-    }
-
-    /// Adds `route` and hands it the parked messages it matches.
-    fn add(&mut self, route: Route) {
-        let filter = strip_share(&route.filter).to_string();
-        let parked = std::mem::take(&mut self.parked);
-        for (at, p) in parked {
-            if rumqttc::matches(&p.topic, &filter) {
-                let _ = route.queue.send(p);
-            } else {
-                self.parked.push_back((at, p));
-            }
-        }
-        self.routes.push(route);
-    }
-}
-
-type Routes = Arc<Mutex<Inbound>>;
-
 /// A live `pubsub.mqtt3` component.
 pub struct MqttPubSub {
     md: Arc<MqttMetadata>,
     client: AsyncClient,
     routes: Routes,
     confirms: SharedConfirms,
-    send_order: tokio::sync::Mutex<()>,
+    send_order: Arc<tokio::sync::Mutex<()>>,
     connected: watch::Receiver<bool>,
     /// Turns true once the event loop has written DISCONNECT (and so every ack before it).
     disconnected: watch::Receiver<bool>,
@@ -415,7 +302,7 @@ impl PubSub for MqttPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         if !*self.connected.borrow() {
             return Err(PubSubError::broker(
@@ -438,19 +325,22 @@ impl PubSub for MqttPubSub {
                 .unwrap_or_else(PoisonError::into_inner)
                 .queued
                 .push_back(tx);
-            self.client
-                .publish(
-                    request.topic.clone(),
-                    self.md.qos(),
-                    retain,
-                    request.data.to_vec(),
-                )
-                .await
-                .map_err(|e| PubSubError::Broker {
-                    message: format!("mqtt: publishing: {e}"),
-                    kind: ErrorKind::Transient,
-                    source: Some(Box::new(e)),
-                })?;
+            // Never waits while holding the order lock (the event loop takes it when the
+            // connection drops): a full request queue is an error, not a wait.
+            let sent = self.client.try_publish(
+                request.topic.clone(),
+                self.md.qos(),
+                retain,
+                request.data.to_vec(),
+            );
+            if let Err(e) = sent {
+                self.confirms
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .queued
+                    .pop_back();
+                return Err(PubSubError::transient("mqtt", "publishing", e));
+            }
         }
         match tokio::time::timeout(Duration::from_secs(10), rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -475,11 +365,7 @@ impl PubSub for MqttPubSub {
         self.client
             .subscribe(request.topic.clone(), self.md.qos())
             .await
-            .map_err(|e| PubSubError::Broker {
-                message: format!("mqtt: subscribing: {e}"),
-                kind: ErrorKind::Transient,
-                source: Some(Box::new(e)),
-            })?;
+            .map_err(|e| PubSubError::transient("mqtt", "subscribing", e))?;
         self.routes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -573,45 +459,9 @@ impl PubSub for MqttPubSub {
     }
 }
 
-/// A process-unique id for a subscription's route.
-fn next_route_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn md(pairs: &[(&str, &str)]) -> Metadata {
-        Metadata::from_pairs(pairs)
-    }
-
-    #[test]
-    fn parses_url_and_defaults() {
-        let m = MqttMetadata::parse(&md(&[
-            ("url", "tcp://user:pw@localhost:1884"),
-            ("consumerID", "app"),
-        ]))
-        .unwrap();
-        assert_eq!((m.host.as_str(), m.port), ("localhost", 1884));
-        assert_eq!(m.username.as_deref(), Some("user"));
-        assert_eq!(m.qos, 1);
-        assert!(!m.retain && !m.clean_session);
-        let tls = MqttMetadata::parse(&md(&[("url", "mqtts://h"), ("consumerID", "app")])).unwrap();
-        assert!(tls.tls && !m.tls);
-        assert_eq!(tls.port, 8883, "the TLS default port");
-        let errs = MqttMetadata::parse(&md(&[
-            ("url", "wss://h:8883"),
-            ("qos", "3"),
-            ("caCert", "x"),
-        ]))
-        .unwrap_err();
-        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        for f in ["url", "qos", "caCert", "consumerID"] {
-            assert!(fields.contains(&f), "{f} missing from {fields:?}");
-        }
-    }
 
     #[test]
     fn shared_subscription_filters() {

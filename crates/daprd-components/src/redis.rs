@@ -80,14 +80,6 @@ pub struct RedisPubSub {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-fn broker_err(what: &str, e: redis::RedisError) -> PubSubError {
-    PubSubError::Broker {
-        message: format!("redis streams: {what}: {e}"),
-        kind: ErrorKind::Transient,
-        source: Some(Box::new(e)),
-    }
-}
-
 /// The `XADD` command daprd-rs sends for a publish (exposed for the broker-bytes tests).
 pub fn xadd_command(
     md: &RedisMetadata,
@@ -131,7 +123,7 @@ impl PubSub for RedisPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let cmd = xadd_command(
             &self.md,
@@ -149,7 +141,7 @@ impl PubSub for RedisPubSub {
                     "redis streams: error from publish: timed out",
                 )
             })?
-            .map_err(|e| broker_err("error from publish", e))?;
+            .map_err(|e| PubSubError::transient("redis streams", "error from publish", e))?;
         Ok(())
     }
 
@@ -158,7 +150,7 @@ impl PubSub for RedisPubSub {
         request: BulkPublishRequest,
     ) -> Result<Vec<FailedEntry>, PubSubError> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let now = SystemTime::now();
         let mut failed = Vec::new();
@@ -195,7 +187,9 @@ impl PubSub for RedisPubSub {
                         ErrorKind::Transient,
                         "redis streams: error from bulk publish: timed out",
                     )),
-                    Ok(r) => r.map_err(|e| broker_err("error from bulk publish", e)),
+                    Ok(r) => r.map_err(|e| {
+                        PubSubError::transient("redis streams", "error from bulk publish", e)
+                    }),
                 };
             match results {
                 Ok(results) => {
@@ -236,7 +230,7 @@ impl PubSub for RedisPubSub {
         }
         subscriber::create_group(&mut self.conn.clone(), &request.topic, &self.md.consumer_id)
             .await
-            .map_err(|e| broker_err("creating consumer group", e))?;
+            .map_err(|e| PubSubError::transient("redis streams", "creating consumer group", e))?;
         // The subscription's own stop flag, set at once by its `stop` (so no worker takes a
         // new entry after it) or when the component closes.
         let (cancel, cancelled) = tokio::sync::watch::channel(false);
@@ -267,15 +261,6 @@ impl PubSub for RedisPubSub {
             let _ = cancel.send(true);
         })
         .with_drain(drained))
-    }
-
-    async fn ping(&self) -> Result<(), PubSubError> {
-        let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| broker_err("ping", e))?;
-        Ok(())
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

@@ -13,40 +13,27 @@
 //!   after `messageReceiveLimit` receives.
 
 mod metadata;
+mod subscriber;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
-use bytes::Bytes;
+use aws_sdk_sqs::types::QueueAttributeName;
 use daprd_core::metadata::{Metadata, MetadataError};
 use daprd_core::pubsub::{
-    ErrorKind, Feature, Handler, Message, Outcome, PubSub, PubSubError, PubSubFactory,
-    PublishRequest, SubscribeRequest, Subscription,
+    ErrorKind, Feature, Handler, PubSub, PubSubError, PubSubFactory, PublishRequest,
+    SubscribeRequest, Subscription,
 };
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 pub use metadata::{sanitized_name, SnsSqsMetadata};
+pub use subscriber::parse_envelope;
+use subscriber::{Handlers, Poller, PollerShared, QueueInfo, TopicHandler};
 
 /// Builds `pubsub.aws.snssqs` components.
 pub struct SnsSqsFactory;
-
-fn aws_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> PubSubError {
-    // The SDK's Display is terse ("service error"); the source chain has the reason.
-    let mut message = format!("snssqs: {what}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    PubSubError::Broker {
-        message,
-        kind: ErrorKind::Transient,
-        source: Some(Box::new(e)),
-    }
-}
 
 async fn within<T>(
     limit: Duration,
@@ -124,26 +111,6 @@ impl PubSubFactory for SnsSqsFactory {
     }
 }
 
-/// The SQS queue the component consumes.
-#[derive(Debug, Clone)]
-struct QueueInfo {
-    url: String,
-    arn: String,
-}
-
-struct TopicHandler {
-    id: u64,
-    topic: String,
-    handler: Handler,
-    /// Cloned by each delivery to this subscription until its message is deleted (or left):
-    /// the subscription's stop waits for those.
-    guard: daprd_core::pubsub::DrainGuard,
-}
-
-/// Subscriptions by sanitized topic name. Several subscriptions to one topic (streams) share
-/// the queue: each message goes to one of them, in turn.
-type Handlers = Arc<Mutex<HashMap<String, (usize, Vec<TopicHandler>)>>>;
-
 #[derive(Default)]
 struct ConsumerState {
     queue: Option<QueueInfo>,
@@ -205,16 +172,21 @@ pub fn policy_with(policy: Option<&str>, queue_arn: &str, topic_arn: &str) -> Op
     Some(doc.to_string())
 }
 
-/// The message and topic name of an SNS notification as SQS delivers it.
-pub fn parse_envelope(body: &str) -> Option<(String, String)> {
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    let message = v.get("Message")?.as_str()?.to_string();
-    let arn = v.get("TopicArn")?.as_str()?;
-    let topic = arn.rsplit(':').next()?.to_string();
-    Some((message, topic))
-}
-
 impl SnsSqsPubSub {
+    /// Checks that the SQS endpoint answers (at start-up).
+    async fn ping(&self) -> Result<(), PubSubError> {
+        within(self.md.assets_timeout, "checking the SQS endpoint", async {
+            self.sqs
+                .list_queues()
+                .max_results(1)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| PubSubError::transient("snssqs", "checking the SQS endpoint", e))
+        })
+        .await
+    }
+
     async fn topic_arn(&self, topic: &str) -> Result<String, PubSubError> {
         let name = sanitized_name(topic, self.md.fifo);
         if let Some(arn) = self
@@ -234,7 +206,7 @@ impl SnsSqsPubSub {
                     .key("dapr-topic-name")
                     .value(topic)
                     .build()
-                    .map_err(|e| aws_error("tagging the topic", e))?,
+                    .map_err(|e| PubSubError::transient("snssqs", "tagging the topic", e))?,
             );
             if self.md.fifo {
                 req = req
@@ -242,9 +214,9 @@ impl SnsSqsPubSub {
                     .attributes("ContentBasedDeduplication", "true");
             }
             let out = within(limit, "creating the topic", async {
-                req.send()
-                    .await
-                    .map_err(|e| aws_error(&format!("creating SNS topic {name}"), e))
+                req.send().await.map_err(|e| {
+                    PubSubError::transient("snssqs", &format!("creating SNS topic {name}"), e)
+                })
             })
             .await?;
             out.topic_arn().unwrap_or_default().to_string()
@@ -265,7 +237,7 @@ impl SnsSqsPubSub {
                 .set_next_token(token)
                 .send()
                 .await
-                .map_err(|e| aws_error("listing SNS topics", e))?;
+                .map_err(|e| PubSubError::transient("snssqs", "listing SNS topics", e))?;
             for t in out.topics() {
                 if let Some(arn) = t.topic_arn() {
                     if arn.rsplit(':').next() == Some(name) {
@@ -295,7 +267,9 @@ impl SnsSqsPubSub {
                     .queue_name(&name)
                     .send()
                     .await
-                    .map_err(|e| aws_error(&format!("finding SQS queue {name}"), e))
+                    .map_err(|e| {
+                        PubSubError::transient("snssqs", &format!("finding SQS queue {name}"), e)
+                    })
             })
             .await?
             .queue_url()
@@ -313,9 +287,9 @@ impl SnsSqsPubSub {
                     .attributes(QueueAttributeName::ContentBasedDeduplication, "true");
             }
             within(limit, "creating the queue", async {
-                req.send()
-                    .await
-                    .map_err(|e| aws_error(&format!("creating SQS queue {name}"), e))
+                req.send().await.map_err(|e| {
+                    PubSubError::transient("snssqs", &format!("creating SQS queue {name}"), e)
+                })
             })
             .await?
             .queue_url()
@@ -329,7 +303,9 @@ impl SnsSqsPubSub {
                 .attribute_names(QueueAttributeName::QueueArn)
                 .send()
                 .await
-                .map_err(|e| aws_error(&format!("reading SQS queue {name}"), e))
+                .map_err(|e| {
+                    PubSubError::transient("snssqs", &format!("reading SQS queue {name}"), e)
+                })
         })
         .await?;
         let arn = attrs
@@ -349,7 +325,7 @@ impl SnsSqsPubSub {
                 .attribute_names(QueueAttributeName::Policy)
                 .send()
                 .await
-                .map_err(|e| aws_error("reading the SQS queue policy", e))
+                .map_err(|e| PubSubError::transient("snssqs", "reading the SQS queue policy", e))
         })
         .await?;
         let policy = current
@@ -364,7 +340,9 @@ impl SnsSqsPubSub {
                     .attributes(QueueAttributeName::Policy, new_policy)
                     .send()
                     .await
-                    .map_err(|e| aws_error("setting the SQS queue policy", e))
+                    .map_err(|e| {
+                        PubSubError::transient("snssqs", "setting the SQS queue policy", e)
+                    })
             })
             .await?;
         }
@@ -398,7 +376,13 @@ impl SnsSqsPubSub {
                                     .attributes(QueueAttributeName::RedrivePolicy, redrive)
                                     .send()
                                     .await
-                                    .map_err(|e| aws_error("setting the SQS redrive policy", e))
+                                    .map_err(|e| {
+                                        PubSubError::transient(
+                                            "snssqs",
+                                            "setting the SQS redrive policy",
+                                            e,
+                                        )
+                                    })
                             },
                         )
                         .await?;
@@ -426,7 +410,13 @@ impl SnsSqsPubSub {
                 .endpoint(&queue.arn)
                 .send()
                 .await
-                .map_err(|e| aws_error("subscribing the SQS queue to the SNS topic", e))
+                .map_err(|e| {
+                    PubSubError::transient(
+                        "snssqs",
+                        "subscribing the SQS queue to the SNS topic",
+                        e,
+                    )
+                })
         })
         .await?;
         state.subscribed.push(topic_arn.to_string());
@@ -444,7 +434,7 @@ impl PubSub for SnsSqsPubSub {
 
     async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let arn = self.topic_arn(&request.topic).await?;
         let mut req = self
@@ -455,10 +445,13 @@ impl PubSub for SnsSqsPubSub {
         if self.md.fifo {
             req = req.message_group_id(&self.md.fifo_message_group_id);
         }
-        req.send()
-            .await
-            .map(|_| ())
-            .map_err(|e| aws_error(&format!("publishing to topic {}", request.topic), e))
+        req.send().await.map(|_| ()).map_err(|e| {
+            PubSubError::transient(
+                "snssqs",
+                &format!("publishing to topic {}", request.topic),
+                e,
+            )
+        })
     }
 
     async fn subscribe(
@@ -467,7 +460,7 @@ impl PubSub for SnsSqsPubSub {
         handler: Handler,
     ) -> Result<Subscription, PubSubError> {
         if *self.stop.borrow() {
-            return Err(PubSubError::closed_component());
+            return Err(PubSubError::Closed);
         }
         let topic_arn = self.topic_arn(&request.topic).await?;
         let sanitized = sanitized_name(&request.topic, self.md.fifo);
@@ -527,187 +520,11 @@ impl PubSub for SnsSqsPubSub {
         .with_drain(drained))
     }
 
-    async fn ping(&self) -> Result<(), PubSubError> {
-        within(self.md.assets_timeout, "checking the SQS endpoint", async {
-            self.sqs
-                .list_queues()
-                .max_results(1)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| aws_error("checking the SQS endpoint", e))
-        })
-        .await
-    }
-
     async fn close(&self) -> Result<(), PubSubError> {
         let _ = self.stop.send(true);
         Ok(())
     }
 }
-
-struct Poller {
-    shared: Arc<PollerShared>,
-    cancelled: watch::Receiver<bool>,
-    stop: watch::Receiver<bool>,
-}
-
-impl Poller {
-    async fn run(mut self) {
-        let this = self.shared.clone();
-        let md = this.md.clone();
-        let limit = (md.parallel && md.concurrency_limit > 0)
-            .then(|| Arc::new(Semaphore::new(md.concurrency_limit)));
-        let mut back_off = daprd_core::backoff::RETRY;
-        loop {
-            let receive = this
-                .sqs
-                .receive_message()
-                .queue_url(&this.queue.url)
-                .max_number_of_messages(md.max_number)
-                .visibility_timeout(md.visibility_timeout)
-                .wait_time_seconds(md.wait_time_seconds)
-                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-                .send();
-            let res = tokio::select! {
-                r = receive => r,
-                _ = self.cancelled.wait_for(|c| *c) => return,
-                _ = self.stop.wait_for(|c| *c) => return,
-            };
-            let out = match res {
-                Ok(out) => {
-                    back_off.reset();
-                    out
-                }
-                Err(e) => {
-                    let e = aws_error("receiving from the SQS queue", e);
-                    tracing::warn!(component = %this.component, queue = %this.queue.arn, error = %e, "snssqs: receive failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(back_off.next_pause()) => {}
-                        _ = self.cancelled.wait_for(|c| *c) => return,
-                        _ = self.stop.wait_for(|c| *c) => return,
-                    }
-                    continue;
-                }
-            };
-            for m in out.messages().iter().cloned() {
-                let shared = this.clone();
-                if md.parallel {
-                    let permit = match &limit {
-                        Some(s) => s.clone().acquire_owned().await.ok(),
-                        None => None,
-                    };
-                    tokio::spawn(async move {
-                        shared.handle(m).await;
-                        drop(permit);
-                    });
-                } else {
-                    shared.handle(m).await;
-                }
-            }
-        }
-    }
-}
-
-struct PollerShared {
-    component: String,
-    md: Arc<SnsSqsMetadata>,
-    sqs: aws_sdk_sqs::Client,
-    queue: QueueInfo,
-    has_dead_letters: bool,
-    handlers: Handlers,
-}
-
-impl PollerShared {
-    async fn delete(&self, receipt: &str) {
-        if let Err(e) = self
-            .sqs
-            .delete_message()
-            .queue_url(&self.queue.url)
-            .receipt_handle(receipt)
-            .send()
-            .await
-        {
-            let e = aws_error("deleting the message", e);
-            tracing::warn!(component = %self.component, error = %e, "snssqs: the message will be received again");
-        }
-    }
-
-    async fn handle(&self, m: aws_sdk_sqs::types::Message) {
-        let Some(receipt) = m.receipt_handle() else {
-            return;
-        };
-        let receives: i64 = m
-            .attributes()
-            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(1);
-        let limit = self.md.retry_limit;
-        if !self.has_dead_letters && receives >= limit {
-            if !self.md.disable_delete_on_retry_limit {
-                tracing::error!(component = %self.component, receives, "snssqs: message received {limit} times or more; deleted without processing");
-                self.delete(receipt).await;
-                return;
-            }
-        } else if self.has_dead_letters && receives > limit {
-            tracing::error!(component = %self.component, receives, "snssqs: message received more than {limit} times; left for the dead-letters queue");
-            return;
-        }
-        let Some((data, sanitized)) = m.body().and_then(parse_envelope) else {
-            tracing::error!(component = %self.component, "snssqs: message body is not an SNS notification; left in the queue");
-            return;
-        };
-        let target = {
-            let mut map = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
-            map.get_mut(&sanitized).and_then(|(next, list)| {
-                *next = next.wrapping_add(1);
-                let h = list.get(*next % list.len().max(1))?;
-                Some((h.topic.clone(), h.handler.clone(), h.guard.clone()))
-            })
-        };
-        let Some((topic, handler, _settling)) = target else {
-            tracing::warn!(component = %self.component, topic = %sanitized, "snssqs: no subscription for the message's topic; it will be received again");
-            return;
-        };
-        let work = handler(Message {
-            topic,
-            data: Bytes::from(data),
-            metadata: BTreeMap::new(),
-            content_type: None,
-        });
-        // While the app works on it, keep the message invisible (every half
-        // messageVisibilityTimeout): otherwise SQS hands it out again while the first handler
-        // still runs.
-        tokio::pin!(work);
-        let timeout = self.md.visibility_timeout;
-        let period = Duration::from_millis(u64::try_from(timeout).unwrap_or(10) * 500);
-        let outcome = loop {
-            tokio::select! {
-                o = &mut work => break o,
-                _ = tokio::time::sleep(period) => {
-                    if let Err(e) = self
-                        .sqs
-                        .change_message_visibility()
-                        .queue_url(&self.queue.url)
-                        .receipt_handle(receipt)
-                        .visibility_timeout(timeout)
-                        .send()
-                        .await
-                    {
-                        let e = aws_error("extending the message's visibility", e);
-                        tracing::warn!(component = %self.component, error = %e, "snssqs: the message may be received again while it is handled");
-                    }
-                }
-            }
-        };
-        match outcome {
-            Outcome::Success | Outcome::Drop => self.delete(receipt).await,
-            // Visible again after messageVisibilityTimeout.
-            Outcome::Retry => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,7 +40,7 @@ async fn in_memory_conformance() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_conformance() {
-    let host = std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost:6379".into());
+    let host = daprd_testkit::broker_address("REDIS_HOST", "localhost:6379", "Redis");
     let connect: Connect = Arc::new(move |group| {
         let host = host.clone();
         Box::pin(async move {
@@ -75,8 +75,11 @@ async fn redis_conformance() {
 #[cfg(feature = "rabbitmq")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_conformance() {
-    let uri = std::env::var("RABBITMQ_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@localhost:5672".into());
+    let uri = daprd_testkit::broker_address(
+        "RABBITMQ_URI",
+        "amqp://guest:guest@localhost:5672",
+        "RabbitMQ",
+    );
     let connect: Connect = Arc::new(move |group| {
         let uri = uri.clone();
         Box::pin(async move {
@@ -120,7 +123,7 @@ async fn rabbitmq_conformance() {
 #[cfg(feature = "jetstream")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_conformance() {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://localhost:4222".into());
+    let url = daprd_testkit::broker_address("NATS_URL", "nats://localhost:4222", "NATS JetStream");
     // Dapr's component needs the stream to exist: one stream captures every conformance topic.
     let client = async_nats::connect(url.as_str()).await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -167,7 +170,7 @@ async fn jetstream_conformance() {
 #[cfg(feature = "mqtt3")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt3_conformance() {
-    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "tcp://localhost:1883".into());
+    let url = daprd_testkit::broker_address("MQTT_URL", "tcp://localhost:1883", "Mosquitto (MQTT)");
     let connect: Connect = Arc::new(move |group| {
         let url = url.clone();
         Box::pin(async move {
@@ -201,7 +204,7 @@ async fn mqtt3_conformance() {
 /// start (a group joins after the first publishes), RETRY is retried in place after 200 ms.
 #[cfg(feature = "kafka")]
 pub fn kafka_metadata(group: &str) -> daprd_core::metadata::Metadata {
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = daprd_testkit::broker_address("KAFKA_BROKERS", "127.0.0.1:9092", "tansu (Kafka)");
     metadata_with_group(
         group,
         &[
@@ -254,7 +257,7 @@ async fn kafka_conformance() {
 #[cfg(feature = "snssqs")]
 pub fn snssqs_metadata(group: &str) -> daprd_core::metadata::Metadata {
     let endpoint =
-        std::env::var("SNSSQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into());
+        daprd_testkit::broker_address("SNSSQS_ENDPOINT", "http://127.0.0.1:4566", "moto (SNS/SQS)");
     metadata_with_group(
         group,
         &[

@@ -15,7 +15,7 @@ use daprd_testkit::conformance::{metadata_with_group, random_name};
 /// by name instead of being handed the first topic's messages.
 #[tokio::test]
 async fn one_durable_name_for_two_topics_is_refused() {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://localhost:4222".into());
+    let url = daprd_testkit::broker_address("NATS_URL", "nats://localhost:4222", "NATS JetStream");
     let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
     let tag = random_name("durable");
     let (a, b) = (format!("{tag}.a"), format!("{tag}.b"));
@@ -49,7 +49,7 @@ async fn one_durable_name_for_two_topics_is_refused() {
 
 #[tokio::test]
 async fn publish_stores_the_subject_and_the_cloudevent_id() {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://localhost:4222".into());
+    let url = daprd_testkit::broker_address("NATS_URL", "nats://localhost:4222", "NATS JetStream");
     let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
     let subject = format!("bytes.{}", random_name("js"));
     let stream = random_name("daprd-rs-bytes");

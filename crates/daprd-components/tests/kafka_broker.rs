@@ -20,7 +20,7 @@ use daprd_testkit::conformance::{metadata_with_group, random_name};
 use tokio::sync::mpsc;
 
 fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    daprd_testkit::broker_address("KAFKA_BROKERS", "127.0.0.1:9092", "tansu (Kafka)")
 }
 
 fn metadata(extra: &[(&str, &str)]) -> Metadata {

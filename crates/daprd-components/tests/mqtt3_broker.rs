@@ -15,7 +15,7 @@ use daprd_testkit::conformance::{metadata_with_group, random_name};
 use tokio::sync::mpsc;
 
 fn url() -> String {
-    std::env::var("MQTT_URL").unwrap_or_else(|_| "tcp://localhost:1883".into())
+    daprd_testkit::broker_address("MQTT_URL", "tcp://localhost:1883", "Mosquitto (MQTT)")
 }
 
 fn host_port() -> (String, String) {

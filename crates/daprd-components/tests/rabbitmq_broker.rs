@@ -15,7 +15,11 @@ use daprd_testkit::conformance::{metadata_with_group, random_name};
 use futures::StreamExt;
 
 fn uri() -> String {
-    std::env::var("RABBITMQ_URI").unwrap_or_else(|_| "amqp://guest:guest@localhost:5672".into())
+    daprd_testkit::broker_address(
+        "RABBITMQ_URI",
+        "amqp://guest:guest@localhost:5672",
+        "RabbitMQ",
+    )
 }
 
 fn ctl(args: &[&str]) -> String {
@@ -187,4 +191,66 @@ async fn publish_redeclares_a_deleted_exchange_and_confirms_concurrent_publishes
         .await
         .unwrap();
     c.close().await.unwrap();
+}
+
+/// A TCP front for the broker that takes the first connection and never answers it (as a
+/// RabbitMQ node that is still booting does) and forwards every later one.
+async fn silent_first_connection(upstream: String) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            if held.is_empty() {
+                held.push(client);
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_broker_never_answers_does_not_hold_connecting() {
+    let broker = uri();
+    let hostport = broker
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .trim_start_matches("amqp://")
+        .replace("localhost", "127.0.0.1");
+    let port = silent_first_connection(hostport).await;
+    let md = metadata_with_group(
+        &random_name("app"),
+        &[(
+            "connectionString",
+            &format!("amqp://guest:guest@127.0.0.1:{port}"),
+        )],
+    );
+    // Without a second attempt beside the unanswered one this never completes.
+    let c = tokio::time::timeout(
+        Duration::from_secs(8),
+        daprd_components::rabbitmq::RabbitFactory.connect("pubsub", &md),
+    )
+    .await
+    .expect("connecting went on past the unanswered connection")
+    .unwrap();
+    c.publish(PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: random_name("rmq-hedge"),
+        data: Bytes::from_static(b"x"),
+        metadata: BTreeMap::new(),
+        content_type: None,
+    })
+    .await
+    .unwrap();
 }

@@ -18,7 +18,7 @@ use daprd_testkit::conformance::{metadata_with_group, publish_request, random_na
 use daprd_testkit::{eventually, free_port, ScratchDir};
 
 fn host() -> String {
-    std::env::var("REDIS_HOST").unwrap_or_else(|_| "localhost:6379".into())
+    daprd_testkit::broker_address("REDIS_HOST", "localhost:6379", "Redis")
 }
 
 fn cli(host: &str, args: &[&str]) -> String {

@@ -14,6 +14,10 @@ pub struct Backoff {
 /// The components' default: 100 ms doubling to 5 s.
 pub const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
+/// Reconnecting to a broker: 50 ms doubling to 500 ms, so a broker that comes back is in use
+/// again within a second (an attempt against a closed local port costs next to nothing).
+pub const RECONNECT: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+
 impl Backoff {
     /// Starts at `first`, doubling up to `max`.
     pub const fn new(first: Duration, max: Duration) -> Self {

@@ -263,7 +263,7 @@ pub enum PubSubError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    /// The component has been closed.
+    /// The component has been closed (permanent: retrying cannot help).
     #[error("component is closed")]
     Closed,
     /// The operation is not supported by this component.
@@ -283,13 +283,54 @@ impl From<Vec<MetadataError>> for PubSubError {
 }
 
 impl PubSubError {
-    /// A publish to a broker component after `close`: permanent (retrying cannot help). The
-    /// in-memory bus answers [`PubSubError::Closed`] instead, which counts as transient.
-    pub fn closed_component() -> Self {
-        Self::broker(ErrorKind::Permanent, "component is closed")
+    /// The broker failed `what` for a reason a later attempt may not meet (connection lost,
+    /// timeout, broker busy). The message is `<component>: <what>: <error>` followed by the
+    /// error's source chain; the error stays the source.
+    pub fn transient(
+        component: &str,
+        what: &str,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::with_kind(ErrorKind::Transient, component, what, error)
     }
 
-    /// A broker error of `kind` with a message.
+    /// The broker refused `what` in a way the same request will meet again (too large,
+    /// unknown entity, not authorized): as [`PubSubError::transient`], permanent.
+    pub fn permanent(
+        component: &str,
+        what: &str,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::with_kind(ErrorKind::Permanent, component, what, error)
+    }
+
+    /// A broker error whose kind the component decided (e.g. from the broker's error code).
+    pub fn with_kind(
+        kind: ErrorKind,
+        component: &str,
+        what: &str,
+        error: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        // Client libraries' own Display is often terse ("service error"); the reason is
+        // further down the source chain.
+        let mut message = format!("{component}: {what}: {error}");
+        let mut source = std::error::Error::source(&error);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !message.ends_with(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = s.source();
+        }
+        Self::Broker {
+            message,
+            kind,
+            source: Some(Box::new(error)),
+        }
+    }
+
+    /// A broker error of `kind` with a message and no underlying error.
     pub fn broker(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self::Broker {
             message: message.into(),
@@ -303,8 +344,9 @@ impl PubSubError {
         match self {
             PubSubError::Connect { .. } => ErrorKind::Transient,
             PubSubError::Broker { kind, .. } => *kind,
-            PubSubError::Closed => ErrorKind::Transient,
-            PubSubError::Metadata(_) | PubSubError::Unsupported(_) => ErrorKind::Permanent,
+            PubSubError::Metadata(_) | PubSubError::Unsupported(_) | PubSubError::Closed => {
+                ErrorKind::Permanent
+            }
         }
     }
 }
@@ -334,11 +376,6 @@ pub trait PubSub: Send + Sync {
         request: SubscribeRequest,
         handler: Handler,
     ) -> Result<Subscription, PubSubError>;
-
-    /// Checks the broker connection.
-    async fn ping(&self) -> Result<(), PubSubError> {
-        Ok(())
-    }
 
     /// Stops every subscription and closes the connection.
     async fn close(&self) -> Result<(), PubSubError> {

@@ -51,6 +51,16 @@ pub enum RegistryError {
         /// Comma list of supported types.
         available: String,
     },
+    /// This project implements the type, but this build was made without its Cargo feature.
+    #[error(
+        "component type {ty:?} is not in this build of daprd-rs: build it with the Cargo feature {feature:?} (cargo build -p daprd --features {feature})"
+    )]
+    CompiledOut {
+        /// Requested type.
+        ty: String,
+        /// The Cargo feature of the `daprd` crate that brings it in.
+        feature: &'static str,
+    },
     /// Dapr removed the type.
     #[error("component type {ty:?} was removed from Dapr in {release}; couldn't find message bus {ty}/{version}")]
     Removed {
@@ -105,6 +115,8 @@ impl Factory {
 pub struct Registry {
     by_name: BTreeMap<String, Factory>,
     canonical: Vec<&'static str>,
+    /// Types implemented but left out of this build, with the feature that brings them in.
+    compiled_out: BTreeMap<String, &'static str>,
 }
 
 impl Registry {
@@ -121,6 +133,22 @@ impl Registry {
         {
             self.by_name
                 .insert(name.to_ascii_lowercase(), Factory::PubSub(factory.clone()));
+        }
+    }
+
+    /// Notes that `component_type` (and its Dapr aliases) exists in this project but was left
+    /// out of this build; resolving it names `feature`.
+    pub fn compiled_out(&mut self, component_type: &str, feature: &'static str) {
+        let lower = component_type.to_ascii_lowercase();
+        let names = DAPR_PUBSUB_TYPES
+            .iter()
+            .find(|names| names.contains(&lower.as_str()))
+            .map_or_else(
+                || vec![lower.clone()],
+                |n| n.iter().map(|s| s.to_string()).collect(),
+            );
+        for name in names {
+            self.compiled_out.insert(name, feature);
         }
     }
 
@@ -149,6 +177,12 @@ impl Registry {
         let lower = ty.trim().to_ascii_lowercase();
         let available = || self.available().join(", ");
         let Some(factory) = self.by_name.get(&lower) else {
+            if let Some(feature) = self.compiled_out.get(&lower) {
+                return Err(RegistryError::CompiledOut {
+                    ty: ty.to_string(),
+                    feature,
+                });
+            }
             if let Some((_, release)) = REMOVED_PUBSUB_TYPES.iter().find(|(n, _)| *n == lower) {
                 return Err(RegistryError::Removed {
                     ty: ty.to_string(),

@@ -2,6 +2,7 @@
 //! validated [`RuntimeConfig`], and the resources directories ([`resources`]).
 
 pub mod cli;
+pub mod configuration;
 pub mod resources;
 
 use std::net::IpAddr;
@@ -54,14 +55,115 @@ impl Env {
     }
 }
 
-/// How daprd reaches the app (reported in metadata; delivery uses it from the
-/// subscriptions issue on).
+/// `--mode`: where the resources come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Files in `--resources-path`.
+    Standalone,
+    /// The Dapr operator (not supported yet: refused at start-up).
+    Kubernetes,
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Everything, down to debug lines.
+    Debug,
+    /// The default.
+    Info,
+    /// Warnings and errors.
+    Warn,
+    /// Errors.
+    Error,
+    /// Go daprd's most severe level; here the same as `error`.
+    Fatal,
+}
+
+impl LogLevel {
+    /// Parses a flag value (case-insensitive, as Go daprd's logger).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "debug" => Some(Self::Debug),
+            "info" => Some(Self::Info),
+            "warn" => Some(Self::Warn),
+            "error" => Some(Self::Error),
+            "fatal" => Some(Self::Fatal),
+            _ => None,
+        }
+    }
+
+    /// The `tracing` filter directive for this level.
+    pub fn filter(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error | Self::Fatal => "error",
+        }
+    }
+}
+
+/// `--app-protocol`: how daprd talks to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    Http,
+    /// HTTP over TLS (the app's certificate is not verified, as in Go daprd).
+    Https,
+    /// HTTP/2 without TLS.
+    H2c,
+    /// gRPC (`AppCallback`).
+    Grpc,
+    /// gRPC over TLS.
+    Grpcs,
+}
+
+impl AppProtocol {
+    /// Parses a flag value (case-insensitive).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "http" => Some(Self::Http),
+            "https" => Some(Self::Https),
+            "h2c" => Some(Self::H2c),
+            "grpc" => Some(Self::Grpc),
+            "grpcs" => Some(Self::Grpcs),
+            _ => None,
+        }
+    }
+
+    /// The flag's spelling (also what the metadata API reports).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+            Self::H2c => "h2c",
+            Self::Grpc => "grpc",
+            Self::Grpcs => "grpcs",
+        }
+    }
+
+    /// With `--app-ssl`: the TLS form of the protocol (`http` → `https`, `grpc` → `grpcs`).
+    pub fn with_tls(self) -> Self {
+        match self {
+            Self::Http => Self::Https,
+            Self::Grpc => Self::Grpcs,
+            other => other,
+        }
+    }
+
+    /// gRPC or gRPC over TLS.
+    pub fn is_grpc(self) -> bool {
+        matches!(self, Self::Grpc | Self::Grpcs)
+    }
+}
+
+/// How daprd reaches the app (reported in metadata; the app channel is built from it).
 #[derive(Debug, Clone)]
 pub struct AppConnection {
     /// `--app-port` (0 = none).
     pub port: u16,
     /// `--app-protocol`.
-    pub protocol: String,
+    pub protocol: AppProtocol,
     /// `--app-channel-address`.
     pub channel_address: String,
     /// `--app-max-concurrency` (-1 = unlimited).
@@ -89,7 +191,7 @@ pub struct RuntimeConfig {
     /// `--app-id`.
     pub app_id: String,
     /// `--mode`.
-    pub mode: String,
+    pub mode: Mode,
     /// HTTP API port.
     pub http_port: u16,
     /// gRPC API port.
@@ -102,6 +204,11 @@ pub struct RuntimeConfig {
     pub public_listen_address: IpAddr,
     /// Resources directories.
     pub resources_paths: Vec<PathBuf>,
+    /// `--unix-domain-socket`: the HTTP and gRPC APIs listen on sockets in this directory
+    /// instead of TCP ports.
+    pub unix_domain_socket: Option<PathBuf>,
+    /// `--config`: Configuration files (standalone mode).
+    pub config_files: Vec<PathBuf>,
     /// Maximum request body in bytes.
     pub max_body_size: usize,
     /// Grace period for shutdown.
@@ -113,11 +220,11 @@ pub struct RuntimeConfig {
     /// App connection.
     pub app: AppConnection,
     /// `--log-level`.
-    pub log_level: String,
+    pub log_level: LogLevel,
     /// `--log-as-json`.
     pub log_as_json: bool,
-    /// `--enable-api-logging`.
-    pub api_logging: bool,
+    /// `--enable-api-logging` (`None`: not given; the Configuration decides).
+    pub api_logging: Option<bool>,
     /// `--disable-init-endpoints`.
     pub disable_init_endpoints: Vec<String>,
     /// Environment.
@@ -181,19 +288,11 @@ impl RuntimeConfig {
         require_app_id: bool,
     ) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
-        if opts.mode != "standalone" && opts.mode != "kubernetes" {
-            errors.push(format!(
-                "invalid value {:?} for flag --mode: use standalone or kubernetes",
-                opts.mode
-            ));
-        }
-        if opts.mode == "kubernetes" {
-            errors.push("kubernetes mode (components from the operator) is not supported yet by daprd-rs; run with --mode standalone and --resources-path".into());
-        }
+        let mode = mode(opts, &mut errors);
         if require_app_id && opts.app_id.is_empty() {
             errors.push("parameter app-id cannot be empty".into());
         }
-        if opts.mode == "standalone" && opts.app_id.contains('.') {
+        if mode == Mode::Standalone && opts.app_id.contains('.') {
             errors.push(format!(
                 "invalid app id {:?}: must not contain dots in standalone mode",
                 opts.app_id
@@ -205,49 +304,8 @@ impl RuntimeConfig {
             parse_port("dapr-grpc-port", &opts.dapr_grpc_port, &mut errors).unwrap_or(50001);
         let public_port = parse_port("dapr-public-port", &opts.dapr_public_port, &mut errors);
         let app_port = parse_port("app-port", &opts.app_port, &mut errors).unwrap_or(0);
-
-        let mut listen_addresses = Vec::new();
-        for a in opts
-            .dapr_listen_addresses
-            .split(',')
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-        {
-            let bare = a.trim_start_matches('[').trim_end_matches(']');
-            let parsed = if bare == "localhost" {
-                Ok(IpAddr::from([127, 0, 0, 1]))
-            } else {
-                bare.parse()
-            };
-            match parsed {
-                Ok(ip) => listen_addresses.push(ip),
-                Err(_) => errors.push(format!(
-                    "invalid address {a:?} in flag --dapr-listen-addresses"
-                )),
-            }
-        }
-        if listen_addresses.is_empty() {
-            listen_addresses.push(IpAddr::from([0, 0, 0, 0]));
-        }
-        let public_listen_address = if opts.dapr_public_listen_address.is_empty() {
-            IpAddr::from([0, 0, 0, 0])
-        } else {
-            match opts
-                .dapr_public_listen_address
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-            {
-                Ok(ip) => ip,
-                Err(_) => {
-                    errors.push(format!(
-                        "invalid address {:?} for flag --dapr-public-listen-address",
-                        opts.dapr_public_listen_address
-                    ));
-                    IpAddr::from([0, 0, 0, 0])
-                }
-            }
-        };
+        let listen_addresses = listen_addresses(opts, &mut errors);
+        let public_listen_address = public_listen_address(opts, &mut errors);
 
         let mut resources_paths: Vec<PathBuf> = opts
             .resources_path
@@ -258,54 +316,20 @@ impl RuntimeConfig {
         if resources_paths.is_empty() && !opts.components_path.is_empty() {
             resources_paths.push(PathBuf::from(&opts.components_path));
         }
-
-        let max_body_size = if !opts.max_body_size.is_empty() {
-            parse_quantity(&opts.max_body_size).unwrap_or_else(|| {
-                errors.push(format!(
-                    "invalid value {:?} for flag --max-body-size: not a resource quantity",
-                    opts.max_body_size
-                ));
-                DEFAULT_MAX_BODY
-            })
-        } else if !opts.dapr_http_max_request_size.is_empty() {
-            match opts.dapr_http_max_request_size.parse::<usize>() {
-                Ok(mb) => mb << 20,
-                Err(_) => {
-                    errors.push(format!(
-                        "invalid value {:?} for flag --dapr-http-max-request-size",
-                        opts.dapr_http_max_request_size
-                    ));
-                    DEFAULT_MAX_BODY
-                }
-            }
-        } else {
-            DEFAULT_MAX_BODY
-        };
-
+        let max_body_size = max_body_size(opts, &mut errors);
         // Go daprd reads a negative grace period (the Kubernetes injector passes -1) as its
         // default of 5 s, not as "no grace".
         let graceful_shutdown = match u64::try_from(opts.dapr_graceful_shutdown_seconds) {
             Ok(secs) => Duration::from_secs(secs),
             Err(_) => DEFAULT_GRACEFUL_SHUTDOWN,
         };
-        let block_shutdown = if opts.dapr_block_shutdown_duration.is_empty() {
-            None
-        } else {
-            match parse_go_duration(&opts.dapr_block_shutdown_duration) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    errors.push(format!("flag --dapr-block-shutdown-duration: {e}"));
-                    None
-                }
-            }
-        };
+        let block_shutdown = block_shutdown(opts, &mut errors);
 
-        let mut bool_flag = |name: &str, v: &str| match cli::flag_bool(name, v) {
-            Ok(b) => b,
-            Err(e) => {
+        let mut bool_flag = |name: &str, v: &str| {
+            cli::flag_bool(name, v).unwrap_or_else(|e| {
                 errors.push(e);
                 false
-            }
+            })
         };
         let log_as_json = bool_flag("log-as-json", &opts.log_as_json);
         let health_on = bool_flag("enable-app-health-check", &opts.enable_app_health_check);
@@ -313,47 +337,39 @@ impl RuntimeConfig {
         let api_logging = opts
             .enable_api_logging
             .as_deref()
-            .map(|v| bool_flag("enable-api-logging", v))
-            .unwrap_or(false);
-        for name in [
-            "enable-metrics",
-            "enable-mtls",
-            "enable-profiling",
-            "build-info",
-            "wait",
-            "disable-builtin-k8s-secret-store",
+            .map(|v| bool_flag("enable-api-logging", v));
+        // accepted and checked; what they switch has no effect here yet
+        for (name, v) in [
+            ("enable-metrics", &opts.enable_metrics),
+            ("enable-mtls", &opts.enable_mtls),
+            ("enable-profiling", &opts.enable_profiling),
+            ("build-info", &opts.build_info),
+            ("wait", &opts.wait),
+            (
+                "disable-builtin-k8s-secret-store",
+                &opts.disable_builtin_k8s_secret_store,
+            ),
         ] {
-            let v = match name {
-                "enable-metrics" => &opts.enable_metrics,
-                "enable-mtls" => &opts.enable_mtls,
-                "enable-profiling" => &opts.enable_profiling,
-                "build-info" => &opts.build_info,
-                "wait" => &opts.wait,
-                _ => &opts.disable_builtin_k8s_secret_store,
-            };
             bool_flag(name, v);
         }
 
-        let mut protocol = opts.app_protocol.to_ascii_lowercase();
-        if !["http", "https", "h2c", "grpc", "grpcs"].contains(&protocol.as_str()) {
+        let mut protocol = AppProtocol::parse(&opts.app_protocol).unwrap_or_else(|| {
             errors.push(format!(
                 "invalid value {:?} for flag --app-protocol: use http, https, h2c, grpc or grpcs",
                 opts.app_protocol
             ));
-        }
+            AppProtocol::Http
+        });
         if app_ssl {
-            protocol = match protocol.as_str() {
-                "http" => "https".into(),
-                "grpc" => "grpcs".into(),
-                other => other.into(),
-            };
+            protocol = protocol.with_tls();
         }
-        if !["debug", "info", "warn", "error", "fatal"].contains(&opts.log_level.as_str()) {
+        let log_level = LogLevel::parse(&opts.log_level).unwrap_or_else(|| {
             errors.push(format!(
                 "invalid value {:?} for flag --log-level: use debug, info, warn, error or fatal",
                 opts.log_level
             ));
-        }
+            LogLevel::Info
+        });
         let allowed_origins = match opts.allowed_origins.trim() {
             "" => None,
             list => Some(
@@ -380,13 +396,22 @@ impl RuntimeConfig {
         }
         Ok(Self {
             app_id: opts.app_id.clone(),
-            mode: opts.mode.clone(),
+            mode,
             http_port,
             grpc_port,
             listen_addresses,
             public_port,
             public_listen_address,
             resources_paths,
+            unix_domain_socket: (!opts.unix_domain_socket.trim().is_empty())
+                .then(|| PathBuf::from(opts.unix_domain_socket.trim())),
+            config_files: opts
+                .config
+                .iter()
+                .map(|c| c.trim())
+                .filter(|c| !c.is_empty())
+                .map(PathBuf::from)
+                .collect(),
             max_body_size,
             graceful_shutdown,
             block_shutdown,
@@ -398,13 +423,114 @@ impl RuntimeConfig {
                 max_concurrency: opts.app_max_concurrency,
                 health,
             },
-            log_level: opts.log_level.clone(),
+            log_level,
             log_as_json,
             api_logging,
             disable_init_endpoints: opts.disable_init_endpoints.clone(),
             env,
         })
     }
+}
+
+/// `--mode`.
+fn mode(opts: &Options, errors: &mut Vec<String>) -> Mode {
+    match opts.mode.as_str() {
+        "standalone" => Mode::Standalone,
+        "kubernetes" => {
+            errors.push("kubernetes mode (components from the operator) is not supported yet by daprd-rs; run with --mode standalone and --resources-path".into());
+            Mode::Kubernetes
+        }
+        other => {
+            errors.push(format!(
+                "invalid value {other:?} for flag --mode: use standalone or kubernetes"
+            ));
+            Mode::Standalone
+        }
+    }
+}
+
+/// `--dapr-listen-addresses` (comma list; `localhost` is 127.0.0.1; default all interfaces).
+fn listen_addresses(opts: &Options, errors: &mut Vec<String>) -> Vec<IpAddr> {
+    let mut addresses = Vec::new();
+    for a in opts
+        .dapr_listen_addresses
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        let bare = a.trim_start_matches('[').trim_end_matches(']');
+        let parsed = if bare == "localhost" {
+            Ok(IpAddr::from([127, 0, 0, 1]))
+        } else {
+            bare.parse()
+        };
+        match parsed {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => errors.push(format!(
+                "invalid address {a:?} in flag --dapr-listen-addresses"
+            )),
+        }
+    }
+    if addresses.is_empty() {
+        addresses.push(IpAddr::from([0, 0, 0, 0]));
+    }
+    addresses
+}
+
+/// `--dapr-public-listen-address` (default all interfaces).
+fn public_listen_address(opts: &Options, errors: &mut Vec<String>) -> IpAddr {
+    let any = IpAddr::from([0, 0, 0, 0]);
+    if opts.dapr_public_listen_address.is_empty() {
+        return any;
+    }
+    opts.dapr_public_listen_address
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .unwrap_or_else(|_| {
+            errors.push(format!(
+                "invalid address {:?} for flag --dapr-public-listen-address",
+                opts.dapr_public_listen_address
+            ));
+            any
+        })
+}
+
+/// `--max-body-size` (a resource quantity), else the older `--dapr-http-max-request-size`
+/// (MB).
+fn max_body_size(opts: &Options, errors: &mut Vec<String>) -> usize {
+    if !opts.max_body_size.is_empty() {
+        return parse_quantity(&opts.max_body_size).unwrap_or_else(|| {
+            errors.push(format!(
+                "invalid value {:?} for flag --max-body-size: not a resource quantity",
+                opts.max_body_size
+            ));
+            DEFAULT_MAX_BODY
+        });
+    }
+    if opts.dapr_http_max_request_size.is_empty() {
+        return DEFAULT_MAX_BODY;
+    }
+    match opts.dapr_http_max_request_size.parse::<usize>() {
+        Ok(mb) => mb << 20,
+        Err(_) => {
+            errors.push(format!(
+                "invalid value {:?} for flag --dapr-http-max-request-size",
+                opts.dapr_http_max_request_size
+            ));
+            DEFAULT_MAX_BODY
+        }
+    }
+}
+
+/// `--dapr-block-shutdown-duration` (a Go duration).
+fn block_shutdown(opts: &Options, errors: &mut Vec<String>) -> Option<Duration> {
+    if opts.dapr_block_shutdown_duration.is_empty() {
+        return None;
+    }
+    parse_go_duration(&opts.dapr_block_shutdown_duration)
+        .map_err(|e| errors.push(format!("flag --dapr-block-shutdown-duration: {e}")))
+        .ok()
 }
 
 #[cfg(test)]
@@ -500,8 +626,37 @@ mod tests {
     }
 
     #[test]
+    fn mode_is_checked() {
+        assert_eq!(cfg(&["--app-id", "a"]).unwrap().mode, Mode::Standalone);
+        let errs = cfg(&["--app-id", "a", "--mode", "kubernetes"]).unwrap_err();
+        assert!(errs[0].contains("kubernetes mode"), "{errs:?}");
+        let errs = cfg(&["--app-id", "a", "--mode", "cloud"]).unwrap_err();
+        assert!(errs[0].contains("flag --mode"), "{errs:?}");
+        let errs = cfg(&["--app-id", "a.b"]).unwrap_err();
+        assert!(errs[0].contains("must not contain dots"), "{errs:?}");
+    }
+
+    #[test]
+    fn app_protocol_is_checked() {
+        let c = cfg(&["--app-id", "a", "--app-protocol", "H2C"]).unwrap();
+        assert_eq!(c.app.protocol, AppProtocol::H2c);
+        let errs = cfg(&["--app-id", "a", "--app-protocol", "ftp"]).unwrap_err();
+        assert!(errs[0].contains("--app-protocol"), "{errs:?}");
+    }
+
+    #[test]
+    fn log_level_is_checked() {
+        assert_eq!(cfg(&["--app-id", "a"]).unwrap().log_level, LogLevel::Info);
+        let c = cfg(&["--app-id", "a", "--log-level", "Fatal"]).unwrap();
+        assert_eq!(c.log_level, LogLevel::Fatal);
+        assert_eq!(c.log_level.filter(), "error");
+        let errs = cfg(&["--app-id", "a", "--log-level", "verbose"]).unwrap_err();
+        assert!(errs[0].contains("--log-level"), "{errs:?}");
+    }
+
+    #[test]
     fn app_ssl_upgrades_protocol() {
         let c = cfg(&["--app-id", "a", "--app-ssl", "--app-protocol", "grpc"]).unwrap();
-        assert_eq!(c.app.protocol, "grpcs");
+        assert_eq!(c.app.protocol, AppProtocol::Grpcs);
     }
 }

@@ -3,12 +3,13 @@
 //! pub/sub error table.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 use tonic::Code;
 
 /// An error answered by the Dapr HTTP or gRPC API.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     /// HTTP status.
@@ -22,9 +23,13 @@ pub struct ApiError {
     /// Message.
     pub message: String,
     /// ResourceInfo name (of type `pubsub`), when the error concerns a resource.
-    pub resource: Option<String>,
+    pub resource: Option<Box<str>>,
     /// ErrorInfo metadata.
     pub metadata: BTreeMap<String, String>,
+    /// The error that caused this one (a component's, with its own chain), logged at debug
+    /// level when the error is answered; the client sees only Dapr's message.
+    #[source]
+    pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 #[derive(Serialize)]
@@ -85,8 +90,30 @@ impl ApiError {
             error_code,
             reason,
             message,
-            resource: with_resource.then(|| name.to_string()),
+            resource: with_resource.then(|| name.into()),
             metadata,
+            source: None,
+        }
+    }
+
+    /// This error, caused by `source`.
+    #[must_use]
+    pub fn caused_by(mut self, source: Arc<dyn std::error::Error + Send + Sync>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Logs the cause and its chain (debug level), when there is one.
+    fn log_cause(&self) {
+        if let Some(source) = &self.source {
+            let mut chain = source.to_string();
+            let mut next = source.source();
+            while let Some(e) = next {
+                chain.push_str(": ");
+                chain.push_str(&e.to_string());
+                next = e.source();
+            }
+            tracing::debug!(error_code = self.error_code, cause = %chain, "{}", self.message);
         }
     }
 
@@ -286,6 +313,7 @@ impl ApiError {
     /// The gRPC status with `ErrorInfo` and `ResourceInfo` details.
     pub fn to_status(&self) -> tonic::Status {
         use tonic_types::{ErrorDetails, StatusExt};
+        self.log_cause();
         let mut details = ErrorDetails::new();
         details.set_error_info(
             self.reason,
@@ -296,7 +324,7 @@ impl ApiError {
                 .collect::<std::collections::HashMap<_, _>>(),
         );
         if let Some(name) = &self.resource {
-            details.set_resource_info(RESOURCE_TYPE, name, "", &self.message);
+            details.set_resource_info(RESOURCE_TYPE, &**name, "", &self.message);
         }
         tonic::Status::with_error_details(self.grpc_code, &self.message, details)
     }
@@ -304,6 +332,7 @@ impl ApiError {
 
 impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
+        self.log_cause();
         let status = http::StatusCode::from_u16(self.http_status)
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         (
@@ -318,6 +347,19 @@ impl axum::response::IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cause_is_kept_but_not_answered() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = ApiError::publish_message("ps", "t", "broker down").caused_by(Arc::new(cause));
+        let source = std::error::Error::source(&e).expect("the cause is the source");
+        assert_eq!(source.to_string(), "refused");
+        let body = String::from_utf8(e.http_body()).unwrap();
+        assert!(
+            body.contains("broker down") && !body.contains("refused"),
+            "{body}"
+        );
+    }
 
     #[test]
     fn http_body_shape_matches_dapr() {

@@ -1,30 +1,29 @@
-//! daprd-rs's runtime: everything between the command line and the components.
+//! daprd-rs's runtime: everything between the command line and the components. The map of
+//! these modules, the direction of their dependencies and the path of a message through them
+//! is `docs/ARCHITECTURE.md`.
 //!
-//! * [`config`]: flags, environment and resources directories → validated configuration.
-//! * [`components`]: builds components through the registry into the component store.
-//! * [`scoping`]: topic scoping rules.
-//! * [`publish`]: the publish pipeline shared by both APIs; [`error`]: Dapr's error table.
+//! * [`config`]: flags, environment and resource files → validated configuration.
+//! * [`error`]: Dapr's error table; [`trace`]: W3C trace context.
+//! * [`resiliency`]: retry, timeout and circuit-breaker policies and their targets.
+//! * [`scoping`]: which app may publish or subscribe to which topic.
+//! * [`store`]: builds components through the registry into the component store.
+//! * [`state`]: what the APIs and the inbound side share (configuration, the publisher,
+//!   readiness, app health, shutdown signals).
+//! * [`outbound`]: publishing, app → broker.
+//! * [`inbound`]: subscriptions and delivery, broker → app.
 //! * [`api`]: the HTTP (axum) and gRPC (tonic) Dapr APIs.
 //! * [`serve`]: start-up, listeners and the shutdown sequence.
 //!
-//! The `daprd` binary is a thin `main` over [`serve`].
+//! The `daprd` binary builds the component registry and hands it to [`serve`].
 
 pub mod api;
-pub mod bulk;
-pub mod channel;
-pub mod components;
 pub mod config;
-pub mod delivery;
 pub mod error;
-pub mod health;
-pub mod publish;
+pub mod inbound;
+pub mod outbound;
 pub mod resiliency;
-pub mod routing;
-pub mod runtime;
 pub mod scoping;
 pub mod serve;
-pub mod streaming;
-pub mod subscriber;
-pub mod subscriptions;
-pub mod tls;
+pub mod state;
+pub mod store;
 pub mod trace;

@@ -56,13 +56,10 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn code_is_retriable(&self, code: i32) -> bool {
-        let ranges = if (0..=16).contains(&code) {
-            &self.grpc_codes
-        } else if (100..=599).contains(&code) {
-            &self.http_codes
-        } else {
-            return false;
+    fn code_is_retriable(&self, code: StatusCode) -> bool {
+        let (ranges, code) = match code {
+            StatusCode::Http(status) => (&self.http_codes, i32::from(status)),
+            StatusCode::Grpc(code) => (&self.grpc_codes, code as i32),
         };
         match ranges {
             None => true,
@@ -218,13 +215,58 @@ pub struct Policy {
     pub breaker: Option<Arc<CircuitBreaker>>,
 }
 
-/// A failed attempt: why, and the HTTP status or gRPC code when there is one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The status a failed attempt was answered with, which a retry policy's `matching` selects
+/// on: an HTTP status (`httpStatusCodes`) or a gRPC code (`gRPCStatusCodes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusCode {
+    /// An HTTP status (100–599).
+    Http(u16),
+    /// A gRPC code.
+    Grpc(tonic::Code),
+}
+
+/// A failed attempt: why, the status it was answered with when there is one, and the error
+/// that caused it.
+#[derive(Debug, Clone)]
 pub struct AttemptError {
     /// What went wrong.
     pub message: String,
-    /// HTTP status (100–599) or gRPC code (0–16).
-    pub code: Option<i32>,
+    /// The HTTP status or gRPC code, when the failure had one.
+    pub code: Option<StatusCode>,
+    /// The underlying error (a component's), kept for the API error's log line.
+    pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl AttemptError {
+    /// A failure with no status and no underlying error.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: None,
+            source: None,
+        }
+    }
+
+    /// This failure, answered with `code`.
+    #[must_use]
+    pub fn with_code(mut self, code: Option<StatusCode>) -> Self {
+        self.code = code;
+        self
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AttemptError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl Policy {
@@ -244,19 +286,13 @@ impl Policy {
         loop {
             if let Some(b) = &self.breaker {
                 if !b.allow() {
-                    return Err(AttemptError {
-                        message: "circuit breaker is open".into(),
-                        code: None,
-                    });
+                    return Err(AttemptError::new("circuit breaker is open"));
                 }
             }
             let result = match self.timeout {
                 Some(t) => match tokio::time::timeout(t, op()).await {
                     Ok(r) => r,
-                    Err(_) => Err(AttemptError {
-                        message: format!("timed out after {t:?}"),
-                        code: None,
-                    }),
+                    Err(_) => Err(AttemptError::new(format!("timed out after {t:?}"))),
                 },
                 None => op().await,
             };
@@ -645,17 +681,12 @@ mod tests {
 
     const DOC: &str = "apiVersion: dapr.io/v1alpha1\nkind: Resiliency\nmetadata: {name: r}\nspec:\n  policies:\n    timeouts: {general: 5s}\n    retries:\n      three: {policy: constant, duration: 10ms, maxRetries: 3}\n      only5xx: {policy: constant, duration: 1ms, maxRetries: 5, matching: {httpStatusCodes: \"500,502-504\", gRPCStatusCodes: \"14\"}}\n      DefaultRetryPolicy: {policy: constant, duration: 1ms, maxRetries: 1}\n    circuitBreakers:\n      cb: {maxRequests: 1, timeout: 1h, trip: consecutiveFailures > 2}\n  targets:\n    components:\n      ps:\n        inbound: {retry: three, timeout: general}\n        outbound: {retry: only5xx, circuitBreaker: cb}\n";
 
-    async fn run_counting(p: &Policy, code: Option<i32>) -> (Result<(), AttemptError>, u32) {
+    async fn run_counting(p: &Policy, code: Option<StatusCode>) -> (Result<(), AttemptError>, u32) {
         let n = AtomicU32::new(0);
         let r = p
             .run(|| {
                 n.fetch_add(1, Ordering::SeqCst);
-                async {
-                    Err::<(), _>(AttemptError {
-                        message: "x".into(),
-                        code,
-                    })
-                }
+                async { Err::<(), _>(AttemptError::new("x").with_code(code)) }
             })
             .await;
         (r, n.load(Ordering::SeqCst))
@@ -685,12 +716,30 @@ mod tests {
         let (r, _) = load(DOC);
         let out = r.component_policy("ps", Direction::Outbound);
         // 404 does not match 500,502-504: no retry
-        assert_eq!(run_counting(&out, Some(404)).await.1, 1);
+        assert_eq!(run_counting(&out, Some(StatusCode::Http(404))).await.1, 1);
         // 503 matches; the breaker (shared, one failure already counted) trips on the
         // third consecutive failure, so the next attempt is refused
-        let (res, n) = run_counting(&out, Some(503)).await;
+        let (res, n) = run_counting(&out, Some(StatusCode::Http(503))).await;
         assert_eq!(n, 2);
         assert_eq!(res.unwrap_err().message, "circuit breaker is open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn matching_tells_http_statuses_from_grpc_codes() {
+        let (r, errs) = load("apiVersion: dapr.io/v1alpha1\nkind: Resiliency\nmetadata: {name: r}\nspec:\n  policies:\n    retries:\n      m: {policy: constant, duration: 1ms, maxRetries: 2, matching: {httpStatusCodes: \"503\", gRPCStatusCodes: \"14\"}}\n  targets:\n    components:\n      ps: {outbound: {retry: m}}\n");
+        assert!(errs.is_empty(), "{errs:?}");
+        let out = r.component_policy("ps", Direction::Outbound);
+        let unavailable = StatusCode::Grpc(tonic::Code::Unavailable);
+        assert_eq!(run_counting(&out, Some(unavailable)).await.1, 3);
+        let not_found = StatusCode::Grpc(tonic::Code::NotFound);
+        assert_eq!(run_counting(&out, Some(not_found)).await.1, 1);
+        assert_eq!(run_counting(&out, Some(StatusCode::Http(503))).await.1, 3);
+        assert_eq!(run_counting(&out, Some(StatusCode::Http(500))).await.1, 1);
+        assert_eq!(
+            run_counting(&out, None).await.1,
+            3,
+            "no status: always retried"
+        );
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Start-up and shutdown: load and build components, bind the API listeners, serve until
 //! a shutdown signal, then drain within the grace period and close the components.
 
+use daprd_core::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +10,13 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::components::{self, BuildContext, ComponentStore};
+use crate::api::ApiState;
 use crate::config::resources::{load_resources, LoadContext};
 use crate::config::RuntimeConfig;
-use crate::runtime::RuntimeState;
-use crate::subscriptions::SubscriptionSpec;
+use crate::inbound::subscriber::Subscriptions;
+use crate::inbound::subscriptions::SubscriptionSpec;
+use crate::state::RuntimeState;
+use crate::store::{self, BuildContext, ComponentStore};
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +24,17 @@ pub enum StartError {
     /// The resources are invalid; one line per problem.
     #[error("{} problem(s) in the resources", .0.len())]
     Resources(Vec<String>),
+    /// A Unix socket could not be bound (`--unix-domain-socket`).
+    #[error("cannot listen on {} for the {what}: {source}", path.display())]
+    BindUnix {
+        /// Socket path.
+        path: std::path::PathBuf,
+        /// Which server.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {addr} for the {what}: {source}")]
     Bind {
@@ -34,17 +48,24 @@ pub enum StartError {
     },
 }
 
-fn build_context(config: &RuntimeConfig, connect: bool) -> BuildContext {
+fn build_context(
+    config: &RuntimeConfig,
+    configuration: &crate::config::configuration::Configuration,
+    connect: bool,
+) -> BuildContext {
     BuildContext {
         app_id: config.app_id.clone(),
         namespace: config.namespace().to_string(),
         pod_name: config.env.pod_name.clone(),
         connect,
+        secret_scopes: configuration.secret_scopes.clone(),
     }
 }
 
 /// What the resources directories hold, built.
 pub struct Loaded {
+    /// The Configuration (`--config`; Dapr's defaults without one).
+    pub configuration: crate::config::configuration::Configuration,
     /// The components.
     pub store: ComponentStore,
     /// Declarative subscriptions.
@@ -53,29 +74,65 @@ pub struct Loaded {
     pub resiliency: crate::resiliency::Resiliency,
 }
 
-/// Loads the resources directories, builds the components and parses the declarative
-/// subscriptions. With `connect` false nothing connects to a broker (`daprd validate`).
+/// Loads the resources directories, builds the components through `registry` (the
+/// binary's: the runtime names no component) and parses the declarative subscriptions.
+/// With `connect` false nothing connects to a broker (`daprd validate`).
 ///
 /// # Errors
 /// [`StartError::Resources`] with every problem found.
-pub async fn load(config: &RuntimeConfig, connect: bool) -> Result<Loaded, StartError> {
+pub async fn load(
+    config: &RuntimeConfig,
+    registry: &Registry,
+    connect: bool,
+) -> Result<Loaded, StartError> {
     let ctx = LoadContext {
         app_id: &config.app_id,
         namespace: config.env.namespace.as_deref(),
     };
-    let resources = load_resources(&config.resources_paths, &ctx);
-    for w in &resources.warnings {
+    let configuration = crate::config::configuration::load(&config.config_files);
+    let mut resources = load_resources(&config.resources_paths, &ctx);
+    for w in configuration.warnings.iter().chain(&resources.warnings) {
         tracing::warn!("{w}");
     }
-    let mut problems: Vec<String> = resources.errors.iter().map(ToString::to_string).collect();
-    let (subscriptions, sub_errors) = crate::subscriptions::parse_declarative(&resources.others);
+    let mut problems: Vec<String> = configuration
+        .errors
+        .iter()
+        .chain(&resources.errors)
+        .map(ToString::to_string)
+        .collect();
+    let configuration = configuration.configuration;
+    resources.components.retain(|c| {
+        if !configuration.denies(&c.ty, &c.version) {
+            return true;
+        }
+        let refusal = format!(
+            "{}: component {:?}: field spec.type: {} is in the Configuration's components.deny list",
+            c.file.display(),
+            c.name,
+            c.ty
+        );
+        if c.ignore_errors {
+            tracing::warn!("{refusal}; not loaded (ignoreErrors)");
+        } else {
+            problems.push(refusal);
+        }
+        false
+    });
+    let (subscriptions, sub_errors) =
+        crate::inbound::subscriptions::parse_declarative(&resources.others);
     problems.extend(sub_errors.iter().map(ToString::to_string));
     let (resiliency, res_errors) =
         crate::resiliency::Resiliency::load(&resources.others, &config.app_id);
     problems.extend(res_errors.iter().map(ToString::to_string));
-    let registry = daprd_components::builtin_registry();
-    match components::build(&resources, &registry, &build_context(config, connect)).await {
+    match store::build(
+        &resources,
+        registry,
+        &build_context(config, &configuration, connect),
+    )
+    .await
+    {
         Ok(store) if problems.is_empty() => Ok(Loaded {
+            configuration,
             store,
             subscriptions,
             resiliency,
@@ -95,6 +152,8 @@ pub async fn load(config: &RuntimeConfig, connect: bool) -> Result<Loaded, Start
 pub struct Sidecar {
     /// Shared state.
     pub state: Arc<RuntimeState>,
+    /// The live subscriptions.
+    pub subscriptions: Arc<Subscriptions>,
     /// Bound HTTP API addresses.
     pub http_addrs: Vec<SocketAddr>,
     /// Bound gRPC API addresses.
@@ -102,6 +161,49 @@ pub struct Sidecar {
     /// Bound public-port address.
     pub public_addr: Option<SocketAddr>,
     servers: JoinSet<()>,
+}
+
+/// Serves the gRPC API on `incoming` (TCP or Unix socket connections) until `shutdown`.
+async fn serve_grpc<I, IO, IE>(
+    svc: crate::api::grpc::DaprService,
+    incoming: I,
+    shutdown: crate::state::Shutdown,
+) where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let res = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.wait().await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "gRPC API server failed");
+    }
+}
+
+/// A Unix socket at `path`, replacing a stale socket file a previous run left.
+fn bind_unix(
+    path: &std::path::Path,
+    what: &'static str,
+) -> Result<tokio::net::UnixListener, StartError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+    tokio::net::UnixListener::bind(path).map_err(|source| StartError::BindUnix {
+        path: path.to_path_buf(),
+        what,
+        source,
+    })
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
@@ -123,7 +225,14 @@ impl Sidecar {
     /// # Errors
     /// [`StartError::Bind`] naming the address that could not be bound.
     pub async fn start(config: RuntimeConfig, loaded: Loaded) -> Result<Self, StartError> {
-        let state = RuntimeState::new(config, Arc::new(loaded.store), Arc::new(loaded.resiliency));
+        let state = RuntimeState::new(
+            config,
+            Arc::new(loaded.store),
+            Arc::new(loaded.resiliency),
+            &loaded.configuration,
+        );
+        let subscriptions = Arc::new(Subscriptions::default());
+        let api = ApiState::new(state.clone(), subscriptions.clone());
         let cfg = &state.config;
         let mut servers = JoinSet::new();
         let mut http_addrs = Vec::new();
@@ -131,7 +240,26 @@ impl Sidecar {
 
         let mut http_listeners = Vec::new();
         let mut grpc_listeners = Vec::new();
-        for ip in &cfg.listen_addresses {
+        let unix = match &cfg.unix_domain_socket {
+            Some(dir) => Some((
+                bind_unix(
+                    &dir.join(format!("dapr-http-{}.socket", cfg.app_id)),
+                    "HTTP API",
+                )?,
+                bind_unix(
+                    &dir.join(format!("dapr-grpc-{}.socket", cfg.app_id)),
+                    "gRPC API",
+                )?,
+            )),
+            None => None,
+        };
+        // With a Unix domain socket the APIs listen there only, as in Go daprd.
+        let tcp_ips: &[std::net::IpAddr] = if unix.is_some() {
+            &[]
+        } else {
+            &cfg.listen_addresses
+        };
+        for ip in tcp_ips {
             http_listeners.push(bind(SocketAddr::new(*ip, cfg.http_port), "HTTP API").await?);
             grpc_listeners.push(bind(SocketAddr::new(*ip, cfg.grpc_port), "gRPC API").await?);
         }
@@ -146,8 +274,26 @@ impl Sidecar {
             None => None,
         };
 
-        let http_router =
-            crate::api::http::with_clean_paths(crate::api::http::router(state.clone()));
+        let http_router = crate::api::http::with_clean_paths(crate::api::http::router(api.clone()));
+        if let Some((http_socket, grpc_socket)) = unix {
+            let router = http_router.clone();
+            let shutdown = state.api_stop.clone();
+            servers.spawn(async move {
+                let res = axum::serve(http_socket, router)
+                    .with_graceful_shutdown(async move {
+                        shutdown.wait().await;
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "HTTP API server (Unix socket) failed");
+                }
+            });
+            servers.spawn(serve_grpc(
+                crate::api::grpc::service(api.clone()),
+                tokio_stream::wrappers::UnixListenerStream::new(grpc_socket),
+                state.api_stop.clone(),
+            ));
+        }
         for l in http_listeners {
             http_addrs.push(l.local_addr().map_err(|source| StartError::Bind {
                 addr: SocketAddr::new(cfg.listen_addresses[0], cfg.http_port),
@@ -171,7 +317,7 @@ impl Sidecar {
             Some(l) => {
                 let addr = l.local_addr().ok();
                 let router = crate::api::http::with_clean_paths(crate::api::http::public_router(
-                    state.clone(),
+                    api.clone(),
                 ));
                 let shutdown = state.api_stop.clone();
                 servers.spawn(async move {
@@ -189,29 +335,20 @@ impl Sidecar {
             if let Ok(a) = l.local_addr() {
                 grpc_addrs.push(a);
             }
-            let svc = crate::api::grpc::service(state.clone());
-            let shutdown = state.api_stop.clone();
-            servers.spawn(async move {
-                // Small request/response exchanges: no Nagle delay.
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
-                let res = tonic::transport::Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming_shutdown(incoming, async move {
-                        shutdown.wait().await;
-                    })
-                    .await;
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "gRPC API server failed");
-                }
-            });
+            // Small request/response exchanges: no Nagle delay.
+            servers.spawn(serve_grpc(
+                crate::api::grpc::service(api.clone()),
+                tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true)),
+                state.api_stop.clone(),
+            ));
         }
         state.set_outbound_ready();
         if state.config.app.port == 0 {
             state.set_ready();
         }
-        tokio::spawn(crate::subscriber::start_app_subscriptions(
+        tokio::spawn(crate::inbound::subscriber::start_app_subscriptions(
             state.clone(),
+            subscriptions.clone(),
             loaded.subscriptions,
         ));
         tracing::info!(
@@ -223,6 +360,7 @@ impl Sidecar {
         );
         Ok(Self {
             state,
+            subscriptions,
             http_addrs,
             grpc_addrs,
             public_addr,
@@ -237,8 +375,8 @@ impl Sidecar {
         let grace = self.state.config.graceful_shutdown;
         tracing::info!(?reason, grace = ?grace, "shutting down");
         // Stop fetching, then let in-flight deliveries, their acks and API calls finish.
-        let settled = self.state.subscriptions.stop_all();
-        if let (crate::runtime::ShutdownReason::Signal, Some(block)) =
+        let settled = self.subscriptions.stop_all();
+        if let (crate::state::ShutdownReason::Signal, Some(block)) =
             (reason, self.state.config.block_shutdown)
         {
             // Outbound APIs stay up until the duration elapses or the app turns unhealthy.
@@ -264,8 +402,8 @@ impl Sidecar {
         }
         self.state
             .api_stop
-            .trigger(crate::runtime::ShutdownReason::Signal);
-        let in_flight = self.state.subscriptions.in_flight.clone();
+            .trigger(crate::state::ShutdownReason::Signal);
+        let in_flight = self.subscriptions.in_flight.clone();
         let drained = tokio::time::timeout(grace, async {
             in_flight.wait_idle().await;
             settled.await;

@@ -15,11 +15,11 @@ use std::time::Duration;
 use axum::routing::post;
 use bytes::Bytes;
 use daprd_core::pubsub::{Message, Outcome};
-use daprd_runtime::channel::HttpChannel;
 use daprd_runtime::config::Env;
-use daprd_runtime::delivery::SubscriptionPipeline;
-use daprd_runtime::routing::Rule;
-use daprd_runtime::subscriptions::{BulkSubscribe, SubscriptionKind, SubscriptionSpec};
+use daprd_runtime::inbound::channel::HttpChannel;
+use daprd_runtime::inbound::delivery::SubscriptionPipeline;
+use daprd_runtime::inbound::routing::Rule;
+use daprd_runtime::inbound::subscriptions::{BulkSubscribe, SubscriptionKind, SubscriptionSpec};
 use daprd_testkit::in_memory_component;
 use tokio::sync::mpsc;
 
@@ -59,9 +59,24 @@ async fn binary_mode_message_is_rebuilt_into_a_cloudevent() {
         kind: SubscriptionKind::Programmatic,
         scopes: Vec::new(),
     };
-    let channel =
-        Arc::new(HttpChannel::new("127.0.0.1", app_port, "http", "checkout", None, -1).unwrap());
-    let pipeline = SubscriptionPipeline::new(&r.state, spec, entry, channel);
+    let channel = Arc::new(
+        HttpChannel::new(
+            "127.0.0.1",
+            app_port,
+            daprd_runtime::config::AppProtocol::Http,
+            "checkout",
+            None,
+            -1,
+        )
+        .unwrap(),
+    );
+    let pipeline = SubscriptionPipeline::new(
+        &r.state,
+        r.subscriptions.in_flight.clone(),
+        spec,
+        entry,
+        channel,
+    );
     let metadata: BTreeMap<String, String> = [
         ("ce_id", "bin-1"),
         ("ce_source", "producer"),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use daprd_core::pubsub::{Handler, Message, Outcome, SubscribeRequest, Subscription};
 use daprd_proto::runtime::v1 as pb;
 use daprd_runtime::config::Env;
-use daprd_runtime::runtime::RuntimeState;
+use daprd_runtime::state::RuntimeState;
 use daprd_testkit::{in_memory_component, ScratchDir};
 use serde_json::Value;
 use tokio::sync::mpsc;

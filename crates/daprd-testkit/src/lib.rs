@@ -104,3 +104,33 @@ pub fn in_memory_component(name: &str, extra_metadata: &[(&str, &str)]) -> Strin
     }
     doc
 }
+
+/// The address of a broker the tests need: `env_var` when set, else `default` (a URL or
+/// `host:port`). When nothing answers there, the test fails with one line naming the broker
+/// and how to start it, instead of a connection error deep inside a component.
+pub fn broker_address(env_var: &str, default: &str, broker: &str) -> String {
+    let value = std::env::var(env_var).unwrap_or_else(|_| default.to_string());
+    let authority = value
+        .split_once("://")
+        .map_or(value.as_str(), |(_, rest)| rest);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let first = authority
+        .split([',', '/'])
+        .next()
+        .unwrap_or(authority)
+        .to_string();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(first.as_str())
+        .map(|addrs| {
+            addrs
+                .into_iter()
+                .any(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+        })
+        .unwrap_or(false);
+    assert!(
+        reachable,
+        "{broker} is not reachable at {first} ({env_var}): start the test brokers with `bash scripts/services.sh`"
+    );
+    value
+}

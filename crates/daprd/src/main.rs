@@ -1,6 +1,7 @@
 //! `daprd`: parse flags, load and validate resources, build components, serve, drain.
 //!
-//! `daprd validate --resources-path DIR...` checks resources without binding or connecting.
+//! `daprd validate [--resources-path DIR...] [--config FILE]` checks resources and the
+//! Configuration without binding or connecting.
 
 use std::process::ExitCode;
 
@@ -8,23 +9,7 @@ use clap::Parser;
 use daprd_runtime::config::{cli, Env, Options, RuntimeConfig, RUNTIME_VERSION};
 use daprd_runtime::serve::{self, Sidecar, StartError};
 
-fn init_logging(level: &str, json: bool) {
-    let filter = match level {
-        "fatal" => "error",
-        other => other,
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DAPRD_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{filter},h2=warn,hyper=warn,tower=warn"))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.with_ansi(false).init();
-    }
-}
+mod logging;
 
 fn print_problems(problems: &[String]) {
     for p in problems {
@@ -74,9 +59,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    init_logging(&config.log_level, config.log_as_json);
+    logging::init(config.log_level, config.log_as_json, &config.app_id);
     for (flag, value) in cli::ignored_flags(&opts) {
         tracing::debug!(flag, value, "flag accepted for compatibility and ignored");
+    }
+    // Go daprd serves metrics by default; say so rather than leave the port silently closed.
+    if !validate && cli::flag_bool("enable-metrics", &opts.enable_metrics).unwrap_or(false) {
+        tracing::warn!(
+            "metrics are not served by daprd-rs yet: nothing listens on --metrics-port {} (--enable-metrics=false silences this line)",
+            opts.metrics_port
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -97,12 +89,15 @@ fn main() -> ExitCode {
 }
 
 async fn run_validate(config: &RuntimeConfig) -> ExitCode {
-    if config.resources_paths.is_empty() {
-        eprintln!("error: give at least one --resources-path to validate");
+    if config.resources_paths.is_empty() && config.config_files.is_empty() {
+        eprintln!("error: give at least one --resources-path or --config to validate");
         return ExitCode::FAILURE;
     }
-    match serve::load(config, false).await {
+    match serve::load(config, &daprd_components::builtin_registry(), false).await {
         Ok(loaded) => {
+            if !config.config_files.is_empty() {
+                println!("ok: configuration {:?} valid", loaded.configuration.name);
+            }
             println!(
                 "ok: {} component(s) and {} subscription(s) valid",
                 loaded.store.registered().len(),
@@ -124,7 +119,7 @@ async fn run_validate(config: &RuntimeConfig) -> ExitCode {
 
 async fn run(config: RuntimeConfig) -> ExitCode {
     tracing::info!(app_id = %config.app_id, version = RUNTIME_VERSION, "starting daprd-rs");
-    let loaded = match serve::load(&config, true).await {
+    let loaded = match serve::load(&config, &daprd_components::builtin_registry(), true).await {
         Ok(s) => s,
         Err(StartError::Resources(problems)) => {
             print_problems(&problems);
@@ -145,7 +140,7 @@ async fn run(config: RuntimeConfig) -> ExitCode {
     let shutdown = sidecar.state.shutdown.clone();
     tokio::spawn(async move {
         serve::termination_signal().await;
-        shutdown.trigger(daprd_runtime::runtime::ShutdownReason::Signal);
+        shutdown.trigger(daprd_runtime::state::ShutdownReason::Signal);
     });
     sidecar.run_until_shutdown().await;
     ExitCode::SUCCESS

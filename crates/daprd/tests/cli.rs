@@ -124,3 +124,131 @@ fn commented_broker_examples_are_valid_when_uncommented() {
         "one commented example per broker component"
     );
 }
+
+fn write_tmp(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("daprd-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).expect("write");
+    }
+    dir
+}
+
+#[test]
+fn validate_checks_a_configuration_and_names_every_problem() {
+    let dir = write_tmp(
+        "config",
+        &[
+            (
+                "good.yaml",
+                "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {name: appconfig}\nspec:\n  tracing: {samplingRate: \"1\"}\n  httpPipeline: {handlers: []}\n",
+            ),
+            (
+                "bad.yaml",
+                "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {name: broken}\nspec:\n  tracing: {samplingRate: \"fast\"}\n  metric: {enabled: perhaps}\n",
+            ),
+        ],
+    );
+    let good = daprd()
+        .arg("validate")
+        .arg("--config")
+        .arg(dir.join("good.yaml"))
+        .output()
+        .expect("runs");
+    let out = String::from_utf8_lossy(&good.stdout);
+    let log = String::from_utf8_lossy(&good.stderr);
+    assert!(good.status.success(), "{out}{log}");
+    assert!(out.contains("configuration \"appconfig\" valid"), "{out}");
+    // accepted, never silently ignored
+    assert!(
+        log.contains("spec.httpPipeline") && log.contains("no effect"),
+        "{log}"
+    );
+    let bad = daprd()
+        .arg("validate")
+        .arg("--config")
+        .arg(dir.join("bad.yaml"))
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("bad.yaml")
+            && err.contains("field spec.tracing.samplingRate")
+            && err.contains("field spec.metric.enabled"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_denied_component_type_is_refused_at_load() {
+    let dir = write_tmp(
+        "deny",
+        &[
+            (
+                "config.yaml",
+                "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {name: c}\nspec:\n  components: {deny: [pubsub.in-memory]}\n",
+            ),
+            (
+                "pubsub.yaml",
+                "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: ps}\nspec: {type: pubsub.in-memory, version: v1}\n",
+            ),
+        ],
+    );
+    let out = daprd()
+        .args(["validate", "--app-id", "a", "--resources-path"])
+        .arg(&dir)
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("component \"ps\"") && err.contains("components.deny"),
+        "{err}"
+    );
+}
+
+#[test]
+fn log_as_json_writes_daprs_shape() {
+    let dir = write_tmp(
+        "json-log",
+        &[(
+            "c.yaml",
+            "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {name: c}\nspec:\n  httpPipeline: {handlers: []}\n",
+        )],
+    );
+    let out = daprd()
+        .args(["validate", "--app-id", "shop", "--log-as-json", "--config"])
+        .arg(dir.join("c.yaml"))
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("httpPipeline"))
+        .unwrap_or_else(|| panic!("no warning line: {err}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
+    assert_eq!(v["level"], "warning", "{line}");
+    assert_eq!(v["type"], "log");
+    assert_eq!(v["scope"], "dapr.runtime");
+    assert_eq!(v["app_id"], "shop");
+    assert!(
+        v["ver"].as_str().is_some_and(|s| s.starts_with("1.18.3")),
+        "{line}"
+    );
+    assert!(
+        v["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
+    assert!(
+        v["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.httpPipeline")),
+        "{line}"
+    );
+}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,11 +66,35 @@ def broker_metadata() -> dict:
     }[PUBSUB]
 
 
+# The shared brokers on loopback (scripts/services.sh starts them): name and port.
+SHARED_BROKERS = {"redis": ("Redis", 6379), "rabbitmq": ("RabbitMQ", 5672),
+                  "mqtt3": ("Mosquitto (MQTT)", 1883), "jetstream": ("NATS JetStream", 4222),
+                  "aws.snssqs": ("moto (SNS/SQS)", int(SNSSQS_ENDPOINT.rsplit(":", 1)[1]))}
+
+
+def require_broker(kind):
+    """Fails the test with one line when the shared broker of `kind` does not answer."""
+    if kind == "kafka":
+        if shutil.which("tansu") is None:
+            pytest.fail("tansu (Kafka) is not installed: run `bash scripts/services.sh`",
+                        pytrace=False)
+        return
+    if kind not in SHARED_BROKERS:
+        return
+    name, port = SHARED_BROKERS[kind]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        pytest.fail(f"{name} is not reachable on 127.0.0.1:{port}: start the test brokers "
+                    "with `bash scripts/services.sh`", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def isolated_broker(request):
     """Gives each test a fresh slice of the broker under test."""
     import uuid
 
+    require_broker(PUBSUB)
     _test_tag["value"] = uuid.uuid4().hex[:10]
     if PUBSUB == "redis":
         subprocess.run(["redis-cli", "-n", REDIS_DB, "FLUSHDB"], check=True, capture_output=True)
@@ -102,38 +127,43 @@ def isolated_broker(request):
 
 
 class Tansu:
-    """A private Kafka-protocol broker (tansu, in-memory storage) on a free port."""
+    """A private Kafka-protocol broker (tansu) on `port`: in-memory storage unless `storage`
+    names another (e.g. "sqlite://tansu.db", relative to `cwd`); clients are sent to
+    `advertised` (default: `port`), which lets a proxy stand in front of it."""
 
-    def __init__(self, port):
+    def __init__(self, port, advertised=None, storage="memory://tansu/", cwd=None):
         self.port = port
         url = f"tcp://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            ["tansu", "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["tansu", "broker", "--listener-url", url, "--advertised-listener-url",
+             f"tcp://127.0.0.1:{advertised or port}", "--storage-engine", storage],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
 
     def stop(self):
         self.proc.kill()
         self.proc.wait()
 
 
-def start_tansu() -> Tansu:
-    t = Tansu(free_port())
-
+def wait_listening(port, timeout=10, what="a broker"):
     def up():
-        with socket.create_connection(("127.0.0.1", t.port), timeout=1):
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
-    eventually(up, 10, "tansu to listen")
+    eventually(up, timeout, f"{what} to listen on {port}")
+
+
+def start_tansu(port=None, **kw) -> Tansu:
+    t = Tansu(port or free_port(), **kw)
+    wait_listening(t.port, 10, "tansu")
     return t
 
 
-def _nats(action):
+def _nats(action, url=NATS_URL):
     import asyncio
 
     import nats
 
     async def run():
-        nc = await nats.connect(NATS_URL)
+        nc = await nats.connect(url)
         try:
             await action(nc.jetstream())
         finally:
@@ -172,34 +202,57 @@ def pubsub_component(name: str, **metadata: str) -> str:
     return COMPONENT.format(name=name, kind=PUBSUB, metadata=items)
 
 
+def appending_log():
+    """A temporary file for a child's output, opened with O_APPEND: the child writes at the
+    end whatever offset it shares with our reads (output() seeks to 0; without O_APPEND the
+    child then wrote over its own log from there on)."""
+    import fcntl
+    f = tempfile.TemporaryFile()
+    flags = fcntl.fcntl(f.fileno(), fcntl.F_GETFL)
+    fcntl.fcntl(f.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+    return f
+
+
 class Sidecar:
     def __init__(self, resources, app_id="checkout", env=None, extra_args=(), app_port=None,
                  app_protocol="http"):
         self.dir = tempfile.TemporaryDirectory(prefix="daprd-e2e-")
         for i, doc in enumerate(resources):
             Path(self.dir.name, f"c{i}.yaml").write_text(doc)
-        self.http_port = free_port()
-        self.grpc_port = free_port()
         self.app_id = app_id
         self.env = dict(os.environ)
         self.env.update(env or {})
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [str(DAPRD), "-app-id", app_id, "--dapr-http-port", str(self.http_port),
-             "--dapr-grpc-port=" + str(self.grpc_port), "--dapr-listen-addresses", "127.0.0.1",
-             "--resources-path", self.dir.name, "--log-level", "debug",
-             *(["--app-port", str(app_port), "--app-protocol", app_protocol] if app_port else []),
-             *extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-        )
-        self.http = f"http://127.0.0.1:{self.http_port}"
+        # free_port() only finds a port free now; another process (an outgoing connection's
+        # ephemeral port) can take it before daprd binds. Such a start is tried again on
+        # fresh ports; any other failure is reported at once.
+        for attempt in range(3):
+            self.http_port = free_port()
+            self.grpc_port = free_port()
+            self.log = appending_log()
+            self.proc = subprocess.Popen(
+                [str(DAPRD), "-app-id", app_id, "--dapr-http-port", str(self.http_port),
+                 "--dapr-grpc-port=" + str(self.grpc_port), "--dapr-listen-addresses", "127.0.0.1",
+                 "--resources-path", self.dir.name, "--log-level", "debug",
+                 *(["--app-port", str(app_port), "--app-protocol", app_protocol] if app_port else []),
+                 *extra_args],
+                stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+            )
+            self.http = f"http://127.0.0.1:{self.http_port}"
+            if self._wait_started(last=attempt == 2):
+                return
+
+    def _wait_started(self, last):
+        """True once the outbound health answers; False when the start lost its port race
+        (and `last` is False); raises on any other failure."""
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
+                if not last and "Address already in use" in self.output():
+                    return False
                 raise RuntimeError(f"daprd exited with {self.proc.returncode}: {self.output()}")
             try:
                 if requests.get(self.http + "/v1.0/healthz/outbound", timeout=1).status_code == 204:
-                    break
+                    return True
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
@@ -265,7 +318,7 @@ class App:
         full_env = dict(os.environ)
         full_env.update({"OUT": self.out, "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
-        self.log = tempfile.TemporaryFile()
+        self.log = appending_log()
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "apps" / script), str(self.port)],
                                      env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         def listening():

@@ -33,7 +33,8 @@ import uuid
 import pytest
 import requests
 
-from conftest import SNSSQS_ENDPOINT, _nats, eventually, start_tansu
+from conftest import (NATS_URL, SNSSQS_ENDPOINT, _nats, eventually, require_broker,
+                      start_tansu)
 
 BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs"]
 # SIGTERMs per run of the graceful test (the issue's 20 is FAULT_SIGTERMS=20)
@@ -48,12 +49,17 @@ INFLIGHT_WINDOW = {"kafka": 2 * PUBLISH_RATE}
 class Broker:
     """Component metadata with durable, per-test names for one broker kind."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, addr=None):
+        """`addr` ("127.0.0.1:port"): the broker to use instead of the shared one (a private
+        broker, or a proxy in front of one); without it Kafka gets a private tansu."""
         self.kind = kind
+        self.addr = addr
+        require_broker(kind)
         self.tag = uuid.uuid4().hex[:10]
         self.topic = f"fault{self.tag}"
         self.dlt = f"dlq{self.tag}"
-        self.tansu = start_tansu() if kind == "kafka" else None
+        self.tansu = start_tansu() if kind == "kafka" and not addr else None
+        self.nats_url = f"nats://{addr}" if addr else NATS_URL
         self.stream = None
         if kind == "jetstream":
             self.stream = "fault-" + self.tag
@@ -65,7 +71,7 @@ class Broker:
                 await js.add_stream(name=self.stream, subjects=[self.topic], max_age=600)
                 await js.add_stream(name=self.stream + "-dlt", subjects=[self.dlt],
                                     max_age=600)
-            _nats(create)
+            _nats(create, self.nats_url)
 
     def component(self, role, **extra):
         """`role` ("pub" or "sub") keeps client ids apart where the broker needs that."""
@@ -90,6 +96,16 @@ class Broker:
                            "accessKey": "test", "secretKey": "test", "consumerID": group,
                            "messageVisibilityTimeout": "2"},
         }[self.kind]
+        if self.addr:
+            key, value = {
+                "redis": ("redisHost", self.addr),
+                "rabbitmq": ("connectionString", f"amqp://guest:guest@{self.addr}"),
+                "mqtt3": ("url", f"tcp://{self.addr}"),
+                "jetstream": ("natsURL", self.nats_url),
+                "kafka": ("brokers", self.addr),
+                "aws.snssqs": ("endpoint", f"http://{self.addr}"),
+            }[self.kind]
+            meta[key] = value
         meta.update(extra)
         items = "[" + ", ".join(f'{{name: {k}, value: "{v}"}}' for k, v in meta.items()) + "]"
         return (f"apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: pubsub\n"
@@ -113,7 +129,7 @@ class Broker:
         async def read(js):
             info = await js.stream_info(self.stream + "-dlt", subjects_filter=self.dlt)
             count["n"] = sum((info.state.subjects or {}).values())
-        _nats(read)
+        _nats(read, self.nats_url)
         return count["n"]
 
     def dead_letter_seqs(self, app_port):
@@ -132,7 +148,7 @@ class Broker:
                 for m in msgs:
                     out.append(json.loads(m.data)["data"]["seq"])
                     await m.ack()
-        _nats(read)
+        _nats(read, self.nats_url)
         return out
 
     def cleanup(self):
@@ -142,7 +158,7 @@ class Broker:
             async def delete(js):
                 await js.delete_stream(self.stream)
                 await js.delete_stream(self.stream + "-dlt")
-            _nats(delete)
+            _nats(delete, self.nats_url)
 
 
 @pytest.fixture(params=BROKERS)
@@ -158,6 +174,8 @@ class Publisher:
     def __init__(self, sidecar, topic, n, threads=1, rate=None):
         self.ok = set()
         self.failed = 0
+        # (sent, answered, seq, 2xx) per request, monotonic seconds
+        self.log = []
         self.halt = False
         self.lock = threading.Lock()
         self.next = 0
@@ -178,12 +196,14 @@ class Publisher:
     def run(self):
         session = requests.Session()
         while not self.halt and (seq := self.take()) is not None:
+            sent = time.monotonic()
             try:
                 r = session.post(self.url, json={"seq": seq}, timeout=10)
                 good = r.status_code == 204
             except requests.RequestException:
                 good = False
             with self.lock:
+                self.log.append((sent, time.monotonic(), seq, good))
                 if good:
                     self.ok.add(seq)
                 else:
@@ -231,10 +251,16 @@ def cpu_hog():
 
 
 def wait_all(app_port, want, timeout, what):
+    missing = {}
+
     def done():
-        got = set(seqs(app_port))
-        return want <= got
-    eventually(done, timeout, what)
+        missing["seqs"] = sorted(want - set(seqs(app_port)))
+        return not missing["seqs"]
+    try:
+        eventually(done, timeout, what)
+    except AssertionError as e:
+        lost = missing.get("seqs", [])
+        raise AssertionError(f"{e}: {len(lost)} lost, e.g. {lost[:20]}") from None
 
 
 def test_subscriber_sigterm_mid_stream_loses_and_duplicates_nothing(

@@ -295,6 +295,27 @@ def test_bulk_subscribe_over_http(sidecar_factory, app_factory):
 
 
 
+def test_bulk_entries_the_app_asks_to_retry_are_retried_per_policy(sidecar_factory, app_factory):
+    subs = json.dumps([
+        {"pubsubname": "pubsub", "topic": "bulk-r", "route": "/bulk-r", "deadLetterTopic": "dlq.all",
+         "bulkSubscribe": {"enabled": True, "maxMessagesCount": 10, "maxAwaitDurationMs": 500}},
+        {"pubsubname": "pubsub", "topic": "dlq.all", "route": "/dlq"},
+    ])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([pubsub_component("pubsub"), RESILIENCY], app_port=app.port)
+    s.wait_ready()
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/bulk-r": {"bulk": True}}).raise_for_status()
+    for st in ("SUCCESS", "RETRY", "DROP"):
+        s.publish("bulk-r", json.dumps({"status": st}))
+    # threeTimes: 1 attempt + 3 retries of the RETRY entry, then its dead letter
+    eventually(lambda: len(received(app.port, "/dlq")) == 2, 10, "RETRY (after its retries) and DROP dead-lettered")
+    sent = [e["event"]["data"]["status"] for r in received(app.port, "/bulk-r")
+            for e in json.loads(r["body"])["entries"]]
+    assert sorted(sent) == ["DROP"] + ["RETRY"] * 4 + ["SUCCESS"], f"only RETRY is sent again: {sent}"
+    dead = sorted(json.loads(r["body"])["data"]["status"] for r in received(app.port, "/dlq"))
+    assert dead == ["DROP", "RETRY"]
+
+
 def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
     subs = json.dumps([{"pubsubname": "pubsub", "topic": "h", "route": "/h"}])
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs, "HEALTHY": "0"})
@@ -348,10 +369,16 @@ def test_block_shutdown_keeps_publishing_up_and_stops_subscriptions(sidecar_fact
     assert received(app.port, "/b") == [], "subscriptions stopped at once"
 
 
+HEALTH_CHECKED = ("--enable-app-health-check", "--app-health-probe-interval", "1",
+                  "--app-health-threshold", "1")
+
+
 def test_https_and_grpcs_app_channels(sidecar_factory, app_factory, self_signed_cert):
+    # With app health checks on: the probes go over TLS as the deliveries do, so the
+    # subscriptions start (a plain-text probe would keep the app unhealthy and them stopped).
     subs = json.dumps([{"pubsubname": "pubsub", "topic": "orders", "route": "/orders"}])
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs, **self_signed_cert})
-    s = sidecar_factory(app_port=app.port, app_protocol="https")
+    s = sidecar_factory(app_port=app.port, app_protocol="https", extra_args=HEALTH_CHECKED)
     s.wait_ready()
     s.publish("orders", '{"tls":"https"}')
     def tls_received():
@@ -361,7 +388,8 @@ def test_https_and_grpcs_app_channels(sidecar_factory, app_factory, self_signed_
 
     gapp = app_factory("grpc_app.py", env=self_signed_cert)
     # another app id: with a consumer-group broker the same id would share the first's group
-    g = sidecar_factory(app_id="checkout-grpcs", app_port=gapp.port, app_protocol="grpcs")
+    g = sidecar_factory(app_id="checkout-grpcs", app_port=gapp.port, app_protocol="grpcs",
+                        extra_args=HEALTH_CHECKED)
     g.wait_ready()
     g.publish("orders", '{"tls":"grpcs"}')
     lines = eventually(lambda: gapp.lines(), 10, "delivery over grpcs")

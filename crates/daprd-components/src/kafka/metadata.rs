@@ -471,6 +471,10 @@ impl KafkaMetadata {
                 "topic.metadata.refresh.interval.ms",
                 self.metadata_refresh.as_millis().max(10).to_string(),
             ),
+            // a broker that comes back is in use within a second (librdkafka's ceiling
+            // between reconnects is 10 s by default)
+            ("reconnect.backoff.ms", "50".into()),
+            ("reconnect.backoff.max.ms", "500".into()),
         ];
         let sasl = matches!(self.auth, Auth::Password { .. });
         let protocol = match (self.tls, sasl) {

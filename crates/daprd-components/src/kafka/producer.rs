@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rdkafka::client::Client;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
@@ -59,7 +60,29 @@ pub fn is_refusal(e: &KafkaError) -> bool {
     )
 }
 
+/// librdkafka's own log lines as tracing events (target `librdkafka`): the client library
+/// logs through the `log` crate, which the sidecar's tracing subscriber does not read.
+pub(super) fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "{facility}: {message}");
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", "{facility}: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "{facility}: {message}");
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{facility}: {message}"),
+    }
+}
+
 impl ClientContext for LastError {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", "kafka client: {error}: {reason}");
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());

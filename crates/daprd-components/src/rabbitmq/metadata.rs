@@ -1,5 +1,6 @@
 //! `pubsub.rabbitmq` metadata: Dapr's keys and code defaults, parsed without I/O.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
@@ -11,7 +12,7 @@ pub struct RabbitMetadata {
     /// `protocol`/`hostname`/`username`/`password`); `amqps://` is TLS.
     pub uri: String,
     /// `caCert` / `clientCert` / `clientKey` (PEM text) for `amqps://`.
-    pub tls: crate::tls::PemMaterial,
+    pub tls: daprd_core::tls::PemMaterial,
     /// `saslExternal` (false): authenticate with the client certificate (`amqps://` only).
     pub sasl_external: bool,
     /// `consumerID`: queue name prefix (`<consumerID>-<topic>`).
@@ -38,7 +39,9 @@ pub struct RabbitMetadata {
     pub max_len_bytes: Option<i64>,
     /// `exchangeKind` (fanout).
     pub exchange_kind: String,
-    /// `publisherConfirm` (false): wait for the broker's confirm on publish.
+    /// `publisherConfirm` (true here; Go's default is false): wait for the broker's confirm on
+    /// publish, so a 2xx means the broker has the message. `false` is Go daprd's fire and
+    /// forget: a connection that dies takes the publishes it still holds with it.
     pub publisher_confirm: bool,
     /// `reconnectWaitSeconds` (3s).
     pub reconnect_wait: Duration,
@@ -93,7 +96,7 @@ impl RabbitMetadata {
             r.fail("connectionString", format!("{uri:?} is not an amqp:// URI"));
         }
         let tls =
-            crate::tls::PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
+            daprd_core::tls::PemMaterial::read(&mut r, (Some("caCert"), "clientCert", "clientKey"));
         let sasl_external = r.bool("saslExternal", false);
         if sasl_external
             && (tls.ca_cert.is_none() || tls.client_cert.is_none() || tls.client_key.is_none())
@@ -108,7 +111,7 @@ impl RabbitMetadata {
         let auto_ack = r.bool("autoAck", false);
         let requeue_in_failure = r.bool("requeueInFailure", false);
         let enable_dead_letter = r.bool("enableDeadLetter", false);
-        let publisher_confirm = r.bool("publisherConfirm", false);
+        let publisher_confirm = r.bool("publisherConfirm", true);
         let properties_to_metadata = r.bool("publishMessagePropertiesToMetadata", false);
         let delivery_mode = r.int("deliveryMode", 0, 0..=2);
         let prefetch = r.int("prefetchCount", 0, 0..=65535);
@@ -151,6 +154,14 @@ impl RabbitMetadata {
     }
 }
 
+/// A request metadata value by key, case-insensitively; empty is absent.
+pub(super) fn get_ci<'a>(md: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    md.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +181,10 @@ mod tests {
         assert_eq!(m.exchange_kind, "fanout");
         assert_eq!(m.reconnect_wait, Duration::from_secs(3));
         assert!(m.parallel);
+        assert!(
+            m.publisher_confirm,
+            "a 2xx means the broker has the message"
+        );
         let m = RabbitMetadata::parse(&md(&[("host", "amqp://h"), ("consumerID", "a")])).unwrap();
         assert_eq!(m.uri, "amqp://h");
         let m = RabbitMetadata::parse(&md(&[

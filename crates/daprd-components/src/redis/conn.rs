@@ -11,7 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
-use super::RedisMetadata;
+use super::metadata::RedisMetadata;
 
 /// First pause between reconnect attempts of the shared connection.
 const RECONNECT_MIN_DELAY: std::time::Duration = std::time::Duration::from_millis(50);

@@ -44,7 +44,7 @@ pub struct RedisMetadata {
     /// `insecureSkipTLSVerify` (false): accept any server certificate.
     pub insecure_skip_verify: bool,
     /// `clientCert` / `clientKey` (PEM): mutual TLS.
-    pub tls: crate::tls::PemMaterial,
+    pub tls: daprd_core::tls::PemMaterial,
     /// `redisType: cluster`: `redisHost` is a comma list of cluster nodes.
     pub cluster: bool,
     /// `failover: true` + `sentinelMasterName`: `redisHost` names Sentinel(s).
@@ -129,7 +129,7 @@ impl RedisMetadata {
         let consumer_id = r.required("consumerID", " (daprd sets it to the app id)");
         let enable_tls = r.bool("enableTLS", false);
         let insecure_skip_verify = r.bool("insecureSkipTLSVerify", false);
-        let tls = crate::tls::PemMaterial::read(&mut r, (None, "clientCert", "clientKey"));
+        let tls = daprd_core::tls::PemMaterial::read(&mut r, (None, "clientCert", "clientKey"));
         if !enable_tls && tls.client_cert.is_some() {
             r.fail("clientCert", "needs enableTLS: true");
         }

@@ -19,7 +19,7 @@ use redis::streams::{StreamId, StreamReadReply};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
 
-use super::RedisMetadata;
+use super::metadata::RedisMetadata;
 
 pub(super) struct Context {
     pub component: String,
@@ -196,7 +196,7 @@ async fn reader(
         .unwrap_or(3000)
         .max(1);
     let mut conn: Option<super::conn::Conn> = None;
-    let mut backoff = daprd_core::backoff::RETRY;
+    let mut backoff = daprd_core::backoff::RECONNECT;
     loop {
         if *stop.borrow() {
             return;

@@ -8,26 +8,22 @@ use daprd_proto::runtime::v1 as pb;
 use daprd_proto::runtime::v1::dapr_server::{Dapr, DaprServer};
 use tonic::{Request, Response, Status};
 
-use crate::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
-use crate::runtime::RuntimeState;
+use crate::api::ApiState;
+use crate::outbound::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
 
 /// The `Dapr` service implementation.
 #[derive(Clone)]
 pub struct DaprApi {
-    state: Arc<RuntimeState>,
+    state: Arc<ApiState>,
 }
 
 fn trace_headers<T>(req: &Request<T>) -> TraceHeaders {
-    let get = |k: &str| {
+    TraceHeaders::read(|k| {
         req.metadata()
             .get(k)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
-    };
-    TraceHeaders {
-        traceparent: get("traceparent"),
-        tracestate: get("tracestate"),
-    }
+    })
 }
 
 fn to_btree(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -73,13 +69,18 @@ impl Dapr for DaprApi {
         self.bulk(request).await
     }
 
-    type SubscribeTopicEventsAlpha1Stream = crate::streaming::EventStream;
+    type SubscribeTopicEventsAlpha1Stream = crate::inbound::streaming::EventStream;
 
     async fn subscribe_topic_events_alpha1(
         &self,
         request: Request<tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>>,
     ) -> Result<Response<Self::SubscribeTopicEventsAlpha1Stream>, Status> {
-        let stream = crate::streaming::subscribe(self.state.clone(), request.into_inner()).await?;
+        let stream = crate::inbound::streaming::subscribe(
+            self.state.runtime.clone(),
+            self.state.subscriptions.clone(),
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(stream))
     }
 
@@ -206,21 +207,137 @@ impl tonic::service::Interceptor for TokenCheck {
     }
 }
 
-/// The `Dapr` gRPC service with API-token checking and the body-size limit applied.
-pub type DaprService =
-    GrpcGoStatus<tonic::service::interceptor::InterceptedService<DaprServer<DaprApi>, TokenCheck>>;
+/// The `Dapr` gRPC service with the API lists, API-token checking and the body-size limit
+/// applied.
+pub type DaprService = GrpcGoStatus<
+    tonic::service::interceptor::InterceptedService<
+        ApiLog<AccessCheck<DaprServer<DaprApi>>>,
+        TokenCheck,
+    >,
+>;
 
-/// The `Dapr` gRPC service with API-token checking and the body-size limit applied.
-pub fn service(state: Arc<RuntimeState>) -> DaprService {
+/// The `Dapr` gRPC service with the API lists, API-token checking and the body-size limit
+/// applied.
+pub fn service(state: Arc<ApiState>) -> DaprService {
     let limit = state.config.max_body_size;
     let token = state.config.env.api_token.as_deref().map(Arc::from);
+    let access = state.api_access.grpc();
+    let logging = state.api_logging.is_some();
     let server = DaprServer::new(DaprApi { state })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
     GrpcGoStatus(tonic::service::interceptor::InterceptedService::new(
-        server,
+        ApiLog {
+            inner: AccessCheck {
+                inner: server,
+                access: access.restricts().then(|| Arc::new(access)),
+            },
+            on: logging,
+        },
         TokenCheck { token },
     ))
+}
+
+/// Logs each API call at info level ("gRPC API Called"), as Go daprd's API logging: the
+/// method, the status the response starts with (an error answered in the trailers of a
+/// stream that had begun is not seen), the duration and the user agent.
+#[derive(Clone)]
+pub struct ApiLog<S> {
+    inner: S,
+    on: bool,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for ApiLog<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ApiLog<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::BoxFuture<'static, Result<http::Response<tonic::body::Body>, S::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if !self.on {
+            return futures::future::Either::Left(self.inner.call(req));
+        }
+        let method = req.uri().path().to_string();
+        let useragent = super::user_agent(req.headers());
+        let started = std::time::Instant::now();
+        let call = self.inner.call(req);
+        futures::future::Either::Right(Box::pin(async move {
+            let resp = call.await?;
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map_or(tonic::Code::Ok, tonic::Code::from);
+            tracing::info!(
+                target: "dapr.runtime.grpc-info",
+                method = %method,
+                code = ?code,
+                duration = started.elapsed().as_secs_f64() * 1000.0,
+                useragent = %useragent,
+                "gRPC API Called"
+            );
+            Ok(resp)
+        }))
+    }
+}
+
+/// Refuses the methods the Configuration's API lists do not allow, as Go daprd does:
+/// `UNIMPLEMENTED`, "Not Implemented".
+#[derive(Clone)]
+pub struct AccessCheck<S> {
+    inner: S,
+    /// `None`: no gRPC rule, nothing to check.
+    access: Option<Arc<crate::config::configuration::GrpcAccess>>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for AccessCheck<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AccessCheck<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::Ready<Result<http::Response<tonic::body::Body>, S::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        match &self.access {
+            Some(access) if !access.allows(req.uri().path()) => futures::future::Either::Right(
+                futures::future::ready(Ok(Status::unimplemented("Not Implemented").into_http())),
+            ),
+            _ => futures::future::Either::Left(self.inner.call(req)),
+        }
+    }
 }
 
 /// Answers a request message over the receive limit as grpc-go (Go daprd) does:

@@ -18,29 +18,50 @@ use axum::Router;
 use base64::Engine as _;
 use serde_json::Value;
 
+use crate::api::ApiState;
 use crate::error::ApiError;
-use crate::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
-use crate::runtime::RuntimeState;
+use crate::outbound::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
+use crate::state::RuntimeState;
+use daprd_core::gocompat::{go_path_clean, query_unescape};
 
-type AppState = Arc<RuntimeState>;
+type AppState = Arc<ApiState>;
 
 /// The API router (all routes, API token and CORS applied).
 pub fn router(state: AppState) -> Router {
+    // A route the Configuration's API lists refuse is not served at all (Go's plain 404),
+    // as Go daprd does not register it; the health endpoints are always served.
+    let access = &state.api_access;
     let mut r: Router<AppState> = Router::new()
-        .route("/v1.0/publish/{*rest}", post(publish_any).put(publish_any))
-        .route(
-            "/v1.0-alpha1/publish/bulk/{*rest}",
-            post(bulk_alpha).put(bulk_alpha),
-        )
         .route("/v1.0/healthz", get(healthz))
         .route("/v1.0/healthz/outbound", get(healthz_outbound))
-        .route("/v1.0/metadata", get(get_metadata))
-        .route("/v1.0/metadata/{key}", put(put_metadata))
-        .route("/v1.0/shutdown", post(shutdown))
         .fallback(any(not_found));
+    if access.http_allows("publish", "v1", "v1.0/publish/{pubsubname}/{topic}") {
+        r = r.route("/v1.0/publish/{*rest}", post(publish_any).put(publish_any));
+    }
+    if access.http_allows(
+        "publish",
+        "v1alpha1",
+        "v1.0-alpha1/publish/bulk/{pubsubname}/{topic}",
+    ) {
+        r = r.route(
+            "/v1.0-alpha1/publish/bulk/{*rest}",
+            post(bulk_alpha).put(bulk_alpha),
+        );
+    }
+    if access.http_allows("metadata", "v1", "v1.0/metadata") {
+        r = r
+            .route("/v1.0/metadata", get(get_metadata))
+            .route("/v1.0/metadata/{key}", put(put_metadata));
+    }
+    if access.http_allows("shutdown", "v1", "v1.0/shutdown") {
+        r = r.route("/v1.0/shutdown", post(shutdown));
+    }
     // The token check is only layered in when DAPR_API_TOKEN is set.
     if state.config.env.api_token.is_some() {
         r = r.layer(middleware::from_fn_with_state(state.clone(), api_token));
+    }
+    if state.api_logging.is_some() {
+        r = r.layer(middleware::from_fn_with_state(state.clone(), log_api_call));
     }
     let mut r = r.with_state(state.clone());
     if let Some(origins) = &state.config.allowed_origins {
@@ -99,21 +120,6 @@ async fn clean_path(mut req: Request) -> Request {
     req
 }
 
-/// Go's `path.Clean` for an absolute URL path.
-pub fn go_path_clean(path: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    for seg in path.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    format!("/{}", out.join("/"))
-}
-
 fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
     if origins.iter().any(|o| o == "*") {
@@ -131,6 +137,55 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
             Method::DELETE,
         ])
         .allow_headers(AllowHeaders::mirror_request())
+}
+
+/// The name Go daprd gives an HTTP endpoint (API logging with `obfuscateURLs`).
+fn endpoint_name(method: &Method, path: &str) -> &'static str {
+    match path.trim_end_matches('/') {
+        p if p.starts_with("/v1.0-alpha1/publish/bulk/")
+            || p.starts_with("/v1.0/publish/bulk/") =>
+        {
+            "BulkPublishEvent"
+        }
+        p if p.starts_with("/v1.0/publish/") => "PublishEvent",
+        "/v1.0/healthz" => "Healthz",
+        "/v1.0/healthz/outbound" => "HealthzOutbound",
+        "/v1.0/metadata" => "GetMetadata",
+        p if p.starts_with("/v1.0/metadata/") && method == Method::PUT => "PutMetadata",
+        "/v1.0/shutdown" => "Shutdown",
+        _ => "Unknown",
+    }
+}
+
+/// Logs each API call at info level ("HTTP API Called"), as Go daprd's API logging: the
+/// method and path (the endpoint's name instead with `obfuscateURLs`), the status, the
+/// duration and the user agent; health checks left out with `omitHealthChecks`.
+async fn log_api_call(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(settings) = state.api_logging else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path().to_string();
+    if settings.omit_health_checks && path.starts_with("/v1.0/healthz") {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let useragent = super::user_agent(req.headers());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let called = if settings.obfuscate_urls {
+        format!("{method} {}", endpoint_name(&method, &path))
+    } else {
+        format!("{method} {path}")
+    };
+    tracing::info!(
+        target: "dapr.runtime.http-info",
+        method = %called,
+        code = resp.status().as_u16(),
+        duration = started.elapsed().as_secs_f64() * 1000.0,
+        useragent = %useragent,
+        "HTTP API Called"
+    );
+    resp
 }
 
 async fn api_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -162,32 +217,6 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "404 page not found\n").into_response()
 }
 
-/// Go's `url.QueryUnescape`.
-pub fn query_unescape(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// `metadata.*` query parameters (prefix exact, first value wins).
 pub fn request_metadata(query: Option<&str>) -> BTreeMap<String, String> {
     let mut md = BTreeMap::new();
@@ -204,16 +233,12 @@ pub fn request_metadata(query: Option<&str>) -> BTreeMap<String, String> {
 }
 
 fn trace_headers(headers: &HeaderMap) -> TraceHeaders {
-    let get = |k: &str| {
+    TraceHeaders::read(|k| {
         headers
             .get(k)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
-    };
-    TraceHeaders {
-        traceparent: get("traceparent"),
-        tracestate: get("tracestate"),
-    }
+    })
 }
 
 fn bad_escape() -> Response {
@@ -286,14 +311,11 @@ async fn single(state: AppState, req: Request, rest: &str) -> Response {
         .to_string();
     let trace = trace_headers(req.headers());
     // Validation errors take precedence over body read errors, as in daprd.
-    if pubsub.is_empty() {
-        return ApiError::pubsub_name_empty(&metadata).into_response();
-    }
-    if state.publisher.store().pubsub(&pubsub).is_none() {
-        return ApiError::pubsub_not_found(&pubsub, &metadata).into_response();
-    }
-    if topic.is_empty() {
-        return ApiError::topic_empty(&pubsub, &metadata).into_response();
+    if let Err(e) = state
+        .publisher
+        .target(&pubsub, &topic, &metadata, Transport::Http)
+    {
+        return e.into_response();
     }
     let data = match read_body(&state, req.into_body()).await {
         Ok(b) => b,
@@ -574,16 +596,13 @@ async fn bulk(state: AppState, req: Request, rest: &str) -> Response {
     };
     let metadata = request_metadata(req.uri().query());
     let trace = trace_headers(req.headers());
-    if pubsub.is_empty() {
-        return ApiError::pubsub_name_empty(&metadata).into_response();
+    if let Err(e) = state
+        .publisher
+        .target(&pubsub, &topic, &metadata, Transport::Http)
+    {
+        return e.into_response();
     }
-    if state.publisher.store().pubsub(&pubsub).is_none() {
-        return ApiError::pubsub_not_found(&pubsub, &metadata).into_response();
-    }
-    if topic.is_empty() {
-        return ApiError::topic_empty(&pubsub, &metadata).into_response();
-    }
-    if let Err(e) = crate::publish::raw_payload(&metadata) {
+    if let Err(e) = crate::outbound::publish::raw_payload(&metadata) {
         return ApiError::metadata_deserialization(&pubsub, &e, &metadata).into_response();
     }
     let app_id = state.config.app_id.clone();
@@ -748,24 +767,6 @@ mod tests {
         for p in ["/a//b", "/a/./b", "/a/../b", "/a/", "/a/.", "/a/.."] {
             assert!(needs_cleaning(p) && go_path_clean(p) != p, "{p}");
         }
-    }
-
-    #[test]
-    fn path_clean_like_go() {
-        assert_eq!(go_path_clean("/v1.0//publish/ps/t/"), "/v1.0/publish/ps/t");
-        assert_eq!(
-            go_path_clean("/v1.0/publish/ps/./a/../b"),
-            "/v1.0/publish/ps/b"
-        );
-        assert_eq!(go_path_clean("/"), "/");
-        assert_eq!(go_path_clean("/a/%2F/b"), "/a/%2F/b");
-    }
-
-    #[test]
-    fn unescape_like_go_query_unescape() {
-        assert_eq!(query_unescape("a%2Fb+c%23").as_deref(), Some("a/b c#"));
-        assert_eq!(query_unescape("%zz"), None);
-        assert_eq!(query_unescape("%4"), None);
     }
 
     #[test]

@@ -3,12 +3,12 @@
 use daprd_proto::runtime::v1 as pb;
 use serde_json::{json, Map, Value};
 
+use crate::api::ApiState;
 use crate::config::RUNTIME_VERSION;
-use crate::runtime::RuntimeState;
-use crate::subscriptions::SubscriptionKind;
+use crate::inbound::subscriptions::SubscriptionKind;
 
 /// The gRPC `GetMetadataResponse` for the current state.
-pub fn get_metadata(state: &RuntimeState) -> pb::GetMetadataResponse {
+pub fn get_metadata(state: &ApiState) -> pb::GetMetadataResponse {
     let store = state.publisher.store();
     let app = &state.config.app;
     pb::GetMetadataResponse {
@@ -58,7 +58,7 @@ pub fn get_metadata(state: &RuntimeState) -> pb::GetMetadataResponse {
             .collect(),
         app_connection_properties: Some(pb::AppConnectionProperties {
             port: i32::from(app.port),
-            protocol: app.protocol.clone(),
+            protocol: app.protocol.as_str().to_string(),
             channel_address: app.channel_address.clone(),
             max_concurrency: i32::try_from(app.max_concurrency).unwrap_or(i32::MAX),
             health: app

@@ -242,9 +242,7 @@ pub fn ignored_flags(o: &Options) -> Vec<(&'static str, String)> {
         &o.scheduler_host_address.join(","),
         "",
     );
-    push("config", &o.config.join(","), "");
     push("enable-profiling", &o.enable_profiling, "false");
-    push("unix-domain-socket", &o.unix_domain_socket, "");
     push(
         "hot-reload-reconcile-interval",
         &o.hot_reload_reconcile_interval,

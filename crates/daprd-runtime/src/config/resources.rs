@@ -373,97 +373,14 @@ fn parse_component(
         }
     };
     let version = spec_field("version").map(scalar_text).unwrap_or_default();
-    let ignore_errors = match spec_field("ignoreErrors") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => match daprd_core::metadata::parse_loose_bool(&scalar_text(v)) {
-            Some(b) => b,
-            None => {
-                fail(
-                    "spec.ignoreErrors",
-                    format!("{:?} is not a boolean", scalar_text(v)),
-                );
-                false
-            }
-        },
-    };
-    let default_timeout = std::time::Duration::from_secs(5);
-    let init_timeout = match spec_field("initTimeout") {
-        None | Some(Value::Null) => default_timeout,
-        Some(v) => {
-            let text = scalar_text(v);
-            match daprd_core::duration::parse_go_duration(&text) {
-                Ok(d) if !d.is_zero() => d,
-                _ => {
-                    warnings.push(format!(
-                        "{}: component {name:?}: field spec.initTimeout: {text:?} is not a Go duration such as \"5s\"; using 5s as daprd does",
-                        file.display()
-                    ));
-                    default_timeout
-                }
-            }
-        }
-    };
-    let mut metadata = Vec::new();
-    match spec_field("metadata") {
-        None | Some(Value::Null) => {}
-        Some(Value::Sequence(items)) => {
-            for (i, item) in items.iter().enumerate() {
-                let field = format!("spec.metadata[{i}]");
-                let Value::Mapping(_) = item else {
-                    fail(&field, "must be a mapping with name and value".into());
-                    continue;
-                };
-                let item_name = item.get("name").map(scalar_text).unwrap_or_default();
-                if item_name.trim().is_empty() {
-                    fail(&format!("{field}.name"), "is required".into());
-                    continue;
-                }
-                let field = format!("spec.metadata[{i}] ({item_name})");
-                let value = item.get("value").filter(|v| !v.is_null());
-                let secret = item.get("secretKeyRef").filter(|v| !v.is_null());
-                let env_ref = item
-                    .get("envRef")
-                    .map(scalar_text)
-                    .filter(|v| !v.is_empty());
-                let source = if let Some(value) = value {
-                    MetadataSource::Value(scalar_text(value))
-                } else if let Some(secret) = secret {
-                    let sname = secret.get("name").map(scalar_text).unwrap_or_default();
-                    if sname.is_empty() {
-                        fail(&format!("{field}.secretKeyRef.name"), "is required".into());
-                        continue;
-                    }
-                    let key = secret
-                        .get("key")
-                        .map(scalar_text)
-                        .filter(|k| !k.is_empty())
-                        .unwrap_or_else(|| sname.clone());
-                    MetadataSource::Secret { name: sname, key }
-                } else if let Some(var) = env_ref {
-                    let upper = var.to_ascii_uppercase();
-                    if upper.starts_with("DAPR_") || upper == "APP_API_TOKEN" {
-                        fail(
-                            &format!("{field}.envRef"),
-                            format!("environment variable {var:?} may not be referenced"),
-                        );
-                        continue;
-                    }
-                    MetadataSource::Env(var)
-                } else {
-                    MetadataSource::Value(String::new())
-                };
-                metadata.push(MetadataItem {
-                    name: item_name,
-                    source,
-                });
-            }
-        }
-        Some(_) => fail(
-            "spec.metadata",
-            "must be a list of {name, value} items".into(),
-        ),
-    }
+    let ignore_errors = ignore_errors(spec_field("ignoreErrors"), &mut fail);
+    let init_timeout = init_timeout(spec_field("initTimeout"), |text| {
+        warnings.push(format!(
+            "{}: component {name:?}: field spec.initTimeout: {text:?} is not a Go duration such as \"5s\"; using 5s as daprd does",
+            file.display()
+        ));
+    });
+    let metadata = metadata_items(spec_field("metadata"), &mut fail);
     let secret_store = doc
         .get("auth")
         .and_then(|a| a.get("secretStore"))
@@ -496,6 +413,110 @@ fn parse_component(
         secret_store,
         scopes,
     })
+}
+
+/// Reports a problem with a field of the resource being read.
+type Fail<'a> = dyn FnMut(&str, String) + 'a;
+
+/// `spec.ignoreErrors`: a boolean, or a string Go reads as one.
+fn ignore_errors(v: Option<&Value>, fail: &mut Fail<'_>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => daprd_core::metadata::parse_loose_bool(&scalar_text(v)).unwrap_or_else(|| {
+            fail(
+                "spec.ignoreErrors",
+                format!("{:?} is not a boolean", scalar_text(v)),
+            );
+            false
+        }),
+    }
+}
+
+/// `spec.initTimeout`: a Go duration; anything else is 5 s with a warning, as daprd does.
+fn init_timeout(v: Option<&Value>, warn: impl FnOnce(String)) -> std::time::Duration {
+    let default = std::time::Duration::from_secs(5);
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return default;
+    };
+    let text = scalar_text(v);
+    match daprd_core::duration::parse_go_duration(&text) {
+        Ok(d) if !d.is_zero() => d,
+        _ => {
+            warn(text);
+            default
+        }
+    }
+}
+
+/// `spec.metadata`: `{name, value | secretKeyRef | envRef}` items.
+fn metadata_items(v: Option<&Value>, fail: &mut Fail<'_>) -> Vec<MetadataItem> {
+    let items = match v {
+        None | Some(Value::Null) => return Vec::new(),
+        Some(Value::Sequence(items)) => items,
+        Some(_) => {
+            fail(
+                "spec.metadata",
+                "must be a list of {name, value} items".into(),
+            );
+            return Vec::new();
+        }
+    };
+    let mut metadata = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("spec.metadata[{i}]");
+        let Value::Mapping(_) = item else {
+            fail(&field, "must be a mapping with name and value".into());
+            continue;
+        };
+        let name = item.get("name").map(scalar_text).unwrap_or_default();
+        if name.trim().is_empty() {
+            fail(&format!("{field}.name"), "is required".into());
+            continue;
+        }
+        let field = format!("spec.metadata[{i}] ({name})");
+        if let Some(source) = metadata_source(item, &field, fail) {
+            metadata.push(MetadataItem { name, source });
+        }
+    }
+    metadata
+}
+
+/// Where one metadata item's value comes from: `value`, else `secretKeyRef`, else `envRef`
+/// (never a `DAPR_` variable or the app's token), else empty.
+fn metadata_source(item: &Value, field: &str, fail: &mut Fail<'_>) -> Option<MetadataSource> {
+    if let Some(value) = item.get("value").filter(|v| !v.is_null()) {
+        return Some(MetadataSource::Value(scalar_text(value)));
+    }
+    if let Some(secret) = item.get("secretKeyRef").filter(|v| !v.is_null()) {
+        let name = secret.get("name").map(scalar_text).unwrap_or_default();
+        if name.is_empty() {
+            fail(&format!("{field}.secretKeyRef.name"), "is required".into());
+            return None;
+        }
+        let key = secret
+            .get("key")
+            .map(scalar_text)
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| name.clone());
+        return Some(MetadataSource::Secret { name, key });
+    }
+    if let Some(var) = item
+        .get("envRef")
+        .map(scalar_text)
+        .filter(|v| !v.is_empty())
+    {
+        let upper = var.to_ascii_uppercase();
+        if upper.starts_with("DAPR_") || upper == "APP_API_TOKEN" {
+            fail(
+                &format!("{field}.envRef"),
+                format!("environment variable {var:?} may not be referenced"),
+            );
+            return None;
+        }
+        return Some(MetadataSource::Env(var));
+    }
+    Some(MetadataSource::Value(String::new()))
 }
 
 #[cfg(test)]

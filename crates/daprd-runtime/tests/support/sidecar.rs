@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use clap::Parser;
 use daprd_runtime::config::{Env, Options, RuntimeConfig};
-use daprd_runtime::runtime::RuntimeState;
 use daprd_runtime::serve::{self, Sidecar};
+use daprd_runtime::state::RuntimeState;
 use daprd_testkit::ScratchDir;
 
 /// A running in-process sidecar.
 pub struct Running {
     pub state: Arc<RuntimeState>,
+    pub subscriptions: Arc<daprd_runtime::inbound::subscriber::Subscriptions>,
     pub http: String,
     pub grpc: String,
     pub _dir: ScratchDir,
@@ -44,10 +45,13 @@ pub async fn start(resources: &[&str], app_id: &str, env: Env, extra: &[&str]) -
     argv.push(dir.path().to_string_lossy().into_owned());
     let opts = Options::try_parse_from(argv).expect("flags");
     let config = RuntimeConfig::from_options(&opts, env, true).expect("config");
-    let loaded = serve::load(&config, true).await.expect("components");
+    let loaded = serve::load(&config, &daprd_components::builtin_registry(), true)
+        .await
+        .expect("components");
     let sidecar = Sidecar::start(config, loaded).await.expect("start");
     let running = Running {
         state: sidecar.state.clone(),
+        subscriptions: sidecar.subscriptions.clone(),
         http: format!("http://{}", sidecar.http_addrs[0]),
         grpc: format!("http://{}", sidecar.grpc_addrs[0]),
         _dir: dir,

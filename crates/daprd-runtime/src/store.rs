@@ -15,6 +15,7 @@ use daprd_core::registry::{Factory, Registry};
 use daprd_core::secretstore::SecretStore;
 use daprd_core::Metadata;
 
+use crate::config::configuration::SecretScope;
 use crate::config::resources::{ComponentManifest, MetadataSource, ResourceError, Resources};
 use crate::scoping::ScopingRules;
 
@@ -118,6 +119,8 @@ pub struct BuildContext {
     pub pod_name: Option<String>,
     /// Connect pub/subs (false for `daprd validate`).
     pub connect: bool,
+    /// The Configuration's `secrets.scopes`: which secrets a `secretKeyRef` may read.
+    pub secret_scopes: Vec<SecretScope>,
 }
 
 /// A manifest with its factory.
@@ -222,9 +225,23 @@ async fn resolve_metadata(
             MetadataSource::Value(v) => v.clone(),
             MetadataSource::Env(var) => std::env::var(var).unwrap_or_default(),
             MetadataSource::Secret { name, key } => {
-                let Some(store) = c.secret_store.as_ref().and_then(|s| stores.get(s)) else {
+                let Some((store_name, store)) = c
+                    .secret_store
+                    .as_ref()
+                    .and_then(|s| stores.get(s).map(|store| (s, store)))
+                else {
                     continue; // reported by plan() or the store failed to open
                 };
+                if let Some(scope) = ctx.secret_scopes.iter().find(|s| &s.store == store_name) {
+                    if !scope.allows(name) {
+                        errors.push(err(
+                            c,
+                            Some(&format!("{field}.secretKeyRef")),
+                            format!("secret {name:?} of secret store {store_name:?} is not allowed by the Configuration's secrets.scopes"),
+                        ));
+                        continue;
+                    }
+                }
                 match store.get_secret(name).await {
                     Ok(secret) => match secret.get(key) {
                         Some(v) => v.clone(),
@@ -379,6 +396,7 @@ mod tests {
             namespace: "prod".into(),
             pod_name: None,
             connect: true,
+            secret_scopes: Vec::new(),
         }
     }
 
@@ -478,5 +496,35 @@ mod tests {
             errs[0].field.as_deref(),
             Some("spec.metadata[0] (pw).secretKeyRef")
         );
+    }
+
+    #[tokio::test]
+    async fn secret_scopes_limit_secret_references() {
+        std::env::set_var("DAPRD_RS_TEST_SCOPED_A", "a-value");
+        std::env::set_var("DAPRD_RS_TEST_SCOPED_B", "b-value");
+        let r = resources(
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: env}\nspec: {type: secretstores.local.env}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: ps}\nspec:\n  type: pubsub.in-memory\n  metadata:\n  - name: a\n    secretKeyRef: {name: DAPRD_RS_TEST_SCOPED_A}\n  - name: b\n    secretKeyRef: {name: DAPRD_RS_TEST_SCOPED_B}\nauth: {secretStore: env}\n",
+        );
+        let mut scoped = ctx();
+        scoped.secret_scopes = vec![SecretScope {
+            store: "env".into(),
+            default_deny: true,
+            allowed: vec!["DAPRD_RS_TEST_SCOPED_A".into()],
+            denied: Vec::new(),
+        }];
+        let errs = build(&r, &daprd_components::builtin_registry(), &scoped)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            errs[0].field.as_deref(),
+            Some("spec.metadata[1] (b).secretKeyRef")
+        );
+        assert!(errs[0].message.contains("secrets.scopes"), "{}", errs[0]);
+        // without scopes both resolve
+        assert!(build(&r, &daprd_components::builtin_registry(), &ctx())
+            .await
+            .is_ok());
     }
 }

@@ -2,15 +2,17 @@
 //! subscriptions, merges them with the declarative ones, checks scoping, subscribes to the
 //! components (retrying failed starts with backoff), and stops them all on shutdown.
 
+use daprd_core::backoff::Backoff;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use daprd_core::pubsub::{SubscribeRequest, Subscription};
 
-use crate::channel::{AppChannel, GrpcChannel, HttpChannel};
-use crate::delivery::{InFlight, SubscriptionPipeline};
-use crate::runtime::RuntimeState;
-use crate::subscriptions::{merge, SubscriptionSpec};
+use crate::config::AppProtocol;
+use crate::inbound::channel::{AppChannel, ChannelError, GrpcChannel, HttpChannel};
+use crate::inbound::delivery::{InFlight, SubscriptionPipeline};
+use crate::inbound::subscriptions::{merge, SubscriptionSpec};
+use crate::state::RuntimeState;
 
 struct Active {
     id: u64,
@@ -71,9 +73,9 @@ impl Subscriptions {
     pub fn stop_app(&self) -> Vec<SubscriptionSpec> {
         let removed: Vec<Active> = {
             let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-            let (gone, keep): (Vec<Active>, Vec<Active>) = active
-                .drain(..)
-                .partition(|a| a.spec.kind != crate::subscriptions::SubscriptionKind::Streaming);
+            let (gone, keep): (Vec<Active>, Vec<Active>) = active.drain(..).partition(|a| {
+                a.spec.kind != crate::inbound::subscriptions::SubscriptionKind::Streaming
+            });
             *active = keep;
             gone
         };
@@ -99,26 +101,26 @@ impl Subscriptions {
 ///
 /// # Errors
 /// An unsupported protocol or an unusable address.
-pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, String> {
+pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, ChannelError> {
     let app = &state.config.app;
     let token = state.config.env.app_api_token.clone();
-    match app.protocol.as_str() {
-        "http" | "h2c" | "https" => Ok(Arc::new(HttpChannel::new(
+    if app.protocol.is_grpc() {
+        Ok(Arc::new(GrpcChannel::new(
             &app.channel_address,
             app.port,
-            &app.protocol,
+            app.protocol == AppProtocol::Grpcs,
+            token,
+            app.max_concurrency,
+        )?))
+    } else {
+        Ok(Arc::new(HttpChannel::new(
+            &app.channel_address,
+            app.port,
+            app.protocol,
             &state.config.app_id,
             token,
             app.max_concurrency,
-        )?)),
-        "grpc" | "grpcs" => Ok(Arc::new(GrpcChannel::new(
-            &app.channel_address,
-            app.port,
-            app.protocol == "grpcs",
-            token,
-            app.max_concurrency,
-        )?)),
-        other => Err(format!("unknown --app-protocol {other}")),
+        )?))
     }
 }
 
@@ -149,6 +151,7 @@ async fn wait_for_app_port(state: &RuntimeState) -> bool {
 /// until it works or shutdown begins. Returns whether it started.
 pub async fn start_one(
     state: &Arc<RuntimeState>,
+    subscriptions: &Subscriptions,
     spec: SubscriptionSpec,
     channel: Arc<dyn AppChannel>,
 ) -> Option<u64> {
@@ -169,11 +172,12 @@ pub async fn start_one(
     }
     let pipeline = Arc::new(SubscriptionPipeline::new(
         state,
+        subscriptions.in_flight.clone(),
         spec.clone(),
         entry.clone(),
         channel,
     ));
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let request = SubscribeRequest {
             topic: entry.broker_topic(&spec.topic),
@@ -185,22 +189,22 @@ pub async fn start_one(
             },
         };
         let handler = if spec.bulk.enabled {
-            crate::bulk::handler(pipeline.clone(), spec.bulk)
+            crate::inbound::bulk::handler(pipeline.clone(), spec.bulk)
         } else {
             pipeline.clone().handler()
         };
         match entry.component.subscribe(request, handler).await {
             Ok(handle) => {
                 tracing::info!(pubsub = %spec.pubsub, topic = %spec.topic, kind = ?spec.kind, "subscribed");
-                return Some(state.subscriptions.add(spec, handle));
+                return Some(subscriptions.add(spec, handle));
             }
             Err(e) => {
-                tracing::error!(pubsub = %spec.pubsub, topic = %spec.topic, error = %e, retry_in = ?backoff, "subscribing failed");
+                let pause = backoff.next_pause();
+                tracing::error!(pubsub = %spec.pubsub, topic = %spec.topic, error = %e, retry_in = ?pause, "subscribing failed");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = state.shutdown.wait() => return None,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -209,7 +213,11 @@ pub async fn start_one(
 /// Starts the app's declarative and programmatic subscriptions once its port answers,
 /// then marks the runtime ready. Without `--app-port` there is no app channel: only
 /// streaming subscriptions can receive.
-pub async fn start_app_subscriptions(state: Arc<RuntimeState>, declarative: Vec<SubscriptionSpec>) {
+pub async fn start_app_subscriptions(
+    state: Arc<RuntimeState>,
+    subscriptions: Arc<Subscriptions>,
+    declarative: Vec<SubscriptionSpec>,
+) {
     if state.config.app.port == 0 {
         if !declarative.is_empty() {
             tracing::warn!(
@@ -250,25 +258,28 @@ pub async fn start_app_subscriptions(state: Arc<RuntimeState>, declarative: Vec<
     let specs = merge(declarative, programmatic, &state.config.app_id);
     if state.config.app.health.is_none() {
         for spec in specs {
-            start_one(&state, spec, channel.clone()).await;
+            start_one(&state, &subscriptions, spec, channel.clone()).await;
         }
         state.set_ready();
         return;
     }
     // With app health checks, subscriptions run only while the app is healthy.
-    tokio::spawn(crate::health::monitor(state.clone()));
+    tokio::spawn(crate::inbound::health::monitor(
+        state.clone(),
+        channel.clone(),
+    ));
     let mut health = state.app_health.subscribe();
     let mut running = false;
     loop {
         let healthy = *health.borrow_and_update() == Some(true);
         if healthy && !running {
             for spec in specs.iter().cloned() {
-                start_one(&state, spec, channel.clone()).await;
+                start_one(&state, &subscriptions, spec, channel.clone()).await;
             }
             running = true;
             state.set_ready();
         } else if !healthy && running {
-            let stopped = state.subscriptions.stop_app();
+            let stopped = subscriptions.stop_app();
             tracing::warn!(
                 count = stopped.len(),
                 "app is unhealthy: its subscriptions are stopped until it recovers"

@@ -6,6 +6,35 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
+/// Why a routing rule could not be compiled or evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// The condition is not valid CEL.
+    #[error("invalid CEL expression {expr:?}: {reason}")]
+    Compile {
+        /// The condition.
+        expr: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The condition gave something other than a boolean.
+    #[error("routing rule {expr:?} returned {value}, not a boolean")]
+    NotBoolean {
+        /// The condition.
+        expr: String,
+        /// What it gave.
+        value: String,
+    },
+    /// Evaluating the condition failed (a missing field, a type mismatch).
+    #[error("evaluating routing rule {expr:?}: {reason}")]
+    Eval {
+        /// The condition.
+        expr: String,
+        /// The evaluator's message.
+        reason: String,
+    },
+}
+
 /// A routing rule: an optional CEL condition and the app path it sends to.
 #[derive(Clone)]
 pub struct Rule {
@@ -35,13 +64,16 @@ impl Rule {
     /// Compiles `match_text` (empty = unconditional).
     ///
     /// # Errors
-    /// The CEL parse error, as text.
-    pub fn new(match_text: &str, path: &str) -> Result<Self, String> {
+    /// [`RuleError::Compile`].
+    pub fn new(match_text: &str, path: &str) -> Result<Self, RuleError> {
         let program = if match_text.trim().is_empty() {
             None
         } else {
             Some(Arc::new(cel::Program::compile(match_text).map_err(
-                |e| format!("invalid CEL expression {match_text:?}: {e}"),
+                |e| RuleError::Compile {
+                    expr: match_text.to_string(),
+                    reason: e.to_string(),
+                },
             )?))
         };
         Ok(Self {
@@ -55,7 +87,7 @@ impl Rule {
     ///
     /// # Errors
     /// Evaluation errors, and results that are not booleans.
-    pub fn matches(&self, event: &cel::Value) -> Result<bool, String> {
+    pub fn matches(&self, event: &cel::Value) -> Result<bool, RuleError> {
         let Some(program) = &self.program else {
             return Ok(true);
         };
@@ -63,14 +95,14 @@ impl Rule {
         ctx.add_variable_from_value("event", event.clone());
         match program.execute(&ctx) {
             Ok(cel::Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!(
-                "routing rule {:?} returned {other:?}, not a boolean",
-                self.match_text
-            )),
-            Err(e) => Err(format!(
-                "evaluating routing rule {:?}: {e}",
-                self.match_text
-            )),
+            Ok(other) => Err(RuleError::NotBoolean {
+                expr: self.match_text.clone(),
+                value: format!("{other:?}"),
+            }),
+            Err(e) => Err(RuleError::Eval {
+                expr: self.match_text.clone(),
+                reason: e.to_string(),
+            }),
         }
     }
 }
@@ -106,7 +138,7 @@ pub fn json_to_cel(v: &Json) -> cel::Value {
 pub fn select<'r>(
     rules: &'r [Rule],
     event: &serde_json::Map<String, Json>,
-) -> Result<Option<&'r Rule>, String> {
+) -> Result<Option<&'r Rule>, RuleError> {
     // Without CEL conditions the first rule wins: no conversion of the event at all.
     if rules.iter().all(|r| r.program.is_none()) {
         return Ok(rules.first());
@@ -168,16 +200,25 @@ mod tests {
             .is_none());
         let r = rules(&[("other.x == 1", "/a")]);
         assert!(
-            select(&r, json!({"type": "b"}).as_object().unwrap()).is_err(),
+            matches!(
+                select(&r, json!({"type": "b"}).as_object().unwrap()),
+                Err(RuleError::Eval { .. })
+            ),
             "unknown variable fails at evaluation"
         );
         let r = rules(&[("event.type", "/a")]);
         assert!(
-            select(&r, json!({"type": "b"}).as_object().unwrap()).is_err(),
+            matches!(
+                select(&r, json!({"type": "b"}).as_object().unwrap()),
+                Err(RuleError::NotBoolean { .. })
+            ),
             "non-boolean result is an error"
         );
         assert!(
-            Rule::new("event.type ==", "/a").is_err(),
+            matches!(
+                Rule::new("event.type ==", "/a"),
+                Err(RuleError::Compile { .. })
+            ),
             "invalid CEL is rejected up front"
         );
     }

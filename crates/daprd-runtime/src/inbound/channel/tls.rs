@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 
+use super::ChannelError;
+
 /// A rustls client config that accepts any server certificate, offering `alpn`.
 ///
 /// # Errors
 /// The TLS protocol versions could not be set up.
-pub fn insecure_client_config(alpn: &[&[u8]]) -> Result<rustls::ClientConfig, String> {
-    let mut config = daprd_components::tls::PemMaterial::default()
-        .client_config(true)
-        .map_err(|e| format!("setting up TLS: {e}"))?;
+pub fn insecure_client_config(alpn: &[&[u8]]) -> Result<rustls::ClientConfig, ChannelError> {
+    let mut config = daprd_core::tls::PemMaterial::default().client_config(true)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -21,14 +21,14 @@ pub fn insecure_client_config(alpn: &[&[u8]]) -> Result<rustls::ClientConfig, St
 ///
 /// # Errors
 /// TLS could not be set up.
-pub fn grpcs_channel(host: &str, port: u16) -> Result<tonic::transport::Channel, String> {
+pub fn grpcs_channel(host: &str, port: u16) -> Result<tonic::transport::Channel, ChannelError> {
     let config = Arc::new(insecure_client_config(&[b"h2"])?);
     let server_name = ServerName::try_from(
         host.trim_start_matches('[')
             .trim_end_matches(']')
             .to_string(),
     )
-    .map_err(|e| format!("invalid app address {host:?}: {e}"))?;
+    .map_err(|e| ChannelError::address(host, e))?;
     let addr = format!("{host}:{port}");
     let connector = tower::service_fn(move |_uri: http::Uri| {
         let config = config.clone();
@@ -43,6 +43,6 @@ pub fn grpcs_channel(host: &str, port: u16) -> Result<tonic::transport::Channel,
         }
     });
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{host}:{port}"))
-        .map_err(|e| format!("invalid app address: {e}"))?;
+        .map_err(|e| ChannelError::address(host, e))?;
     Ok(endpoint.connect_with_connector_lazy(connector))
 }

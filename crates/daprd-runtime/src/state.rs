@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::components::ComponentStore;
 use crate::config::RuntimeConfig;
-use crate::publish::Publisher;
+use crate::outbound::publish::Publisher;
+use crate::store::ComponentStore;
 
 /// Why the process is shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,14 +83,16 @@ pub struct RuntimeState {
     pub outbound_ready: AtomicBool,
     /// The shutdown signal.
     pub shutdown: Shutdown,
-    /// Live subscriptions.
-    pub subscriptions: crate::subscriber::Subscriptions,
     /// Resiliency policies.
     pub resiliency: Arc<crate::resiliency::Resiliency>,
     /// Stops the API servers (after any `--dapr-block-shutdown-duration`).
     pub api_stop: Shutdown,
     /// App health as last probed (`None` until known or when not checked).
     pub app_health: watch::Sender<Option<bool>>,
+    /// The Configuration's API allow and deny lists.
+    pub api_access: crate::config::configuration::ApiAccess,
+    /// API call logging (`--enable-api-logging`, `logging.apiLogging`); `None`: off.
+    pub api_logging: Option<crate::config::configuration::ApiLogging>,
 }
 
 impl RuntimeState {
@@ -99,7 +101,12 @@ impl RuntimeState {
         config: RuntimeConfig,
         store: Arc<ComponentStore>,
         resiliency: Arc<crate::resiliency::Resiliency>,
+        configuration: &crate::config::configuration::Configuration,
     ) -> Arc<Self> {
+        let api_logging = configuration
+            .api_logging
+            .on(config.api_logging)
+            .then_some(configuration.api_logging);
         let mut extended = BTreeMap::new();
         extended.insert(
             "daprRuntimeVersion".to_string(),
@@ -112,8 +119,9 @@ impl RuntimeState {
             ready: AtomicBool::new(false),
             outbound_ready: AtomicBool::new(false),
             shutdown: Shutdown::default(),
-            subscriptions: crate::subscriber::Subscriptions::default(),
             resiliency,
+            api_access: configuration.api.clone(),
+            api_logging,
             api_stop: Shutdown::default(),
             app_health: watch::channel(None).0,
         })

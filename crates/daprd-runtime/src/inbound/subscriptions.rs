@@ -10,7 +10,7 @@ use serde_json::Value as Json;
 use serde_norway::Value as Yaml;
 
 use crate::config::resources::{OtherManifest, ResourceError};
-use crate::routing::Rule;
+use crate::inbound::routing::Rule;
 
 /// Where a subscription came from (metadata `type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +109,11 @@ pub fn build_rules(
 ) -> Result<Vec<Rule>, String> {
     let mut out = Vec::with_capacity(rules.len() + 1);
     for (m, p) in rules {
-        out.push(Rule::new(m, p)?);
+        out.push(Rule::new(m, p).map_err(|e| e.to_string())?);
     }
     let fallback = if default.is_empty() { route } else { default };
     if !fallback.is_empty() {
-        out.push(Rule::new("", fallback)?);
+        out.push(Rule::new("", fallback).map_err(|e| e.to_string())?);
     }
     Ok(out)
 }

@@ -16,11 +16,11 @@ use daprd_core::pubsub::{Handler, Message, Outcome};
 use serde_json::{Map, Value as Json};
 use tokio::sync::Notify;
 
-use crate::channel::{AppChannel, AppReply, Delivery};
-use crate::components::PubSubEntry;
-use crate::publish::{raw_payload, Publisher};
+use crate::inbound::channel::{AppChannel, AppReply, Delivery};
+use crate::inbound::subscriptions::SubscriptionSpec;
+use crate::outbound::publish::{raw_payload, Publisher};
 use crate::resiliency::{AttemptError, Policy};
-use crate::subscriptions::SubscriptionSpec;
+use crate::store::PubSubEntry;
 use crate::trace::start_span;
 
 /// Counts deliveries in flight so shutdown can wait for them.
@@ -144,9 +144,10 @@ enum Decoded {
 
 impl SubscriptionPipeline {
     /// The pipeline of `spec` on `entry`, delivering through `channel`, with the
-    /// component's inbound resiliency policy.
+    /// component's inbound resiliency policy; its deliveries count in `in_flight`.
     pub fn new(
-        state: &crate::runtime::RuntimeState,
+        state: &crate::state::RuntimeState,
+        in_flight: Arc<InFlight>,
         spec: SubscriptionSpec,
         entry: Arc<PubSubEntry>,
         channel: Arc<dyn AppChannel>,
@@ -159,7 +160,7 @@ impl SubscriptionPipeline {
             entry,
             publisher: state.publisher.clone(),
             channel,
-            in_flight: state.subscriptions.in_flight.clone(),
+            in_flight,
             policy,
         }
     }
@@ -284,14 +285,14 @@ impl SubscriptionPipeline {
             self.dead_letter(msg, &metadata).await;
             return Err(Outcome::Drop);
         }
-        let rule = match crate::routing::select(&self.spec.rules, &event) {
+        let rule = match crate::inbound::routing::select(&self.spec.rules, &event) {
             Ok(Some(rule)) => rule.clone(),
             Ok(None) => {
                 tracing::debug!(pubsub = %self.entry.name, %topic, "no routing rule matched; message dropped");
                 self.dead_letter(msg, &metadata).await;
                 return Err(Outcome::Drop);
             }
-            Err(e) => return Err(self.failure(msg, &metadata, &e).await),
+            Err(e) => return Err(self.failure(msg, &metadata, &e.to_string()).await),
         };
         let span = start_span(
             event.get("traceparent").and_then(Json::as_str),
@@ -366,10 +367,7 @@ impl SubscriptionPipeline {
             .policy
             .run(|| async {
                 match self.channel.deliver(&delivery).await {
-                    AppReply::Retry(reason, code) => Err(AttemptError {
-                        message: reason,
-                        code,
-                    }),
+                    AppReply::Retry(reason, code) => Err(AttemptError::new(reason).with_code(code)),
                     other => Ok(other),
                 }
             })

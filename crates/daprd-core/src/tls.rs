@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use daprd_core::metadata::MetadataReader;
+use crate::metadata::MetadataReader;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -60,12 +60,12 @@ impl PemMaterial {
     /// if any; `insecure` accepts any server certificate (Dapr's `insecureSkipTLSVerify`).
     ///
     /// # Errors
-    /// A message naming what could not be loaded.
-    pub fn client_config(&self, insecure: bool) -> Result<rustls::ClientConfig, String> {
+    /// What could not be loaded.
+    pub fn client_config(&self, insecure: bool) -> Result<rustls::ClientConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("tls versions: {e}"))?;
+            .map_err(TlsError::Versions)?;
         let builder = if insecure {
             builder
                 .dangerous()
@@ -74,8 +74,10 @@ impl PemMaterial {
             let mut roots = rustls::RootCertStore::empty();
             match &self.ca_cert {
                 Some(pem) => {
-                    for cert in certificates(pem).map_err(|e| format!("caCert: {e}"))? {
-                        roots.add(cert).map_err(|e| format!("caCert: {e}"))?;
+                    for cert in certificates(pem).map_err(TlsError::pem("caCert"))? {
+                        roots
+                            .add(cert)
+                            .map_err(|e| TlsError::pem("caCert")(e.to_string()))?;
                     }
                 }
                 None => {
@@ -88,15 +90,37 @@ impl PemMaterial {
         };
         match (&self.client_cert, &self.client_key) {
             (Some(cert), Some(key)) => {
-                let chain = certificates(cert).map_err(|e| format!("client certificate: {e}"))?;
+                let chain = certificates(cert).map_err(TlsError::pem("client certificate"))?;
                 let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-                    .map_err(|e| format!("client key: {e}"))?;
+                    .map_err(|e| TlsError::pem("client key")(e.to_string()))?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("client certificate: {e}"))
+                    .map_err(|e| TlsError::pem("client certificate")(e.to_string()))
             }
             _ => Ok(builder.with_no_client_auth()),
         }
+    }
+}
+
+/// Why TLS material could not make a client configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The TLS protocol versions could not be set up.
+    #[error("tls versions: {0}")]
+    Versions(#[source] rustls::Error),
+    /// A certificate or key could not be loaded.
+    #[error("{what}: {reason}")]
+    Pem {
+        /// Which (`caCert`, `client certificate`, `client key`).
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TlsError {
+    fn pem(what: &'static str) -> impl Fn(String) -> Self {
+        move |reason| Self::Pem { what, reason }
     }
 }
 
@@ -162,7 +186,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use daprd_core::Metadata;
+    use crate::Metadata;
 
     fn read(pairs: &[(&str, &str)]) -> Result<PemMaterial, Vec<String>> {
         let md: Metadata = pairs

@@ -12,9 +12,9 @@ use daprd_core::metadata::parse_go_bool;
 use daprd_core::pubsub::{BulkEntry, BulkPublishRequest, FailedEntry, Feature, PublishRequest};
 use futures::StreamExt;
 
-use crate::components::{ComponentStore, PubSubEntry};
 use crate::error::ApiError;
-use crate::resiliency::{AttemptError, Direction, Resiliency};
+use crate::resiliency::{AttemptError, Direction, Resiliency, StatusCode};
+use crate::store::{ComponentStore, PubSubEntry};
 use crate::trace::start_span;
 
 /// Which API a publish came through (daprd treats them slightly differently).
@@ -33,6 +33,16 @@ pub struct TraceHeaders {
     pub traceparent: Option<String>,
     /// `tracestate`.
     pub tracestate: Option<String>,
+}
+
+impl TraceHeaders {
+    /// Reads `traceparent` and `tracestate` through `get` (HTTP headers, gRPC metadata).
+    pub fn read(get: impl Fn(&str) -> Option<String>) -> Self {
+        Self {
+            traceparent: get("traceparent"),
+            tracestate: get("tracestate"),
+        }
+    }
 }
 
 /// One publish request, as received by an API.
@@ -116,6 +126,11 @@ pub fn raw_payload(md: &BTreeMap<String, String>) -> Result<bool, String> {
     }
 }
 
+/// Dapr's publish error for a failed attempt, caused by it.
+fn publish_failed(pubsub: &str, topic: &str, e: AttemptError) -> ApiError {
+    ApiError::publish_message(pubsub, topic, &e.message).caused_by(Arc::new(e))
+}
+
 impl Publisher {
     /// A publisher for `app_id` over `store`, with outbound `resiliency`.
     pub fn new(
@@ -138,7 +153,7 @@ impl Publisher {
         entry: &PubSubEntry,
         request: PublishRequest,
         transport: Transport,
-    ) -> Result<(), String> {
+    ) -> Result<(), AttemptError> {
         let policy = self
             .resiliency
             .component_policy(&entry.name, Direction::Outbound);
@@ -147,19 +162,21 @@ impl Publisher {
                 entry.component.publish(request.clone()).await.map_err(|e| {
                     let transient = e.kind() == daprd_core::pubsub::ErrorKind::Transient;
                     let code = match (transport, transient) {
-                        (Transport::Http, true) => 503,
-                        (Transport::Http, false) => 400,
-                        (Transport::Grpc, true) => 14,
-                        (Transport::Grpc, false) => 9,
+                        (Transport::Http, true) => StatusCode::Http(503),
+                        (Transport::Http, false) => StatusCode::Http(400),
+                        (Transport::Grpc, true) => StatusCode::Grpc(tonic::Code::Unavailable),
+                        (Transport::Grpc, false) => {
+                            StatusCode::Grpc(tonic::Code::FailedPrecondition)
+                        }
                     };
                     AttemptError {
                         message: e.to_string(),
                         code: Some(code),
+                        source: Some(Arc::new(e)),
                     }
                 })
             })
             .await
-            .map_err(|e| e.message)
     }
 
     /// The app id.
@@ -172,13 +189,18 @@ impl Publisher {
         &self.store
     }
 
-    fn validate(
+    /// The component a publish goes to, checked as daprd checks it before anything else
+    /// (before the HTTP body is read): a pubsub name, a known pubsub, a topic.
+    ///
+    /// # Errors
+    /// `ERR_PUBSUB_EMPTY`, `ERR_PUBSUB_NOT_FOUND` or `ERR_TOPIC_EMPTY`.
+    pub fn target(
         &self,
         pubsub: &str,
         topic: &str,
         md: &BTreeMap<String, String>,
         transport: Transport,
-    ) -> Result<(Arc<PubSubEntry>, bool), ApiError> {
+    ) -> Result<Arc<PubSubEntry>, ApiError> {
         let empty = BTreeMap::new();
         if pubsub.is_empty() {
             return Err(ApiError::pubsub_name_empty(md));
@@ -194,6 +216,17 @@ impl Publisher {
         if topic.is_empty() {
             return Err(ApiError::topic_empty(pubsub, md));
         }
+        Ok(entry)
+    }
+
+    fn validate(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        md: &BTreeMap<String, String>,
+        transport: Transport,
+    ) -> Result<(Arc<PubSubEntry>, bool), ApiError> {
+        let entry = self.target(pubsub, topic, md, transport)?;
         let raw =
             raw_payload(md).map_err(|e| ApiError::metadata_deserialization(pubsub, &e, md))?;
         Ok((entry, raw))
@@ -284,7 +317,7 @@ impl Publisher {
         };
         self.send(&entry, request, input.transport)
             .await
-            .map_err(|e| ApiError::publish_message(&entry.name, &input.topic, &e))
+            .map_err(|e| publish_failed(&entry.name, &input.topic, e))
     }
 
     /// Publishes `data` as-is to `topic` of `entry` (dead-letter republish): scoping and the
@@ -309,7 +342,7 @@ impl Publisher {
         };
         self.send(entry, request, Transport::Grpc)
             .await
-            .map_err(|e| ApiError::publish_message(&entry.name, topic, &e))
+            .map_err(|e| publish_failed(&entry.name, topic, e))
     }
 
     /// Publishes many events to one topic. Validation problems are an `Err`; entries the

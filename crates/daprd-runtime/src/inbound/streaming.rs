@@ -15,25 +15,33 @@ use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::channel::{interpret_grpc_status, topic_event_request, AppChannel, AppReply, Delivery};
-use crate::delivery::SubscriptionPipeline;
 use crate::error::ApiError;
-use crate::routing::Rule;
-use crate::runtime::RuntimeState;
-use crate::subscriptions::{BulkSubscribe, SubscriptionKind, SubscriptionSpec};
+use crate::inbound::channel::grpc::{interpret_grpc_status, topic_event_request};
+use crate::inbound::channel::{AppChannel, AppReply, ChannelError, Delivery};
+use crate::inbound::delivery::SubscriptionPipeline;
+use crate::inbound::routing::Rule;
+use crate::inbound::subscriber::Subscriptions;
+use crate::inbound::subscriptions::{BulkSubscribe, SubscriptionKind, SubscriptionSpec};
+use crate::state::RuntimeState;
+use crate::store::PubSubEntry;
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<AppReply>>>>;
 
 /// The outgoing half of one stream, seen by the delivery pipeline as an app channel.
 struct StreamChannel {
-    out: mpsc::Sender<Result<pb::SubscribeTopicEventsResponseAlpha1, Status>>,
+    out: Outgoing,
     pending: Pending,
 }
 
 #[async_trait]
 impl AppChannel for StreamChannel {
-    async fn list_subscriptions(&self) -> Result<Vec<SubscriptionSpec>, String> {
+    async fn list_subscriptions(&self) -> Result<Vec<SubscriptionSpec>, ChannelError> {
         Ok(Vec::new())
+    }
+
+    /// A stream is healthy while it is open: app health checks do not apply to it.
+    async fn health_probe(&self, _path: &str, _timeout: std::time::Duration) -> bool {
+        !self.out.is_closed()
     }
 
     async fn deliver(&self, d: &Delivery) -> AppReply {
@@ -71,52 +79,19 @@ fn plain(msg: &str) -> Status {
     Status::unknown(msg)
 }
 
+type Req = pb::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType;
+type Outgoing = mpsc::Sender<Result<pb::SubscribeTopicEventsResponseAlpha1, Status>>;
+
 /// Serves one `SubscribeTopicEventsAlpha1` call.
 ///
 /// # Errors
 /// The initial request is missing or invalid, the pubsub is unknown, or scoping forbids it.
 pub async fn subscribe(
     state: Arc<RuntimeState>,
+    subscriptions: Arc<Subscriptions>,
     mut incoming: tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>,
 ) -> Result<EventStream, Status> {
-    use pb::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as Req;
-    let first = incoming
-        .message()
-        .await?
-        .ok_or_else(|| plain("initial request is required"))?;
-    let Some(Req::InitialRequest(init)) = first.subscribe_topic_events_request_type else {
-        return Err(plain("initial request is required"));
-    };
-    if init.pubsub_name.is_empty() {
-        return Err(plain("pubsubName is required"));
-    }
-    if init.topic.is_empty() {
-        return Err(plain("topic is required"));
-    }
-    let metadata = init.metadata.clone().into_iter().collect();
-    let Some(entry) = state.publisher.store().pubsub(&init.pubsub_name) else {
-        return Err(ApiError::pubsub_not_found(&init.pubsub_name, &metadata).to_status());
-    };
-    if !entry
-        .scoping
-        .may_subscribe(&state.config.app_id, &init.topic)
-    {
-        return Err(plain(&format!(
-            "failed to create subscription for topic {} on pubsub {}: subscription to topic '{}' on pubsub '{}' is not allowed",
-            init.topic, init.pubsub_name, init.topic, init.pubsub_name
-        )));
-    }
-    let spec = SubscriptionSpec {
-        name: String::new(),
-        pubsub: init.pubsub_name.clone(),
-        topic: init.topic.clone(),
-        rules: vec![Rule::new("", "/").map_err(Status::internal)?],
-        metadata,
-        dead_letter_topic: init.dead_letter_topic.clone().unwrap_or_default(),
-        bulk: BulkSubscribe::default(),
-        kind: SubscriptionKind::Streaming,
-        scopes: Vec::new(),
-    };
+    let (spec, entry) = initial_request(&state, &mut incoming).await?;
     let (out_tx, out_rx) = mpsc::channel(64);
     let pending: Pending = Arc::default();
     let channel = Arc::new(StreamChannel {
@@ -125,6 +100,7 @@ pub async fn subscribe(
     });
     let pipeline = Arc::new(SubscriptionPipeline::new(
         &state,
+        subscriptions.in_flight.clone(),
         spec.clone(),
         entry.clone(),
         channel,
@@ -144,7 +120,7 @@ pub async fn subscribe(
                 spec.topic, spec.pubsub
             ))
         })?;
-    let id = state.subscriptions.add(spec.clone(), handle);
+    let id = subscriptions.add(spec.clone(), handle);
     tracing::info!(pubsub = %spec.pubsub, topic = %spec.topic, "streaming subscription opened");
 
     let initial = pb::SubscribeTopicEventsResponseAlpha1 {
@@ -157,40 +133,13 @@ pub async fn subscribe(
     // The initial response goes first; the queue has room for it.
     let _ = out_tx.send(Ok(initial)).await;
 
-    // Reads the client's answers until the stream ends, then tears the subscription down.
-    let reader_state = state.clone();
+    let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
-        let shutdown = reader_state.shutdown.clone();
-        loop {
-            let next = tokio::select! {
-                m = incoming.message() => m,
-                _ = shutdown.wait() => break,
-            };
-            match next {
-                Ok(Some(msg)) => match msg.subscribe_topic_events_request_type {
-                    Some(Req::EventProcessed(done)) => {
-                        let reply =
-                            interpret_grpc_status(done.status.map(|s| s.status).unwrap_or(0));
-                        if let Some(tx) = pending
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&done.id)
-                        {
-                            let _ = tx.send(reply);
-                        }
-                    }
-                    Some(Req::InitialRequest(_)) => {
-                        let _ = out_tx
-                            .send(Err(plain("duplicate initial request received")))
-                            .await;
-                        break;
-                    }
-                    None => {}
-                },
-                Ok(None) | Err(_) => break,
-            }
+        tokio::select! {
+            () = read_answers(incoming, &pending, &out_tx) => {}
+            _ = shutdown.wait() => {}
         }
-        reader_state.subscriptions.remove(id);
+        subscriptions.remove(id);
         // Unsettled events are left for redelivery, never acked.
         pending
             .lock()
@@ -201,4 +150,80 @@ pub async fn subscribe(
 
     let stream = tokio_stream::wrappers::ReceiverStream::new(out_rx);
     Ok(Box::pin(stream))
+}
+
+/// Reads and checks the stream's first message: the subscription it asks for, and its
+/// component.
+async fn initial_request(
+    state: &RuntimeState,
+    incoming: &mut tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>,
+) -> Result<(SubscriptionSpec, Arc<PubSubEntry>), Status> {
+    let first = incoming
+        .message()
+        .await?
+        .ok_or_else(|| plain("initial request is required"))?;
+    let Some(Req::InitialRequest(init)) = first.subscribe_topic_events_request_type else {
+        return Err(plain("initial request is required"));
+    };
+    if init.pubsub_name.is_empty() {
+        return Err(plain("pubsubName is required"));
+    }
+    if init.topic.is_empty() {
+        return Err(plain("topic is required"));
+    }
+    let metadata = init.metadata.into_iter().collect();
+    let Some(entry) = state.publisher.store().pubsub(&init.pubsub_name) else {
+        return Err(ApiError::pubsub_not_found(&init.pubsub_name, &metadata).to_status());
+    };
+    if !entry
+        .scoping
+        .may_subscribe(&state.config.app_id, &init.topic)
+    {
+        return Err(plain(&format!(
+            "failed to create subscription for topic {} on pubsub {}: subscription to topic '{}' on pubsub '{}' is not allowed",
+            init.topic, init.pubsub_name, init.topic, init.pubsub_name
+        )));
+    }
+    let spec = SubscriptionSpec {
+        name: String::new(),
+        pubsub: init.pubsub_name,
+        topic: init.topic,
+        rules: vec![Rule::new("", "/").map_err(|e| Status::internal(e.to_string()))?],
+        metadata,
+        dead_letter_topic: init.dead_letter_topic.unwrap_or_default(),
+        bulk: BulkSubscribe::default(),
+        kind: SubscriptionKind::Streaming,
+        scopes: Vec::new(),
+    };
+    Ok((spec, entry))
+}
+
+/// Settles delivered events with the client's answers until the stream ends (or the client
+/// breaks the protocol with a second initial request).
+async fn read_answers(
+    mut incoming: tonic::Streaming<pb::SubscribeTopicEventsRequestAlpha1>,
+    pending: &Pending,
+    out: &Outgoing,
+) {
+    while let Ok(Some(msg)) = incoming.message().await {
+        match msg.subscribe_topic_events_request_type {
+            Some(Req::EventProcessed(done)) => {
+                let reply = interpret_grpc_status(done.status.map(|s| s.status).unwrap_or(0));
+                let waiter = pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&done.id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(reply);
+                }
+            }
+            Some(Req::InitialRequest(_)) => {
+                let _ = out
+                    .send(Err(plain("duplicate initial request received")))
+                    .await;
+                return;
+            }
+            None => {}
+        }
+    }
 }

@@ -1,0 +1,75 @@
+//! What ends a consume loop: its subscription's cancellation or its component's close,
+//! whichever comes first. One type for the loops of every component, so each waits, pauses
+//! and gives a stop precedence the same way.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// A subscription's cancellation and its component's close, seen together. A dropped sender
+/// counts as set: nothing is left to consume for.
+#[derive(Clone, Debug)]
+pub(crate) struct Stop {
+    cancelled: watch::Receiver<bool>,
+    closed: watch::Receiver<bool>,
+}
+
+impl Stop {
+    pub(crate) fn new(cancelled: watch::Receiver<bool>, closed: watch::Receiver<bool>) -> Self {
+        Self { cancelled, closed }
+    }
+
+    /// Resolves once either is set.
+    pub(crate) async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.cancelled.wait_for(|c| *c) => {}
+            _ = self.closed.wait_for(|c| *c) => {}
+        }
+    }
+
+    /// `next`'s output, or `None` when a stop comes first. A stop that is already set wins
+    /// over a `next` that is ready, so no delivery starts after it.
+    pub(crate) async fn or<F: Future>(&mut self, next: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            () = self.wait() => None,
+            v = next => Some(v),
+        }
+    }
+
+    /// Sleeps `pause`, cut short by a stop; `true` when it was the stop.
+    pub(crate) async fn sleep(&mut self, pause: Duration) -> bool {
+        self.or(tokio::time::sleep(pause)).await.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_wins_and_cuts_a_pause_short() {
+        let (cancel, cancelled) = watch::channel(false);
+        let (_close, closed) = watch::channel(false);
+        let mut stop = Stop::new(cancelled, closed);
+        assert_eq!(stop.or(async { 7 }).await, Some(7));
+        assert!(!stop.sleep(Duration::from_millis(10)).await);
+        let _ = cancel.send(true);
+        assert_eq!(
+            stop.or(async { 7 }).await,
+            None,
+            "a set stop wins over a ready value"
+        );
+        assert!(stop.sleep(Duration::from_secs(3600)).await);
+    }
+
+    #[tokio::test]
+    async fn a_closed_component_stops_too() {
+        let (_cancel, cancelled) = watch::channel(false);
+        let (close, closed) = watch::channel(false);
+        let mut stop = Stop::new(cancelled, closed);
+        drop(close);
+        assert_eq!(stop.or(std::future::pending::<()>()).await, None);
+    }
+}

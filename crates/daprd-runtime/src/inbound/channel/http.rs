@@ -1,0 +1,387 @@
+//! The HTTP app channel: events as `POST /<route>` with the CloudEvent (or raw) body,
+//! subscriptions from `GET /dapr/subscribe`, bulk batches as one request per route.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use daprd_core::gocompat::canonical_header;
+use serde_json::Value as Json;
+
+use super::{
+    all, with_discovery_retries, AppChannel, AppReply, BulkDelivery, BulkReply, ChannelError,
+    Concurrency, Delivery,
+};
+use crate::config::AppProtocol;
+use crate::inbound::subscriptions::{self, SubscriptionSpec};
+use crate::resiliency::StatusCode;
+
+fn excluded_header(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    matches!(
+        k.as_str(),
+        "content-type"
+            | "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "traceparent"
+            | "tracestate"
+            | "host"
+    ) || k.ends_with("-bin")
+}
+
+/// The HTTP app channel.
+pub struct HttpChannel {
+    client: reqwest::Client,
+    base: String,
+    app_id: String,
+    token: Option<String>,
+    concurrency: Concurrency,
+}
+
+impl HttpChannel {
+    /// A channel to `http://address:port` (`h2c` uses HTTP/2 with prior knowledge,
+    /// `https` TLS without certificate verification).
+    ///
+    /// # Errors
+    /// The HTTP client could not be built.
+    pub fn new(
+        address: &str,
+        port: u16,
+        protocol: AppProtocol,
+        app_id: &str,
+        token: Option<String>,
+        max_concurrency: i64,
+    ) -> Result<Self, ChannelError> {
+        // Title-case header names on the wire, as Go daprd sends them (Pubsubname, Traceparent).
+        let mut builder = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http1_title_case_headers();
+        if protocol == AppProtocol::H2c {
+            builder = builder.http2_prior_knowledge();
+        }
+        let scheme = if protocol == AppProtocol::Https {
+            // Like daprd: encrypted, the app's certificate is not verified.
+            builder = builder
+                .use_preconfigured_tls(super::tls::insecure_client_config(&[b"h2", b"http/1.1"])?);
+            "https"
+        } else {
+            "http"
+        };
+        let client = builder.build().map_err(ChannelError::Client)?;
+        let host = if address.contains(':') && !address.starts_with('[') {
+            format!("[{address}]")
+        } else {
+            address.to_string()
+        };
+        Ok(Self {
+            client,
+            base: format!("{scheme}://{host}:{port}"),
+            app_id: app_id.to_string(),
+            token,
+            concurrency: Concurrency::new(max_concurrency),
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
+        if let Some(t) = &self.token {
+            r = r.header("dapr-api-token", t);
+        }
+        r
+    }
+}
+
+/// `/` + path, cleaned like Go's `path.Clean`.
+pub fn app_path(path: &str) -> String {
+    daprd_core::gocompat::go_path_clean(&format!("/{path}"))
+}
+
+#[async_trait]
+impl AppChannel for HttpChannel {
+    async fn health_probe(&self, path: &str, timeout: Duration) -> bool {
+        let probe = self.request(reqwest::Method::GET, &app_path(path)).send();
+        matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(r)) if r.status().is_success())
+    }
+
+    async fn list_subscriptions(&self) -> Result<Vec<SubscriptionSpec>, ChannelError> {
+        with_discovery_retries(|| async {
+            let resp = self
+                .request(reqwest::Method::GET, "/dapr/subscribe")
+                .header("content-type", "application/json")
+                .header("dapr-app-id", &self.app_id)
+                .send()
+                .await
+                .map_err(|e| ChannelError::discovery("calling GET /dapr/subscribe")(e.into()))?;
+            let status = resp.status();
+            if status == reqwest::StatusCode::NOT_FOUND {
+                tracing::debug!("app has no GET /dapr/subscribe (404): no programmatic subscriptions");
+                return Ok(Vec::new());
+            }
+            if !status.is_success() {
+                tracing::error!(%status, "GET /dapr/subscribe failed; no programmatic subscriptions");
+                return Ok(Vec::new());
+            }
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| ChannelError::discovery("reading GET /dapr/subscribe")(e.into()))?;
+            let (subs, warnings) =
+                subscriptions::parse_programmatic_json(&body).map_err(ChannelError::Subscriptions)?;
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(subs)
+        })
+        .await
+    }
+
+    async fn deliver(&self, d: &Delivery) -> AppReply {
+        let _permit = self.concurrency.acquire().await;
+        let mut req = self
+            .request(reqwest::Method::POST, &app_path(&d.path))
+            .header("content-type", "application/cloudevents+json")
+            .header("traceparent", &d.traceparent);
+        if !d.tracestate.is_empty() {
+            req = req.header("tracestate", &d.tracestate);
+        }
+        for (k, v) in &d.metadata {
+            if excluded_header(k) {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(canonical_header(k).as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                req = req.header(name, value);
+            }
+        }
+        let resp = match req.body(d.body.clone()).send().await {
+            Ok(r) => r,
+            Err(e) => return AppReply::Retry(format!("delivering to the app: {e}"), None),
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return AppReply::Drop {
+                dead_letter: true,
+                reason: format!("app returned 404 for {}", app_path(&d.path)),
+            };
+        }
+        if !status.is_success() {
+            return AppReply::Retry(
+                format!("app returned HTTP {}", status.as_u16()),
+                Some(StatusCode::Http(status.as_u16())),
+            );
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        interpret_status_body(&body)
+    }
+
+    async fn deliver_bulk(&self, b: &BulkDelivery) -> BulkReply {
+        let _permit = self.concurrency.acquire().await;
+        let body = daprd_core::json::to_vec_go(&http_body(b)).unwrap_or_default();
+        let mut req = self
+            .request(reqwest::Method::POST, &app_path(&b.path))
+            .header("content-type", "application/json");
+        if let Some(first) = b.entries.first() {
+            req = req.header("traceparent", &first.delivery.traceparent);
+        }
+        for (k, v) in &b.metadata {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(canonical_header(k).as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                req = req.header(name, value);
+            }
+        }
+        let resp = match req.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return all(
+                    b,
+                    &AppReply::Retry(format!("delivering to the app: {e}"), None),
+                )
+            }
+        };
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return all(
+                b,
+                &AppReply::Drop {
+                    dead_letter: false,
+                    reason: "app returned 404 for a bulk delivery".into(),
+                },
+            );
+        }
+        if !status.is_success() {
+            let code = Some(StatusCode::Http(status.as_u16()));
+            return all(
+                b,
+                &AppReply::Retry(format!("app returned HTTP {}", status.as_u16()), code),
+            );
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        match interpret_bulk_body(&body) {
+            Ok(r) => r,
+            Err(e) => all(b, &AppReply::Retry(e, None)),
+        }
+    }
+}
+
+/// What Go daprd makes of an HTTP app's 2xx body for one delivery (`status` SUCCESS, RETRY,
+/// DROP, empty or unknown).
+pub fn interpret_status_body(body: &[u8]) -> AppReply {
+    let Ok(Json::Object(obj)) = serde_json::from_slice::<Json>(body) else {
+        return AppReply::Success;
+    };
+    let status = obj.get("status").or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("status"))
+            .map(|(_, v)| v)
+    });
+    match status {
+        None | Some(Json::Null) => AppReply::Success,
+        Some(Json::String(s)) => match s.as_str() {
+            "" | "SUCCESS" => AppReply::Success,
+            "RETRY" => AppReply::Retry("app asked for a retry".into(), None),
+            "DROP" => AppReply::Drop {
+                dead_letter: true,
+                reason: "app dropped the message".into(),
+            },
+            other => AppReply::Retry(
+                format!("unknown status {other:?} returned by the app"),
+                None,
+            ),
+        },
+        Some(other) => AppReply::Retry(format!("unknown status {other} returned by the app"), None),
+    }
+}
+
+/// What Go daprd makes of an app's 2xx answer to a bulk delivery (per-entry statuses).
+pub fn interpret_bulk_body(body: &[u8]) -> Result<BulkReply, String> {
+    let v: Json =
+        serde_json::from_slice(body).map_err(|e| format!("invalid bulk response: {e}"))?;
+    let Json::Object(obj) = v else {
+        return Err("invalid bulk response: not an object".into());
+    };
+    let find = |o: &serde_json::Map<String, Json>, k: &str| {
+        o.iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    let mut out = HashMap::new();
+    if let Some(Json::Array(statuses)) = find(&obj, "statuses") {
+        for s in statuses {
+            let Json::Object(so) = s else { continue };
+            let Some(Json::String(id)) = find(&so, "entryId") else {
+                continue;
+            };
+            let reply = match find(&so, "status") {
+                Some(Json::String(st)) if st == "SUCCESS" => AppReply::Success,
+                Some(Json::String(st)) if st == "DROP" => AppReply::Drop {
+                    dead_letter: true,
+                    reason: "app dropped the entry".into(),
+                },
+                other => AppReply::Retry(format!("entry status {other:?}"), None),
+            };
+            out.insert(id, reply);
+        }
+    }
+    Ok(out)
+}
+
+/// The HTTP bulk request body.
+pub fn http_body(b: &BulkDelivery) -> Json {
+    let entries: Vec<Json> = b
+        .entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "entryId": e.entry_id,
+                "event": e.event,
+                "metadata": e.delivery.metadata,
+                "contentType": e.content_type,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": b.id,
+        "type": daprd_core::cloudevent::DEFAULT_BULK_TYPE,
+        "topic": b.topic,
+        "pubsubname": b.pubsub,
+        "metadata": b.metadata,
+        "entries": entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_2xx_body_table() {
+        assert_eq!(interpret_status_body(b""), AppReply::Success);
+        assert_eq!(interpret_status_body(b"not json"), AppReply::Success);
+        assert_eq!(
+            interpret_status_body(br#"{"status":""}"#),
+            AppReply::Success
+        );
+        assert_eq!(interpret_status_body(br#"{"other":1}"#), AppReply::Success);
+        assert_eq!(
+            interpret_status_body(br#"{"status":"SUCCESS"}"#),
+            AppReply::Success
+        );
+        assert!(matches!(
+            interpret_status_body(br#"{"status":"RETRY"}"#),
+            AppReply::Retry(..)
+        ));
+        assert!(matches!(
+            interpret_status_body(br#"{"status":"DROP"}"#),
+            AppReply::Drop {
+                dead_letter: true,
+                ..
+            }
+        ));
+        assert!(
+            matches!(
+                interpret_status_body(br#"{"status":"success"}"#),
+                AppReply::Retry(..)
+            ),
+            "lowercase is unknown"
+        );
+        assert!(matches!(
+            interpret_status_body(br#"{"status":"MAYBE"}"#),
+            AppReply::Retry(..)
+        ));
+    }
+
+    #[test]
+    fn bulk_statuses_table() {
+        let r = interpret_bulk_body(br#"{"statuses":[{"entryId":"a","status":"SUCCESS"},{"entryId":"b","status":"DROP"},{"entryId":"c","status":"RETRY"},{"entryId":"d","status":""},{"EntryID":"e","Status":"SUCCESS"}]}"#).unwrap();
+        assert_eq!(r["a"], AppReply::Success);
+        assert!(matches!(
+            r["b"],
+            AppReply::Drop {
+                dead_letter: true,
+                ..
+            }
+        ));
+        assert!(matches!(r["c"], AppReply::Retry(..)));
+        assert!(
+            matches!(r["d"], AppReply::Retry(..)),
+            "empty status is a retry in bulk"
+        );
+        assert_eq!(r["e"], AppReply::Success, "keys match case-insensitively");
+        assert!(!r.contains_key("f"));
+        assert!(interpret_bulk_body(b"nope").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! App → broker: the publish pipeline both APIs share ([`publish`]).
+
+pub mod publish;

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on this machine, and is idempotent: the system packages
+# the Kafka build and tests use, the brokers on loopback (each started only when its port is
+# closed), tansu (a Kafka-protocol broker, built from crates.io once) and moto (an SNS/SQS
+# server, into .venv). scripts/test.sh runs it first; run it alone to bring the brokers up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- services -----------------------------------------------------------------------
+# Broker-backed component tests run against the brokers on loopback; start any that is down.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ensure_service() {
+  local name=$1 port=$2 start=$3
+  port_open "$port" && return 0
+  echo "==> $name is down on port $port; starting it"
+  bash -c "$start" || true
+  for _ in $(seq 1 300); do
+    port_open "$port" && return 0
+    sleep 0.2
+  done
+  echo "error: $name did not come up on port $port" >&2
+  return 1
+}
+mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+ensure_service Redis 6379 'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log'
+ensure_service RabbitMQ 5672 'rabbitmq-server -detached'
+ensure_service Mosquitto 1883 'mosquitto -d -c /etc/mosquitto/mosquitto.conf'
+mkdir -p /var/lib/nats-server 2>/dev/null || true
+ensure_service NATS 4222 'start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log'
+for tool in redis-server redis-cli rabbitmqctl mosquitto mosquitto_pub mosquitto_sub nats-server openssl fuser; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is required for the broker tests" >&2; exit 1; }
+done
+
+# pubsub.kafka builds librdkafka from source (rdkafka-sys) against the system OpenSSL; its TLS
+# tests put socat in front of tansu (which has no TLS listener).
+for pkg in libssl-dev socat; do
+  if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+    echo "==> installing $pkg"
+    apt-get install -y -q "$pkg" >/dev/null
+  fi
+done
+
+# Kafka-protocol broker for pubsub.kafka: tansu, built from crates.io once (19 minutes measured
+# on 2 cores; skipped when this version with these features is installed). Tests start
+# private tansu brokers too, so it must be on PATH. `dynostore` is its in-memory storage;
+# `libsql` its SQLite storage, where the SASL tests keep the SCRAM users across a restart.
+export PATH="$HOME/.cargo/bin:$PATH"
+tansu_installed() {
+  python3 - <<'PY'
+import json, os, sys
+try:
+    installs = json.load(open(os.path.expanduser("~/.cargo/.crates2.json")))["installs"]
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+ok = any(k.startswith("tansu 0.6.0 ") and {"dynostore", "libsql"} <= set(v.get("features", []))
+         for k, v in installs.items())
+sys.exit(0 if ok else 1)
+PY
+}
+if ! command -v tansu >/dev/null || ! tansu_installed; then
+  echo "==> installing tansu 0.6.0 (Kafka-compatible broker) from crates.io"
+  cargo install --locked --quiet --force tansu --version 0.6.0 --features dynostore,libsql
+fi
+ensure_service "tansu (Kafka)" 9092 'nohup tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ >/tmp/tansu-ci.log 2>&1 &'
+
+# SNS/SQS server for pubsub.aws.snssqs: moto from PyPI, in the test virtualenv.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/python/requirements.txt
+ensure_service "moto (SNS/SQS)" 4566 'nohup .venv/bin/moto_server -H 127.0.0.1 -p 4566 >/tmp/moto-ci.log 2>&1 &'
