@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on this machine, and is idempotent: the system packages
-# the Kafka build and tests use, the brokers on loopback (each started only when its port is
-# closed), tansu (a Kafka-protocol broker, built from crates.io once) and moto (an SNS/SQS
+# the Kafka build and tests use, Prometheus for the metrics tests, the brokers on loopback
+# (each started only when its port is closed), tansu (a Kafka-protocol broker, built from crates.io once) and moto (an SNS/SQS
 # server, into .venv). scripts/test.sh runs it first; run it alone to bring the brokers up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,11 +32,12 @@ for tool in redis-server redis-cli rabbitmqctl mosquitto mosquitto_pub mosquitto
 done
 
 # pubsub.kafka builds librdkafka from source (rdkafka-sys) against the system OpenSSL; its TLS
-# tests put socat in front of tansu (which has no TLS listener).
-for pkg in libssl-dev socat; do
+# tests put socat in front of tansu (which has no TLS listener). The metrics tests scrape the
+# sidecar with a real Prometheus server (started by the tests themselves).
+for pkg in libssl-dev socat prometheus; do
   if ! dpkg -s "$pkg" >/dev/null 2>&1; then
     echo "==> installing $pkg"
-    apt-get install -y -q "$pkg" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" >/dev/null
   fi
 done
 

@@ -202,6 +202,9 @@ pub struct RuntimeConfig {
     pub public_port: Option<u16>,
     /// Bind address of the public port.
     pub public_listen_address: IpAddr,
+    /// Where the Prometheus metrics are served (`--metrics-listen-address`,
+    /// `--metrics-port`); `None` with `--enable-metrics=false`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Resources directories.
     pub resources_paths: Vec<PathBuf>,
     /// `--unix-domain-socket`: the HTTP and gRPC APIs listen on sockets in this directory
@@ -306,6 +309,13 @@ impl RuntimeConfig {
         let app_port = parse_port("app-port", &opts.app_port, &mut errors).unwrap_or(0);
         let listen_addresses = listen_addresses(opts, &mut errors);
         let public_listen_address = public_listen_address(opts, &mut errors);
+        let metrics_port =
+            parse_port("metrics-port", &opts.metrics_port, &mut errors).unwrap_or(9090);
+        let metrics_ip = listen_ip(
+            "metrics-listen-address",
+            &opts.metrics_listen_address,
+            &mut errors,
+        );
 
         let mut resources_paths: Vec<PathBuf> = opts
             .resources_path
@@ -338,9 +348,9 @@ impl RuntimeConfig {
             .enable_api_logging
             .as_deref()
             .map(|v| bool_flag("enable-api-logging", v));
+        let metrics_on = bool_flag("enable-metrics", &opts.enable_metrics);
         // accepted and checked; what they switch has no effect here yet
         for (name, v) in [
-            ("enable-metrics", &opts.enable_metrics),
             ("enable-mtls", &opts.enable_mtls),
             ("enable-profiling", &opts.enable_profiling),
             ("build-info", &opts.build_info),
@@ -402,6 +412,7 @@ impl RuntimeConfig {
             listen_addresses,
             public_port,
             public_listen_address,
+            metrics_addr: metrics_on.then(|| std::net::SocketAddr::new(metrics_ip, metrics_port)),
             resources_paths,
             unix_domain_socket: (!opts.unix_domain_socket.trim().is_empty())
                 .then(|| PathBuf::from(opts.unix_domain_socket.trim())),
@@ -479,19 +490,25 @@ fn listen_addresses(opts: &Options, errors: &mut Vec<String>) -> Vec<IpAddr> {
 
 /// `--dapr-public-listen-address` (default all interfaces).
 fn public_listen_address(opts: &Options, errors: &mut Vec<String>) -> IpAddr {
+    listen_ip(
+        "dapr-public-listen-address",
+        &opts.dapr_public_listen_address,
+        errors,
+    )
+}
+
+/// One IP address flag (`[::1]` accepted); empty: all IPv4 interfaces.
+fn listen_ip(flag: &str, value: &str, errors: &mut Vec<String>) -> IpAddr {
     let any = IpAddr::from([0, 0, 0, 0]);
-    if opts.dapr_public_listen_address.is_empty() {
+    if value.is_empty() {
         return any;
     }
-    opts.dapr_public_listen_address
+    value
         .trim_start_matches('[')
         .trim_end_matches(']')
         .parse()
         .unwrap_or_else(|_| {
-            errors.push(format!(
-                "invalid address {:?} for flag --dapr-public-listen-address",
-                opts.dapr_public_listen_address
-            ));
+            errors.push(format!("invalid address {value:?} for flag --{flag}"));
             any
         })
 }

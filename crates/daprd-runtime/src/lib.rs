@@ -11,6 +11,7 @@
 //!   readiness, app health, shutdown signals).
 //! * [`outbound`]: publishing, app → broker.
 //! * [`inbound`]: subscriptions and delivery, broker → app.
+//! * [`metrics`]: Prometheus metrics with Dapr's names.
 //! * [`api`]: the HTTP (axum) and gRPC (tonic) Dapr APIs.
 //! * [`serve`]: start-up, listeners and the shutdown sequence.
 //!
@@ -20,6 +21,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod resiliency;
 pub mod scoping;

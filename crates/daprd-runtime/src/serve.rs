@@ -160,6 +160,8 @@ pub struct Sidecar {
     pub grpc_addrs: Vec<SocketAddr>,
     /// Bound public-port address.
     pub public_addr: Option<SocketAddr>,
+    /// Bound metrics-server address.
+    pub metrics_addr: Option<SocketAddr>,
     servers: JoinSet<()>,
 }
 
@@ -187,6 +189,33 @@ async fn serve_grpc<I, IO, IE>(
         .await;
     if let Err(e) = res {
         tracing::error!(error = %e, "gRPC API server failed");
+    }
+}
+
+/// Serves the Prometheus text format on every path until the API servers stop (Go daprd's
+/// exporter answers on every path too, so `/` and `/metrics`).
+async fn serve_metrics(listener: TcpListener, state: Arc<RuntimeState>) {
+    let metrics = state.metrics.clone();
+    let router = axum::Router::new().fallback(move || {
+        let metrics = metrics.clone();
+        async move {
+            (
+                [(
+                    http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                metrics.render(),
+            )
+        }
+    });
+    let shutdown = state.api_stop.clone();
+    let res = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.wait().await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "metrics server failed");
     }
 }
 
@@ -231,6 +260,16 @@ impl Sidecar {
             Arc::new(loaded.resiliency),
             &loaded.configuration,
         );
+        let types: Vec<String> = state
+            .publisher
+            .store()
+            .registered()
+            .iter()
+            .map(|c| c.ty.clone())
+            .collect();
+        state
+            .metrics
+            .components_loaded(&types, state.publisher.store().failed());
         let subscriptions = Arc::new(Subscriptions::default());
         let api = ApiState::new(state.clone(), subscriptions.clone());
         let cfg = &state.config;
@@ -263,6 +302,10 @@ impl Sidecar {
             http_listeners.push(bind(SocketAddr::new(*ip, cfg.http_port), "HTTP API").await?);
             grpc_listeners.push(bind(SocketAddr::new(*ip, cfg.grpc_port), "gRPC API").await?);
         }
+        let metrics = match cfg.metrics_addr {
+            Some(addr) => Some(bind(addr, "metrics server").await?),
+            None => None,
+        };
         let public = match cfg.public_port {
             Some(p) => Some(
                 bind(
@@ -331,6 +374,18 @@ impl Sidecar {
             }
             None => None,
         };
+        let metrics_addr = match metrics {
+            Some(l) => {
+                let addr = l.local_addr().ok();
+                servers.spawn(serve_metrics(l, state.clone()));
+                tracing::info!(
+                    "metrics server started on {}/",
+                    addr.map(|a| a.to_string()).unwrap_or_default()
+                );
+                addr
+            }
+            None => None,
+        };
         for l in grpc_listeners {
             if let Ok(a) = l.local_addr() {
                 grpc_addrs.push(a);
@@ -364,6 +419,7 @@ impl Sidecar {
             http_addrs,
             grpc_addrs,
             public_addr,
+            metrics_addr,
             servers,
         })
     }

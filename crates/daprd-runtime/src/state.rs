@@ -93,6 +93,8 @@ pub struct RuntimeState {
     pub api_access: crate::config::configuration::ApiAccess,
     /// API call logging (`--enable-api-logging`, `logging.apiLogging`); `None`: off.
     pub api_logging: Option<crate::config::configuration::ApiLogging>,
+    /// Prometheus metrics (recording nothing with `--enable-metrics=false`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl RuntimeState {
@@ -112,8 +114,22 @@ impl RuntimeState {
             "daprRuntimeVersion".to_string(),
             crate::config::RUNTIME_VERSION.to_string(),
         );
+        let metrics = Arc::new(match config.metrics_addr {
+            Some(_) => crate::metrics::Metrics::new(
+                &config.app_id,
+                config.namespace(),
+                &configuration.metric,
+            ),
+            None => crate::metrics::Metrics::disabled(),
+        });
         Arc::new(Self {
-            publisher: Publisher::new(config.app_id.clone(), store, resiliency.clone()),
+            publisher: Publisher::new(
+                config.app_id.clone(),
+                store,
+                resiliency.clone(),
+                metrics.clone(),
+            ),
+            metrics,
             config,
             extended: RwLock::new(extended),
             ready: AtomicBool::new(false),

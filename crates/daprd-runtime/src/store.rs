@@ -71,6 +71,7 @@ impl RegisteredComponent {
 pub struct ComponentStore {
     pubsubs: RwLock<BTreeMap<String, Arc<PubSubEntry>>>,
     registered: Vec<RegisteredComponent>,
+    failed: Vec<String>,
 }
 
 impl ComponentStore {
@@ -96,6 +97,11 @@ impl ComponentStore {
     /// Components for the metadata API, in load order.
     pub fn registered(&self) -> &[RegisteredComponent] {
         &self.registered
+    }
+
+    /// Types of the components that failed and were skipped (`ignoreErrors`).
+    pub fn failed(&self) -> &[String] {
+        &self.failed
     }
 
     /// Closes every pub/sub component.
@@ -310,6 +316,7 @@ pub async fn build(
                     }
                     Err(e) if c.ignore_errors => {
                         tracing::warn!(component = %c.name, error = %e, "secret store failed to open; ignored (ignoreErrors)");
+                        store.failed.push(c.ty.clone());
                     }
                     Err(e) => {
                         errors.push(err(c, None, format!("secret store failed to open: {e}")))
@@ -339,10 +346,12 @@ pub async fn build(
                     Ok(Ok(component)) => component,
                     Ok(Err(e)) if c.ignore_errors => {
                         tracing::warn!(component = %c.name, error = %e, "component failed to initialise; ignored (ignoreErrors)");
+                        store.failed.push(c.ty.clone());
                         continue;
                     }
                     Err(_) if c.ignore_errors => {
                         tracing::warn!(component = %c.name, timeout = ?c.init_timeout, "component init timed out; ignored (ignoreErrors)");
+                        store.failed.push(c.ty.clone());
                         continue;
                     }
                     Ok(Err(e)) => {

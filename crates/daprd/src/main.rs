@@ -63,13 +63,6 @@ fn main() -> ExitCode {
     for (flag, value) in cli::ignored_flags(&opts) {
         tracing::debug!(flag, value, "flag accepted for compatibility and ignored");
     }
-    // Go daprd serves metrics by default; say so rather than leave the port silently closed.
-    if !validate && cli::flag_bool("enable-metrics", &opts.enable_metrics).unwrap_or(false) {
-        tracing::warn!(
-            "metrics are not served by daprd-rs yet: nothing listens on --metrics-port {} (--enable-metrics=false silences this line)",
-            opts.metrics_port
-        );
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

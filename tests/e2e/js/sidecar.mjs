@@ -123,6 +123,7 @@ export async function startSidecar({ resources = [pubsubComponent("pubsub")], ap
   const proc = spawn(DAPRD, [
     "--app-id", appId, "--dapr-http-port", String(httpPort), "--dapr-grpc-port", String(grpcPort),
     "--dapr-listen-addresses", "127.0.0.1", "--resources-path", dir,
+    "--metrics-port", "0", "--metrics-listen-address", "127.0.0.1",
     ...(appPort ? ["--app-port", String(appPort), "--app-protocol", appProtocol] : []),
   ], { env: { ...process.env, ...env }, stdio: ["ignore", "pipe", "pipe"] });
   proc.stdout.on("data", (d) => (output += d));

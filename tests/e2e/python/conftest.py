@@ -228,10 +228,12 @@ class Sidecar:
         for attempt in range(3):
             self.http_port = free_port()
             self.grpc_port = free_port()
+            self.metrics_port = free_port()
             self.log = appending_log()
             self.proc = subprocess.Popen(
                 [str(DAPRD), "-app-id", app_id, "--dapr-http-port", str(self.http_port),
                  "--dapr-grpc-port=" + str(self.grpc_port), "--dapr-listen-addresses", "127.0.0.1",
+                 "--metrics-port", str(self.metrics_port), "--metrics-listen-address", "127.0.0.1",
                  "--resources-path", self.dir.name, "--log-level", "debug",
                  *(["--app-port", str(app_port), "--app-protocol", app_protocol] if app_port else []),
                  *extra_args],

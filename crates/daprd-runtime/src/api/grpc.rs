@@ -223,6 +223,7 @@ pub fn service(state: Arc<ApiState>) -> DaprService {
     let token = state.config.env.api_token.as_deref().map(Arc::from);
     let access = state.api_access.grpc();
     let logging = state.api_logging.is_some();
+    let metrics = state.metrics.enabled().then(|| state.metrics.clone());
     let server = DaprServer::new(DaprApi { state })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);
@@ -233,6 +234,7 @@ pub fn service(state: Arc<ApiState>) -> DaprService {
                 access: access.restricts().then(|| Arc::new(access)),
             },
             on: logging,
+            metrics,
         },
         TokenCheck { token },
     ))
@@ -240,11 +242,13 @@ pub fn service(state: Arc<ApiState>) -> DaprService {
 
 /// Logs each API call at info level ("gRPC API Called"), as Go daprd's API logging: the
 /// method, the status the response starts with (an error answered in the trailers of a
-/// stream that had begun is not seen), the duration and the user agent.
+/// stream that had begun is not seen), the duration and the user agent; and counts it in
+/// the `dapr_grpc_io_server_*` series.
 #[derive(Clone)]
 pub struct ApiLog<S> {
     inner: S,
     on: bool,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for ApiLog<S> {
@@ -271,9 +275,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if !self.on {
+        if !self.on && self.metrics.is_none() {
             return futures::future::Either::Left(self.inner.call(req));
         }
+        let on = self.on;
+        let metrics = self.metrics.clone();
         let method = req.uri().path().to_string();
         let useragent = super::user_agent(req.headers());
         let started = std::time::Instant::now();
@@ -286,6 +292,12 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from);
+            if let Some(m) = &metrics {
+                m.grpc_call(&method, code, started.elapsed());
+            }
+            if !on {
+                return Ok(resp);
+            }
             tracing::info!(
                 target: "dapr.runtime.grpc-info",
                 method = %method,

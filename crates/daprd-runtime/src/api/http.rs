@@ -63,6 +63,12 @@ pub fn router(state: AppState) -> Router {
     if state.api_logging.is_some() {
         r = r.layer(middleware::from_fn_with_state(state.clone(), log_api_call));
     }
+    if state.metrics.enabled() {
+        r = r.layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ));
+    }
     let mut r = r.with_state(state.clone());
     if let Some(origins) = &state.config.allowed_origins {
         r = r.layer(cors_layer(origins));
@@ -186,6 +192,35 @@ async fn log_api_call(State(state): State<AppState>, req: Request, next: Next) -
         "HTTP API Called"
     );
     resp
+}
+
+/// Counts each request in the `dapr_http_server_*` series.
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let request_bytes = content_length(req.headers());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let response_bytes = axum::body::HttpBody::size_hint(resp.body())
+        .exact()
+        .or_else(|| content_length(resp.headers()))
+        .unwrap_or(0);
+    state.metrics.http_request(
+        method.as_str(),
+        &path,
+        resp.status().as_u16(),
+        request_bytes.unwrap_or(0),
+        response_bytes,
+        started.elapsed(),
+    );
+    resp
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 async fn api_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {

@@ -249,7 +249,6 @@ pub fn ignored_flags(o: &Options) -> Vec<(&'static str, String)> {
         "",
     );
     push("log-file", &o.log_file, "");
-    push("metrics-port", &o.metrics_port, "9090");
     out
 }
 

@@ -396,7 +396,7 @@ const NOT_SERVED: &[(&str, &str)] = &[
 ];
 
 /// Fields this runtime reads but does not act on yet.
-const NOT_APPLIED: &[&str] = &["tracing", "metric"];
+const NOT_APPLIED: &[&str] = &["tracing"];
 
 struct Reader<'a> {
     file: &'a Path,
@@ -532,12 +532,22 @@ fn parse(file: &Path, text: &str, out: &mut Loaded) {
                     &format!("spec.{key}"),
                     &format!("{what} is not part of daprd-rs; the field has no effect"),
                 );
-            } else if NOT_APPLIED.contains(&key) || key == "metrics" {
+            } else if NOT_APPLIED.contains(&key) {
                 r.warn(
                     &format!("spec.{key}"),
                     "read and checked, but not applied yet by daprd-rs",
                 );
-            } else if !["features", "components", "secrets", "api", "logging"].contains(&key) {
+            } else if ![
+                "features",
+                "components",
+                "secrets",
+                "api",
+                "logging",
+                "metric",
+                "metrics",
+            ]
+            .contains(&key)
+            {
                 r.warn(&format!("spec.{key}"), "unknown field; ignored");
             }
         }
@@ -548,6 +558,12 @@ fn parse(file: &Path, text: &str, out: &mut Loaded) {
     for key in ["metric", "metrics"] {
         if let Some(m) = r.mapping(spec.get(key), &format!("spec.{key}")) {
             c.metric = metric(&mut r, m, key);
+            if c.metric.record_error_codes {
+                r.warn(
+                    &format!("spec.{key}.recordErrorCodes"),
+                    "read and checked, but not applied yet by daprd-rs (no dapr_error_code_total series)",
+                );
+            }
         }
     }
     if let Some(a) = r.mapping(spec.get("api"), "spec.api") {

@@ -15,8 +15,9 @@ use serde_json::Value as Json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::inbound::channel::{AppReply, BulkDelivery, BulkEntryOut, BulkReply};
-use crate::inbound::delivery::SubscriptionPipeline;
+use crate::inbound::delivery::{process_status, SubscriptionPipeline};
 use crate::inbound::subscriptions::BulkSubscribe;
+use crate::metrics::ProcessStatus;
 use crate::resiliency::AttemptError;
 
 struct Item {
@@ -95,7 +96,11 @@ async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
                 .collect(),
             entries,
         };
-        results.extend(deliver(p, batch).await);
+        let topic = batch.topic.clone();
+        let started = std::time::Instant::now();
+        let replies = deliver(p, batch).await;
+        record_bulk(p, &topic, &replies, started.elapsed());
+        results.extend(replies);
     }
     for r in ready {
         let reply = results
@@ -104,6 +109,31 @@ async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
         let outcome = p.settle(&r.item.msg, &r.metadata, reply).await;
         let _ = r.item.done.send(outcome);
     }
+}
+
+/// Counts one bulk request's entries by the app's final answer.
+fn record_bulk(
+    p: &SubscriptionPipeline,
+    topic: &str,
+    replies: &HashMap<String, Result<AppReply, AttemptError>>,
+    elapsed: Duration,
+) {
+    let mut counts = [
+        (ProcessStatus::Success, 0u64),
+        (ProcessStatus::Retry, 0),
+        (ProcessStatus::Drop, 0),
+    ];
+    for r in replies.values() {
+        let status = match r {
+            Ok(reply) => process_status(reply),
+            Err(_) => ProcessStatus::Retry,
+        };
+        if let Some(c) = counts.iter_mut().find(|(s, _)| *s == status) {
+            c.1 += 1;
+        }
+    }
+    p.metrics
+        .bulk_pubsub_ingress(&p.entry.name, topic, &counts, elapsed);
 }
 
 /// Decodes and routes each message; one that cannot be delivered is settled here.

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::inbound::channel::{AppChannel, AppReply, Delivery};
 use crate::inbound::subscriptions::SubscriptionSpec;
+use crate::metrics::{DroppedBy, Metrics, ProcessStatus};
 use crate::outbound::publish::{raw_payload, Publisher};
 use crate::resiliency::{AttemptError, Policy};
 use crate::store::PubSubEntry;
@@ -77,6 +78,8 @@ pub struct SubscriptionPipeline {
     pub in_flight: Arc<InFlight>,
     /// The component's inbound resiliency policy.
     pub policy: Policy,
+    /// Where deliveries are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 const DLT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,6 +165,7 @@ impl SubscriptionPipeline {
             channel,
             in_flight,
             policy,
+            metrics: state.metrics.clone(),
         }
     }
 
@@ -251,7 +255,11 @@ impl SubscriptionPipeline {
         )
         .await;
         match res {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => {
+                self.metrics
+                    .dead_lettered(&self.entry.name, &self.api_topic(&msg.topic));
+                true
+            }
             Ok(Err(e)) => {
                 tracing::error!(dead_letter_topic = %self.spec.dead_letter_topic, error = %e, "dead-letter publish failed");
                 false
@@ -282,6 +290,8 @@ impl SubscriptionPipeline {
         };
         if has_expired(&event, SystemTime::now()) {
             tracing::warn!(pubsub = %self.entry.name, %topic, id = ?event.get("id"), "dropping expired message");
+            self.metrics
+                .dropped(&self.entry.name, &topic, DroppedBy::Sidecar, "expired");
             self.dead_letter(msg, &metadata).await;
             return Err(Outcome::Drop);
         }
@@ -289,6 +299,8 @@ impl SubscriptionPipeline {
             Ok(Some(rule)) => rule.clone(),
             Ok(None) => {
                 tracing::debug!(pubsub = %self.entry.name, %topic, "no routing rule matched; message dropped");
+                self.metrics
+                    .dropped(&self.entry.name, &topic, DroppedBy::Sidecar, "unrouted");
                 self.dead_letter(msg, &metadata).await;
                 return Err(Outcome::Drop);
             }
@@ -334,6 +346,12 @@ impl SubscriptionPipeline {
                 reason,
             }) => {
                 tracing::warn!(pubsub = %self.entry.name, topic = %msg.topic, %reason, "message dropped by the app");
+                self.metrics.dropped(
+                    &self.entry.name,
+                    &self.api_topic(&msg.topic),
+                    DroppedBy::App,
+                    "drop",
+                );
                 if dead_letter
                     && !self.spec.dead_letter_topic.is_empty()
                     && !self.dead_letter(msg, metadata).await
@@ -361,12 +379,21 @@ impl SubscriptionPipeline {
             Ok(v) => v,
             Err(outcome) => return outcome,
         };
+        let _gauge = self.metrics.in_flight(&self.entry.name, &delivery.topic);
         // Retries (per the inbound policy) cover app answers that ask for one; success and
         // drops end the attempt loop.
         let reply = self
             .policy
             .run(|| async {
-                match self.channel.deliver(&delivery).await {
+                let started = std::time::Instant::now();
+                let reply = self.channel.deliver(&delivery).await;
+                self.metrics.pubsub_ingress(
+                    &self.entry.name,
+                    &delivery.topic,
+                    process_status(&reply),
+                    started.elapsed(),
+                );
+                match reply {
                     AppReply::Retry(reason, code) => Err(AttemptError::new(reason).with_code(code)),
                     other => Ok(other),
                 }
@@ -382,11 +409,26 @@ impl SubscriptionPipeline {
         reason: &str,
     ) -> Outcome {
         tracing::error!(pubsub = %self.entry.name, topic = %msg.topic, %reason, "cannot process message");
+        self.metrics.dropped(
+            &self.entry.name,
+            &self.api_topic(&msg.topic),
+            DroppedBy::Sidecar,
+            "undeliverable",
+        );
         if self.dead_letter(msg, metadata).await {
             Outcome::Drop
         } else {
             Outcome::Retry
         }
+    }
+}
+
+/// The `process_status` of an app's answer.
+pub(crate) fn process_status(reply: &AppReply) -> ProcessStatus {
+    match reply {
+        AppReply::Success => ProcessStatus::Success,
+        AppReply::Retry(..) => ProcessStatus::Retry,
+        AppReply::Drop { .. } => ProcessStatus::Drop,
     }
 }
 

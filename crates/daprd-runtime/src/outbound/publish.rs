@@ -13,6 +13,7 @@ use daprd_core::pubsub::{BulkEntry, BulkPublishRequest, FailedEntry, Feature, Pu
 use futures::StreamExt;
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::resiliency::{AttemptError, Direction, Resiliency, StatusCode};
 use crate::store::{ComponentStore, PubSubEntry};
 use crate::trace::start_span;
@@ -109,6 +110,7 @@ pub struct Publisher {
     app_id: String,
     store: Arc<ComponentStore>,
     resiliency: Arc<Resiliency>,
+    metrics: Arc<Metrics>,
 }
 
 /// Most entries of a non-native bulk publish in flight at once (as daprd).
@@ -132,16 +134,19 @@ fn publish_failed(pubsub: &str, topic: &str, e: AttemptError) -> ApiError {
 }
 
 impl Publisher {
-    /// A publisher for `app_id` over `store`, with outbound `resiliency`.
+    /// A publisher for `app_id` over `store`, with outbound `resiliency`, recording in
+    /// `metrics`.
     pub fn new(
         app_id: impl Into<String>,
         store: Arc<ComponentStore>,
         resiliency: Arc<Resiliency>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             app_id: app_id.into(),
             store,
             resiliency,
+            metrics,
         }
     }
 
@@ -315,9 +320,11 @@ impl Publisher {
             metadata,
             content_type: None,
         };
-        self.send(&entry, request, input.transport)
-            .await
-            .map_err(|e| publish_failed(&entry.name, &input.topic, e))
+        let started = std::time::Instant::now();
+        let sent = self.send(&entry, request, input.transport).await;
+        self.metrics
+            .pubsub_egress(&entry.name, &input.topic, sent.is_ok(), started.elapsed());
+        sent.map_err(|e| publish_failed(&entry.name, &input.topic, e))
     }
 
     /// Publishes `data` as-is to `topic` of `entry` (dead-letter republish): scoping and the
@@ -385,6 +392,8 @@ impl Publisher {
         let broker_topic = entry.broker_topic(&input.topic);
         let native = entry.component.features().contains(&Feature::BulkPublish);
         let mut failed = Vec::new();
+        let total = input.entries.len();
+        let started = std::time::Instant::now();
         let mut entries = input.entries.into_iter().peekable();
         while entries.peek().is_some() {
             let mut chunk = Vec::with_capacity(BULK_CHUNK);
@@ -428,6 +437,13 @@ impl Publisher {
                 failed.extend(self.bulk_one_by_one(&entry, &broker_topic, chunk).await);
             }
         }
+        self.metrics.bulk_pubsub_egress(
+            &entry.name,
+            &input.topic,
+            failed.is_empty(),
+            (total - failed.len().min(total)) as u64,
+            started.elapsed(),
+        );
         let error = (!failed.is_empty()).then(|| {
             let first = failed.first().map(|f| f.error.clone()).unwrap_or_default();
             ApiError::publish_message(&entry.name, &input.topic, &first)

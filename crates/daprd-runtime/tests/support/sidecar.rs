@@ -36,6 +36,10 @@ pub async fn start(resources: &[&str], app_id: &str, env: Env, extra: &[&str]) -
         "0",
         "--dapr-listen-addresses",
         "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--metrics-listen-address",
+        "127.0.0.1",
     ]
     .iter()
     .chain(extra.iter())

@@ -1,0 +1,652 @@
+//! Prometheus metrics with Go daprd's names, labels, units and buckets, plus a few series
+//! Dapr users have asked for (in-flight deliveries, dead letters, drops by who dropped).
+//! The list with labels is in the README ("Metrics").
+//!
+//! Latencies are milliseconds as in Dapr, recorded with sub-millisecond precision (Go daprd
+//! truncates to whole milliseconds and skips zero). With `--enable-metrics=false` or
+//! `spec.metric.enabled: false` nothing is recorded; the first still serves nothing, the second
+//! serves `process_*` only (as Go daprd).
+
+pub mod process;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+
+use crate::config::configuration::Metric;
+use registry::{Family, Kind};
+
+/// Dapr's default latency buckets (milliseconds).
+pub const LATENCY_BUCKETS_MS: [f64; 34] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0, 25.0, 30.0, 40.0, 50.0, 65.0, 80.0,
+    100.0, 130.0, 160.0, 200.0, 250.0, 300.0, 400.0, 500.0, 650.0, 800.0, 1000.0, 2000.0, 5000.0,
+    10000.0, 20000.0, 50000.0, 100000.0,
+];
+
+/// Dapr's default size buckets (bytes).
+pub const SIZE_BUCKETS: [f64; 13] = [
+    1024.0,
+    2048.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
+
+const EGRESS: &[&str] = &["app_id", "component", "namespace", "success", "topic"];
+const INGRESS: &[&str] = &[
+    "app_id",
+    "component",
+    "namespace",
+    "process_status",
+    "status",
+    "topic",
+];
+const BULK_INGRESS: &[&str] = &[
+    "app_id",
+    "component",
+    "namespace",
+    "process_status",
+    "topic",
+];
+const SUBSCRIPTION: &[&str] = &["app_id", "component", "namespace", "topic"];
+const DROPPED: &[&str] = &["app_id", "by", "component", "namespace", "reason", "topic"];
+const HTTP: &[&str] = &["app_id", "method", "path", "status"];
+const GRPC: &[&str] = &["app_id", "grpc_server_method", "grpc_server_status"];
+const APP_ONLY: &[&str] = &["app_id"];
+const COMPONENT_INIT: &[&str] = &["app_id", "component", "namespace"];
+
+/// Who dropped a message (`by` label of `dapr_component_pubsub_ingress_dropped_count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DroppedBy {
+    /// The app answered DROP (or 404 with a dead-letter topic missing).
+    App,
+    /// The sidecar: expired, no route matched, not a CloudEvent.
+    Sidecar,
+}
+
+/// The app's answer to a delivery, as `process_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessStatus {
+    /// SUCCESS.
+    Success,
+    /// RETRY or an error.
+    Retry,
+    /// DROP.
+    Drop,
+}
+
+impl ProcessStatus {
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Success => ("success", "success"),
+            Self::Retry => ("retry", "retry"),
+            Self::Drop => ("drop", "success"),
+        }
+    }
+}
+
+/// HTTP request labels as `spec.metric.http` shapes them.
+#[derive(Debug, Clone, Default)]
+struct HttpLabels {
+    increased_cardinality: bool,
+    path_matching: Vec<(String, Regex)>,
+    exclude_verbs: bool,
+}
+
+/// Every metric family of the sidecar.
+pub struct Metrics {
+    enabled: bool,
+    app_id: String,
+    namespace: String,
+    http: HttpLabels,
+    egress_count: Family,
+    egress_latency: Family,
+    bulk_egress_count: Family,
+    bulk_egress_event_count: Family,
+    bulk_egress_latency: Family,
+    ingress_count: Family,
+    ingress_latency: Family,
+    bulk_ingress_count: Family,
+    bulk_ingress_event_count: Family,
+    bulk_ingress_latency: Family,
+    in_flight: Family,
+    dead_lettered: Family,
+    dropped: Family,
+    http_request_count: Family,
+    http_response_count: Family,
+    http_latency: Family,
+    http_request_bytes: Family,
+    http_response_bytes: Family,
+    grpc_completed: Family,
+    grpc_latency: Family,
+    component_loaded: Family,
+    component_init: Family,
+    component_init_fail: Family,
+}
+
+impl Metrics {
+    /// Metrics that record nothing (`--enable-metrics=false`).
+    pub fn disabled() -> Self {
+        Self::build(false, "", "", &Metric::default())
+    }
+
+    /// Metrics for `app_id` in `namespace` as the Configuration's `spec.metric` says.
+    pub fn new(app_id: &str, namespace: &str, spec: &Metric) -> Self {
+        Self::build(spec.enabled, app_id, namespace, spec)
+    }
+
+    fn build(enabled: bool, app_id: &str, namespace: &str, spec: &Metric) -> Self {
+        let latency: Arc<[f64]> = if spec.latency_buckets.is_empty() {
+            Arc::from(LATENCY_BUCKETS_MS.to_vec())
+        } else {
+            let mut b: Vec<f64> = spec.latency_buckets.iter().map(|v| *v as f64).collect();
+            b.sort_by(f64::total_cmp);
+            b.dedup();
+            Arc::from(b)
+        };
+        let sizes: Arc<[f64]> = Arc::from(SIZE_BUCKETS.to_vec());
+        let none: Arc<[f64]> = Arc::from(Vec::new());
+        let rules = compile_rules(spec);
+        let family = |name: &str, help: &'static str, kind, labels, bounds: &Arc<[f64]>| {
+            let f = Family::new(format!("dapr_{name}"), help, kind, labels, bounds.clone());
+            match rules.iter().find(|(n, _)| n == f.name()) {
+                Some((_, r)) => f.with_rules(r),
+                None => f,
+            }
+        };
+        use Kind::{Counter, Gauge, Histogram};
+        Self {
+            enabled,
+            app_id: app_id.to_string(),
+            namespace: namespace.to_string(),
+            http: HttpLabels {
+                increased_cardinality: spec.increased_cardinality,
+                path_matching: spec
+                    .path_matching
+                    .iter()
+                    .filter_map(|p| path_pattern(p).map(|re| (p.clone(), re)))
+                    .collect(),
+                exclude_verbs: spec.exclude_verbs,
+            },
+            egress_count: family("component_pubsub_egress_count", "The number of outgoing messages published to the pub/sub component.", Counter, EGRESS, &none),
+            egress_latency: family("component_pubsub_egress_latencies", "The latency of the response from the pub/sub component.", Histogram, EGRESS, &latency),
+            bulk_egress_count: family("component_pubsub_egress_bulk_count", "The number of bulk publish calls to the pub/sub component.", Counter, EGRESS, &none),
+            bulk_egress_event_count: family("component_pubsub_egress_bulk_event_count", "The number of outgoing messages to the pub/sub component published through bulk publish API.", Counter, EGRESS, &none),
+            bulk_egress_latency: family("component_pubsub_egress_bulk_latencies", "The latency of the response for the bulk publish call from the pub/sub component.", Histogram, EGRESS, &latency),
+            ingress_count: family("component_pubsub_ingress_count", "The number of incoming messages arriving from the pub/sub component.", Counter, INGRESS, &none),
+            ingress_latency: family("component_pubsub_ingress_latencies", "The consuming app event processing latency.", Histogram, INGRESS, &latency),
+            bulk_ingress_count: family("component_pubsub_ingress_bulk_count", "The number of incoming bulk subscribe calls arriving from the bulk pub/sub component.", Counter, BULK_INGRESS, &none),
+            bulk_ingress_event_count: family("component_pubsub_ingress_bulk_event_count", "Total number of incoming messages arriving from the bulk pub/sub component via Bulk Subscribe.", Counter, BULK_INGRESS, &none),
+            bulk_ingress_latency: family("component_pubsub_ingress_bulk_latencies", "The consuming app event processing latency for the bulk pub/sub component.", Histogram, BULK_INGRESS, &latency),
+            in_flight: family("component_pubsub_ingress_in_flight", "The number of messages currently being processed by the app for a subscription.", Gauge, SUBSCRIPTION, &none),
+            dead_lettered: family("component_pubsub_ingress_dead_lettered_count", "The number of messages published to a subscription's dead-letter topic (daprd-rs).", Counter, SUBSCRIPTION, &none),
+            dropped: family("component_pubsub_ingress_dropped_count", "The number of messages dropped, by the app or by the sidecar, with the reason (daprd-rs).", Counter, DROPPED, &none),
+            http_request_count: family("http_server_request_count", "Number of HTTP requests started in server.", Counter, HTTP, &none),
+            http_response_count: family("http_server_response_count", "The number of HTTP responses", Counter, HTTP, &none),
+            http_latency: family("http_server_latency", "HTTP request end to end latency in server.", Histogram, HTTP, &latency),
+            http_request_bytes: family("http_server_request_bytes", "HTTP request body size if set as ContentLength (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
+            http_response_bytes: family("http_server_response_bytes", "HTTP response body size (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
+            grpc_completed: family("grpc_io_server_completed_rpcs", "Count of RPCs by method and status.", Counter, GRPC, &none),
+            grpc_latency: family("grpc_io_server_server_latency", "Distribution of server latency in milliseconds, by method.", Histogram, GRPC, &latency),
+            component_loaded: family("runtime_component_loaded", "The number of successfully loaded components.", Gauge, APP_ONLY, &none),
+            component_init: family("runtime_component_init_total", "The number of initialized components.", Counter, COMPONENT_INIT, &none),
+            component_init_fail: family("runtime_component_init_fail_total", "The number of component initialization failures.", Counter, COMPONENT_INIT, &none),
+        }
+    }
+
+    /// Whether anything is recorded.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The scrape answer: every `dapr_*` series, then `process_*`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for f in [
+            &self.egress_count,
+            &self.egress_latency,
+            &self.bulk_egress_count,
+            &self.bulk_egress_event_count,
+            &self.bulk_egress_latency,
+            &self.ingress_count,
+            &self.ingress_latency,
+            &self.bulk_ingress_count,
+            &self.bulk_ingress_event_count,
+            &self.bulk_ingress_latency,
+            &self.in_flight,
+            &self.dead_lettered,
+            &self.dropped,
+            &self.http_request_count,
+            &self.http_response_count,
+            &self.http_latency,
+            &self.http_request_bytes,
+            &self.http_response_bytes,
+            &self.grpc_completed,
+            &self.grpc_latency,
+            &self.component_loaded,
+            &self.component_init,
+            &self.component_init_fail,
+        ] {
+            f.render(&mut out);
+        }
+        process::render(&mut out);
+        out
+    }
+
+    /// One publish to `component`/`topic` finished.
+    pub fn pubsub_egress(&self, component: &str, topic: &str, success: bool, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
+        let labels = [
+            self.app_id.as_str(),
+            component,
+            &self.namespace,
+            bool_label(success),
+            topic,
+        ];
+        self.egress_count.inc(&labels);
+        self.egress_latency.observe(&labels, ms(elapsed));
+    }
+
+    /// One bulk publish call finished; `published` entries reached the broker.
+    pub fn bulk_pubsub_egress(
+        &self,
+        component: &str,
+        topic: &str,
+        success: bool,
+        published: u64,
+        elapsed: Duration,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let labels = [
+            self.app_id.as_str(),
+            component,
+            &self.namespace,
+            bool_label(success),
+            topic,
+        ];
+        self.bulk_egress_count.inc(&labels);
+        self.bulk_egress_latency.observe(&labels, ms(elapsed));
+        if published > 0 {
+            let ok = [
+                self.app_id.as_str(),
+                component,
+                &self.namespace,
+                "true",
+                topic,
+            ];
+            self.bulk_egress_event_count.series(&ok).inc_by(published);
+        }
+    }
+
+    /// The app answered one delivery of `topic` after `elapsed`.
+    pub fn pubsub_ingress(
+        &self,
+        component: &str,
+        topic: &str,
+        status: ProcessStatus,
+        elapsed: Duration,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let (process_status, status) = status.labels();
+        let labels = [
+            self.app_id.as_str(),
+            component,
+            &self.namespace,
+            process_status,
+            status,
+            topic,
+        ];
+        self.ingress_count.inc(&labels);
+        self.ingress_latency.observe(&labels, ms(elapsed));
+    }
+
+    /// The app answered one bulk delivery of `topic`: `entries` per answer.
+    pub fn bulk_pubsub_ingress(
+        &self,
+        component: &str,
+        topic: &str,
+        entries: &[(ProcessStatus, u64)],
+        elapsed: Duration,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let call = [
+            self.app_id.as_str(),
+            component,
+            &self.namespace,
+            entries
+                .iter()
+                .find(|(s, n)| *s != ProcessStatus::Success && *n > 0)
+                .map_or("success", |(s, _)| s.labels().0),
+            topic,
+        ];
+        self.bulk_ingress_count.inc(&call);
+        self.bulk_ingress_latency.observe(&call, ms(elapsed));
+        for (s, n) in entries {
+            if *n > 0 {
+                let labels = [
+                    self.app_id.as_str(),
+                    component,
+                    &self.namespace,
+                    s.labels().0,
+                    topic,
+                ];
+                self.bulk_ingress_event_count.series(&labels).inc_by(*n);
+            }
+        }
+    }
+
+    /// A delivery of `topic` is in the app's hands until the returned guard drops.
+    pub fn in_flight(&self, component: &str, topic: &str) -> Option<InFlightGauge> {
+        if !self.enabled {
+            return None;
+        }
+        let s = self
+            .in_flight
+            .series(&[self.app_id.as_str(), component, &self.namespace, topic]);
+        s.add(1);
+        Some(InFlightGauge(s))
+    }
+
+    /// A message of `topic` went to its dead-letter topic.
+    pub fn dead_lettered(&self, component: &str, topic: &str) {
+        if self.enabled {
+            self.dead_lettered
+                .inc(&[self.app_id.as_str(), component, &self.namespace, topic]);
+        }
+    }
+
+    /// A message of `topic` was dropped by `by` for `reason`.
+    pub fn dropped(&self, component: &str, topic: &str, by: DroppedBy, reason: &str) {
+        if !self.enabled {
+            return;
+        }
+        let by = match by {
+            DroppedBy::App => "app",
+            DroppedBy::Sidecar => "sidecar",
+        };
+        self.dropped.inc(&[
+            self.app_id.as_str(),
+            by,
+            component,
+            &self.namespace,
+            reason,
+            topic,
+        ]);
+    }
+
+    /// One HTTP API request finished.
+    pub fn http_request(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        request_bytes: u64,
+        response_bytes: u64,
+        elapsed: Duration,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let path = self.http_path(path);
+        let method = if self.http.exclude_verbs { "" } else { method };
+        let code = status.to_string();
+        let labels = [self.app_id.as_str(), method, &path, code.as_str()];
+        self.http_request_count.inc(&labels);
+        self.http_response_count.inc(&labels);
+        self.http_latency.observe(&labels, ms(elapsed));
+        let app = [self.app_id.as_str()];
+        self.http_request_bytes.observe(&app, request_bytes as f64);
+        self.http_response_bytes
+            .observe(&app, response_bytes as f64);
+    }
+
+    /// The `path` label: the first `pathMatching` pattern that matches, else the path itself
+    /// (`increasedCardinality`, Dapr 1.18's default), else empty.
+    fn http_path(&self, path: &str) -> String {
+        if let Some((pattern, _)) = self
+            .http
+            .path_matching
+            .iter()
+            .find(|(_, re)| re.is_match(path))
+        {
+            return pattern.clone();
+        }
+        if self.http.increased_cardinality {
+            path.to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// One gRPC API call finished with `code`.
+    pub fn grpc_call(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
+        let labels = [self.app_id.as_str(), method, grpc_status(code)];
+        self.grpc_completed.inc(&labels);
+        self.grpc_latency.observe(&labels, ms(elapsed));
+    }
+
+    /// The components were built: `loaded` of them, one `init` per component type.
+    pub fn components_loaded(&self, types: &[String], failed: &[String]) {
+        if !self.enabled {
+            return;
+        }
+        self.component_loaded
+            .series(&[self.app_id.as_str()])
+            .set(i64::try_from(types.len()).unwrap_or(i64::MAX));
+        for t in types {
+            self.component_init
+                .inc(&[self.app_id.as_str(), t, &self.namespace]);
+        }
+        for t in failed {
+            self.component_init_fail
+                .inc(&[self.app_id.as_str(), t, &self.namespace]);
+        }
+    }
+}
+
+/// Counts a delivery in `dapr_component_pubsub_ingress_in_flight` until dropped.
+pub struct InFlightGauge(Arc<registry::Series>);
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn bool_label(b: bool) -> &'static str {
+    if b {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+/// gRPC status names as OpenCensus's gRPC plugin writes them.
+fn grpc_status(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A `pathMatching` pattern (`/v1.0/publish/{pubsub}/{topic}`) as an anchored regex: a
+/// `{name}` segment matches one path segment.
+fn path_pattern(pattern: &str) -> Option<Regex> {
+    let mut re = String::from("^");
+    for (i, seg) in pattern.split('/').enumerate() {
+        if i > 0 {
+            re.push('/');
+        }
+        if seg.starts_with('{') && seg.ends_with('}') {
+            re.push_str("[^/]+");
+        } else {
+            re.push_str(&regex::escape(seg));
+        }
+    }
+    re.push('$');
+    Regex::new(&re).ok()
+}
+
+/// One metric's rules: its name and, per label, the replacements.
+type FamilyRules = (String, Vec<(String, registry::Replacements)>);
+
+/// `spec.metric.rules`, compiled: metric name (with `dapr_`) → label rules. Rules whose
+/// regexes do not compile are refused when the Configuration is read.
+fn compile_rules(spec: &Metric) -> Vec<FamilyRules> {
+    spec.rules
+        .iter()
+        .map(|r| {
+            let labels = r
+                .labels
+                .iter()
+                .map(|(label, pairs)| {
+                    let pairs = pairs
+                        .iter()
+                        .filter_map(|(to, re)| Regex::new(re).ok().map(|re| (to.clone(), re)))
+                        .collect();
+                    (label.clone(), pairs)
+                })
+                .collect();
+            (r.name.clone(), labels)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::configuration::MetricRule;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in\n{text}"))
+    }
+
+    #[test]
+    fn egress_and_ingress_series() {
+        let m = Metrics::new("shop", "default", &Metric::default());
+        m.pubsub_egress("pubsub", "orders", true, Duration::from_micros(1500));
+        m.pubsub_egress("pubsub", "orders", false, Duration::from_millis(7));
+        m.pubsub_ingress(
+            "pubsub",
+            "orders",
+            ProcessStatus::Drop,
+            Duration::from_millis(2),
+        );
+        let text = m.render();
+        line(&text, "dapr_component_pubsub_egress_count{app_id=\"shop\",component=\"pubsub\",namespace=\"default\",success=\"true\",topic=\"orders\"} 1");
+        line(&text, "dapr_component_pubsub_egress_latencies_bucket{app_id=\"shop\",component=\"pubsub\",namespace=\"default\",success=\"true\",topic=\"orders\",le=\"2\"} 1");
+        line(&text, "dapr_component_pubsub_egress_latencies_bucket{app_id=\"shop\",component=\"pubsub\",namespace=\"default\",success=\"true\",topic=\"orders\",le=\"1\"} 0");
+        line(&text, "dapr_component_pubsub_ingress_count{app_id=\"shop\",component=\"pubsub\",namespace=\"default\",process_status=\"drop\",status=\"success\",topic=\"orders\"} 1");
+        line(&text, "process_resident_memory_bytes ");
+    }
+
+    #[test]
+    fn disabled_records_nothing_but_process() {
+        let spec = Metric {
+            enabled: false,
+            ..Metric::default()
+        };
+        let m = Metrics::new("shop", "default", &spec);
+        m.pubsub_egress("pubsub", "orders", true, Duration::from_millis(1));
+        let text = m.render();
+        assert!(!text.contains("dapr_"), "{text}");
+        line(&text, "process_cpu_seconds_total ");
+    }
+
+    #[test]
+    fn custom_buckets_rules_and_paths() {
+        let spec = Metric {
+            latency_buckets: vec![50, 10],
+            rules: vec![MetricRule {
+                name: "dapr_http_server_request_count".into(),
+                labels: vec![(
+                    "method".into(),
+                    vec![("WRITE".into(), "^(POST|PUT)$".into())],
+                )],
+            }],
+            increased_cardinality: false,
+            path_matching: vec!["/v1.0/publish/{pubsub}/{topic}".into()],
+            ..Metric::default()
+        };
+        let m = Metrics::new("a", "ns", &spec);
+        m.http_request(
+            "POST",
+            "/v1.0/publish/p/t",
+            204,
+            10,
+            0,
+            Duration::from_millis(20),
+        );
+        m.http_request(
+            "GET",
+            "/v1.0/metadata",
+            200,
+            0,
+            100,
+            Duration::from_millis(1),
+        );
+        let text = m.render();
+        line(&text, "dapr_http_server_request_count{app_id=\"a\",method=\"WRITE\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\"} 1");
+        line(&text, "dapr_http_server_request_count{app_id=\"a\",method=\"GET\",path=\"\",status=\"200\"} 1");
+        line(&text, "dapr_http_server_latency_bucket{app_id=\"a\",method=\"POST\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\",le=\"10\"} 0");
+        line(&text, "dapr_http_server_latency_bucket{app_id=\"a\",method=\"POST\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\",le=\"50\"} 1");
+        line(
+            &text,
+            "dapr_http_server_response_bytes_bucket{app_id=\"a\",le=\"1024\"} 2",
+        );
+    }
+
+    #[test]
+    fn in_flight_gauge_follows_guards() {
+        let m = Metrics::new("a", "ns", &Metric::default());
+        let g1 = m.in_flight("p", "t");
+        let g2 = m.in_flight("p", "t");
+        assert!(m.render().contains("dapr_component_pubsub_ingress_in_flight{app_id=\"a\",component=\"p\",namespace=\"ns\",topic=\"t\"} 2\n"));
+        drop(g1);
+        drop(g2);
+        assert!(m.render().contains("dapr_component_pubsub_ingress_in_flight{app_id=\"a\",component=\"p\",namespace=\"ns\",topic=\"t\"} 0\n"));
+    }
+}

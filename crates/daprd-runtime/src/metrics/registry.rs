@@ -1,0 +1,384 @@
+//! A small metric registry: counter, gauge and histogram families keyed by label values,
+//! rendered in the Prometheus text format as Go daprd's exporter renders them (metric and
+//! label names, `_bucket`/`_sum`/`_count`, numbers in Go's shortest `%g` form).
+//!
+//! Recording is lock-free once a series exists: a read lock and a hash lookup find it, then
+//! atomics count. A new label combination takes the write lock once.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use regex::Regex;
+
+/// What a family aggregates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Monotonic count.
+    Counter,
+    /// Last value (may go down).
+    Gauge,
+    /// Distribution over fixed buckets.
+    Histogram,
+}
+
+/// One series' value.
+#[derive(Debug)]
+pub struct Series {
+    count: AtomicU64,
+    gauge: AtomicI64,
+    sum_bits: AtomicU64,
+    buckets: Box<[AtomicU64]>,
+}
+
+impl Series {
+    fn new(buckets: usize) -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            gauge: AtomicI64::new(0),
+            sum_bits: AtomicU64::new(0f64.to_bits()),
+            buckets: (0..buckets).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Adds `n` to a counter.
+    pub fn inc_by(&self, n: u64) {
+        self.count.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds `delta` to a gauge.
+    pub fn add(&self, delta: i64) {
+        self.gauge.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(&self, v: i64) {
+        self.gauge.store(v, Ordering::Relaxed);
+    }
+
+    fn observe(&self, bounds: &[f64], v: f64) {
+        // Prometheus buckets are upper-inclusive (`le`); the first bound >= v takes it.
+        let i = bounds.partition_point(|b| *b < v);
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut cur = self.sum_bits.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(cur) + v).to_bits();
+            match self.sum_bits.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+/// Replacement and regular expression pairs for one label: a value the regex matches is
+/// replaced.
+pub type Replacements = Vec<(String, Regex)>;
+
+/// `spec.metric.rules` for one family: label index → its replacements.
+pub type LabelRules = Vec<(usize, Replacements)>;
+
+/// A metric family: one name, one label set, any number of series.
+#[derive(Debug)]
+pub struct Family {
+    name: String,
+    help: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    bounds: Arc<[f64]>,
+    rules: LabelRules,
+    series: RwLock<HashMap<Box<str>, Arc<Series>>>,
+}
+
+const SEP: char = '\u{1f}';
+
+impl Family {
+    /// A family named `name` (with its `dapr_` prefix) over `labels`.
+    pub fn new(
+        name: impl Into<String>,
+        help: &'static str,
+        kind: Kind,
+        labels: &'static [&'static str],
+        bounds: Arc<[f64]>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            help,
+            kind,
+            labels,
+            bounds: if kind == Kind::Histogram {
+                bounds
+            } else {
+                Arc::from(Vec::new())
+            },
+            rules: Vec::new(),
+            series: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The family's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Applies `rules` (label name → replacement and regex pairs) to recorded values.
+    pub fn with_rules(mut self, rules: &[(String, Replacements)]) -> Self {
+        for (label, pairs) in rules {
+            if let Some(i) = self.labels.iter().position(|l| l == label) {
+                self.rules.push((i, pairs.clone()));
+            }
+        }
+        self
+    }
+
+    /// The series of these label values (in the family's label order).
+    pub fn series(&self, values: &[&str]) -> Arc<Series> {
+        debug_assert_eq!(values.len(), self.labels.len(), "{}", self.name);
+        let mut key = String::with_capacity(values.iter().map(|v| v.len() + 1).sum());
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                key.push(SEP);
+            }
+            key.push_str(self.rewrite(i, v));
+        }
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key.as_str())
+        {
+            return s.clone();
+        }
+        let mut map = self.series.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.into_boxed_str())
+            .or_insert_with(|| Arc::new(Series::new(self.bounds.len() + 1)))
+            .clone()
+    }
+
+    fn rewrite<'a>(&'a self, label: usize, value: &'a str) -> &'a str {
+        for (i, pairs) in &self.rules {
+            if *i == label {
+                if let Some((to, _)) = pairs.iter().find(|(_, re)| re.is_match(value)) {
+                    return to;
+                }
+            }
+        }
+        value
+    }
+
+    /// Counts one more in the series of `values`.
+    pub fn inc(&self, values: &[&str]) {
+        self.series(values).inc_by(1);
+    }
+
+    /// Observes `v` in the series of `values`.
+    pub fn observe(&self, values: &[&str], v: f64) {
+        self.series(values).observe(&self.bounds, v);
+    }
+
+    /// Observes `v` in `series` (one found earlier with [`Family::series`]).
+    pub fn observe_in(&self, series: &Series, v: f64) {
+        series.observe(&self.bounds, v);
+    }
+
+    /// Appends the family in the Prometheus text format (nothing when it has no series).
+    pub fn render(&self, out: &mut String) {
+        let map = self.series.read().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return;
+        }
+        let ty = match self.kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} {ty}", self.name);
+        let mut rows: Vec<_> = map.iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, s) in rows {
+            let labels = self.label_text(key);
+            match self.kind {
+                Kind::Counter => {
+                    let v = s.count.load(Ordering::Relaxed) as f64;
+                    let _ = writeln!(out, "{}{{{labels}}} {}", self.name, go_float(v));
+                }
+                Kind::Gauge => {
+                    let v = s.gauge.load(Ordering::Relaxed) as f64;
+                    let _ = writeln!(out, "{}{{{labels}}} {}", self.name, go_float(v));
+                }
+                Kind::Histogram => self.render_histogram(out, &labels, s),
+            }
+        }
+    }
+
+    fn render_histogram(&self, out: &mut String, labels: &str, s: &Series) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0u64;
+        for (i, b) in s.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| go_float(*b));
+            let _ = writeln!(
+                out,
+                "{}_bucket{{{labels}{sep}le=\"{le}\"}} {}",
+                self.name,
+                go_float(cumulative as f64)
+            );
+        }
+        let sum = f64::from_bits(s.sum_bits.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{}_sum{{{labels}}} {}", self.name, go_float(sum));
+        let _ = writeln!(
+            out,
+            "{}_count{{{labels}}} {}",
+            self.name,
+            go_float(s.count.load(Ordering::Relaxed) as f64)
+        );
+    }
+
+    fn label_text(&self, key: &str) -> String {
+        let mut text = String::new();
+        let values = key.split(SEP);
+        for (i, (name, value)) in self.labels.iter().zip(values).enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, "{name}=\"");
+            escape_label(&mut text, value);
+            text.push('"');
+        }
+        text
+    }
+}
+
+/// A label value escaped for the text format (`\`, `"` and newline).
+fn escape_label(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// `v` as Go's `strconv.FormatFloat(v, 'g', -1, 64)` writes it (what the Prometheus Go
+/// client puts in the text format): shortest round-trip digits, exponent form when the
+/// decimal exponent is below -4 or at least 6.
+pub fn go_float(v: f64) -> String {
+    if v.is_nan() {
+        return "NaN".into();
+    }
+    if v.is_infinite() {
+        return if v > 0.0 { "+Inf" } else { "-Inf" }.into();
+    }
+    if v == 0.0 {
+        return "0".into();
+    }
+    let e = format!("{v:e}");
+    let (mantissa, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..6).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_float_matches_strconv() {
+        for (v, want) in [
+            (0.0, "0"),
+            (1.0, "1"),
+            (2.5, "2.5"),
+            (100000.0, "100000"),
+            (1048576.0, "1.048576e+06"),
+            (1000000.0, "1e+06"),
+            (4294967296.0, "4.294967296e+09"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (123456.0, "123456"),
+            (1234567.0, "1.234567e+06"),
+            (f64::INFINITY, "+Inf"),
+        ] {
+            assert_eq!(go_float(v), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn histogram_text() {
+        let f = Family::new(
+            "dapr_x_latencies",
+            "x",
+            Kind::Histogram,
+            &["app_id", "topic"],
+            Arc::from(vec![1.0, 5.0]),
+        );
+        f.observe(&["a", "t\"1"], 1.0);
+        f.observe(&["a", "t\"1"], 3.0);
+        f.observe(&["a", "t\"1"], 9.5);
+        let mut out = String::new();
+        f.render(&mut out);
+        assert_eq!(
+            out,
+            "# HELP dapr_x_latencies x\n# TYPE dapr_x_latencies histogram\n\
+             dapr_x_latencies_bucket{app_id=\"a\",topic=\"t\\\"1\",le=\"1\"} 1\n\
+             dapr_x_latencies_bucket{app_id=\"a\",topic=\"t\\\"1\",le=\"5\"} 2\n\
+             dapr_x_latencies_bucket{app_id=\"a\",topic=\"t\\\"1\",le=\"+Inf\"} 3\n\
+             dapr_x_latencies_sum{app_id=\"a\",topic=\"t\\\"1\"} 13.5\n\
+             dapr_x_latencies_count{app_id=\"a\",topic=\"t\\\"1\"} 3\n"
+        );
+    }
+
+    #[test]
+    fn rules_rewrite_label_values() {
+        let rules = vec![(
+            "topic".to_string(),
+            vec![("orders-*".to_string(), Regex::new("^orders-").unwrap())],
+        )];
+        let f = Family::new(
+            "dapr_c",
+            "c",
+            Kind::Counter,
+            &["topic"],
+            Arc::from(Vec::new()),
+        )
+        .with_rules(&rules);
+        f.inc(&["orders-1"]);
+        f.inc(&["orders-2"]);
+        f.inc(&["other"]);
+        let mut out = String::new();
+        f.render(&mut out);
+        assert!(out.contains("dapr_c{topic=\"orders-*\"} 2\n"), "{out}");
+        assert!(out.contains("dapr_c{topic=\"other\"} 1\n"), "{out}");
+    }
+
+    #[test]
+    fn empty_family_renders_nothing() {
+        let f = Family::new("dapr_g", "g", Kind::Gauge, &["a"], Arc::from(Vec::new()));
+        let mut out = String::new();
+        f.render(&mut out);
+        assert!(out.is_empty());
+        f.series(&["x"]).add(3);
+        f.series(&["x"]).add(-1);
+        f.render(&mut out);
+        assert!(out.ends_with("dapr_g{a=\"x\"} 2\n"), "{out}");
+    }
+}
