@@ -11,6 +11,8 @@
 //!   and RSS of a sidecar with subscriptions.
 //! * Bulk publish memory (`bulk_memory.rs`): RSS of a fresh sidecar around three bulk
 //!   publishes of 50,000 entries, in-memory and Redis.
+//! * Observability cost (`observability.rs`): publish throughput and sidecar CPU per publish
+//!   with metrics off and on, and RSS with metrics on after 100 topics.
 //! * Soak (`soak.rs`, `--soak SECS`): steady publish → deliver, RSS and fds every 10 s.
 //! * Footprint: exec → `/v1.0/healthz/outbound` 204, idle RSS, binary size (and stripped).
 //!
@@ -20,6 +22,7 @@
 
 mod bulk_memory;
 mod e2e;
+mod observability;
 mod proc;
 mod publish;
 mod soak;
@@ -51,6 +54,8 @@ pub struct Opts {
     soak_rate: u64,
     /// `--bulk-memory`: only the bulk publish memory rows.
     bulk_memory_only: bool,
+    /// `--observability`: only the cost rows of metrics.
+    observability_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -64,6 +69,7 @@ fn parse_args() -> Result<Opts> {
     let mut soak = None;
     let mut soak_rate = 200;
     let mut bulk_memory_only = false;
+    let mut observability_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -79,12 +85,13 @@ fn parse_args() -> Result<Opts> {
             }
             "--only" => only = Some(args.next().context("--only needs a row name part")?),
             "--bulk-memory" => bulk_memory_only = true,
+            "--observability" => observability_only = true,
             "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
             "--soak-rate" => {
                 soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
             }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -122,6 +129,7 @@ fn parse_args() -> Result<Opts> {
         soak,
         soak_rate,
         bulk_memory_only,
+        observability_only,
     })
 }
 
@@ -291,6 +299,16 @@ pub async fn start_sidecar(
     brokers: &[Broker],
     app_port: Option<u16>,
 ) -> Result<(Sidecar, Duration)> {
+    start_sidecar_with(opts, brokers, app_port, &[]).await
+}
+
+/// [`start_sidecar`] with `extra` flags (they follow the harness's own, so they win).
+pub async fn start_sidecar_with(
+    opts: &Opts,
+    brokers: &[Broker],
+    app_port: Option<u16>,
+    extra: &[&str],
+) -> Result<(Sidecar, Duration)> {
     let daprd = &opts.daprd;
     // The e2e sidecar must not trim undelivered entries: MAXLEN only for the publish rows.
     let redis_maxlen = app_port.is_none();
@@ -338,8 +356,9 @@ pub async fn start_sidecar(
             "127.0.0.1",
             "--log-level",
             "warn",
-            "--resources-path",
         ])
+        .args(extra)
+        .arg("--resources-path")
         .arg(&dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -412,6 +431,14 @@ async fn main() -> Result<()> {
             up
         })
         .collect();
+    if opts.observability_only {
+        let doc = observability::run(&opts).await?;
+        std::fs::write(
+            &opts.out,
+            serde_json::to_vec_pretty(&json!({"observability": doc}))?,
+        )?;
+        return Ok(());
+    }
     if opts.bulk_memory_only {
         let doc = bulk_memory::run(&opts, &brokers).await?;
         std::fs::write(
@@ -478,6 +505,11 @@ async fn main() -> Result<()> {
     } else {
         bulk_memory::run(&opts, &brokers).await?
     };
+    let observability = if opts.only.is_some() {
+        json!(null)
+    } else {
+        observability::run(&opts).await?
+    };
 
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let stripped_path = std::env::temp_dir().join(format!("daprd-stripped-{}", std::process::id()));
@@ -523,6 +555,7 @@ async fn main() -> Result<()> {
         "publish": results,
         "end_to_end": e2e,
         "bulk_memory": bulk_memory,
+        "observability": observability,
         "startup_ms": {"p50": p50_start, "max": max_start, "runs": starts.len()},
         "idle_rss_kib": idle_rss,
         "rss_after_load_kib": loaded_rss,

@@ -67,7 +67,7 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn http_op(http: &reqwest::Client, url: String, body: Bytes, content_type: &'static str) -> Op {
+pub fn http_op(http: &reqwest::Client, url: String, body: Bytes, content_type: &'static str) -> Op {
     let http = http.clone();
     Arc::new(move || {
         let (http, url, body) = (http.clone(), url.clone(), body.clone());

@@ -128,6 +128,10 @@ impl RuntimeState {
                 store,
                 resiliency.clone(),
                 metrics.clone(),
+                Arc::new(crate::trace::Tracer::new(
+                    &configuration.tracing,
+                    &config.app_id,
+                )),
             ),
             metrics,
             config,

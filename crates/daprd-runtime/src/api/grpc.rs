@@ -47,12 +47,17 @@ impl Dapr for DaprApi {
             trace,
             transport: Transport::Grpc,
         };
-        self.state
+        let traceparent = self
+            .state
             .publisher
             .publish(input)
             .await
             .map_err(|e| e.to_status())?;
-        Ok(Response::new(()))
+        let mut resp = Response::new(());
+        if let Ok(v) = traceparent.parse() {
+            resp.metadata_mut().insert("traceparent", v);
+        }
+        Ok(resp)
     }
 
     async fn bulk_publish_event_alpha1(

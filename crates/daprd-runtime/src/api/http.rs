@@ -366,7 +366,13 @@ async fn single(state: AppState, req: Request, rest: &str) -> Response {
         transport: Transport::Http,
     };
     match state.publisher.publish(input).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok(traceparent) => {
+            let mut resp = StatusCode::NO_CONTENT.into_response();
+            if let Ok(v) = http::HeaderValue::from_str(&traceparent) {
+                resp.headers_mut().insert("traceparent", v);
+            }
+            resp
+        }
         Err(e) => e.into_response(),
     }
 }

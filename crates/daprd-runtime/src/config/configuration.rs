@@ -395,9 +395,6 @@ const NOT_SERVED: &[(&str, &str)] = &[
     ("workflow", "workflows"),
 ];
 
-/// Fields this runtime reads but does not act on yet.
-const NOT_APPLIED: &[&str] = &["tracing"];
-
 struct Reader<'a> {
     file: &'a Path,
     name: String,
@@ -532,11 +529,6 @@ fn parse(file: &Path, text: &str, out: &mut Loaded) {
                     &format!("spec.{key}"),
                     &format!("{what} is not part of daprd-rs; the field has no effect"),
                 );
-            } else if NOT_APPLIED.contains(&key) {
-                r.warn(
-                    &format!("spec.{key}"),
-                    "read and checked, but not applied yet by daprd-rs",
-                );
             } else if ![
                 "features",
                 "components",
@@ -545,6 +537,7 @@ fn parse(file: &Path, text: &str, out: &mut Loaded) {
                 "logging",
                 "metric",
                 "metrics",
+                "tracing",
             ]
             .contains(&key)
             {
@@ -931,7 +924,8 @@ spec:
         assert!(c.secret_scopes[0].allows("a") && !c.secret_scopes[0].allows("b"));
         // nothing is ignored silently: the middleware and every part not applied yet say so
         assert!(out.warnings.iter().any(|w| w.contains("spec.httpPipeline")));
-        assert!(out.warnings.iter().any(|w| w.contains("spec.tracing")));
+        assert!(out.warnings.iter().any(|w| w.contains("recordErrorCodes")));
+        assert!(!out.warnings.iter().any(|w| w.contains("spec.tracing")));
     }
 
     #[test]

@@ -70,6 +70,7 @@ struct Ready {
     item: Item,
     metadata: BTreeMap<String, String>,
     out: BulkEntryOut,
+    span: crate::trace::ActiveSpan,
 }
 
 async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
@@ -106,7 +107,9 @@ async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
         let reply = results
             .remove(&r.out.entry_id)
             .unwrap_or_else(|| Err(AttemptError::new("no result")));
+        let error = reply.as_ref().err().map(|e| e.message.clone());
         let outcome = p.settle(&r.item.msg, &r.metadata, reply).await;
+        p.end_span(r.span, &r.out.delivery.topic, outcome, error);
         let _ = r.item.done.send(outcome);
     }
 }
@@ -141,7 +144,7 @@ async fn prepare(p: &SubscriptionPipeline, batch: Vec<Item>) -> Vec<Ready> {
     let raw = p.is_raw();
     let mut ready = Vec::with_capacity(batch.len());
     for item in batch {
-        let (delivery, metadata) = match p.prepare(&item.msg).await {
+        let (delivery, metadata, span) = match p.prepare(&item.msg).await {
             Ok(prepared) => prepared,
             Err(outcome) => {
                 let _ = item.done.send(outcome);
@@ -172,6 +175,7 @@ async fn prepare(p: &SubscriptionPipeline, batch: Vec<Item>) -> Vec<Ready> {
             item,
             metadata,
             out,
+            span,
         });
     }
     ready

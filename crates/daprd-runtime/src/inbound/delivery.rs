@@ -22,7 +22,7 @@ use crate::metrics::{DroppedBy, Metrics, ProcessStatus};
 use crate::outbound::publish::{raw_payload, Publisher};
 use crate::resiliency::{AttemptError, Policy};
 use crate::store::PubSubEntry;
-use crate::trace::start_span;
+use crate::trace::ActiveSpan;
 
 /// Counts deliveries in flight so shutdown can wait for them.
 #[derive(Default)]
@@ -272,11 +272,12 @@ impl SubscriptionPipeline {
     }
 
     /// Decodes, expires and routes `msg`. `Err` carries the outcome when the message was
-    /// settled here (expired, unrouted, undecodable); `Ok` the delivery to make.
+    /// settled here (expired, unrouted, undecodable); `Ok` the delivery to make and its span
+    /// (a child of the publisher's, named in the app's `traceparent`).
     pub(crate) async fn prepare(
         &self,
         msg: &Message,
-    ) -> Result<(Delivery, BTreeMap<String, String>), Outcome> {
+    ) -> Result<(Delivery, BTreeMap<String, String>, ActiveSpan), Outcome> {
         let topic = self.api_topic(&msg.topic);
         let mut metadata = msg.metadata.clone();
         if let Some(ct) = &msg.content_type {
@@ -306,7 +307,7 @@ impl SubscriptionPipeline {
             }
             Err(e) => return Err(self.failure(msg, &metadata, &e.to_string()).await),
         };
-        let span = start_span(
+        let span = self.publisher.tracer().start(
             event.get("traceparent").and_then(Json::as_str),
             event.get("tracestate").and_then(Json::as_str),
         );
@@ -317,10 +318,10 @@ impl SubscriptionPipeline {
             metadata: metadata.clone(),
             topic,
             pubsub: self.entry.name.clone(),
-            traceparent: span.traceparent(),
-            tracestate: span.tracestate.clone(),
+            traceparent: span.ctx.traceparent(),
+            tracestate: span.ctx.tracestate.clone(),
         };
-        Ok((delivery, metadata))
+        Ok((delivery, metadata, span))
     }
 
     /// Counts one more delivery in flight until the guard drops.
@@ -375,7 +376,7 @@ impl SubscriptionPipeline {
     /// Handles one message from the component.
     pub async fn handle(&self, msg: Message) -> Outcome {
         let _guard = self.in_flight.enter();
-        let (delivery, metadata) = match self.prepare(&msg).await {
+        let (delivery, metadata, span) = match self.prepare(&msg).await {
             Ok(v) => v,
             Err(outcome) => return outcome,
         };
@@ -399,7 +400,39 @@ impl SubscriptionPipeline {
                 }
             })
             .await;
-        self.settle(&msg, &metadata, reply).await
+        let error = reply.as_ref().err().map(|e| e.message.clone());
+        let outcome = self.settle(&msg, &metadata, reply).await;
+        self.end_span(span, &delivery.topic, outcome, error);
+        outcome
+    }
+
+    /// Ends a delivery span (`pubsub/<topic>`, as Go daprd names it).
+    pub(crate) fn end_span(
+        &self,
+        span: ActiveSpan,
+        topic: &str,
+        outcome: Outcome,
+        error: Option<String>,
+    ) {
+        if !span.is_recorded() {
+            return;
+        }
+        let status = match outcome {
+            Outcome::Success => "SUCCESS",
+            Outcome::Retry => "RETRY",
+            Outcome::Drop => "DROP",
+        };
+        self.publisher.tracer().end(
+            span,
+            format!("pubsub/{topic}"),
+            vec![
+                ("messaging.system", "pubsub".into()),
+                ("messaging.destination.name", topic.to_string()),
+                ("dapr.component.name", self.entry.name.clone()),
+                ("dapr.status", status.into()),
+            ],
+            error,
+        );
     }
 
     async fn failure(

@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::resiliency::{AttemptError, Direction, Resiliency, StatusCode};
 use crate::store::{ComponentStore, PubSubEntry};
-use crate::trace::start_span;
+use crate::trace::{SpanContext, Tracer};
 
 /// Which API a publish came through (daprd treats them slightly differently).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +111,7 @@ pub struct Publisher {
     store: Arc<ComponentStore>,
     resiliency: Arc<Resiliency>,
     metrics: Arc<Metrics>,
+    tracer: Arc<Tracer>,
 }
 
 /// Most entries of a non-native bulk publish in flight at once (as daprd).
@@ -128,6 +129,45 @@ pub fn raw_payload(md: &BTreeMap<String, String>) -> Result<bool, String> {
     }
 }
 
+/// The name and attributes of a publish span, as Go daprd's API tracing names them: the
+/// HTTP route path or the gRPC method; `dapr.api` is the same as the name.
+fn publish_span(
+    pubsub: &str,
+    topic: &str,
+    transport: Transport,
+    res: &Result<(), ApiError>,
+) -> (String, Vec<(&'static str, String)>) {
+    let (name, protocol, status) = match transport {
+        Transport::Http => (
+            format!("/v1.0/publish/{pubsub}/{topic}"),
+            "http",
+            res.as_ref()
+                .map_or_else(|e| e.http_status.to_string(), |()| "204".into()),
+        ),
+        Transport::Grpc => (
+            "/dapr.proto.runtime.v1.Dapr/PublishEvent".to_string(),
+            "grpc",
+            format!(
+                "{:?}",
+                res.as_ref()
+                    .map_or_else(|e| e.grpc_code, |()| tonic::Code::Ok)
+            ),
+        ),
+    };
+    let mut attributes = vec![
+        ("dapr.api", name.clone()),
+        ("dapr.protocol", protocol.to_string()),
+        ("dapr.status_code", status),
+        ("messaging.system", "pubsub".to_string()),
+        ("messaging.destination.name", topic.to_string()),
+        ("dapr.component.name", pubsub.to_string()),
+    ];
+    if transport == Transport::Http {
+        attributes.push(("http.request.method", "POST".to_string()));
+    }
+    (name, attributes)
+}
+
 /// Dapr's publish error for a failed attempt, caused by it.
 fn publish_failed(pubsub: &str, topic: &str, e: AttemptError) -> ApiError {
     ApiError::publish_message(pubsub, topic, &e.message).caused_by(Arc::new(e))
@@ -135,19 +175,26 @@ fn publish_failed(pubsub: &str, topic: &str, e: AttemptError) -> ApiError {
 
 impl Publisher {
     /// A publisher for `app_id` over `store`, with outbound `resiliency`, recording in
-    /// `metrics`.
+    /// `metrics` and tracing with `tracer`.
     pub fn new(
         app_id: impl Into<String>,
         store: Arc<ComponentStore>,
         resiliency: Arc<Resiliency>,
         metrics: Arc<Metrics>,
+        tracer: Arc<Tracer>,
     ) -> Self {
         Self {
             app_id: app_id.into(),
             store,
             resiliency,
             metrics,
+            tracer,
         }
+    }
+
+    /// The tracer (deliveries start their spans with it too).
+    pub fn tracer(&self) -> &Arc<Tracer> {
+        &self.tracer
     }
 
     /// Publishes through the component's outbound resiliency policy. Component errors
@@ -244,9 +291,8 @@ impl Publisher {
         data: &[u8],
         content_type: &str,
         md: &BTreeMap<String, String>,
-        trace: &TraceHeaders,
+        span: &SpanContext,
     ) -> Result<Bytes, ApiError> {
-        let span = start_span(trace.traceparent.as_deref(), trace.tracestate.as_deref());
         let traceparent = span.traceparent();
         let new_id = crate::trace::random_uuid();
         let now = SystemTime::now();
@@ -280,11 +326,34 @@ impl Publisher {
         }
     }
 
-    /// Publishes one event.
+    /// Publishes one event under a span of its own (a child of the caller's); returns that
+    /// span's `traceparent`.
     ///
     /// # Errors
     /// The [`ApiError`] of Dapr's error table for whatever went wrong.
-    pub async fn publish(&self, input: PublishInput) -> Result<(), ApiError> {
+    pub async fn publish(&self, input: PublishInput) -> Result<String, ApiError> {
+        let span = self.tracer.start(
+            input.trace.traceparent.as_deref(),
+            input.trace.tracestate.as_deref(),
+        );
+        let traceparent = span.ctx.traceparent();
+        let recorded = span
+            .is_recorded()
+            .then(|| (input.pubsub.clone(), input.topic.clone(), input.transport));
+        let res = self.publish_in(input, &span.ctx).await;
+        if let Some((pubsub, topic, transport)) = recorded {
+            let (name, attributes) = publish_span(&pubsub, &topic, transport, &res);
+            self.tracer.end(
+                span,
+                name,
+                attributes,
+                res.as_ref().err().map(|e| e.message.clone()),
+            );
+        }
+        res.map(|()| traceparent)
+    }
+
+    async fn publish_in(&self, input: PublishInput, span: &SpanContext) -> Result<(), ApiError> {
         let (entry, raw) = self.validate(
             &input.pubsub,
             &input.topic,
@@ -294,12 +363,8 @@ impl Publisher {
         let mut metadata = input.metadata;
         let data = if raw {
             if input.transport == Transport::Grpc {
-                let span = start_span(
-                    input.trace.traceparent.as_deref(),
-                    input.trace.tracestate.as_deref(),
-                );
                 metadata.insert("traceid".into(), span.traceparent());
-                metadata.insert("tracestate".into(), span.tracestate);
+                metadata.insert("tracestate".into(), span.tracestate.clone());
             }
             input.data
         } else {
@@ -309,7 +374,7 @@ impl Publisher {
                 &input.data,
                 &input.content_type,
                 &metadata,
-                &input.trace,
+                span,
             )?
         };
         self.check_scope(&entry, &input.topic)?;
@@ -389,6 +454,11 @@ impl Publisher {
             }
         }
         self.check_scope(&entry, &input.topic)?;
+        // One span for the whole call; every entry's envelope names it.
+        let span = self.tracer.start(
+            input.trace.traceparent.as_deref(),
+            input.trace.tracestate.as_deref(),
+        );
         let broker_topic = entry.broker_topic(&input.topic);
         let native = entry.component.features().contains(&Feature::BulkPublish);
         let mut failed = Vec::new();
@@ -418,7 +488,7 @@ impl Publisher {
                         &e.event,
                         &e.content_type,
                         &metadata,
-                        &input.trace,
+                        &span.ctx,
                     )?
                 };
                 chunk.push(BulkEntry {
@@ -448,6 +518,18 @@ impl Publisher {
             let first = failed.first().map(|f| f.error.clone()).unwrap_or_default();
             ApiError::publish_message(&entry.name, &input.topic, &first)
         });
+        if span.is_recorded() {
+            let res = error.clone().map_or(Ok(()), Err);
+            let (name, mut attributes) =
+                publish_span(&entry.name, &input.topic, input.transport, &res);
+            let name = match input.transport {
+                Transport::Http => name.replacen("/v1.0/publish/", "/v1.0-alpha1/publish/bulk/", 1),
+                Transport::Grpc => "/dapr.proto.runtime.v1.Dapr/BulkPublishEventAlpha1".into(),
+            };
+            attributes[0].1 = name.clone();
+            self.tracer
+                .end(span, name, attributes, res.err().map(|e| e.message));
+        }
         Ok(BulkOutcome { failed, error })
     }
 

@@ -1,0 +1,111 @@
+//! What metrics cost: two in-memory sidecars side by side, one with `--enable-metrics=false`
+//! and one with metrics on (the default), loaded in interleaved blocks of HTTP publishes at
+//! concurrency 16. Reported per variant: publish throughput (median of blocks) and the
+//! sidecar's CPU per publish (`/proc/<pid>/stat` deltas over all blocks); then the RSS of both
+//! after publishing to 100 topics (100 label sets in every pub/sub series).
+
+use anyhow::Result;
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::proc::{cpu_ticks, rss_kib};
+use crate::publish::{http_op, run_block};
+use crate::{start_sidecar_with, Broker, Opts};
+
+struct Variant {
+    name: &'static str,
+    flags: &'static [&'static str],
+}
+
+const VARIANTS: [Variant; 2] = [
+    Variant {
+        name: "metrics off",
+        flags: &["--enable-metrics=false"],
+    },
+    Variant {
+        name: "metrics on",
+        flags: &[],
+    },
+];
+
+/// Runs the rows and prints them; returns them as JSON.
+pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
+    let mut sidecars = Vec::new();
+    for v in &VARIANTS {
+        sidecars.push(
+            start_sidecar_with(opts, &[Broker::Memory], None, v.flags)
+                .await?
+                .0,
+        );
+    }
+    let http = reqwest::Client::new();
+    let body = Bytes::from(serde_json::to_vec(
+        &json!({"orderId": 1, "pad": "x".repeat(1000)}),
+    )?);
+    let ops: Vec<_> = sidecars
+        .iter()
+        .map(|s| {
+            http_op(
+                &http,
+                format!("{}/v1.0/publish/memory/bench.observability", s.http),
+                body.clone(),
+                "application/json",
+            )
+        })
+        .collect();
+    let mut rates = vec![Vec::new(); VARIANTS.len()];
+    let mut ticks = vec![0u64; VARIANTS.len()];
+    let mut msgs = vec![0u64; VARIANTS.len()];
+    for _ in 0..opts.blocks {
+        for (i, s) in sidecars.iter().enumerate() {
+            let pid = s.child.id();
+            let before = cpu_ticks(pid);
+            let (h, rate) = run_block(16, opts.block, ops[i].clone()).await?;
+            if let (Some(a), Some(b)) = (before, cpu_ticks(pid)) {
+                ticks[i] += b.saturating_sub(a);
+            }
+            msgs[i] += h.len();
+            rates[i].push(rate);
+        }
+    }
+    // 100 topics: every pub/sub series gets 100 label sets.
+    for s in &sidecars {
+        for t in 0..100 {
+            let r = http
+                .post(format!("{}/v1.0/publish/memory/bench.topic.{t}", s.http))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await?;
+            anyhow::ensure!(r.status() == 204, "publish answered {}", r.status());
+        }
+    }
+    println!(
+        "\nobservability cost (in-memory, HTTP publish, concurrency 16, {} interleaved blocks of {:?})",
+        opts.blocks, opts.block
+    );
+    println!(
+        "{:<14} {:>10} {:>12} {:>14}",
+        "variant", "msg/s", "CPU µs/msg", "RSS KiB (100 topics)"
+    );
+    let mut rows = Vec::new();
+    for (i, v) in VARIANTS.iter().enumerate() {
+        rates[i].sort_by(f64::total_cmp);
+        let rate = rates[i].get(rates[i].len() / 2).copied().unwrap_or(0.0);
+        // one tick = 10 ms of CPU (USER_HZ 100)
+        let cpu = (msgs[i] > 0).then(|| ticks[i] as f64 * 10_000.0 / msgs[i] as f64);
+        let rss = rss_kib(sidecars[i].child.id());
+        println!(
+            "{:<14} {:>10.0} {:>12} {:>14}",
+            v.name,
+            rate,
+            cpu.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
+            rss.map(|r| r.to_string()).unwrap_or_else(|| "-".into())
+        );
+        rows.push(json!({
+            "variant": v.name, "msgs_per_s": rate, "sidecar_cpu_us_per_msg": cpu,
+            "rss_kib_after_100_topics": rss,
+        }));
+    }
+    Ok(json!(rows))
+}

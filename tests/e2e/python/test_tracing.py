@@ -1,0 +1,204 @@
+"""Traces: spans exported to receivers in this file that speak the real protocols — Zipkin v2
+JSON over HTTP, OTLP over gRPC (a grpcio server of `opentelemetry-proto`'s TraceService) and
+OTLP over HTTP/protobuf — for a publish → Redis → delivery round trip: names, kinds,
+parent/child links, the trace id the app receives, and sampling."""
+
+import json
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+import requests
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from conftest import eventually
+from test_configuration import config_file
+
+
+
+def subs(topic="orders"):
+    return json.dumps([{"pubsubname": "redis", "topic": topic, "route": f"/{topic}"}])
+
+
+REDIS = ("apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: redis}\n"
+         "spec: {type: pubsub.redis, version: v1, metadata: [{name: redisHost, value: '127.0.0.1:6379'}, "
+         "{name: redisDB, value: '9'}]}\n")
+CLIENT_KIND = 3  # SPAN_KIND_CLIENT
+
+
+class Spans:
+    """Spans received, as (trace_id, span_id, parent_id, name, kind, attributes) tuples."""
+
+    def __init__(self):
+        self.items = []
+        self.lock = threading.Lock()
+
+    def add(self, span):
+        with self.lock:
+            self.items.append(span)
+
+    def of_trace(self, trace_id):
+        with self.lock:
+            return [s for s in self.items if s["trace_id"] == trace_id]
+
+
+def otlp_spans(req, spans):
+    for rs in req.resource_spans:
+        service = {a.key: a.value.string_value for a in rs.resource.attributes}.get("service.name")
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                spans.add({"trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                           "parent_id": s.parent_span_id.hex() or None, "name": s.name,
+                           "kind": "CLIENT" if s.kind == CLIENT_KIND else str(s.kind),
+                           "service": service,
+                           "attributes": {a.key: a.value.string_value for a in s.attributes}})
+
+
+class HttpReceiver:
+    """Zipkin (`POST /api/v2/spans`, JSON) and OTLP/HTTP (`POST /v1/traces`, protobuf)."""
+
+    def __init__(self):
+        self.spans = Spans()
+        spans = self.spans
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path == "/api/v2/spans":
+                    for s in json.loads(body):
+                        spans.add({"trace_id": s["traceId"], "span_id": s["id"],
+                                   "parent_id": s.get("parentId"), "name": s["name"], "kind": s["kind"],
+                                   "service": s["localEndpoint"]["serviceName"], "attributes": s["tags"]})
+                    self.send_response(202)
+                elif self.path == "/v1/traces":
+                    assert self.headers["Content-Type"] == "application/x-protobuf"
+                    req = trace_service_pb2.ExportTraceServiceRequest()
+                    req.ParseFromString(body)
+                    otlp_spans(req, spans)
+                    self.send_response(200)
+                else:
+                    self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self):
+        self.spans = Spans()
+        self.metadata = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Export(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        otlp_spans(request, self.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def stop(self):
+        self.server.stop(0)
+
+
+@pytest.fixture
+def receivers():
+    h, g = HttpReceiver(), GrpcReceiver()
+    yield h, g
+    h.stop()
+    g.stop()
+
+
+def round_trip(s, app, trace_id, parent="b7ad6b7169203331", flags="01", topic="orders"):
+    r = requests.post(f"{s.http}/v1.0/publish/redis/{topic}", json={"trace": trace_id},
+                      headers={"traceparent": f"00-{trace_id}-{parent}-{flags}"})
+    assert r.status_code == 204, r.text
+
+    def delivered():
+        got = requests.get(f"http://127.0.0.1:{app.port}/_received").json()
+        mine = [g for g in got if json.loads(g["body"])["data"] == {"trace": trace_id}]
+        return mine[0] if mine else None
+    req = eventually(delivered, 20, f"delivery of {trace_id}")
+    headers = {k.lower(): v for k, v in req["headers"].items()}
+    return r.headers.get("traceparent"), headers["traceparent"]
+
+
+def check_trace(spans, trace_id, response_tp, app_tp, service):
+    got = eventually(lambda: (lambda x: x if len(x) == 2 else None)(spans.of_trace(trace_id)), 20,
+                     f"two spans of {trace_id}")
+    by_name = {s["name"]: s for s in got}
+    publish, delivery = by_name["/v1.0/publish/redis/orders"], by_name["pubsub/orders"]
+    assert publish["parent_id"] == "b7ad6b7169203331", "child of the caller's span"
+    assert delivery["parent_id"] == publish["span_id"], "delivery is a child of the publish span"
+    assert publish["kind"] == "CLIENT" and delivery["kind"] == "CLIENT"
+    assert publish["service"] == service and delivery["service"] == service
+    assert publish["attributes"]["dapr.protocol"] == "http"
+    assert publish["attributes"]["dapr.status_code"] == "204"
+    assert publish["attributes"]["messaging.system"] == "pubsub"
+    assert delivery["attributes"]["messaging.destination.name"] == "orders"
+    # the publish answer names the publish span; the app gets the delivery span
+    assert response_tp == f"00-{trace_id}-{publish['span_id']}-01"
+    assert app_tp == f"00-{trace_id}-{delivery['span_id']}-01"
+
+
+def test_zipkin_and_otlp_grpc_get_the_round_trip(sidecar_factory, app_factory, receivers):
+    http_rx, grpc_rx = receivers
+    cfg = config_file(
+        "  tracing:\n"
+        "    samplingRate: \"1\"\n"
+        f"    zipkin: {{endpointAddress: \"http://127.0.0.1:{http_rx.port}/api/v2/spans\"}}\n"
+        f"    otel: {{endpointAddress: \"127.0.0.1:{grpc_rx.port}\", protocol: grpc, isSecure: false,"
+        " headers: \"x-tenant=shop\"}\n")
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs()})
+    s = sidecar_factory([REDIS], app_id="traced", app_port=app.port, extra_args=["--config", cfg])
+    s.wait_ready()
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    response_tp, app_tp = round_trip(s, app, trace_id)
+    check_trace(http_rx.spans, trace_id, response_tp, app_tp, "traced")
+    check_trace(grpc_rx.spans, trace_id, response_tp, app_tp, "traced")
+    assert any(m.get("x-tenant") == "shop" for m in grpc_rx.metadata), grpc_rx.metadata
+
+    # a caller that did not sample gets no span at rate 1; one that did, does
+    unsampled, sampled = "1" * 32, "2" * 32
+    round_trip(s, app, unsampled, flags="00")
+    round_trip(s, app, sampled)
+    eventually(lambda: len(http_rx.spans.of_trace(sampled)) == 2, 20, "spans of the sampled trace")
+    assert http_rx.spans.of_trace(unsampled) == []
+
+
+def test_otlp_http_and_rate_zero(sidecar_factory, app_factory, receivers):
+    http_rx, _ = receivers
+    on = config_file(
+        "  tracing:\n"
+        "    samplingRate: \"1\"\n"
+        f"    otel: {{endpointAddress: \"127.0.0.1:{http_rx.port}\", protocol: http, isSecure: false}}\n")
+    off = config_file(
+        "  tracing:\n"
+        "    samplingRate: \"0\"\n"
+        f"    zipkin: {{endpointAddress: \"http://127.0.0.1:{http_rx.port}/api/v2/spans\"}}\n")
+    # its own topic: the traced sidecar's consumer group must not pick this message up
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs("quiet")})
+    quiet = sidecar_factory([REDIS], app_id="quiet", app_port=app.port, extra_args=["--config", off])
+    quiet.wait_ready()
+    silent_trace = "3" * 32
+    round_trip(quiet, app, silent_trace, topic="quiet")
+    quiet.stop()
+
+    app2 = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs()})
+    s = sidecar_factory([REDIS], app_id="traced-http", app_port=app2.port, extra_args=["--config", on])
+    s.wait_ready()
+    trace_id = "4" * 32
+    response_tp, app_tp = round_trip(s, app2, trace_id)
+    check_trace(http_rx.spans, trace_id, response_tp, app_tp, "traced-http")
+    assert http_rx.spans.of_trace(silent_trace) == [], "samplingRate 0 exports nothing"
