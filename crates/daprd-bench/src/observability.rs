@@ -1,5 +1,7 @@
-//! What metrics cost: two in-memory sidecars side by side, one with `--enable-metrics=false`
-//! and one with metrics on (the default), loaded in interleaved blocks of HTTP publishes at
+//! What metrics and tracing cost: in-memory sidecars side by side — metrics off
+//! (`--enable-metrics=false`), metrics on (the default), metrics on with tracing at
+//! `samplingRate: "0"` (an OTLP exporter configured), and with every span exported over
+//! OTLP/HTTP to a collector stand-in — loaded in interleaved blocks of HTTP publishes at
 //! concurrency 16. Reported per variant: publish throughput (median of blocks) and the
 //! sidecar's CPU per publish (`/proc/<pid>/stat` deltas over all blocks); then the RSS of both
 //! after publishing to 100 topics (100 label sets in every pub/sub series).
@@ -12,28 +14,66 @@ use crate::proc::{cpu_ticks, rss_kib};
 use crate::publish::{http_op, run_block};
 use crate::{start_sidecar_with, Broker, Opts};
 
+/// One sidecar set-up: its name and extra flags.
 struct Variant {
     name: &'static str,
-    flags: &'static [&'static str],
+    flags: Vec<String>,
 }
 
-const VARIANTS: [Variant; 2] = [
-    Variant {
-        name: "metrics off",
-        flags: &["--enable-metrics=false"],
-    },
-    Variant {
-        name: "metrics on",
-        flags: &[],
-    },
-];
+/// An OTLP/HTTP collector stand-in on loopback: accepts every export with 200.
+async fn collector() -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
+/// The variants: metrics off, metrics on, metrics on with tracing at rate 0 (an exporter
+/// configured), metrics on with every span exported over OTLP/HTTP.
+fn variants(dir: &std::path::Path, collector: std::net::SocketAddr) -> Result<Vec<Variant>> {
+    let config = |name: &str, rate: &str| -> Result<Vec<String>> {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: dapr.io/v1alpha1\nkind: Configuration\nmetadata: {{name: bench}}\nspec:\n  tracing:\n    samplingRate: \"{rate}\"\n    otel: {{endpointAddress: \"{collector}\", protocol: http, isSecure: false}}\n"
+            ),
+        )?;
+        Ok(vec!["--config".into(), path.to_string_lossy().into_owned()])
+    };
+    Ok(vec![
+        Variant {
+            name: "metrics off",
+            flags: vec!["--enable-metrics=false".into()],
+        },
+        Variant {
+            name: "metrics on",
+            flags: vec![],
+        },
+        Variant {
+            name: "+ tracing 0",
+            flags: config("rate0.yaml", "0")?,
+        },
+        Variant {
+            name: "+ tracing 1",
+            flags: config("rate1.yaml", "1")?,
+        },
+    ])
+}
 
 /// Runs the rows and prints them; returns them as JSON.
 pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
+    let dir = std::env::temp_dir().join(format!("daprd-bench-obs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let variants = variants(&dir, collector().await?)?;
     let mut sidecars = Vec::new();
-    for v in &VARIANTS {
+    for v in &variants {
+        let flags: Vec<&str> = v.flags.iter().map(String::as_str).collect();
         sidecars.push(
-            start_sidecar_with(opts, &[Broker::Memory], None, v.flags)
+            start_sidecar_with(opts, &[Broker::Memory], None, &flags)
                 .await?
                 .0,
         );
@@ -53,9 +93,9 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
             )
         })
         .collect();
-    let mut rates = vec![Vec::new(); VARIANTS.len()];
-    let mut ticks = vec![0u64; VARIANTS.len()];
-    let mut msgs = vec![0u64; VARIANTS.len()];
+    let mut rates = vec![Vec::new(); variants.len()];
+    let mut ticks = vec![0u64; variants.len()];
+    let mut msgs = vec![0u64; variants.len()];
     for _ in 0..opts.blocks {
         for (i, s) in sidecars.iter().enumerate() {
             let pid = s.child.id();
@@ -89,7 +129,7 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
         "variant", "msg/s", "CPU µs/msg", "RSS KiB (100 topics)"
     );
     let mut rows = Vec::new();
-    for (i, v) in VARIANTS.iter().enumerate() {
+    for (i, v) in variants.iter().enumerate() {
         rates[i].sort_by(f64::total_cmp);
         let rate = rates[i].get(rates[i].len() / 2).copied().unwrap_or(0.0);
         // one tick = 10 ms of CPU (USER_HZ 100)
@@ -107,5 +147,6 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
             "rss_kib_after_100_topics": rss,
         }));
     }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(json!(rows))
 }
