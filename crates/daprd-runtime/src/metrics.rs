@@ -129,6 +129,10 @@ pub struct Metrics {
     http_response_bytes: Family,
     grpc_completed: Family,
     grpc_latency: Family,
+    client_completed: Family,
+    client_latency: Family,
+    client_sent_bytes: Family,
+    client_received_bytes: Family,
     component_loaded: Family,
     component_init: Family,
     component_init_fail: Family,
@@ -198,6 +202,10 @@ impl Metrics {
             http_response_bytes: family("http_server_response_bytes", "HTTP response body size (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
             grpc_completed: family("grpc_io_server_completed_rpcs", "Count of RPCs by method and status.", Counter, GRPC, &none),
             grpc_latency: family("grpc_io_server_server_latency", "Distribution of server latency in milliseconds, by method.", Histogram, GRPC, &latency),
+            client_completed: family("http_client_completed_count", "Count of completed requests", Counter, HTTP, &none),
+            client_latency: family("http_client_roundtrip_latency", "Time between first byte of request headers sent to last byte of response received, or terminal error", Histogram, HTTP, &latency),
+            client_sent_bytes: family("http_client_sent_bytes", "Total bytes sent in request body (not including headers)", Histogram, HTTP, &sizes),
+            client_received_bytes: family("http_client_received_bytes", "Total bytes received in response bodies (not including headers but including error responses with bodies)", Histogram, APP_ONLY, &sizes),
             component_loaded: family("runtime_component_loaded", "The number of successfully loaded components.", Gauge, APP_ONLY, &none),
             component_init: family("runtime_component_init_total", "The number of initialized components.", Counter, COMPONENT_INIT, &none),
             component_init_fail: family("runtime_component_init_fail_total", "The number of component initialization failures.", Counter, COMPONENT_INIT, &none),
@@ -233,6 +241,10 @@ impl Metrics {
             &self.http_response_bytes,
             &self.grpc_completed,
             &self.grpc_latency,
+            &self.client_completed,
+            &self.client_latency,
+            &self.client_sent_bytes,
+            &self.client_received_bytes,
             &self.component_loaded,
             &self.component_init,
             &self.component_init_fail,
@@ -434,6 +446,28 @@ impl Metrics {
         } else {
             String::new()
         }
+    }
+
+    /// One request of the app channel (HTTP) was answered with `status`.
+    pub fn http_client(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        sent_bytes: u64,
+        received_bytes: u64,
+        elapsed: Duration,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let code = status.to_string();
+        let labels = [self.app_id.as_str(), method, path, code.as_str()];
+        self.client_completed.inc(&labels);
+        self.client_latency.observe(&labels, ms(elapsed));
+        self.client_sent_bytes.observe(&labels, sent_bytes as f64);
+        self.client_received_bytes
+            .observe(&[self.app_id.as_str()], received_bytes as f64);
     }
 
     /// One gRPC API call finished with `code`.

@@ -148,6 +148,10 @@ with DaprClient() as c:
     prom.wait_value('dapr_grpc_io_server_completed_rpcs{app_id="metrics",grpc_server_method="/dapr.proto.runtime.v1.Dapr/PublishEvent",grpc_server_status="OK"}', 7)
     assert prom.value('dapr_grpc_io_server_server_latency_count{grpc_server_method="/dapr.proto.runtime.v1.Dapr/PublishEvent"}') == 7
 
+    # the app channel: every delivery was answered 200 (SUCCESS or DROP in the body)
+    prom.wait_value('dapr_http_client_completed_count{app_id="metrics",method="POST",path="/orders",status="200"}', 12)
+    assert prom.value('dapr_http_client_roundtrip_latency_count{app_id="metrics",path="/orders"}') == 12
+
     # components and the process
     assert prom.value('dapr_runtime_component_loaded{app_id="metrics"}') == 1
     assert prom.value('dapr_runtime_component_init_total{app_id="metrics"}') == 1

@@ -113,14 +113,17 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, ChannelE
             app.max_concurrency,
         )?))
     } else {
-        Ok(Arc::new(HttpChannel::new(
-            &app.channel_address,
-            app.port,
-            app.protocol,
-            &state.config.app_id,
-            token,
-            app.max_concurrency,
-        )?))
+        Ok(Arc::new(
+            HttpChannel::new(
+                &app.channel_address,
+                app.port,
+                app.protocol,
+                &state.config.app_id,
+                token,
+                app.max_concurrency,
+            )?
+            .with_metrics(state.metrics.clone()),
+        ))
     }
 }
 

@@ -44,6 +44,7 @@ pub struct HttpChannel {
     app_id: String,
     token: Option<String>,
     concurrency: Concurrency,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl HttpChannel {
@@ -87,7 +88,34 @@ impl HttpChannel {
             app_id: app_id.to_string(),
             token,
             concurrency: Concurrency::new(max_concurrency),
+            metrics: None,
         })
+    }
+
+    /// Counts every delivery in the `dapr_http_client_*` series of `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics.enabled().then_some(metrics);
+        self
+    }
+
+    fn record(
+        &self,
+        path: &str,
+        status: u16,
+        sent: usize,
+        received: usize,
+        started: std::time::Instant,
+    ) {
+        if let Some(m) = &self.metrics {
+            m.http_client(
+                "POST",
+                path,
+                status,
+                sent as u64,
+                received as u64,
+                started.elapsed(),
+            );
+        }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -165,11 +193,20 @@ impl AppChannel for HttpChannel {
                 req = req.header(name, value);
             }
         }
+        let started = std::time::Instant::now();
         let resp = match req.body(d.body.clone()).send().await {
             Ok(r) => r,
             Err(e) => return AppReply::Retry(format!("delivering to the app: {e}"), None),
         };
         let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        self.record(
+            &app_path(&d.path),
+            status.as_u16(),
+            d.body.len(),
+            body.len(),
+            started,
+        );
         if status == reqwest::StatusCode::NOT_FOUND {
             return AppReply::Drop {
                 dead_letter: true,
@@ -182,7 +219,6 @@ impl AppChannel for HttpChannel {
                 Some(StatusCode::Http(status.as_u16())),
             );
         }
-        let body = resp.bytes().await.unwrap_or_default();
         interpret_status_body(&body)
     }
 
