@@ -59,6 +59,7 @@ const BULK_INGRESS: &[&str] = &[
     "topic",
 ];
 const SUBSCRIPTION: &[&str] = &["app_id", "component", "namespace", "topic"];
+const SUBSCRIPTION_KIND: &[&str] = &["app_id", "component", "namespace", "topic", "type"];
 const DROPPED: &[&str] = &["app_id", "by", "component", "namespace", "reason", "topic"];
 const HTTP: &[&str] = &["app_id", "method", "path", "status"];
 const GRPC: &[&str] = &["app_id", "grpc_server_method", "grpc_server_status"];
@@ -120,6 +121,7 @@ pub struct Metrics {
     bulk_ingress_event_count: Family,
     bulk_ingress_latency: Family,
     in_flight: Family,
+    subscriptions: Family,
     dead_lettered: Family,
     dropped: Family,
     http_request_count: Family,
@@ -193,6 +195,7 @@ impl Metrics {
             bulk_ingress_event_count: family("component_pubsub_ingress_bulk_event_count", "Total number of incoming messages arriving from the bulk pub/sub component via Bulk Subscribe.", Counter, BULK_INGRESS, &none),
             bulk_ingress_latency: family("component_pubsub_ingress_bulk_latencies", "The consuming app event processing latency for the bulk pub/sub component.", Histogram, BULK_INGRESS, &latency),
             in_flight: family("component_pubsub_ingress_in_flight", "The number of messages currently being processed by the app for a subscription.", Gauge, SUBSCRIPTION, &none),
+            subscriptions: family("component_pubsub_subscriptions", "The subscriptions this sidecar holds open, by type (declarative, programmatic, streaming); 0 once stopped (daprd-rs).", Gauge, SUBSCRIPTION_KIND, &none),
             dead_lettered: family("component_pubsub_ingress_dead_lettered_count", "The number of messages published to a subscription's dead-letter topic (daprd-rs).", Counter, SUBSCRIPTION, &none),
             dropped: family("component_pubsub_ingress_dropped_count", "The number of messages dropped, by the app or by the sidecar, with the reason (daprd-rs).", Counter, DROPPED, &none),
             http_request_count: family("http_server_request_count", "Number of HTTP requests started in server.", Counter, HTTP, &none),
@@ -232,6 +235,7 @@ impl Metrics {
             &self.bulk_ingress_event_count,
             &self.bulk_ingress_latency,
             &self.in_flight,
+            &self.subscriptions,
             &self.dead_lettered,
             &self.dropped,
             &self.http_request_count,
@@ -366,7 +370,7 @@ impl Metrics {
     }
 
     /// A delivery of `topic` is in the app's hands until the returned guard drops.
-    pub fn in_flight(&self, component: &str, topic: &str) -> Option<InFlightGauge> {
+    pub fn in_flight(&self, component: &str, topic: &str) -> Option<GaugeGuard> {
         if !self.enabled {
             return None;
         }
@@ -374,7 +378,23 @@ impl Metrics {
             .in_flight
             .series(&[self.app_id.as_str(), component, &self.namespace, topic]);
         s.add(1);
-        Some(InFlightGauge(s))
+        Some(GaugeGuard(s))
+    }
+
+    /// A subscription of `kind` to `topic` is open until the returned guard drops.
+    pub fn subscription(&self, component: &str, topic: &str, kind: &str) -> Option<GaugeGuard> {
+        if !self.enabled {
+            return None;
+        }
+        let s = self.subscriptions.series(&[
+            self.app_id.as_str(),
+            component,
+            &self.namespace,
+            topic,
+            kind,
+        ]);
+        s.add(1);
+        Some(GaugeGuard(s))
     }
 
     /// A message of `topic` went to its dead-letter topic.
@@ -499,10 +519,10 @@ impl Metrics {
     }
 }
 
-/// Counts a delivery in `dapr_component_pubsub_ingress_in_flight` until dropped.
-pub struct InFlightGauge(Arc<registry::Series>);
+/// Counts one in a gauge (an in-flight delivery, an active subscription) until dropped.
+pub struct GaugeGuard(Arc<registry::Series>);
 
-impl Drop for InFlightGauge {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.add(-1);
     }

@@ -270,7 +270,7 @@ impl Sidecar {
         state
             .metrics
             .components_loaded(&types, state.publisher.store().failed());
-        let subscriptions = Arc::new(Subscriptions::default());
+        let subscriptions = Arc::new(Subscriptions::new(state.metrics.clone()));
         let api = ApiState::new(state.clone(), subscriptions.clone());
         let cfg = &state.config;
         let mut servers = JoinSet::new();

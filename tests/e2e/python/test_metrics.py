@@ -135,6 +135,7 @@ with DaprClient() as c:
     prom.wait_value(ingress.format("drop", "success"), 2)
     prom.wait_value('dapr_component_pubsub_ingress_dropped_count{by="app",reason="drop",topic="orders"}', 2)
     prom.wait_value('dapr_component_pubsub_ingress_in_flight{topic="orders"}', 0)
+    prom.wait_value('dapr_component_pubsub_subscriptions{app_id="metrics",topic="orders",type="programmatic"}', 1)
 
     # latency histograms with Dapr's buckets; every publish is in +Inf and in the count
     buckets = prom.query('dapr_component_pubsub_egress_latencies_bucket{app_id="metrics",success="true",topic="orders"}')

@@ -18,6 +18,8 @@ struct Active {
     id: u64,
     spec: SubscriptionSpec,
     handle: Option<Subscription>,
+    /// Counts the subscription in `dapr_component_pubsub_subscriptions` while it lives.
+    _gauge: Option<crate::metrics::GaugeGuard>,
 }
 
 /// The subscriptions of this sidecar.
@@ -27,9 +29,18 @@ pub struct Subscriptions {
     next_id: std::sync::atomic::AtomicU64,
     /// Deliveries in flight (all subscriptions).
     pub in_flight: Arc<InFlight>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Subscriptions {
+    /// No subscription yet; each one added is counted in `metrics`.
+    pub fn new(metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..Self::default()
+        }
+    }
+
     /// Every subscription (for the metadata API), in start order.
     pub fn list(&self) -> Vec<SubscriptionSpec> {
         self.active
@@ -45,6 +56,15 @@ impl Subscriptions {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kind = match spec.kind {
+            crate::inbound::subscriptions::SubscriptionKind::Declarative => "declarative",
+            crate::inbound::subscriptions::SubscriptionKind::Programmatic => "programmatic",
+            crate::inbound::subscriptions::SubscriptionKind::Streaming => "streaming",
+        };
+        let gauge = self
+            .metrics
+            .as_ref()
+            .and_then(|m| m.subscription(&spec.pubsub, &spec.topic, kind));
         self.active
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -52,6 +72,7 @@ impl Subscriptions {
                 id,
                 spec,
                 handle: Some(handle),
+                _gauge: gauge,
             });
         id
     }
