@@ -65,6 +65,16 @@ const HTTP: &[&str] = &["app_id", "method", "path", "status"];
 const GRPC: &[&str] = &["app_id", "grpc_server_method", "grpc_server_status"];
 const APP_ONLY: &[&str] = &["app_id"];
 const COMPONENT_INIT: &[&str] = &["app_id", "component", "namespace"];
+const RESILIENCY_LOADED: &[&str] = &["app_id", "name", "namespace"];
+const RESILIENCY: &[&str] = &[
+    "app_id",
+    "flow_direction",
+    "name",
+    "namespace",
+    "policy",
+    "status",
+    "target",
+];
 
 /// Who dropped a message (`by` label of `dapr_component_pubsub_ingress_dropped_count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +115,7 @@ struct HttpLabels {
 }
 
 /// Every metric family of the sidecar.
+#[derive(Debug)]
 pub struct Metrics {
     enabled: bool,
     app_id: String,
@@ -138,6 +149,10 @@ pub struct Metrics {
     component_loaded: Family,
     component_init: Family,
     component_init_fail: Family,
+    resiliency_loaded: Family,
+    resiliency_count: Family,
+    resiliency_activations: Family,
+    resiliency_cb_state: Family,
 }
 
 impl Metrics {
@@ -212,6 +227,10 @@ impl Metrics {
             component_loaded: family("runtime_component_loaded", "The number of successfully loaded components.", Gauge, APP_ONLY, &none),
             component_init: family("runtime_component_init_total", "The number of initialized components.", Counter, COMPONENT_INIT, &none),
             component_init_fail: family("runtime_component_init_fail_total", "The number of component initialization failures.", Counter, COMPONENT_INIT, &none),
+            resiliency_loaded: family("resiliency_loaded", "Number of resiliency policies loaded.", Counter, RESILIENCY_LOADED, &none),
+            resiliency_count: family("resiliency_count", "Number of times a resiliency policyKey has been applied to a building block.", Counter, RESILIENCY, &none),
+            resiliency_activations: family("resiliency_activations_total", "Number of times a resiliency policyKey has been activated in a building block after a failure or after a state change.", Counter, RESILIENCY, &none),
+            resiliency_cb_state: family("resiliency_cb_state", "A resiliency policy's current CircuitBreakerState state. 0 is closed, 1 is half-open, 2 is open, and -1 is unknown.", Gauge, RESILIENCY, &none),
         }
     }
 
@@ -252,6 +271,10 @@ impl Metrics {
             &self.component_loaded,
             &self.component_init,
             &self.component_init_fail,
+            &self.resiliency_loaded,
+            &self.resiliency_count,
+            &self.resiliency_activations,
+            &self.resiliency_cb_state,
         ] {
             f.render(&mut out);
         }
@@ -515,6 +538,63 @@ impl Metrics {
         for t in failed {
             self.component_init_fail
                 .inc(&[self.app_id.as_str(), t, &self.namespace]);
+        }
+    }
+}
+
+impl Metrics {
+    /// A Resiliency resource named `name` was loaded.
+    pub fn resiliency_loaded(&self, name: &str) {
+        if self.enabled {
+            self.resiliency_loaded
+                .inc(&[self.app_id.as_str(), name, &self.namespace]);
+        }
+    }
+
+    /// A policy of resource `name` ran (or, with `activated`, acted: a retry, a timeout, a
+    /// circuit breaker changing state to `status`).
+    pub fn resiliency(
+        &self,
+        name: &str,
+        policy: &str,
+        direction: &str,
+        target: &str,
+        status: &str,
+        activated: bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let labels = [
+            self.app_id.as_str(),
+            direction,
+            name,
+            &self.namespace,
+            policy,
+            status,
+            target,
+        ];
+        if activated {
+            self.resiliency_activations.inc(&labels);
+        } else {
+            self.resiliency_count.inc(&labels);
+        }
+        if policy == "circuitbreaker" {
+            // One series per state, 1 for the current one (as Go daprd).
+            for s in ["closed", "half-open", "open", "unknown"] {
+                let labels = [
+                    self.app_id.as_str(),
+                    direction,
+                    name,
+                    &self.namespace,
+                    policy,
+                    s,
+                    target,
+                ];
+                self.resiliency_cb_state
+                    .series(&labels)
+                    .set(i64::from(s == status));
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 
 use crate::config::resources::{OtherManifest, ResourceError};
+use crate::metrics::Metrics;
 
 /// Direction of a component operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +126,20 @@ impl std::fmt::Debug for CircuitBreaker {
 }
 
 impl CircuitBreaker {
+    /// The state's name, as gobreaker spells it (`closed`, `half-open`, `open`).
+    fn state_name(&self) -> &'static str {
+        match self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .phase
+        {
+            Phase::Closed { .. } => "closed",
+            Phase::Open { .. } => "open",
+            Phase::HalfOpen { .. } => "half-open",
+        }
+    }
+
     fn allow(&self) -> bool {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
@@ -213,6 +228,44 @@ pub struct Policy {
     pub retry: Option<RetryPolicy>,
     /// Circuit breaker.
     pub breaker: Option<Arc<CircuitBreaker>>,
+    /// Where its runs are counted (`dapr_resiliency_*`), when metrics are on.
+    pub metrics: Option<Arc<PolicyMetrics>>,
+}
+
+/// The labels of one policy's `dapr_resiliency_*` series.
+#[derive(Debug)]
+pub struct PolicyMetrics {
+    metrics: Arc<Metrics>,
+    /// `pubsub_<component>`, as Go daprd names a component target.
+    target: String,
+    direction: &'static str,
+    /// The Resiliency resources that define the retry, timeout and circuit breaker.
+    names: [String; 3],
+}
+
+impl PolicyMetrics {
+    fn executed(&self, policy: &Policy) {
+        if policy.retry.is_some() {
+            self.record(0, "retry", "", false);
+        }
+        if policy.timeout.is_some() {
+            self.record(1, "timeout", "", false);
+        }
+        if let Some(b) = &policy.breaker {
+            self.record(2, "circuitbreaker", b.state_name(), false);
+        }
+    }
+
+    fn record(&self, i: usize, policy: &str, status: &str, activated: bool) {
+        self.metrics.resiliency(
+            &self.names[i],
+            policy,
+            self.direction,
+            &self.target,
+            status,
+            activated,
+        );
+    }
 }
 
 /// The status a failed attempt was answered with, which a retry policy's `matching` selects
@@ -283,7 +336,11 @@ impl Policy {
     {
         let started = Instant::now();
         let mut attempt: u32 = 0;
+        if let Some(m) = &self.metrics {
+            m.executed(self);
+        }
         loop {
+            let before = self.breaker.as_ref().map(|b| b.state_name());
             if let Some(b) = &self.breaker {
                 if !b.allow() {
                     return Err(AttemptError::new("circuit breaker is open"));
@@ -292,12 +349,21 @@ impl Policy {
             let result = match self.timeout {
                 Some(t) => match tokio::time::timeout(t, op()).await {
                     Ok(r) => r,
-                    Err(_) => Err(AttemptError::new(format!("timed out after {t:?}"))),
+                    Err(_) => {
+                        if let Some(m) = &self.metrics {
+                            m.record(1, "timeout", "", true);
+                        }
+                        Err(AttemptError::new(format!("timed out after {t:?}")))
+                    }
                 },
                 None => op().await,
             };
             if let Some(b) = &self.breaker {
                 b.record(result.is_ok());
+                let after = b.state_name();
+                if let (Some(m), true) = (&self.metrics, before != Some(after)) {
+                    m.record(2, "circuitbreaker", after, true);
+                }
             }
             let err = match result {
                 Ok(v) => return Ok(v),
@@ -324,6 +390,9 @@ impl Policy {
                 }
             }
             let delay = retry.delay(attempt);
+            if let Some(m) = &self.metrics {
+                m.record(0, "retry", "", true);
+            }
             tracing::warn!(error = %err.message, retry_in = ?delay, attempt = attempt + 1, "operation failed; retrying");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -340,6 +409,11 @@ pub struct Resiliency {
     // component name → direction → (retry, timeout, circuit breaker) policy names
     targets: BTreeMap<String, BTreeMap<&'static str, [Option<String>; 3]>>,
     target_files: BTreeMap<String, std::path::PathBuf>,
+    /// The loaded resources' names, and which one defines each policy (`retry/<name>`,
+    /// `timeout/<name>`, `circuitbreaker/<name>`).
+    loaded: Vec<String>,
+    sources: BTreeMap<String, String>,
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 fn get_ci<'a>(obj: &'a serde_json::Map<String, Json>, key: &str) -> Option<&'a Json> {
@@ -515,12 +589,14 @@ impl Resiliency {
                 errors.push(fail(Some("spec".into()), "is required".into()));
                 continue;
             };
+            r.loaded.push(name.clone());
             if let Some(Json::Object(policies)) = get_ci(spec, "policies") {
                 if let Some(Json::Object(t)) = get_ci(policies, "timeouts") {
                     for (k, v) in t {
                         match duration(&format!("timeouts.{k}"), Some(v)) {
                             Ok(Some(d)) => {
                                 r.timeouts.insert(k.clone(), d);
+                                r.sources.insert(format!("timeout/{k}"), name.clone());
                             }
                             Ok(None) => errors.push(fail(
                                 Some(format!("spec.policies.timeouts.{k}")),
@@ -536,6 +612,7 @@ impl Resiliency {
                         match parse_retry(k, v) {
                             Ok(p) => {
                                 r.retries.insert(k.clone(), p);
+                                r.sources.insert(format!("retry/{k}"), name.clone());
                             }
                             Err(e) => errors.push(fail(Some("spec.policies".into()), e)),
                         }
@@ -546,6 +623,8 @@ impl Resiliency {
                         match parse_breaker(k, v) {
                             Ok(b) => {
                                 r.breakers.insert(k.clone(), Arc::new(b));
+                                r.sources
+                                    .insert(format!("circuitbreaker/{k}"), name.clone());
                             }
                             Err(e) => errors.push(fail(Some("spec.policies".into()), e)),
                         }
@@ -644,17 +723,55 @@ impl Resiliency {
                 .into_iter()
                 .find(|n| exists(n))
         };
-        let retry = pick(0, "Retry", &|n| self.retries.contains_key(n))
-            .and_then(|n| self.retries.get(&n).cloned());
-        let timeout = pick(1, "Timeout", &|n| self.timeouts.contains_key(n))
-            .and_then(|n| self.timeouts.get(&n).copied());
-        let breaker = pick(2, "CircuitBreaker", &|n| self.breakers.contains_key(n))
-            .and_then(|n| self.breakers.get(&n).cloned());
+        let retry_name = pick(0, "Retry", &|n| self.retries.contains_key(n));
+        let timeout_name = pick(1, "Timeout", &|n| self.timeouts.contains_key(n));
+        let breaker_name = pick(2, "CircuitBreaker", &|n| self.breakers.contains_key(n));
+        let retry = retry_name
+            .as_ref()
+            .and_then(|n| self.retries.get(n).cloned());
+        let timeout = timeout_name
+            .as_ref()
+            .and_then(|n| self.timeouts.get(n).copied());
+        let breaker = breaker_name
+            .as_ref()
+            .and_then(|n| self.breakers.get(n).cloned());
+        let any = retry.is_some() || timeout.is_some() || breaker.is_some();
+        let metrics = match self.metrics.get() {
+            Some(m) if m.enabled() && any => {
+                let source = |kind: &str, n: &Option<String>| {
+                    n.as_ref()
+                        .and_then(|n| self.sources.get(&format!("{kind}/{n}")))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                Some(Arc::new(PolicyMetrics {
+                    metrics: m.clone(),
+                    target: format!("pubsub_{component}"),
+                    direction: dir,
+                    names: [
+                        source("retry", &retry_name),
+                        source("timeout", &timeout_name),
+                        source("circuitbreaker", &breaker_name),
+                    ],
+                }))
+            }
+            _ => None,
+        };
         Policy {
             timeout,
             retry,
             breaker,
+            metrics,
         }
+    }
+
+    /// Counts the policies' runs in `metrics` from now on (each loaded Resiliency resource
+    /// once in `dapr_resiliency_loaded`). Policies taken before keep no count.
+    pub fn observe(&self, metrics: Arc<Metrics>) {
+        for name in &self.loaded {
+            metrics.resiliency_loaded(name);
+        }
+        let _ = self.metrics.set(metrics);
     }
 }
 
@@ -709,6 +826,30 @@ mod tests {
             2,
             "DefaultRetryPolicy applies to untargeted components"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_retries_and_breaker_changes_are_counted() {
+        let (r, _) = load(DOC);
+        let m = Arc::new(Metrics::new(
+            "app1",
+            "ns",
+            &crate::config::configuration::Metric::default(),
+        ));
+        r.observe(m.clone());
+        let inbound = r.component_policy("ps", Direction::Inbound);
+        run_counting(&inbound, None).await;
+        // the outbound breaker trips after 3 consecutive failures (1 attempt + 5 retries)
+        let outbound = r.component_policy("ps", Direction::Outbound);
+        run_counting(&outbound, Some(StatusCode::Http(500))).await;
+        let text = m.render();
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        has("dapr_resiliency_loaded{app_id=\"app1\",name=\"r\",namespace=\"ns\"} 1");
+        has("dapr_resiliency_count{app_id=\"app1\",flow_direction=\"inbound\",name=\"r\",namespace=\"ns\",policy=\"retry\",status=\"\",target=\"pubsub_ps\"} 1");
+        has("dapr_resiliency_activations_total{app_id=\"app1\",flow_direction=\"inbound\",name=\"r\",namespace=\"ns\",policy=\"retry\",status=\"\",target=\"pubsub_ps\"} 3");
+        has("dapr_resiliency_activations_total{app_id=\"app1\",flow_direction=\"outbound\",name=\"r\",namespace=\"ns\",policy=\"circuitbreaker\",status=\"open\",target=\"pubsub_ps\"} 1");
+        has("dapr_resiliency_cb_state{app_id=\"app1\",flow_direction=\"outbound\",name=\"r\",namespace=\"ns\",policy=\"circuitbreaker\",status=\"open\",target=\"pubsub_ps\"} 1");
+        has("dapr_resiliency_cb_state{app_id=\"app1\",flow_direction=\"outbound\",name=\"r\",namespace=\"ns\",policy=\"circuitbreaker\",status=\"closed\",target=\"pubsub_ps\"} 0");
     }
 
     #[tokio::test(start_paused = true)]

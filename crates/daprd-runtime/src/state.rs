@@ -122,6 +122,7 @@ impl RuntimeState {
             ),
             None => crate::metrics::Metrics::disabled(),
         });
+        resiliency.observe(metrics.clone());
         Arc::new(Self {
             publisher: Publisher::new(
                 config.app_id.clone(),

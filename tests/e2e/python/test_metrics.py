@@ -173,8 +173,11 @@ def test_failed_publish_is_counted_apart(sidecar_factory, prometheus_factory):
     res = ("apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: redis}\n"
            "spec: {type: pubsub.redis, version: v1, metadata: [{name: redisHost, value: '127.0.0.1:6379'}, "
            "{name: redisDB, value: '9'}]}\n")
+    retries = ("apiVersion: dapr.io/v1alpha1\nkind: Resiliency\nmetadata: {name: outbound-retries}\n"
+               "spec:\n  policies:\n    retries:\n      twice: {policy: constant, duration: 10ms, maxRetries: 2}\n"
+               "  targets:\n    components:\n      redis:\n        outbound: {retry: twice}\n")
     try:
-        s = sidecar_factory([pubsub_component("pubsub"), res], app_id="failing")
+        s = sidecar_factory([pubsub_component("pubsub"), res, retries], app_id="failing")
         prom = prometheus_factory([f"127.0.0.1:{s.metrics_port}"])
         for _ in range(2):
             r = requests.post(f"{s.http}/v1.0/publish/redis/{key}", json={"a": 1})
@@ -183,6 +186,11 @@ def test_failed_publish_is_counted_apart(sidecar_factory, prometheus_factory):
         prom.wait_value('dapr_http_server_request_count{app_id="failing",path="/v1.0/publish/redis/%s",status="%d"}'
                         % (key, r.status_code), 2)
         assert prom.value('dapr_component_pubsub_egress_count{app_id="failing",success="true"}') is None
+        # the retry policy ran once per publish and retried twice each time
+        labels = 'app_id="failing",flow_direction="outbound",name="outbound-retries",policy="retry",target="pubsub_redis"'
+        prom.wait_value('dapr_resiliency_count{%s}' % labels, 2)
+        prom.wait_value('dapr_resiliency_activations_total{%s}' % labels, 4)
+        assert prom.value('dapr_resiliency_loaded{app_id="failing",name="outbound-retries"}') == 1
     finally:
         subprocess.run(["redis-cli", "-n", "9", "DEL", key], capture_output=True)
 
