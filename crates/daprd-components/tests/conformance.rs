@@ -282,6 +282,14 @@ async fn snssqs_conformance() {
                 .unwrap()
         })
     });
+    // A batch of messages waiting for their turn in one consumer (one at a time, 600 ms each,
+    // visibility 1 s) must not reach the other consumer of the queue as well.
+    conformance::slow_competing_consumers(
+        &connect,
+        Duration::from_millis(600),
+        Duration::from_secs(5),
+    )
+    .await;
     conformance::run(
         connect,
         Traits {

@@ -838,10 +838,13 @@ mod tests {
         ));
         r.observe(m.clone());
         let inbound = r.component_policy("ps", Direction::Inbound);
-        run_counting(&inbound, None).await;
+        assert!(run_counting(&inbound, None).await.0.is_err());
         // the outbound breaker trips after 3 consecutive failures (1 attempt + 5 retries)
         let outbound = r.component_policy("ps", Direction::Outbound);
-        run_counting(&outbound, Some(StatusCode::Http(500))).await;
+        assert!(run_counting(&outbound, Some(StatusCode::Http(500)))
+            .await
+            .0
+            .is_err());
         let text = m.render();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         has("dapr_resiliency_loaded{app_id=\"app1\",name=\"r\",namespace=\"ns\"} 1");

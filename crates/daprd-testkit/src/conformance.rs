@@ -347,6 +347,54 @@ pub async fn outcomes(connect: &Connect, traits: Traits) {
     c.close().await.expect("close");
 }
 
+/// Two subscriptions in one group whose app takes `per_message` for each message, longer
+/// than a whole received batch may wait in one consumer before the broker hands its messages
+/// out again: every message still reaches the app once, and nothing more comes within
+/// `quiet_for` after the last.
+pub async fn slow_competing_consumers(
+    connect: &Connect,
+    per_message: Duration,
+    quiet_for: Duration,
+) {
+    let topic = random_topic("slow");
+    let group = random_name("slow");
+    let (a, b) = (connect(group.clone()).await, connect(group).await);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handler = |tx: mpsc::UnboundedSender<Message>| -> Handler {
+        Arc::new(move |m| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let _ = tx.send(m);
+                tokio::time::sleep(per_message).await;
+                Outcome::Success
+            })
+        })
+    };
+    let _sa = subscribe(&a, &topic, handler(tx.clone())).await;
+    let _sb = subscribe(&b, &topic, handler(tx)).await;
+    const N: usize = 6;
+    for i in 0..N {
+        a.publish(request(&topic, i)).await.expect("publish");
+    }
+    let got = drain(&mut rx, N, Duration::from_secs(60)).await;
+    let mut ns: Vec<usize> = got.iter().map(number).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    assert_eq!(
+        (got.len(), ns.len()),
+        (N, N),
+        "slow competing consumers: each message once (got {ns:?})"
+    );
+    let late = quiet(&mut rx, quiet_for).await;
+    assert!(
+        late.is_none(),
+        "slow competing consumers: message {:?} delivered again",
+        late.as_ref().map(number)
+    );
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
 /// Two subscriptions in one group split the messages (or each gets all without groups);
 /// another group gets every message.
 pub async fn groups(connect: &Connect, traits: Traits) {

@@ -1,6 +1,7 @@
 //! The SQS consume loop: one poller per queue receives in long polls, hands each message to the
 //! handler of its topic (in parallel up to concurrencyLimit, or in order), extends its visibility
-//! while the app works, deletes it once accepted and leaves it to reappear otherwise.
+//! while it waits for its turn and while the app works, deletes it once accepted and leaves it
+//! to reappear otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -86,21 +87,42 @@ impl Poller {
                     continue;
                 }
             };
+            // The messages of a batch that wait for their turn (in order, or for a permit)
+            // stay invisible too: otherwise another consumer of the queue receives them
+            // after messageVisibilityTimeout and the app gets them twice.
+            let waiting = Arc::new(Mutex::new(
+                out.messages()
+                    .iter()
+                    .filter_map(|m| m.receipt_handle().map(str::to_string))
+                    .collect::<Vec<_>>(),
+            ));
+            let keeper = tokio::spawn(this.clone().keep_waiting_invisible(waiting.clone()));
             for m in out.messages().iter().cloned() {
                 let shared = this.clone();
+                let started = |m: &aws_sdk_sqs::types::Message| {
+                    if let Some(r) = m.receipt_handle() {
+                        waiting
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|w| w != r);
+                    }
+                };
                 if md.parallel {
                     let permit = match &limit {
                         Some(s) => s.clone().acquire_owned().await.ok(),
                         None => None,
                     };
+                    started(&m);
                     tokio::spawn(async move {
                         shared.handle(m).await;
                         drop(permit);
                     });
                 } else {
+                    started(&m);
                     shared.handle(m).await;
                 }
             }
+            keeper.abort();
         }
     }
 }
@@ -126,6 +148,48 @@ impl PollerShared {
         {
             let e = PubSubError::transient("snssqs", "deleting the message", e);
             tracing::warn!(component = %self.component, error = %e, "snssqs: the message will be received again");
+        }
+    }
+
+    /// Every half messageVisibilityTimeout, extends the visibility of the received messages
+    /// in `waiting` (not handed to a handler yet, which extends its own); ends when none is
+    /// left.
+    async fn keep_waiting_invisible(self: Arc<Self>, waiting: Arc<Mutex<Vec<String>>>) {
+        let timeout = self.md.visibility_timeout;
+        let period = Duration::from_millis(u64::try_from(timeout).unwrap_or(10) * 500);
+        loop {
+            tokio::time::sleep(period).await;
+            let receipts = waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if receipts.is_empty() {
+                return;
+            }
+            let entries: Result<Vec<_>, _> = receipts
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .visibility_timeout(timeout)
+                        .build()
+                })
+                .collect();
+            let Ok(entries) = entries else { return };
+            if let Err(e) = self
+                .sqs
+                .change_message_visibility_batch()
+                .queue_url(&self.queue.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                let e = PubSubError::transient(
+                    "snssqs",
+                    "extending the visibility of waiting messages",
+                    e,
+                );
+                tracing::warn!(component = %self.component, error = %e, "snssqs: messages waiting their turn may be received again");
+            }
         }
     }
 
