@@ -76,6 +76,40 @@ const RESILIENCY: &[&str] = &[
     "target",
 ];
 
+/// The counters Dapr keeps beside a latency histogram with the same labels, which the
+/// histogram's own count serves here: (histogram, counter).
+const COUNTED_BY: &[(&str, &str)] = &[
+    (
+        "dapr_component_pubsub_egress_latencies",
+        "dapr_component_pubsub_egress_count",
+    ),
+    (
+        "dapr_component_pubsub_egress_bulk_latencies",
+        "dapr_component_pubsub_egress_bulk_count",
+    ),
+    (
+        "dapr_component_pubsub_ingress_latencies",
+        "dapr_component_pubsub_ingress_count",
+    ),
+    (
+        "dapr_component_pubsub_ingress_bulk_latencies",
+        "dapr_component_pubsub_ingress_bulk_count",
+    ),
+    ("dapr_http_server_latency", "dapr_http_server_request_count"),
+    (
+        "dapr_http_server_latency",
+        "dapr_http_server_response_count",
+    ),
+    (
+        "dapr_grpc_io_server_server_latency",
+        "dapr_grpc_io_server_completed_rpcs",
+    ),
+    (
+        "dapr_http_client_roundtrip_latency",
+        "dapr_http_client_completed_count",
+    ),
+];
+
 /// Who dropped a message (`by` label of `dapr_component_pubsub_ingress_dropped_count`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DroppedBy {
@@ -114,35 +148,35 @@ struct HttpLabels {
     exclude_verbs: bool,
 }
 
+/// The series whose only label is the app id, found once.
+#[derive(Debug, Default)]
+struct AppSeries {
+    request_bytes: std::sync::OnceLock<Arc<registry::Series>>,
+    response_bytes: std::sync::OnceLock<Arc<registry::Series>>,
+}
+
 /// Every metric family of the sidecar.
 #[derive(Debug)]
 pub struct Metrics {
     enabled: bool,
+    app_series: AppSeries,
     app_id: String,
     namespace: String,
     http: HttpLabels,
-    egress_count: Family,
     egress_latency: Family,
-    bulk_egress_count: Family,
     bulk_egress_event_count: Family,
     bulk_egress_latency: Family,
-    ingress_count: Family,
     ingress_latency: Family,
-    bulk_ingress_count: Family,
     bulk_ingress_event_count: Family,
     bulk_ingress_latency: Family,
     in_flight: Family,
     subscriptions: Family,
     dead_lettered: Family,
     dropped: Family,
-    http_request_count: Family,
-    http_response_count: Family,
     http_latency: Family,
     http_request_bytes: Family,
     http_response_bytes: Family,
-    grpc_completed: Family,
     grpc_latency: Family,
-    client_completed: Family,
     client_latency: Family,
     client_sent_bytes: Family,
     client_received_bytes: Family,
@@ -179,15 +213,22 @@ impl Metrics {
         let none: Arc<[f64]> = Arc::from(Vec::new());
         let rules = compile_rules(spec);
         let family = |name: &str, help: &'static str, kind, labels, bounds: &Arc<[f64]>| {
-            let f = Family::new(format!("dapr_{name}"), help, kind, labels, bounds.clone());
-            match rules.iter().find(|(n, _)| n == f.name()) {
-                Some((_, r)) => f.with_rules(r),
-                None => f,
+            let mut f = Family::new(format!("dapr_{name}"), help, kind, labels, bounds.clone());
+            // A latency histogram also serves the counter with its labels, so the counter's
+            // rules apply to it as well.
+            let serves = |n: &str| {
+                n == f.name() || COUNTED_BY.iter().any(|(h, c)| *h == f.name() && *c == n)
+            };
+            let mine: Vec<_> = rules.iter().filter(|(n, _)| serves(n)).collect();
+            for (_, r) in mine {
+                f = f.with_rules(r);
             }
+            f
         };
         use Kind::{Counter, Gauge, Histogram};
         Self {
             enabled,
+            app_series: AppSeries::default(),
             app_id: app_id.to_string(),
             namespace: namespace.to_string(),
             http: HttpLabels {
@@ -199,28 +240,20 @@ impl Metrics {
                     .collect(),
                 exclude_verbs: spec.exclude_verbs,
             },
-            egress_count: family("component_pubsub_egress_count", "The number of outgoing messages published to the pub/sub component.", Counter, EGRESS, &none),
             egress_latency: family("component_pubsub_egress_latencies", "The latency of the response from the pub/sub component.", Histogram, EGRESS, &latency),
-            bulk_egress_count: family("component_pubsub_egress_bulk_count", "The number of bulk publish calls to the pub/sub component.", Counter, EGRESS, &none),
             bulk_egress_event_count: family("component_pubsub_egress_bulk_event_count", "The number of outgoing messages to the pub/sub component published through bulk publish API.", Counter, EGRESS, &none),
             bulk_egress_latency: family("component_pubsub_egress_bulk_latencies", "The latency of the response for the bulk publish call from the pub/sub component.", Histogram, EGRESS, &latency),
-            ingress_count: family("component_pubsub_ingress_count", "The number of incoming messages arriving from the pub/sub component.", Counter, INGRESS, &none),
             ingress_latency: family("component_pubsub_ingress_latencies", "The consuming app event processing latency.", Histogram, INGRESS, &latency),
-            bulk_ingress_count: family("component_pubsub_ingress_bulk_count", "The number of incoming bulk subscribe calls arriving from the bulk pub/sub component.", Counter, BULK_INGRESS, &none),
             bulk_ingress_event_count: family("component_pubsub_ingress_bulk_event_count", "Total number of incoming messages arriving from the bulk pub/sub component via Bulk Subscribe.", Counter, BULK_INGRESS, &none),
             bulk_ingress_latency: family("component_pubsub_ingress_bulk_latencies", "The consuming app event processing latency for the bulk pub/sub component.", Histogram, BULK_INGRESS, &latency),
             in_flight: family("component_pubsub_ingress_in_flight", "The number of messages currently being processed by the app for a subscription.", Gauge, SUBSCRIPTION, &none),
             subscriptions: family("component_pubsub_subscriptions", "The subscriptions this sidecar holds open, by type (declarative, programmatic, streaming); 0 once stopped (daprd-rs).", Gauge, SUBSCRIPTION_KIND, &none),
             dead_lettered: family("component_pubsub_ingress_dead_lettered_count", "The number of messages published to a subscription's dead-letter topic (daprd-rs).", Counter, SUBSCRIPTION, &none),
             dropped: family("component_pubsub_ingress_dropped_count", "The number of messages dropped, by the app or by the sidecar, with the reason (daprd-rs).", Counter, DROPPED, &none),
-            http_request_count: family("http_server_request_count", "Number of HTTP requests started in server.", Counter, HTTP, &none),
-            http_response_count: family("http_server_response_count", "The number of HTTP responses", Counter, HTTP, &none),
             http_latency: family("http_server_latency", "HTTP request end to end latency in server.", Histogram, HTTP, &latency),
             http_request_bytes: family("http_server_request_bytes", "HTTP request body size if set as ContentLength (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
             http_response_bytes: family("http_server_response_bytes", "HTTP response body size (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
-            grpc_completed: family("grpc_io_server_completed_rpcs", "Count of RPCs by method and status.", Counter, GRPC, &none),
             grpc_latency: family("grpc_io_server_server_latency", "Distribution of server latency in milliseconds, by method.", Histogram, GRPC, &latency),
-            client_completed: family("http_client_completed_count", "Count of completed requests", Counter, HTTP, &none),
             client_latency: family("http_client_roundtrip_latency", "Time between first byte of request headers sent to last byte of response received, or terminal error", Histogram, HTTP, &latency),
             client_sent_bytes: family("http_client_sent_bytes", "Total bytes sent in request body (not including headers)", Histogram, HTTP, &sizes),
             client_received_bytes: family("http_client_received_bytes", "Total bytes received in response bodies (not including headers but including error responses with bodies)", Histogram, APP_ONLY, &sizes),
@@ -243,28 +276,20 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for f in [
-            &self.egress_count,
             &self.egress_latency,
-            &self.bulk_egress_count,
             &self.bulk_egress_event_count,
             &self.bulk_egress_latency,
-            &self.ingress_count,
             &self.ingress_latency,
-            &self.bulk_ingress_count,
             &self.bulk_ingress_event_count,
             &self.bulk_ingress_latency,
             &self.in_flight,
             &self.subscriptions,
             &self.dead_lettered,
             &self.dropped,
-            &self.http_request_count,
-            &self.http_response_count,
             &self.http_latency,
             &self.http_request_bytes,
             &self.http_response_bytes,
-            &self.grpc_completed,
             &self.grpc_latency,
-            &self.client_completed,
             &self.client_latency,
             &self.client_sent_bytes,
             &self.client_received_bytes,
@@ -277,6 +302,18 @@ impl Metrics {
             &self.resiliency_cb_state,
         ] {
             f.render(&mut out);
+        }
+        for (histogram, name, help) in [
+            (&self.egress_latency, "dapr_component_pubsub_egress_count", "The number of outgoing messages published to the pub/sub component."),
+            (&self.bulk_egress_latency, "dapr_component_pubsub_egress_bulk_count", "The number of bulk publish calls to the pub/sub component."),
+            (&self.ingress_latency, "dapr_component_pubsub_ingress_count", "The number of incoming messages arriving from the pub/sub component."),
+            (&self.bulk_ingress_latency, "dapr_component_pubsub_ingress_bulk_count", "The number of incoming bulk subscribe calls arriving from the bulk pub/sub component."),
+            (&self.http_latency, "dapr_http_server_request_count", "Number of HTTP requests started in server."),
+            (&self.http_latency, "dapr_http_server_response_count", "The number of HTTP responses"),
+            (&self.grpc_latency, "dapr_grpc_io_server_completed_rpcs", "Count of RPCs by method and status."),
+            (&self.client_latency, "dapr_http_client_completed_count", "Count of completed requests"),
+        ] {
+            histogram.render_count_as(name, help, &mut out);
         }
         process::render(&mut out);
         out
@@ -294,7 +331,6 @@ impl Metrics {
             bool_label(success),
             topic,
         ];
-        self.egress_count.inc(&labels);
         self.egress_latency.observe(&labels, ms(elapsed));
     }
 
@@ -317,7 +353,6 @@ impl Metrics {
             bool_label(success),
             topic,
         ];
-        self.bulk_egress_count.inc(&labels);
         self.bulk_egress_latency.observe(&labels, ms(elapsed));
         if published > 0 {
             let ok = [
@@ -327,7 +362,7 @@ impl Metrics {
                 "true",
                 topic,
             ];
-            self.bulk_egress_event_count.series(&ok).inc_by(published);
+            self.bulk_egress_event_count.inc_by(&ok, published);
         }
     }
 
@@ -351,7 +386,6 @@ impl Metrics {
             status,
             topic,
         ];
-        self.ingress_count.inc(&labels);
         self.ingress_latency.observe(&labels, ms(elapsed));
     }
 
@@ -376,7 +410,6 @@ impl Metrics {
                 .map_or("success", |(s, _)| s.labels().0),
             topic,
         ];
-        self.bulk_ingress_count.inc(&call);
         self.bulk_ingress_latency.observe(&call, ms(elapsed));
         for (s, n) in entries {
             if *n > 0 {
@@ -387,7 +420,7 @@ impl Metrics {
                     s.labels().0,
                     topic,
                 ];
-                self.bulk_ingress_event_count.series(&labels).inc_by(*n);
+                self.bulk_ingress_event_count.inc_by(&labels, *n);
             }
         }
     }
@@ -447,12 +480,12 @@ impl Metrics {
         ]);
     }
 
-    /// One HTTP API request finished.
+    /// One HTTP API request finished with `status` (`"204"`).
     pub fn http_request(
         &self,
         method: &str,
         path: &str,
-        status: u16,
+        status: &str,
         request_bytes: u64,
         response_bytes: u64,
         elapsed: Duration,
@@ -462,32 +495,38 @@ impl Metrics {
         }
         let path = self.http_path(path);
         let method = if self.http.exclude_verbs { "" } else { method };
-        let code = status.to_string();
-        let labels = [self.app_id.as_str(), method, &path, code.as_str()];
-        self.http_request_count.inc(&labels);
-        self.http_response_count.inc(&labels);
+        let labels = [self.app_id.as_str(), method, path, status];
         self.http_latency.observe(&labels, ms(elapsed));
         let app = [self.app_id.as_str()];
-        self.http_request_bytes.observe(&app, request_bytes as f64);
+        let requests = self
+            .app_series
+            .request_bytes
+            .get_or_init(|| self.http_request_bytes.series(&app));
+        self.http_request_bytes
+            .observe_in(requests, request_bytes as f64);
+        let responses = self
+            .app_series
+            .response_bytes
+            .get_or_init(|| self.http_response_bytes.series(&app));
         self.http_response_bytes
-            .observe(&app, response_bytes as f64);
+            .observe_in(responses, response_bytes as f64);
     }
 
     /// The `path` label: the first `pathMatching` pattern that matches, else the path itself
     /// (`increasedCardinality`, Dapr 1.18's default), else empty.
-    fn http_path(&self, path: &str) -> String {
+    fn http_path<'a>(&'a self, path: &'a str) -> &'a str {
         if let Some((pattern, _)) = self
             .http
             .path_matching
             .iter()
             .find(|(_, re)| re.is_match(path))
         {
-            return pattern.clone();
+            return pattern;
         }
         if self.http.increased_cardinality {
-            path.to_string()
+            path
         } else {
-            String::new()
+            ""
         }
     }
 
@@ -506,7 +545,6 @@ impl Metrics {
         }
         let code = status.to_string();
         let labels = [self.app_id.as_str(), method, path, code.as_str()];
-        self.client_completed.inc(&labels);
         self.client_latency.observe(&labels, ms(elapsed));
         self.client_sent_bytes.observe(&labels, sent_bytes as f64);
         self.client_received_bytes
@@ -519,7 +557,6 @@ impl Metrics {
             return;
         }
         let labels = [self.app_id.as_str(), method, grpc_status(code)];
-        self.grpc_completed.inc(&labels);
         self.grpc_latency.observe(&labels, ms(elapsed));
     }
 
@@ -528,9 +565,10 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        self.component_loaded
-            .series(&[self.app_id.as_str()])
-            .set(i64::try_from(types.len()).unwrap_or(i64::MAX));
+        self.component_loaded.set(
+            &[self.app_id.as_str()],
+            i64::try_from(types.len()).unwrap_or(i64::MAX),
+        );
         for t in types {
             self.component_init
                 .inc(&[self.app_id.as_str(), t, &self.namespace]);
@@ -592,8 +630,7 @@ impl Metrics {
                     target,
                 ];
                 self.resiliency_cb_state
-                    .series(&labels)
-                    .set(i64::from(s == status));
+                    .set(&labels, i64::from(s == status));
             }
         }
     }
@@ -749,7 +786,7 @@ mod tests {
         m.http_request(
             "POST",
             "/v1.0/publish/p/t",
-            204,
+            "204",
             10,
             0,
             Duration::from_millis(20),
@@ -757,7 +794,7 @@ mod tests {
         m.http_request(
             "GET",
             "/v1.0/metadata",
-            200,
+            "200",
             0,
             100,
             Duration::from_millis(1),
@@ -765,8 +802,10 @@ mod tests {
         let text = m.render();
         line(&text, "dapr_http_server_request_count{app_id=\"a\",method=\"WRITE\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\"} 1");
         line(&text, "dapr_http_server_request_count{app_id=\"a\",method=\"GET\",path=\"\",status=\"200\"} 1");
-        line(&text, "dapr_http_server_latency_bucket{app_id=\"a\",method=\"POST\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\",le=\"10\"} 0");
-        line(&text, "dapr_http_server_latency_bucket{app_id=\"a\",method=\"POST\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\",le=\"50\"} 1");
+        // the counter shares its series with the latency histogram: the rule applies to both
+        line(&text, "dapr_http_server_latency_bucket{app_id=\"a\",method=\"WRITE\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\",le=\"10\"} 0");
+        line(&text, "dapr_http_server_latency_bucket{app_id=\"a\",method=\"WRITE\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\",le=\"50\"} 1");
+        line(&text, "dapr_http_server_response_count{app_id=\"a\",method=\"WRITE\",path=\"/v1.0/publish/{pubsub}/{topic}\",status=\"204\"} 1");
         line(
             &text,
             "dapr_http_server_response_bytes_bucket{app_id=\"a\",le=\"1024\"} 2",

@@ -96,13 +96,21 @@ pub struct Family {
     labels: &'static [&'static str],
     bounds: Arc<[f64]>,
     rules: LabelRules,
-    series: RwLock<HashMap<Box<str>, Arc<Series>>>,
+    /// Series by the hash of their label values (collisions share the bucket's list).
+    series: RwLock<HashMap<u64, Vec<Entry>>>,
 }
 
-const SEP: char = '\u{1f}';
+#[derive(Debug)]
+struct Entry {
+    values: Box<[Box<str>]>,
+    series: Arc<Series>,
+}
+
+/// Most labels a family has.
+const MAX_LABELS: usize = 8;
 
 impl Family {
-    /// A family named `name` (with its `dapr_` prefix) over `labels`.
+    /// A family named `name` (with its `dapr_` prefix) over `labels` (at most 8).
     pub fn new(
         name: impl Into<String>,
         help: &'static str,
@@ -110,6 +118,7 @@ impl Family {
         labels: &'static [&'static str],
         bounds: Arc<[f64]>,
     ) -> Self {
+        assert!(labels.len() <= MAX_LABELS, "too many labels");
         Self {
             name: name.into(),
             help,
@@ -140,28 +149,49 @@ impl Family {
         self
     }
 
-    /// The series of these label values (in the family's label order).
-    pub fn series(&self, values: &[&str]) -> Arc<Series> {
+    /// Calls `f` with the series of these label values (in the family's label order),
+    /// creating it on first use. A hit takes a read lock and allocates nothing.
+    fn with<R>(&self, values: &[&str], f: impl FnOnce(&Arc<Series>) -> R) -> R {
         debug_assert_eq!(values.len(), self.labels.len(), "{}", self.name);
-        let mut key = String::with_capacity(values.iter().map(|v| v.len() + 1).sum());
-        for (i, v) in values.iter().enumerate() {
-            if i > 0 {
-                key.push(SEP);
-            }
-            key.push_str(self.rewrite(i, v));
+        let mut rewritten = [""; MAX_LABELS];
+        let n = values.len().min(MAX_LABELS);
+        for (i, v) in values.iter().take(n).enumerate() {
+            rewritten[i] = self.rewrite(i, v);
         }
-        if let Some(s) = self
-            .series
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key.as_str())
+        let values = &rewritten[..n];
+        let hash = hash_values(values);
+        let same = |e: &Entry| {
+            e.values
+                .iter()
+                .map(AsRef::as_ref)
+                .eq(values.iter().copied())
+        };
         {
-            return s.clone();
+            let map = self.series.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = map
+                .get(&hash)
+                .and_then(|list| list.iter().find(|e| same(e)))
+            {
+                return f(&e.series);
+            }
         }
         let mut map = self.series.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(key.into_boxed_str())
-            .or_insert_with(|| Arc::new(Series::new(self.bounds.len() + 1)))
-            .clone()
+        let list = map.entry(hash).or_default();
+        if let Some(e) = list.iter().find(|e| same(e)) {
+            return f(&e.series);
+        }
+        let series = Arc::new(Series::new(self.bounds.len() + 1));
+        let r = f(&series);
+        list.push(Entry {
+            values: values.iter().map(|v| Box::from(*v)).collect(),
+            series,
+        });
+        r
+    }
+
+    /// The series of these label values (in the family's label order).
+    pub fn series(&self, values: &[&str]) -> Arc<Series> {
+        self.with(values, Arc::clone)
     }
 
     fn rewrite<'a>(&'a self, label: usize, value: &'a str) -> &'a str {
@@ -177,12 +207,22 @@ impl Family {
 
     /// Counts one more in the series of `values`.
     pub fn inc(&self, values: &[&str]) {
-        self.series(values).inc_by(1);
+        self.with(values, |s| s.inc_by(1));
+    }
+
+    /// Adds `n` to the series of `values`.
+    pub fn inc_by(&self, values: &[&str], n: u64) {
+        self.with(values, |s| s.inc_by(n));
+    }
+
+    /// Sets the gauge of `values`.
+    pub fn set(&self, values: &[&str], v: i64) {
+        self.with(values, |s| s.set(v));
     }
 
     /// Observes `v` in the series of `values`.
     pub fn observe(&self, values: &[&str], v: f64) {
-        self.series(values).observe(&self.bounds, v);
+        self.with(values, |s| s.observe(&self.bounds, v));
     }
 
     /// Observes `v` in `series` (one found earlier with [`Family::series`]).
@@ -190,10 +230,24 @@ impl Family {
         series.observe(&self.bounds, v);
     }
 
+    /// The series, sorted by their label values.
+    fn rows(&self) -> Vec<(String, Arc<Series>)> {
+        let map = self.series.read().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<(Vec<&str>, &Arc<Series>)> = map
+            .values()
+            .flatten()
+            .map(|e| (e.values.iter().map(AsRef::as_ref).collect(), &e.series))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.into_iter()
+            .map(|(values, s)| (self.label_text(&values), s.clone()))
+            .collect()
+    }
+
     /// Appends the family in the Prometheus text format (nothing when it has no series).
     pub fn render(&self, out: &mut String) {
-        let map = self.series.read().unwrap_or_else(|e| e.into_inner());
-        if map.is_empty() {
+        let rows = self.rows();
+        if rows.is_empty() {
             return;
         }
         let ty = match self.kind {
@@ -203,10 +257,7 @@ impl Family {
         };
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} {ty}", self.name);
-        let mut rows: Vec<_> = map.iter().collect();
-        rows.sort_by(|a, b| a.0.cmp(b.0));
-        for (key, s) in rows {
-            let labels = self.label_text(key);
+        for (labels, s) in rows {
             match self.kind {
                 Kind::Counter => {
                     let v = s.count.load(Ordering::Relaxed) as f64;
@@ -216,8 +267,23 @@ impl Family {
                     let v = s.gauge.load(Ordering::Relaxed) as f64;
                     let _ = writeln!(out, "{}{{{labels}}} {}", self.name, go_float(v));
                 }
-                Kind::Histogram => self.render_histogram(out, &labels, s),
+                Kind::Histogram => self.render_histogram(out, &labels, &s),
             }
+        }
+    }
+
+    /// Appends, for a histogram, the counter `name` that counts its observations (Dapr's
+    /// `_count` metrics have the same labels as its latency histograms: one lookup records
+    /// both).
+    pub fn render_count_as(&self, name: &str, help: &str, out: &mut String) {
+        let rows = self.rows();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, s) in rows {
+            let v = s.count.load(Ordering::Relaxed) as f64;
+            let _ = writeln!(out, "{name}{{{labels}}} {}", go_float(v));
         }
     }
 
@@ -247,9 +313,8 @@ impl Family {
         );
     }
 
-    fn label_text(&self, key: &str) -> String {
+    fn label_text(&self, values: &[&str]) -> String {
         let mut text = String::new();
-        let values = key.split(SEP);
         for (i, (name, value)) in self.labels.iter().zip(values).enumerate() {
             if i > 0 {
                 text.push(',');
@@ -260,6 +325,20 @@ impl Family {
         }
         text
     }
+}
+
+/// A fast hash of label values (FNV-1a over the bytes, a separator between values): the
+/// values come from the sidecar's own configuration and API paths, and a collision only
+/// costs a comparison.
+fn hash_values(values: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in values {
+        for b in v.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// A label value escaped for the text format (`\`, `"` and newline).
