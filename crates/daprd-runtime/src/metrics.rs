@@ -319,18 +319,29 @@ impl Metrics {
         out
     }
 
+    /// `[app_id, component, namespace, middle, topic]`: the label order of the pub/sub
+    /// series with one label between the namespace and the topic.
+    fn component_labels<'a>(
+        &'a self,
+        component: &'a str,
+        middle: &'a str,
+        topic: &'a str,
+    ) -> [&'a str; 5] {
+        [
+            self.app_id.as_str(),
+            component,
+            &self.namespace,
+            middle,
+            topic,
+        ]
+    }
+
     /// One publish to `component`/`topic` finished.
     pub fn pubsub_egress(&self, component: &str, topic: &str, success: bool, elapsed: Duration) {
         if !self.enabled {
             return;
         }
-        let labels = [
-            self.app_id.as_str(),
-            component,
-            &self.namespace,
-            bool_label(success),
-            topic,
-        ];
+        let labels = self.component_labels(component, bool_label(success), topic);
         self.egress_latency.observe(&labels, ms(elapsed));
     }
 
@@ -346,22 +357,10 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        let labels = [
-            self.app_id.as_str(),
-            component,
-            &self.namespace,
-            bool_label(success),
-            topic,
-        ];
+        let labels = self.component_labels(component, bool_label(success), topic);
         self.bulk_egress_latency.observe(&labels, ms(elapsed));
         if published > 0 {
-            let ok = [
-                self.app_id.as_str(),
-                component,
-                &self.namespace,
-                "true",
-                topic,
-            ];
+            let ok = self.component_labels(component, "true", topic);
             self.bulk_egress_event_count.inc_by(&ok, published);
         }
     }
@@ -400,26 +399,15 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        let call = [
-            self.app_id.as_str(),
-            component,
-            &self.namespace,
-            entries
-                .iter()
-                .find(|(s, n)| *s != ProcessStatus::Success && *n > 0)
-                .map_or("success", |(s, _)| s.labels().0),
-            topic,
-        ];
+        let worst = entries
+            .iter()
+            .find(|(s, n)| *s != ProcessStatus::Success && *n > 0)
+            .map_or("success", |(s, _)| s.labels().0);
+        let call = self.component_labels(component, worst, topic);
         self.bulk_ingress_latency.observe(&call, ms(elapsed));
         for (s, n) in entries {
             if *n > 0 {
-                let labels = [
-                    self.app_id.as_str(),
-                    component,
-                    &self.namespace,
-                    s.labels().0,
-                    topic,
-                ];
+                let labels = self.component_labels(component, s.labels().0, topic);
                 self.bulk_ingress_event_count.inc_by(&labels, *n);
             }
         }
@@ -603,34 +591,28 @@ impl Metrics {
         if !self.enabled {
             return;
         }
-        let labels = [
-            self.app_id.as_str(),
-            direction,
-            name,
-            &self.namespace,
-            policy,
-            status,
-            target,
-        ];
+        let labels = |status| {
+            [
+                self.app_id.as_str(),
+                direction,
+                name,
+                &self.namespace,
+                policy,
+                status,
+                target,
+            ]
+        };
+        let labels_now = labels(status);
         if activated {
-            self.resiliency_activations.inc(&labels);
+            self.resiliency_activations.inc(&labels_now);
         } else {
-            self.resiliency_count.inc(&labels);
+            self.resiliency_count.inc(&labels_now);
         }
         if policy == "circuitbreaker" {
             // One series per state, 1 for the current one (as Go daprd).
             for s in ["closed", "half-open", "open", "unknown"] {
-                let labels = [
-                    self.app_id.as_str(),
-                    direction,
-                    name,
-                    &self.namespace,
-                    policy,
-                    s,
-                    target,
-                ];
                 self.resiliency_cb_state
-                    .set(&labels, i64::from(s == status));
+                    .set(&labels(s), i64::from(s == status));
             }
         }
     }

@@ -106,6 +106,14 @@ pub fn success_collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
     (h, rx)
 }
 
+/// The distinct message numbers of `got`, sorted.
+fn distinct(got: &[Message]) -> Vec<usize> {
+    let mut ns: Vec<usize> = got.iter().map(number).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    ns
+}
+
 async fn drain(
     rx: &mut mpsc::UnboundedReceiver<Message>,
     want: usize,
@@ -223,9 +231,7 @@ pub async fn many_messages_arrive(connect: &Connect) {
         c.publish(request(&topic, i)).await.expect("publish");
     }
     let got = drain(&mut rx, N, Duration::from_secs(60)).await;
-    let mut ns: Vec<usize> = got.iter().map(number).collect();
-    ns.sort_unstable();
-    ns.dedup();
+    let ns = distinct(&got);
     assert_eq!(
         ns.len(),
         N,
@@ -283,9 +289,7 @@ pub async fn bulk_publish(connect: &Connect) {
         }
     }
     let got = drain(&mut rx, N, Duration::from_secs(30)).await;
-    let mut ns: Vec<usize> = got.iter().map(number).collect();
-    ns.sort_unstable();
-    ns.dedup();
+    let ns = distinct(&got);
     assert_eq!(
         (got.len(), ns.len()),
         (N, N),
@@ -377,9 +381,7 @@ pub async fn slow_competing_consumers(
         a.publish(request(&topic, i)).await.expect("publish");
     }
     let got = drain(&mut rx, N, Duration::from_secs(60)).await;
-    let mut ns: Vec<usize> = got.iter().map(number).collect();
-    ns.sort_unstable();
-    ns.dedup();
+    let ns = distinct(&got);
     assert_eq!(
         (got.len(), ns.len()),
         (N, N),
@@ -431,9 +433,7 @@ pub async fn groups(connect: &Connect, traits: Traits) {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
-        let mut ns: Vec<usize> = got.iter().map(number).collect();
-        ns.sort_unstable();
-        ns.dedup();
+        let ns = distinct(&got);
         assert_eq!(
             (got.len(), ns.len()),
             (N, N),

@@ -192,6 +192,12 @@ impl Publisher {
         }
     }
 
+    /// A publish span, a child of the caller's context.
+    fn start_span(&self, trace: &TraceHeaders) -> crate::trace::ActiveSpan {
+        self.tracer
+            .start(trace.traceparent.as_deref(), trace.tracestate.as_deref())
+    }
+
     /// The tracer (deliveries start their spans with it too).
     pub fn tracer(&self) -> &Arc<Tracer> {
         &self.tracer
@@ -332,10 +338,7 @@ impl Publisher {
     /// # Errors
     /// The [`ApiError`] of Dapr's error table for whatever went wrong.
     pub async fn publish(&self, input: PublishInput) -> Result<String, ApiError> {
-        let span = self.tracer.start(
-            input.trace.traceparent.as_deref(),
-            input.trace.tracestate.as_deref(),
-        );
+        let span = self.start_span(&input.trace);
         let traceparent = span.ctx.traceparent();
         let recorded = span
             .is_recorded()
@@ -455,10 +458,7 @@ impl Publisher {
         }
         self.check_scope(&entry, &input.topic)?;
         // One span for the whole call; every entry's envelope names it.
-        let span = self.tracer.start(
-            input.trace.traceparent.as_deref(),
-            input.trace.tracestate.as_deref(),
-        );
+        let span = self.start_span(&input.trace);
         let broker_topic = entry.broker_topic(&input.topic);
         let native = entry.component.features().contains(&Feature::BulkPublish);
         let mut failed = Vec::new();
