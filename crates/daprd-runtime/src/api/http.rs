@@ -206,9 +206,14 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
         .exact()
         .or_else(|| content_length(resp.headers()))
         .unwrap_or(0);
+    let path = if resp.extensions().get::<Unrouted>().is_some() {
+        ""
+    } else {
+        uri.path()
+    };
     state.metrics.http_request(
         method.as_str(),
-        uri.path(),
+        path,
         resp.status().as_str(),
         request_bytes.unwrap_or(0),
         response_bytes,
@@ -249,8 +254,15 @@ async fn api_token(State(state): State<AppState>, mut req: Request, next: Next) 
     next.run(req).await
 }
 
+/// Marks the router's own 404 (no route): its path is left out of the metrics' `path` label,
+/// so requests for made-up paths cannot add series without bound.
+#[derive(Clone, Copy)]
+struct Unrouted;
+
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, "404 page not found\n").into_response()
+    let mut resp = (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
+    resp.extensions_mut().insert(Unrouted);
+    resp
 }
 
 /// `metadata.*` query parameters (prefix exact, first value wins).
