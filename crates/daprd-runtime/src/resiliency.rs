@@ -414,6 +414,10 @@ pub struct Resiliency {
     loaded: Vec<String>,
     sources: BTreeMap<String, String>,
     metrics: std::sync::OnceLock<Arc<Metrics>>,
+    /// The policies built so far, by component and direction: a publish or a delivery looks
+    /// its policy up instead of resolving names (and building its metric labels) again.
+    /// Index 0 inbound, 1 outbound.
+    built: std::sync::RwLock<BTreeMap<String, [Option<Arc<Policy>>; 2]>>,
 }
 
 fn get_ci<'a>(obj: &'a serde_json::Map<String, Json>, key: &str) -> Option<&'a Json> {
@@ -707,13 +711,31 @@ impl Resiliency {
         ]
     }
 
-    /// The policy for `direction` operations of pub/sub component `component`.
-    pub fn component_policy(&self, component: &str, direction: Direction) -> Policy {
+    /// The policy for `direction` operations of pub/sub component `component` (built on first
+    /// use, then shared).
+    pub fn component_policy(&self, component: &str, direction: Direction) -> Arc<Policy> {
         let dir = if direction == Direction::Inbound {
             "inbound"
         } else {
             "outbound"
         };
+        let i = usize::from(direction == Direction::Outbound);
+        if let Some(p) = self
+            .built
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(component)
+            .and_then(|b| b[i].clone())
+        {
+            return p;
+        }
+        let mut built = self.built.write().unwrap_or_else(PoisonError::into_inner);
+        built.entry(component.to_string()).or_default()[i]
+            .get_or_insert_with(|| Arc::new(self.build_policy(component, direction, dir)))
+            .clone()
+    }
+
+    fn build_policy(&self, component: &str, direction: Direction, dir: &'static str) -> Policy {
         let names = self.targets.get(component).and_then(|d| d.get(dir));
         let pick = |i: usize, kind: &str, exists: &dyn Fn(&str) -> bool| -> Option<String> {
             if let Some(n) = names.and_then(|n| n[i].clone()) {
@@ -766,7 +788,8 @@ impl Resiliency {
     }
 
     /// Counts the policies' runs in `metrics` from now on (each loaded Resiliency resource
-    /// once in `dapr_resiliency_loaded`). Policies taken before keep no count.
+    /// once in `dapr_resiliency_loaded`). Call it before the first policy is taken: policies
+    /// built before keep no count.
     pub fn observe(&self, metrics: Arc<Metrics>) {
         for name in &self.loaded {
             metrics.resiliency_loaded(name);

@@ -86,24 +86,6 @@ fn random_hex(digits: usize) -> String {
     }
 }
 
-/// Starts a producer span: a child of the incoming context if valid, else a new root.
-pub fn start_span(traceparent: Option<&str>, tracestate: Option<&str>) -> SpanContext {
-    match traceparent.and_then(parse_traceparent) {
-        Some((trace_id, _parent, flags)) => SpanContext {
-            trace_id,
-            span_id: random_hex(16),
-            flags: flags & 1,
-            tracestate: tracestate.unwrap_or("").to_string(),
-        },
-        None => SpanContext {
-            trace_id: random_hex(32),
-            span_id: random_hex(16),
-            flags: 0,
-            tracestate: String::new(),
-        },
-    }
-}
-
 /// Samples spans and queues the recorded ones for export.
 pub struct Tracer {
     rate: f64,
@@ -307,7 +289,7 @@ mod tests {
     #[test]
     fn continues_incoming_trace() {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let s = start_span(Some(tp), Some("congo=t61rcWkgMzE"));
+        let s = Tracer::off().start(Some(tp), Some("congo=t61rcWkgMzE")).ctx;
         assert_eq!(s.trace_id, "0af7651916cd43dd8448eb211c80319c");
         assert_ne!(s.span_id, "b7ad6b7169203331");
         assert_eq!(s.flags, 1);
@@ -324,7 +306,7 @@ mod tests {
             "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
             "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ] {
-            let s = start_span(Some(bad), Some("x=y"));
+            let s = Tracer::off().start(Some(bad), Some("x=y")).ctx;
             assert_eq!(s.flags, 0, "{bad}");
             assert_eq!(s.tracestate, "");
             assert!(parse_traceparent(&s.traceparent()).is_some());

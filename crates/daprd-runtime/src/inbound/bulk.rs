@@ -107,7 +107,11 @@ async fn process(p: &Arc<SubscriptionPipeline>, batch: Vec<Item>) {
         let reply = results
             .remove(&r.out.entry_id)
             .unwrap_or_else(|| Err(AttemptError::new("no result")));
-        let error = reply.as_ref().err().map(|e| e.message.clone());
+        let error = r
+            .span
+            .is_recorded()
+            .then(|| reply.as_ref().err().map(|e| e.message.clone()))
+            .flatten();
         let outcome = p.settle(&r.item.msg, &r.metadata, reply).await;
         p.end_span(r.span, &r.out.delivery.topic, outcome, error);
         let _ = r.item.done.send(outcome);

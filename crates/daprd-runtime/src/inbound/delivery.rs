@@ -77,7 +77,7 @@ pub struct SubscriptionPipeline {
     /// In-flight counter shared with the shutdown sequence.
     pub in_flight: Arc<InFlight>,
     /// The component's inbound resiliency policy.
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     /// Where deliveries are counted.
     pub metrics: Arc<Metrics>,
 }
@@ -400,7 +400,10 @@ impl SubscriptionPipeline {
                 }
             })
             .await;
-        let error = reply.as_ref().err().map(|e| e.message.clone());
+        let error = span
+            .is_recorded()
+            .then(|| reply.as_ref().err().map(|e| e.message.clone()))
+            .flatten();
         let outcome = self.settle(&msg, &metadata, reply).await;
         self.end_span(span, &delivery.topic, outcome, error);
         outcome
