@@ -63,6 +63,17 @@ enum Detail<'a> {
 }
 
 const DOMAIN: &str = "dapr.io";
+
+/// The Dapr error code an HTTP error answer carries (a response extension), for
+/// `dapr_error_code_total`: `category` as Dapr groups its codes (`pubsub`, `health`,
+/// `common`), `code` the `errorCode` of the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnsweredCode {
+    /// Dapr's category of the code.
+    pub category: &'static str,
+    /// The legacy error code (`ERR_PUBSUB_NOT_FOUND`).
+    pub code: &'static str,
+}
 const RESOURCE_TYPE: &str = "pubsub";
 
 fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -310,6 +321,19 @@ impl ApiError {
         .unwrap_or_default()
     }
 
+    /// The code and category this error is counted under in `dapr_error_code_total`.
+    pub fn answered_code(&self) -> AnsweredCode {
+        AnsweredCode {
+            category: RESOURCE_TYPE,
+            code: self.error_code,
+        }
+    }
+
+    /// Counts this error in `dapr_error_code_total` (kept only with `recordErrorCodes`).
+    pub fn count_in(&self, metrics: &crate::metrics::Metrics) {
+        metrics.error_code(RESOURCE_TYPE, self.error_code);
+    }
+
     /// The gRPC status with `ErrorInfo` and `ResourceInfo` details.
     pub fn to_status(&self) -> tonic::Status {
         use tonic_types::{ErrorDetails, StatusExt};
@@ -335,12 +359,14 @@ impl axum::response::IntoResponse for ApiError {
         self.log_cause();
         let status = http::StatusCode::from_u16(self.http_status)
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        (
+        let mut resp = (
             status,
             [(http::header::CONTENT_TYPE, "application/json")],
             self.http_body(),
         )
-            .into_response()
+            .into_response();
+        resp.extensions_mut().insert(self.answered_code());
+        resp
     }
 }
 

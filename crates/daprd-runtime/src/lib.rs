@@ -6,6 +6,7 @@
 //! * [`error`]: Dapr's error table; [`trace`]: W3C trace context.
 //! * [`resiliency`]: retry, timeout and circuit-breaker policies and their targets.
 //! * [`scoping`]: which app may publish or subscribe to which topic.
+//! * [`tls`]: gRPC channels over rustls.
 //! * [`store`]: builds components through the registry into the component store.
 //! * [`state`]: what the APIs and the inbound side share (configuration, the publisher,
 //!   readiness, app health, shutdown signals).
@@ -28,4 +29,5 @@ pub mod scoping;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod trace;

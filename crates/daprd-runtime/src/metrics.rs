@@ -64,6 +64,10 @@ const DROPPED: &[&str] = &["app_id", "by", "component", "namespace", "reason", "
 const HTTP: &[&str] = &["app_id", "method", "path", "status"];
 const GRPC: &[&str] = &["app_id", "grpc_server_method", "grpc_server_status"];
 const APP_ONLY: &[&str] = &["app_id"];
+const ERROR_CODE: &[&str] = &["app_id", "category", "error_code"];
+const GRPC_METHOD: &[&str] = &["app_id", "grpc_server_method"];
+const GRPC_CLIENT: &[&str] = &["app_id", "grpc_client_method", "grpc_client_status"];
+const GRPC_CLIENT_METHOD: &[&str] = &["app_id", "grpc_client_method"];
 const COMPONENT_INIT: &[&str] = &["app_id", "component", "namespace"];
 const RESILIENCY_LOADED: &[&str] = &["app_id", "name", "namespace"];
 const RESILIENCY: &[&str] = &[
@@ -107,6 +111,10 @@ const COUNTED_BY: &[(&str, &str)] = &[
     (
         "dapr_http_client_roundtrip_latency",
         "dapr_http_client_completed_count",
+    ),
+    (
+        "dapr_grpc_io_client_roundtrip_latency",
+        "dapr_grpc_io_client_completed_rpcs",
     ),
 ];
 
@@ -159,6 +167,8 @@ struct AppSeries {
 #[derive(Debug)]
 pub struct Metrics {
     enabled: bool,
+    /// `spec.metric.recordErrorCodes`: count the API's error answers by code.
+    record_error_codes: bool,
     app_series: AppSeries,
     app_id: String,
     namespace: String,
@@ -177,6 +187,12 @@ pub struct Metrics {
     http_request_bytes: Family,
     http_response_bytes: Family,
     grpc_latency: Family,
+    grpc_received_bytes: Family,
+    grpc_sent_bytes: Family,
+    grpc_client_latency: Family,
+    grpc_client_sent_bytes: Family,
+    grpc_client_received_bytes: Family,
+    error_codes: Family,
     client_latency: Family,
     client_sent_bytes: Family,
     client_received_bytes: Family,
@@ -228,6 +244,7 @@ impl Metrics {
         use Kind::{Counter, Gauge, Histogram};
         Self {
             enabled,
+            record_error_codes: enabled && spec.record_error_codes,
             app_series: AppSeries::default(),
             app_id: app_id.to_string(),
             namespace: namespace.to_string(),
@@ -254,6 +271,12 @@ impl Metrics {
             http_request_bytes: family("http_server_request_bytes", "HTTP request body size if set as ContentLength (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
             http_response_bytes: family("http_server_response_bytes", "HTTP response body size (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
             grpc_latency: family("grpc_io_server_server_latency", "Distribution of server latency in milliseconds, by method.", Histogram, GRPC, &latency),
+            grpc_received_bytes: family("grpc_io_server_received_bytes_per_rpc", "Total bytes received across all messages per RPC.", Histogram, GRPC_METHOD, &sizes),
+            grpc_sent_bytes: family("grpc_io_server_sent_bytes_per_rpc", "Total bytes sent in across all response messages per RPC.", Histogram, GRPC_METHOD, &sizes),
+            grpc_client_latency: family("grpc_io_client_roundtrip_latency", "Time between first byte of request sent to last byte of response received, or terminal error.", Histogram, GRPC_CLIENT, &latency),
+            grpc_client_sent_bytes: family("grpc_io_client_sent_bytes_per_rpc", "Total bytes sent across all request messages per RPC.", Histogram, GRPC_CLIENT_METHOD, &sizes),
+            grpc_client_received_bytes: family("grpc_io_client_received_bytes_per_rpc", "Total bytes received across all response messages per RPC.", Histogram, GRPC_CLIENT_METHOD, &sizes),
+            error_codes: family("error_code_total", "Total number of times an error with a specific error code was encountered.", Counter, ERROR_CODE, &none),
             client_latency: family("http_client_roundtrip_latency", "Time between first byte of request headers sent to last byte of response received, or terminal error", Histogram, HTTP, &latency),
             client_sent_bytes: family("http_client_sent_bytes", "Total bytes sent in request body (not including headers)", Histogram, HTTP, &sizes),
             client_received_bytes: family("http_client_received_bytes", "Total bytes received in response bodies (not including headers but including error responses with bodies)", Histogram, APP_ONLY, &sizes),
@@ -290,6 +313,12 @@ impl Metrics {
             &self.http_request_bytes,
             &self.http_response_bytes,
             &self.grpc_latency,
+            &self.grpc_received_bytes,
+            &self.grpc_sent_bytes,
+            &self.grpc_client_latency,
+            &self.grpc_client_sent_bytes,
+            &self.grpc_client_received_bytes,
+            &self.error_codes,
             &self.client_latency,
             &self.client_sent_bytes,
             &self.client_received_bytes,
@@ -312,6 +341,7 @@ impl Metrics {
             (&self.http_latency, "dapr_http_server_response_count", "The number of HTTP responses"),
             (&self.grpc_latency, "dapr_grpc_io_server_completed_rpcs", "Count of RPCs by method and status."),
             (&self.client_latency, "dapr_http_client_completed_count", "Count of completed requests"),
+            (&self.grpc_client_latency, "dapr_grpc_io_client_completed_rpcs", "Count of RPCs by method and status."),
         ] {
             histogram.render_count_as(name, help, &mut out);
         }
@@ -546,6 +576,48 @@ impl Metrics {
         }
         let labels = [self.app_id.as_str(), method, grpc_status(code)];
         self.grpc_latency.observe(&labels, ms(elapsed));
+    }
+
+    /// One unary gRPC API call of `method` took a request message of `received` bytes and
+    /// answered one of `sent` bytes (0 for an error), as Go daprd measures them (the encoded
+    /// message, without gRPC framing). Streaming calls are not counted, as in Go daprd.
+    pub fn grpc_bytes(&self, method: &str, received: usize, sent: usize) {
+        if !self.enabled {
+            return;
+        }
+        let labels = [self.app_id.as_str(), method];
+        self.grpc_received_bytes.observe(&labels, received as f64);
+        self.grpc_sent_bytes.observe(&labels, sent as f64);
+    }
+
+    /// One call of the gRPC app channel (`/dapr.proto.runtime.v1.AppCallback/OnTopicEvent`)
+    /// finished with `code`, having sent `sent` and received `received` message bytes.
+    pub fn grpc_client(
+        &self,
+        method: &str,
+        code: tonic::Code,
+        sent: usize,
+        received: usize,
+        elapsed: Duration,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let labels = [self.app_id.as_str(), method, grpc_status(code)];
+        self.grpc_client_latency.observe(&labels, ms(elapsed));
+        let labels = [self.app_id.as_str(), method];
+        self.grpc_client_sent_bytes.observe(&labels, sent as f64);
+        self.grpc_client_received_bytes
+            .observe(&labels, received as f64);
+    }
+
+    /// The API answered an error with Dapr's `code` (`ERR_PUBSUB_NOT_FOUND`) of `category`
+    /// (`pubsub`); counted only with `spec.metric.recordErrorCodes`.
+    pub fn error_code(&self, category: &str, code: &str) {
+        if self.record_error_codes {
+            self.error_codes
+                .inc(&[self.app_id.as_str(), category, code]);
+        }
     }
 
     /// The components were built: `loaded` of them, one `init` per component type.
@@ -803,5 +875,47 @@ mod tests {
         drop(g1);
         drop(g2);
         assert!(m.render().contains("dapr_component_pubsub_ingress_in_flight{app_id=\"a\",component=\"p\",namespace=\"ns\",topic=\"t\"} 0\n"));
+    }
+
+    #[test]
+    fn error_codes_only_when_asked() {
+        let off = Metrics::new("a", "ns", &Metric::default());
+        off.error_code("pubsub", "ERR_PUBSUB_NOT_FOUND");
+        assert!(!off.render().contains("dapr_error_code_total{"));
+        let spec = Metric {
+            record_error_codes: true,
+            ..Metric::default()
+        };
+        let on = Metrics::new("a", "ns", &spec);
+        on.error_code("pubsub", "ERR_PUBSUB_NOT_FOUND");
+        on.error_code("pubsub", "ERR_PUBSUB_NOT_FOUND");
+        on.error_code("health", "ERR_HEALTH_NOT_READY");
+        let text = on.render();
+        line(&text, "dapr_error_code_total{app_id=\"a\",category=\"pubsub\",error_code=\"ERR_PUBSUB_NOT_FOUND\"} 2");
+        line(&text, "dapr_error_code_total{app_id=\"a\",category=\"health\",error_code=\"ERR_HEALTH_NOT_READY\"} 1");
+    }
+
+    #[test]
+    fn grpc_bytes_and_client_series() {
+        let m = Metrics::new("a", "ns", &Metric::default());
+        let method = "/dapr.proto.runtime.v1.Dapr/PublishEvent";
+        m.grpc_bytes(method, 1500, 0);
+        let cb = "/dapr.proto.runtime.v1.AppCallback/OnTopicEvent";
+        m.grpc_client(cb, tonic::Code::Ok, 300, 2, Duration::from_millis(3));
+        m.grpc_client(
+            cb,
+            tonic::Code::Unavailable,
+            300,
+            0,
+            Duration::from_millis(1),
+        );
+        let text = m.render();
+        line(&text, &format!("dapr_grpc_io_server_received_bytes_per_rpc_bucket{{app_id=\"a\",grpc_server_method=\"{method}\",le=\"1024\"}} 0"));
+        line(&text, &format!("dapr_grpc_io_server_received_bytes_per_rpc_bucket{{app_id=\"a\",grpc_server_method=\"{method}\",le=\"2048\"}} 1"));
+        line(&text, &format!("dapr_grpc_io_server_sent_bytes_per_rpc_sum{{app_id=\"a\",grpc_server_method=\"{method}\"}} 0"));
+        line(&text, &format!("dapr_grpc_io_client_completed_rpcs{{app_id=\"a\",grpc_client_method=\"{cb}\",grpc_client_status=\"OK\"}} 1"));
+        line(&text, &format!("dapr_grpc_io_client_completed_rpcs{{app_id=\"a\",grpc_client_method=\"{cb}\",grpc_client_status=\"UNAVAILABLE\"}} 1"));
+        line(&text, &format!("dapr_grpc_io_client_sent_bytes_per_rpc_sum{{app_id=\"a\",grpc_client_method=\"{cb}\"}} 600"));
+        line(&text, &format!("dapr_grpc_io_client_received_bytes_per_rpc_count{{app_id=\"a\",grpc_client_method=\"{cb}\"}} 2"));
     }
 }

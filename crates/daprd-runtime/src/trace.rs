@@ -255,12 +255,6 @@ fn sinks(tracing: &Tracing) -> Vec<Sink> {
                     timeout: otel.timeout,
                 });
             }
-            OtelProtocol::Grpc if base.starts_with("https://") => {
-                tracing::warn!(
-                    endpoint = %otel.endpoint,
-                    "spec.tracing.otel: OTLP over gRPC with TLS (isSecure: true) is not supported yet; spans are not sent there (set isSecure: false, or protocol: http)"
-                );
-            }
             OtelProtocol::Grpc => out.push(Sink::OtlpGrpc {
                 uri: base,
                 headers: otel.headers.clone(),
@@ -360,6 +354,9 @@ mod tests {
             [Sink::OtlpGrpc { uri, .. }] => assert_eq!(uri, "http://localhost:4317"),
             other => panic!("{other:?}"),
         }
-        assert!(sinks(&t("localhost:4317", OtelProtocol::Grpc, true)).is_empty());
+        match &sinks(&t("localhost:4317", OtelProtocol::Grpc, true))[..] {
+            [Sink::OtlpGrpc { uri, .. }] => assert_eq!(uri, "https://localhost:4317"),
+            other => panic!("{other:?}"),
+        }
     }
 }

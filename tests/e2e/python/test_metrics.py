@@ -148,6 +148,12 @@ with DaprClient() as c:
     prom.wait_value('dapr_http_server_request_count{app_id="metrics",method="POST",path="/v1.0/publish/pubsub/orders",status="204"}', 5)
     prom.wait_value('dapr_grpc_io_server_completed_rpcs{app_id="metrics",grpc_server_method="/dapr.proto.runtime.v1.Dapr/PublishEvent",grpc_server_status="OK"}', 7)
     assert prom.value('dapr_grpc_io_server_server_latency_count{grpc_server_method="/dapr.proto.runtime.v1.Dapr/PublishEvent"}') == 7
+    # bytes per RPC: the request message (pubsub, topic, 8 data bytes, content type: >= 44 bytes)
+    publish = 'grpc_server_method="/dapr.proto.runtime.v1.Dapr/PublishEvent"'
+    assert prom.value('dapr_grpc_io_server_received_bytes_per_rpc_count{%s}' % publish) == 7
+    assert prom.value('dapr_grpc_io_server_received_bytes_per_rpc_sum{%s}' % publish) >= 7 * 44
+    assert prom.value('dapr_grpc_io_server_received_bytes_per_rpc_bucket{%s,le="1024"}' % publish) == 7
+    assert prom.value('dapr_grpc_io_server_sent_bytes_per_rpc_sum{%s}' % publish) == 0
 
     # the app channel: every delivery was answered 200 (SUCCESS or DROP in the body)
     prom.wait_value('dapr_http_client_completed_count{app_id="metrics",method="POST",path="/orders",status="200"}', 12)
@@ -203,6 +209,54 @@ def test_failed_publish_is_counted_apart(sidecar_factory, prometheus_factory):
 
 def metrics_text(port):
     return requests.get(f"http://127.0.0.1:{port}/", timeout=5).text
+
+
+def sample(text, series):
+    """The value of the one sample named `series` (with its labels) in `text`, or None."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_error_codes_and_the_grpc_app_channel(sidecar_factory, app_factory):
+    cfg = config_file("  metric:\n    recordErrorCodes: true\n")
+    app = app_factory("grpc_app.py")
+    s = sidecar_factory(app_id="codes", app_port=app.port, app_protocol="grpc", extra_args=["--config", cfg])
+    s.wait_ready()
+    # a pubsub that does not exist, over HTTP and over gRPC (the official SDK)
+    r = requests.post(f"{s.http}/v1.0/publish/nope/orders", json={"a": 1})
+    assert r.status_code == 404 and r.json()["errorCode"] == "ERR_PUBSUB_NOT_FOUND", r.text
+    run_sdk(s, """
+from dapr.clients import DaprClient
+with DaprClient() as c:
+    try:
+        c.publish_event(pubsub_name='nope', topic_name='orders', data='x')
+    except Exception:
+        pass
+    else:
+        raise SystemExit('a publish to a missing pubsub was accepted')
+""")
+    codes = 'dapr_error_code_total{app_id="codes",category="pubsub",error_code="ERR_PUBSUB_NOT_FOUND"}'
+    assert sample(metrics_text(s.metrics_port), codes) == 2
+
+    # the gRPC app channel: OnTopicEvent calls with their status and message sizes
+    for i in range(2):
+        s.publish("orders", json.dumps({"n": i}))
+    method = 'app_id="codes",grpc_client_method="/dapr.proto.runtime.v1.AppCallback/OnTopicEvent"'
+    ok = f'dapr_grpc_io_client_completed_rpcs{{{method},grpc_client_status="OK"}}'
+    text = eventually(lambda: (lambda t: t if sample(t, ok) == 2 else None)(metrics_text(s.metrics_port)),
+                      15, "two OnTopicEvent calls counted")
+    assert sample(text, f'dapr_grpc_io_client_roundtrip_latency_count{{{method},grpc_client_status="OK"}}') == 2
+    # each request carries the CloudEvent's id, source, type, topic and data: well over 100 bytes
+    assert sample(text, f'dapr_grpc_io_client_sent_bytes_per_rpc_sum{{{method}}}') > 2 * 100
+    assert sample(text, f'dapr_grpc_io_client_received_bytes_per_rpc_count{{{method}}}') == 2
+
+    # without recordErrorCodes nothing is counted
+    plain = sidecar_factory(app_id="nocodes")
+    assert requests.post(f"{plain.http}/v1.0/publish/nope/orders", json={}).status_code == 404
+    text = metrics_text(plain.metrics_port)
+    assert "dapr_http_server_request_count{" in text and "dapr_error_code_total{" not in text
 
 
 def test_metric_spec_rules_buckets_and_disabled(sidecar_factory):

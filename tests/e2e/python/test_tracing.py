@@ -1,9 +1,12 @@
 """Traces: spans exported to receivers in this file that speak the real protocols — Zipkin v2
 JSON over HTTP, OTLP over gRPC (a grpcio server of `opentelemetry-proto`'s TraceService) and
 OTLP over HTTP/protobuf — for a publish → Redis → delivery round trip: names, kinds,
-parent/child links, the trace id the app receives, and sampling."""
+parent/child links, the trace id the app receives, and sampling; and both OTLP protocols over
+TLS (`isSecure: true`), verified against the system's roots as Go daprd's exporters do."""
 
 import json
+import ssl
+import subprocess
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,9 +60,10 @@ def otlp_spans(req, spans):
 
 
 class HttpReceiver:
-    """Zipkin (`POST /api/v2/spans`, JSON) and OTLP/HTTP (`POST /v1/traces`, protobuf)."""
+    """Zipkin (`POST /api/v2/spans`, JSON) and OTLP/HTTP (`POST /v1/traces`, protobuf);
+    over TLS with `tls` = (certificate file, key file)."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.spans = Spans()
         spans = self.spans
 
@@ -87,6 +91,10 @@ class HttpReceiver:
                 self.end_headers()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -95,12 +103,19 @@ class HttpReceiver:
 
 
 class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self):
+    """OTLP/gRPC; over TLS with `tls` = (certificate file, key file)."""
+
+    def __init__(self, tls=None):
         self.spans = Spans()
         self.metadata = []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls:
+            cert, key = (open(f, "rb").read() for f in tls)
+            creds = grpc.ssl_server_credentials([(key, cert)])
+            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        else:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
     def Export(self, request, context):
@@ -202,3 +217,67 @@ def test_otlp_http_and_rate_zero(sidecar_factory, app_factory, receivers):
     response_tp, app_tp = round_trip(s, app2, trace_id)
     check_trace(http_rx.spans, trace_id, response_tp, app_tp, "traced-http")
     assert http_rx.spans.of_trace(silent_trace) == [], "samplingRate 0 exports nothing"
+
+
+@pytest.fixture
+def collector_tls(tmp_path):
+    """A CA and a collector certificate for 127.0.0.1 signed by it: (ca, cert, key) files."""
+    ca_key, ca, key, csr, cert = (str(tmp_path / n) for n in
+                                  ("ca.key", "ca.pem", "key.pem", "req.csr", "cert.pem"))
+    ext = tmp_path / "leaf.ext"
+    ext.write_text("basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test collector CA",
+            "-keyout", ca_key, "-out", ca)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr)
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+            "-extfile", str(ext), "-out", cert)
+    return ca, cert, key
+
+
+def publish_and_delivery_spans(spans, trace_id):
+    got = eventually(lambda: (lambda x: x if len(x) == 2 else None)(spans.of_trace(trace_id)), 20,
+                     f"two spans of {trace_id}")
+    by_parent = {s["parent_id"]: s for s in got}
+    publish = by_parent["b7ad6b7169203331"]
+    assert by_parent[publish["span_id"]]["name"].startswith("pubsub/")
+    return publish
+
+
+def test_otlp_over_tls_on_both_protocols(sidecar_factory, app_factory, collector_tls):
+    ca, cert, key = collector_tls
+    http_rx, grpc_rx = HttpReceiver(tls=(cert, key)), GrpcReceiver(tls=(cert, key))
+    try:
+        for n, (protocol, rx) in enumerate([("grpc", grpc_rx), ("http", http_rx)]):
+            topic = f"tls-{protocol}"
+            cfg = config_file(
+                "  tracing:\n"
+                "    samplingRate: \"1\"\n"
+                f"    otel: {{endpointAddress: \"127.0.0.1:{rx.port}\", protocol: {protocol}, isSecure: true}}\n")
+            app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs(topic)})
+            # the collector's CA is the only root this sidecar trusts
+            s = sidecar_factory([REDIS], app_id=f"tls-{protocol}", app_port=app.port,
+                                env={"SSL_CERT_FILE": ca}, extra_args=["--config", cfg])
+            s.wait_ready()
+            trace_id = f"{n + 5}" * 32
+            response_tp, _ = round_trip(s, app, trace_id, topic=topic)
+            publish = publish_and_delivery_spans(rx.spans, trace_id)
+            assert response_tp == f"00-{trace_id}-{publish['span_id']}-01"
+
+        # without the CA the collector's certificate is refused: the export fails, said once
+        cfg = config_file(
+            "  tracing:\n"
+            "    samplingRate: \"1\"\n"
+            f"    otel: {{endpointAddress: \"127.0.0.1:{grpc_rx.port}\", protocol: grpc, isSecure: true}}\n")
+        app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs("tls-untrusted")})
+        s = sidecar_factory([REDIS], app_id="tls-untrusted", app_port=app.port, extra_args=["--config", cfg])
+        s.wait_ready()
+        trace_id = "9" * 32
+        round_trip(s, app, trace_id, topic="tls-untrusted")
+        eventually(lambda: "trace export failed" in s.output(), 20, "the failed export logged")
+        assert grpc_rx.spans.of_trace(trace_id) == []
+    finally:
+        http_rx.stop()
+        grpc_rx.stop()

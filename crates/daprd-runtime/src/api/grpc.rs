@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use daprd_proto::runtime::v1 as pb;
 use daprd_proto::runtime::v1::dapr_server::{Dapr, DaprServer};
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::api::ApiState;
@@ -38,6 +39,7 @@ impl Dapr for DaprApi {
     ) -> Result<Response<()>, Status> {
         let trace = trace_headers(&request);
         let r = request.into_inner();
+        let received = r.encoded_len();
         let input = PublishInput {
             pubsub: r.pubsub_name,
             topic: r.topic,
@@ -47,12 +49,11 @@ impl Dapr for DaprApi {
             trace,
             transport: Transport::Grpc,
         };
-        let traceparent = self
-            .state
-            .publisher
-            .publish(input)
-            .await
-            .map_err(|e| e.to_status())?;
+        let traceparent = self.state.publisher.publish(input).await.map_err(|e| {
+            self.sizes(PUBLISH_EVENT, received, 0);
+            self.fail(&e)
+        })?;
+        self.sizes(PUBLISH_EVENT, received, 0);
         let mut resp = Response::new(());
         if let Ok(v) = traceparent.parse() {
             resp.metadata_mut().insert("traceparent", v);
@@ -64,14 +65,14 @@ impl Dapr for DaprApi {
         &self,
         request: Request<pb::BulkPublishRequest>,
     ) -> Result<Response<pb::BulkPublishResponse>, Status> {
-        self.bulk(request).await
+        self.bulk(BULK_PUBLISH_ALPHA1, request).await
     }
 
     async fn bulk_publish_event(
         &self,
         request: Request<pb::BulkPublishRequest>,
     ) -> Result<Response<pb::BulkPublishResponse>, Status> {
-        self.bulk(request).await
+        self.bulk(BULK_PUBLISH, request).await
     }
 
     type SubscribeTopicEventsAlpha1Stream = crate::inbound::streaming::EventStream;
@@ -91,9 +92,15 @@ impl Dapr for DaprApi {
 
     async fn get_metadata(
         &self,
-        _request: Request<pb::GetMetadataRequest>,
+        request: Request<pb::GetMetadataRequest>,
     ) -> Result<Response<pb::GetMetadataResponse>, Status> {
-        Ok(Response::new(super::metadata::get_metadata(&self.state)))
+        let md = super::metadata::get_metadata(&self.state);
+        self.sizes(
+            GET_METADATA,
+            request.get_ref().encoded_len(),
+            md.encoded_len(),
+        );
+        Ok(Response::new(md))
     }
 
     async fn set_metadata(
@@ -101,6 +108,7 @@ impl Dapr for DaprApi {
         request: Request<pb::SetMetadataRequest>,
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
+        self.sizes(SET_METADATA, r.encoded_len(), 0);
         self.state
             .extended
             .write()
@@ -123,13 +131,32 @@ impl Dapr for DaprApi {
     }
 }
 
+const PUBLISH_EVENT: &str = "/dapr.proto.runtime.v1.Dapr/PublishEvent";
+const BULK_PUBLISH: &str = "/dapr.proto.runtime.v1.Dapr/BulkPublishEvent";
+const BULK_PUBLISH_ALPHA1: &str = "/dapr.proto.runtime.v1.Dapr/BulkPublishEventAlpha1";
+const GET_METADATA: &str = "/dapr.proto.runtime.v1.Dapr/GetMetadata";
+const SET_METADATA: &str = "/dapr.proto.runtime.v1.Dapr/SetMetadata";
+
 impl DaprApi {
+    /// Counts a unary call's message sizes (`dapr_grpc_io_server_*_bytes_per_rpc`).
+    fn sizes(&self, method: &str, received: usize, sent: usize) {
+        self.state.metrics.grpc_bytes(method, received, sent);
+    }
+
+    /// The status answering `e`, counted in `dapr_error_code_total`.
+    fn fail(&self, e: &crate::error::ApiError) -> Status {
+        e.count_in(&self.state.metrics);
+        e.to_status()
+    }
+
     async fn bulk(
         &self,
+        method: &str,
         request: Request<pb::BulkPublishRequest>,
     ) -> Result<Response<pb::BulkPublishResponse>, Status> {
         let trace = trace_headers(&request);
         let r = request.into_inner();
+        let received = r.encoded_len();
         let input = BulkInput {
             pubsub: r.pubsub_name,
             topic: r.topic,
@@ -154,9 +181,15 @@ impl DaprApi {
             .publisher
             .bulk_publish(input)
             .await
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| {
+                self.sizes(method, received, 0);
+                self.fail(&e)
+            })?;
+        if let Some(e) = &outcome.error {
+            e.count_in(&self.state.metrics);
+        }
         // Unlike Go daprd (which fails the call and loses them), failed entries are returned.
-        Ok(Response::new(pb::BulkPublishResponse {
+        let resp = pb::BulkPublishResponse {
             failed_entries: outcome
                 .failed
                 .into_iter()
@@ -165,7 +198,9 @@ impl DaprApi {
                     error: f.error,
                 })
                 .collect(),
-        }))
+        };
+        self.sizes(method, received, resp.encoded_len());
+        Ok(Response::new(resp))
     }
 }
 

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::api::ApiState;
-use crate::error::ApiError;
+use crate::error::{AnsweredCode, ApiError};
 use crate::outbound::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
 use crate::state::RuntimeState;
 use daprd_core::gocompat::{go_path_clean, query_unescape};
@@ -211,6 +211,9 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
     } else {
         uri.path()
     };
+    if let Some(c) = resp.extensions().get::<AnsweredCode>() {
+        state.metrics.error_code(c.category, c.code);
+    }
     state.metrics.http_request(
         method.as_str(),
         path,
@@ -706,27 +709,37 @@ async fn bulk(state: AppState, req: Request, rest: &str) -> Response {
                 if let Ok(v) = HeaderValue::from_str(&err.message) {
                     headers.insert("metadata.error", v);
                 }
+                resp.extensions_mut().insert(err.answered_code());
                 resp
             }
         },
     }
 }
 
-fn simple_error(status: StatusCode, code: &str, message: &str) -> Response {
+/// An error answer with Dapr's `{errorCode, message}` body; `code` of `category` as Dapr
+/// groups them (counted in `dapr_error_code_total`).
+fn simple_error(
+    status: StatusCode,
+    (category, code): (&'static str, &'static str),
+    message: &str,
+) -> Response {
     let body = serde_json::json!({"errorCode": code, "message": message});
-    (
+    let mut resp = (
         status,
         [(http::header::CONTENT_TYPE, "application/json")],
         daprd_core::json::to_vec_go(&body).unwrap_or_default(),
     )
-        .into_response()
+        .into_response();
+    resp.extensions_mut()
+        .insert(AnsweredCode { category, code });
+    resp
 }
 
 async fn healthz(State(state): State<AppState>, uri: Uri) -> Response {
     if !state.is_ready() {
         return simple_error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "ERR_HEALTH_NOT_READY",
+            ("health", "ERR_HEALTH_NOT_READY"),
             "dapr is not ready: [runtime]",
         );
     }
@@ -735,7 +748,7 @@ async fn healthz(State(state): State<AppState>, uri: Uri) -> Response {
         if app_id != &state.config.app_id {
             return simple_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "ERR_HEALTH_APPID_NOT_MATCH",
+                ("health", "ERR_HEALTH_APPID_NOT_MATCH"),
                 "dapr app-id does not match",
             );
         }
@@ -760,7 +773,7 @@ async fn healthz_outbound(State(state): State<AppState>) -> Response {
     } else {
         simple_error(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "ERR_OUTBOUND_HEALTH_NOT_READY",
+            ("health", "ERR_OUTBOUND_HEALTH_NOT_READY"),
             "dapr outbound is not ready",
         )
     }
@@ -787,7 +800,7 @@ async fn put_metadata(
         Err(e) => {
             return simple_error(
                 StatusCode::BAD_REQUEST,
-                "ERR_BODY_READ",
+                ("common", "ERR_BODY_READ"),
                 &format!("failed to read request body: {e}"),
             )
         }

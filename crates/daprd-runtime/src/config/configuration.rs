@@ -551,12 +551,6 @@ fn parse(file: &Path, text: &str, out: &mut Loaded) {
     for key in ["metric", "metrics"] {
         if let Some(m) = r.mapping(spec.get(key), &format!("spec.{key}")) {
             c.metric = metric(&mut r, m, key);
-            if c.metric.record_error_codes {
-                r.warn(
-                    &format!("spec.{key}.recordErrorCodes"),
-                    "read and checked, but not applied yet by daprd-rs (no dapr_error_code_total series)",
-                );
-            }
         }
     }
     if let Some(a) = r.mapping(spec.get("api"), "spec.api") {
@@ -922,9 +916,9 @@ spec:
         assert_eq!(c.features, vec![("HotReload".to_string(), true)]);
         assert_eq!(c.components_deny, vec!["pubsub.kafka", "pubsub.redis/v1"]);
         assert!(c.secret_scopes[0].allows("a") && !c.secret_scopes[0].allows("b"));
-        // nothing is ignored silently: the middleware and every part not applied yet say so
+        // nothing is ignored silently: the middleware and every part not applied say so
         assert!(out.warnings.iter().any(|w| w.contains("spec.httpPipeline")));
-        assert!(out.warnings.iter().any(|w| w.contains("recordErrorCodes")));
+        assert!(!out.warnings.iter().any(|w| w.contains("recordErrorCodes")));
         assert!(!out.warnings.iter().any(|w| w.contains("spec.tracing")));
     }
 

@@ -173,7 +173,9 @@ async fn initial_request(
     }
     let metadata = init.metadata.into_iter().collect();
     let Some(entry) = state.publisher.store().pubsub(&init.pubsub_name) else {
-        return Err(ApiError::pubsub_not_found(&init.pubsub_name, &metadata).to_status());
+        let e = ApiError::pubsub_not_found(&init.pubsub_name, &metadata);
+        e.count_in(&state.metrics);
+        return Err(e.to_status());
     };
     if !entry
         .scoping

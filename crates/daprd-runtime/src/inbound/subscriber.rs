@@ -126,13 +126,16 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, ChannelE
     let app = &state.config.app;
     let token = state.config.env.app_api_token.clone();
     if app.protocol.is_grpc() {
-        Ok(Arc::new(GrpcChannel::new(
-            &app.channel_address,
-            app.port,
-            app.protocol == AppProtocol::Grpcs,
-            token,
-            app.max_concurrency,
-        )?))
+        Ok(Arc::new(
+            GrpcChannel::new(
+                &app.channel_address,
+                app.port,
+                app.protocol == AppProtocol::Grpcs,
+                token,
+                app.max_concurrency,
+            )?
+            .with_metrics(state.metrics.clone()),
+        ))
     } else {
         Ok(Arc::new(
             HttpChannel::new(

@@ -87,8 +87,58 @@ pub fn spawn(sinks: Vec<Sink>, service: String) -> mpsc::Sender<FinishedSpan> {
     tx
 }
 
+/// The system's root certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` where set), which
+/// verify an `https` collector as Go daprd's exporters do.
+fn verified_tls() -> Result<rustls::ClientConfig, String> {
+    daprd_core::tls::PemMaterial::default()
+        .client_config(false)
+        .map_err(|e| format!("cannot set up TLS: {e}"))
+}
+
+/// The HTTP client of the Zipkin and OTLP/HTTP exporters (`https` verified by the system's
+/// roots).
+fn http_client() -> reqwest::Client {
+    let client = verified_tls().and_then(|tls| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    client.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "trace export: TLS is not available; https collectors cannot be reached");
+        reqwest::Client::new()
+    })
+}
+
+/// The channel of an OTLP/gRPC sink, made once (tonic reconnects it when the collector comes
+/// back): TLS verified by the system's roots for `https://`, plain HTTP/2 otherwise.
+fn grpc_channel(uri: &str) -> Result<tonic::transport::Channel, String> {
+    let Some(authority) = uri.strip_prefix("https://") else {
+        return tonic::transport::Endpoint::from_shared(uri.to_string())
+            .map(|e| e.connect_lazy())
+            .map_err(|e| format!("{uri} is not a valid endpoint: {e}"));
+    };
+    let authority = authority.split('/').next().unwrap_or(authority);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !p.contains(']') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{uri}: port {p} is not a number"))?,
+        ),
+        _ => (authority, 443),
+    };
+    crate::tls::grpc_channel(host, port, verified_tls()?).map_err(|e| e.to_string())
+}
+
 async fn run(mut rx: mpsc::Receiver<FinishedSpan>, sinks: Vec<Sink>, service: String) {
-    let http = reqwest::Client::new();
+    let http = http_client();
+    let channels: Vec<Option<Result<tonic::transport::Channel, String>>> = sinks
+        .iter()
+        .map(|s| match s {
+            Sink::OtlpGrpc { uri, .. } => Some(grpc_channel(uri)),
+            _ => None,
+        })
+        .collect();
     let mut failing = vec![false; sinks.len()];
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -103,7 +153,11 @@ async fn run(mut rx: mpsc::Receiver<FinishedSpan>, sinks: Vec<Sink>, service: St
             }
         }
         for (i, sink) in sinks.iter().enumerate() {
-            match export(&http, sink, &service, &batch).await {
+            let to = Exporters {
+                http: &http,
+                grpc: channels[i].as_ref(),
+            };
+            match export(&to, sink, &service, &batch).await {
                 Ok(()) if failing[i] => {
                     tracing::info!(exporter = sink.name(), "trace export works again");
                     failing[i] = false;
@@ -132,8 +186,14 @@ impl Sink {
     }
 }
 
+/// The clients an export goes through: the HTTP client, and the sink's gRPC channel.
+struct Exporters<'a> {
+    http: &'a reqwest::Client,
+    grpc: Option<&'a Result<tonic::transport::Channel, String>>,
+}
+
 async fn export(
-    http: &reqwest::Client,
+    to: &Exporters<'_>,
     sink: &Sink,
     service: &str,
     spans: &[FinishedSpan],
@@ -151,7 +211,8 @@ async fn export(
             Ok(())
         }
         Sink::Zipkin(url) => {
-            let r = http
+            let r = to
+                .http
                 .post(url)
                 .timeout(DEFAULT_TIMEOUT)
                 .json(&zipkin_json(service, spans))
@@ -165,7 +226,8 @@ async fn export(
             headers,
             timeout,
         } => {
-            let mut req = http
+            let mut req = to
+                .http
                 .post(url)
                 .timeout(timeout.unwrap_or(DEFAULT_TIMEOUT))
                 .header(http::header::CONTENT_TYPE, "application/x-protobuf")
@@ -177,11 +239,14 @@ async fn export(
             check_status(r.status())
         }
         Sink::OtlpGrpc {
-            uri,
-            headers,
-            timeout,
+            headers, timeout, ..
         } => {
-            let call = grpc_export(uri, headers, otlp_request(service, spans));
+            let channel = match to.grpc {
+                Some(Ok(c)) => c.clone(),
+                Some(Err(e)) => return Err(e.clone()),
+                None => return Err("no channel".into()),
+            };
+            let call = grpc_export(channel, headers, otlp_request(service, spans));
             tokio::time::timeout(timeout.unwrap_or(DEFAULT_TIMEOUT), call)
                 .await
                 .map_err(|_| "timed out".to_string())?
@@ -198,15 +263,10 @@ fn check_status(status: reqwest::StatusCode) -> Result<(), String> {
 }
 
 async fn grpc_export(
-    uri: &str,
+    channel: tonic::transport::Channel,
     headers: &[(String, String)],
     msg: otlp::ExportTraceServiceRequest,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(uri.to_string())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client = tonic::client::Grpc::new(channel);
     client.ready().await.map_err(|e| e.to_string())?;
     let mut req = tonic::Request::new(msg);
@@ -336,5 +396,22 @@ pub fn otlp_request(service: &str, spans: &[FinishedSpan]) -> otlp::ExportTraceS
                 spans,
             }],
         }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn grpc_channels_for_each_scheme() {
+        assert!(grpc_channel("http://127.0.0.1:4317").is_ok());
+        assert!(grpc_channel("https://collector.example:4317").is_ok());
+        assert!(grpc_channel("https://[::1]:4317").is_ok());
+        assert!(grpc_channel("https://collector.example/v1").is_ok());
+        let e = grpc_channel("https://c:x").unwrap_err();
+        assert!(e.contains("port x is not a number"), "{e}");
+        let e = grpc_channel("https://bad name:1").unwrap_err();
+        assert!(e.contains("not a valid TLS server name"), "{e}");
     }
 }

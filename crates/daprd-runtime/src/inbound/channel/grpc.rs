@@ -20,7 +20,13 @@ pub struct GrpcChannel {
     client: pb::app_callback_client::AppCallbackClient<tonic::transport::Channel>,
     token: Option<String>,
     concurrency: Concurrency,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
+
+const ON_TOPIC_EVENT: &str = "/dapr.proto.runtime.v1.AppCallback/OnTopicEvent";
+const ON_BULK_TOPIC_EVENT: &str = "/dapr.proto.runtime.v1.AppCallback/OnBulkTopicEvent";
+const ON_BULK_TOPIC_EVENT_ALPHA1: &str =
+    "/dapr.proto.runtime.v1.AppCallbackAlpha/OnBulkTopicEventAlpha1";
 
 impl GrpcChannel {
     /// A lazily connected channel to `address:port` (`tls`: grpcs, certificate not verified).
@@ -53,7 +59,32 @@ impl GrpcChannel {
             channel,
             token,
             concurrency: Concurrency::new(max_concurrency),
+            metrics: None,
         })
+    }
+
+    /// Counts every call to the app in the `dapr_grpc_io_client_*` series of `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics.enabled().then_some(metrics);
+        self
+    }
+
+    /// Records one call of `method` that sent `sent` message bytes.
+    fn record<T: prost::Message>(
+        &self,
+        method: &str,
+        sent: usize,
+        result: &Result<tonic::Response<T>, tonic::Status>,
+        started: std::time::Instant,
+    ) {
+        if let Some(m) = &self.metrics {
+            let (code, received) = match result {
+                Ok(r) => (tonic::Code::Ok, r.get_ref().encoded_len()),
+                Err(st) => (st.code(), 0),
+            };
+            m.grpc_client(method, code, sent, received, started.elapsed());
+        }
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -281,7 +312,14 @@ impl AppChannel for GrpcChannel {
         if let Ok(tp) = d.traceparent.parse() {
             req.metadata_mut().insert("traceparent", tp);
         }
-        match self.client.clone().on_topic_event(req).await {
+        let sent = self
+            .metrics
+            .as_ref()
+            .map_or(0, |_| prost::Message::encoded_len(req.get_ref()));
+        let started = std::time::Instant::now();
+        let result = self.client.clone().on_topic_event(req).await;
+        self.record(ON_TOPIC_EVENT, sent, &result, started);
+        match result {
             Ok(r) => interpret_grpc_status(r.into_inner().status),
             Err(st) if st.code() == tonic::Code::Unimplemented => AppReply::Drop {
                 dead_letter: false,
@@ -330,16 +368,24 @@ impl AppChannel for GrpcChannel {
             r#type: daprd_core::cloudevent::DEFAULT_BULK_TYPE.into(),
             path: b.path.clone(),
         };
+        let sent = self
+            .metrics
+            .as_ref()
+            .map_or(0, |_| prost::Message::encoded_len(&msg));
+        let started = std::time::Instant::now();
         let mut result = self
             .client
             .clone()
             .on_bulk_topic_event(self.request(msg.clone()))
             .await;
+        self.record(ON_BULK_TOPIC_EVENT, sent, &result, started);
         if matches!(&result, Err(st) if st.code() == tonic::Code::Unimplemented) {
             tracing::debug!(topic = %b.topic, "app does not implement OnBulkTopicEvent; falling back to OnBulkTopicEventAlpha1");
             let mut alpha =
                 pb::app_callback_alpha_client::AppCallbackAlphaClient::new(self.channel.clone());
+            let started = std::time::Instant::now();
             result = alpha.on_bulk_topic_event_alpha1(self.request(msg)).await;
+            self.record(ON_BULK_TOPIC_EVENT_ALPHA1, sent, &result, started);
         }
         match result {
             Ok(r) => r
