@@ -392,11 +392,13 @@ impl PubSub for MqttPubSub {
                 let Some(p) = next else { return };
                 let mut metadata = BTreeMap::new();
                 metadata.insert("retained".to_string(), p.retain.to_string());
-                let msg = Message {
+                let mut msg = Message {
                     topic: p.topic.clone(),
                     data: Bytes::from(p.payload.to_vec()),
                     metadata,
                     content_type: None,
+                    // the broker's DUP flag: sent before in an earlier session
+                    redelivered: p.dup,
                 };
                 // MQTT 3 has no negative acknowledgement (the broker sends an unacknowledged
                 // message again only on the next session), so a message the app did not
@@ -421,6 +423,7 @@ impl PubSub for MqttPubSub {
                                 // Left unacknowledged: the next session gets it again.
                                 return;
                             }
+                            msg.redelivered = true;
                         }
                     }
                 }

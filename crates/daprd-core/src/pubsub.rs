@@ -101,6 +101,11 @@ pub struct Message {
     pub metadata: BTreeMap<String, String>,
     /// Content type, if the broker carries one.
     pub content_type: Option<String>,
+    /// The message was handed out before (the broker says so: RabbitMQ's `redelivered`,
+    /// JetStream's delivery count, SQS's receive count, a Redis entry taken from the pending
+    /// list; or the component hands it again itself after a `Retry`). Counted by the runtime
+    /// in `dapr_component_pubsub_ingress_redelivered_count`.
+    pub redelivered: bool,
 }
 
 /// What became of a delivered message.

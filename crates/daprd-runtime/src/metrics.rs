@@ -182,6 +182,7 @@ pub struct Metrics {
     in_flight: Family,
     subscriptions: Family,
     dead_lettered: Family,
+    redelivered: Family,
     dropped: Family,
     http_latency: Family,
     http_request_bytes: Family,
@@ -266,6 +267,7 @@ impl Metrics {
             in_flight: family("component_pubsub_ingress_in_flight", "The number of messages currently being processed by the app for a subscription.", Gauge, SUBSCRIPTION, &none),
             subscriptions: family("component_pubsub_subscriptions", "The subscriptions this sidecar holds open, by type (declarative, programmatic, streaming); 0 once stopped (daprd-rs).", Gauge, SUBSCRIPTION_KIND, &none),
             dead_lettered: family("component_pubsub_ingress_dead_lettered_count", "The number of messages published to a subscription's dead-letter topic (daprd-rs).", Counter, SUBSCRIPTION, &none),
+            redelivered: family("component_pubsub_ingress_redelivered_count", "The number of messages the component handed over again: the broker marked them redelivered, or the component retried them itself (daprd-rs).", Counter, SUBSCRIPTION, &none),
             dropped: family("component_pubsub_ingress_dropped_count", "The number of messages dropped, by the app or by the sidecar, with the reason (daprd-rs).", Counter, DROPPED, &none),
             http_latency: family("http_server_latency", "HTTP request end to end latency in server.", Histogram, HTTP, &latency),
             http_request_bytes: family("http_server_request_bytes", "HTTP request body size if set as ContentLength (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
@@ -308,6 +310,7 @@ impl Metrics {
             &self.in_flight,
             &self.subscriptions,
             &self.dead_lettered,
+            &self.redelivered,
             &self.dropped,
             &self.http_latency,
             &self.http_request_bytes,
@@ -475,6 +478,14 @@ impl Metrics {
     pub fn dead_lettered(&self, component: &str, topic: &str) {
         if self.enabled {
             self.dead_lettered
+                .inc(&[self.app_id.as_str(), component, &self.namespace, topic]);
+        }
+    }
+
+    /// The component handed over a message of `topic` it had handed over before.
+    pub fn redelivered(&self, component: &str, topic: &str) {
+        if self.enabled {
+            self.redelivered
                 .inc(&[self.app_id.as_str(), component, &self.namespace, topic]);
         }
     }

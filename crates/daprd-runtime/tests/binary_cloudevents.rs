@@ -94,6 +94,7 @@ async fn binary_mode_message_is_rebuilt_into_a_cloudevent() {
             data: Bytes::from_static(br#"{"orderId":7}"#),
             metadata,
             content_type: Some("application/octet-stream".into()),
+            redelivered: false,
         })
         .await;
     assert_eq!(outcome, Outcome::Success);

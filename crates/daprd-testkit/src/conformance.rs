@@ -339,6 +339,27 @@ pub async fn outcomes(connect: &Connect, traits: Traits) {
         counts, expected,
         "outcomes: deliveries per message (RETRY, DROP, SUCCESS)"
     );
+    // The second delivery of the RETRY message says it is one; no first delivery does.
+    let retried: Vec<bool> = got
+        .iter()
+        .filter(|m| number(m) == 0)
+        .map(|m| m.redelivered)
+        .collect();
+    let want_flags: &[bool] = if traits.redelivers_on_retry {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    assert_eq!(
+        retried, want_flags,
+        "outcomes: redelivered flags of the RETRY message's deliveries"
+    );
+    assert!(
+        got.iter()
+            .filter(|m| number(m) != 0)
+            .all(|m| !m.redelivered),
+        "outcomes: a first delivery marked redelivered"
+    );
     assert!(
         quiet(
             &mut rx,

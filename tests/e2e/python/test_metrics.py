@@ -259,6 +259,35 @@ with DaprClient() as c:
     assert "dapr_http_server_request_count{" in text and "dapr_error_code_total{" not in text
 
 
+def test_redeliveries_are_counted(sidecar_factory, app_factory):
+    # Redis hands a message the app did not accept out again after processingTimeout
+    topic = f"redeliver-{free_port()}"
+    res = ("apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: redis}\n"
+           "spec: {type: pubsub.redis, version: v1, metadata: [{name: redisHost, value: '127.0.0.1:6379'}, "
+           "{name: redisDB, value: '9'}, {name: processingTimeout, value: 1s}, {name: redeliverInterval, value: 1s}]}\n")
+    subs = json.dumps([{"pubsubname": "redis", "topic": topic, "route": "/orders"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    requests.post(f"http://127.0.0.1:{app.port}/_mode",
+                  json={"/orders": {"status": 200, "body": '{"status":"RETRY"}'}}).raise_for_status()
+    s = sidecar_factory([res], app_id="again", app_port=app.port)
+    s.wait_ready()
+    assert requests.post(f"{s.http}/v1.0/publish/redis/{topic}", json={"n": 1}).status_code == 204
+    series = ('dapr_component_pubsub_ingress_redelivered_count{app_id="again",component="redis",'
+              f'namespace="default",topic="{topic}"}}')
+    retry = ('dapr_component_pubsub_ingress_count{app_id="again",component="redis",namespace="default",'
+             f'process_status="retry",status="retry",topic="{topic}"}}')
+
+    def redelivered_twice():
+        text = metrics_text(s.metrics_port)
+        return text if (sample(text, series) or 0) >= 2 else None
+    text = eventually(redelivered_twice, 30, "two redeliveries counted")
+    # every delivery but the first is a redelivery
+    assert sample(text, series) in (sample(text, retry) - 1, sample(text, retry)), text
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/orders": {}}).raise_for_status()
+    ok = retry.replace('process_status="retry",status="retry"', 'process_status="success",status="success"')
+    eventually(lambda: sample(metrics_text(s.metrics_port), ok) == 1, 30, "accepted at last")
+
+
 def test_metric_spec_rules_buckets_and_disabled(sidecar_factory):
     cfg = config_file(
         "  metric:\n"

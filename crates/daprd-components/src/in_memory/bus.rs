@@ -71,6 +71,8 @@ impl Bus {
             data: request.data,
             metadata: request.metadata,
             content_type: request.content_type,
+            // a Retry is not delivered again
+            redelivered: false,
         };
         for target in targets {
             // A subscriber that went away in the meantime simply misses the message.

@@ -97,7 +97,9 @@ impl ConsumeLoop {
             // waits here behind a slow handler: a copy of a message in the app's hands is
             // dropped (the first delivery's ack settles it), a copy of one already
             // accepted is acknowledged again, never handed to the app a second time.
-            let stream_seq = msg.info().ok().map(|i| i.stream_sequence);
+            let info = msg.info().ok().map(|i| (i.stream_sequence, i.delivered));
+            let stream_seq = info.map(|(seq, _)| seq);
+            let redelivered = info.is_some_and(|(_, delivered)| delivered > 1);
             if let Some(seq) = stream_seq {
                 let verdict = seen.lock().unwrap_or_else(|p| p.into_inner()).admit(seq);
                 match verdict {
@@ -125,6 +127,7 @@ impl ConsumeLoop {
                         .into_iter()
                         .collect::<BTreeMap<_, _>>(),
                     content_type: None,
+                    redelivered,
                 };
                 // While the app works on it, tell the server every half `ackWait` (30 s
                 // by default) that the message is in progress: otherwise it is delivered

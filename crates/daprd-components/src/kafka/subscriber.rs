@@ -341,11 +341,12 @@ pub(super) async fn handle_one(
     component: &str,
     revoked: impl Fn() -> bool,
 ) -> bool {
-    let message = Message {
+    let mut message = Message {
         topic: msg.topic().to_string(),
         data: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
         metadata: inbound_metadata(msg, md),
         content_type: None,
+        redelivered: false,
     };
     let started = Instant::now();
     let mut attempt = 0u64;
@@ -372,5 +373,7 @@ pub(super) async fn handle_one(
         if revoked() {
             return false;
         }
+        // retried in place: the same message again
+        message.redelivered = true;
     }
 }

@@ -225,6 +225,7 @@ impl SubscriptionTask {
                         data: Bytes::from(delivery.data.clone()),
                         metadata,
                         content_type: None,
+                        redelivered: delivery.redelivered,
                     };
                     let outcome = (me.handler)(msg).await;
                     if me.md.auto_ack {

@@ -70,7 +70,9 @@ pub(super) async fn create_group(
     }
 }
 
-fn to_message(topic: &str, entry: &StreamId) -> Message {
+/// The message of a stream entry: read new (`redelivered` false) or claimed from the pending
+/// list (true).
+fn to_message(topic: &str, entry: &StreamId, redelivered: bool) -> Message {
     let field = |name: &str| -> Option<Vec<u8>> {
         match entry.map.get(name)? {
             Value::BulkString(b) => Some(b.clone()),
@@ -86,6 +88,7 @@ fn to_message(topic: &str, entry: &StreamId) -> Message {
         data: Bytes::from(field("data").unwrap_or_default()),
         metadata,
         content_type: None,
+        redelivered,
     }
 }
 
@@ -238,7 +241,7 @@ async fn reader(
             Ok(Some(reply)) => {
                 for key in reply.keys {
                     for entry in key.ids {
-                        let msg = to_message(&ctx.topic, &entry);
+                        let msg = to_message(&ctx.topic, &entry, false);
                         ctx.hold(&entry.id);
                         if tx.send((entry.id.clone(), msg)).await.is_err() {
                             return;
@@ -339,7 +342,7 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
                 }
                 tracing::debug!(component = %ctx.component, topic = %ctx.topic, id = %entry.id, "redelivering a pending message");
                 if tx
-                    .send((entry.id.clone(), to_message(&ctx.topic, entry)))
+                    .send((entry.id.clone(), to_message(&ctx.topic, entry, true)))
                     .await
                     .is_err()
                 {

@@ -234,6 +234,7 @@ impl PollerShared {
             data: Bytes::from(data),
             metadata: BTreeMap::new(),
             content_type: None,
+            redelivered: receives > 1,
         });
         // While the app works on it, keep the message invisible (every half
         // messageVisibilityTimeout): otherwise SQS hands it out again while the first handler

@@ -279,6 +279,9 @@ impl SubscriptionPipeline {
         msg: &Message,
     ) -> Result<(Delivery, BTreeMap<String, String>, ActiveSpan), Outcome> {
         let topic = self.api_topic(&msg.topic);
+        if msg.redelivered {
+            self.metrics.redelivered(&self.entry.name, &topic);
+        }
         let mut metadata = msg.metadata.clone();
         if let Some(ct) = &msg.content_type {
             metadata.insert("content-type".into(), ct.clone());
