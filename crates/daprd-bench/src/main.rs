@@ -272,7 +272,7 @@ pub fn port_open(addr: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -309,6 +309,18 @@ pub async fn start_sidecar_with(
     app_port: Option<u16>,
     extra: &[&str],
 ) -> Result<(Sidecar, Duration)> {
+    start_sidecar_under(opts, &[], brokers, app_port, extra).await
+}
+
+/// [`start_sidecar_with`], the sidecar started by `wrapper` (`valgrind --tool=callgrind`)
+/// when it is not empty.
+pub async fn start_sidecar_under(
+    opts: &Opts,
+    wrapper: &[&str],
+    brokers: &[Broker],
+    app_port: Option<u16>,
+    extra: &[&str],
+) -> Result<(Sidecar, Duration)> {
     let daprd = &opts.daprd;
     // The e2e sidecar must not trim undelivered entries: MAXLEN only for the publish rows.
     let redis_maxlen = app_port.is_none();
@@ -335,7 +347,15 @@ pub async fn start_sidecar_with(
     std::fs::write(dir.join("c.yaml"), yaml)?;
     let (hp, gp) = (free_port()?, free_port()?);
     let started = Instant::now();
-    let child = Command::new(daprd)
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(daprd);
+            c
+        }
+        None => Command::new(daprd),
+    };
+    let child = command
         .args(
             app_port
                 .map(|p| vec!["--app-port".to_string(), p.to_string()])

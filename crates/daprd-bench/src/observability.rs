@@ -4,15 +4,18 @@
 //! OTLP/HTTP to a collector stand-in — loaded in interleaved blocks of HTTP publishes at
 //! concurrency 16. Reported per variant: publish throughput (median of blocks) and the
 //! sidecar's CPU per publish (`/proc/<pid>/stat` deltas over all blocks); then the RSS of both
-//! after publishing to 100 topics (100 label sets in every pub/sub series).
+//! after publishing to 100 topics (100 label sets in every pub/sub series). Then, where
+//! valgrind is installed, the instructions the sidecar executes per publish with metrics off
+//! and on, counted by callgrind over sequential publishes (a count that machine noise does
+//! not move, unlike CPU time).
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use serde_json::json;
 
 use crate::proc::{cpu_ticks, rss_kib};
 use crate::publish::{http_op, run_block};
-use crate::{start_sidecar_with, Broker, Opts};
+use crate::{start_sidecar_under, start_sidecar_with, Broker, Opts};
 
 /// One sidecar set-up: its name and extra flags.
 struct Variant {
@@ -91,6 +94,77 @@ fn recording_ns(iterations: u32) -> f64 {
         one(std::hint::black_box(i));
     }
     started.elapsed().as_nanos() as f64 / f64::from(iterations)
+}
+
+/// Instructions per publish of one sidecar started with `flags` under callgrind: `publishes`
+/// sequential HTTP publishes after a warm-up, counted between a zeroing and a dump of
+/// callgrind's counters (`callgrind_control`), so start-up and shutdown are left out.
+async fn instructions_per_publish(
+    opts: &Opts,
+    flags: &[&str],
+    body: &Bytes,
+    publishes: u32,
+) -> Result<f64> {
+    let dir = std::env::temp_dir().join(format!("daprd-bench-cg-{}", crate::free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("callgrind.out");
+    let out_flag = format!("--callgrind-out-file={}", out.display());
+    let wrapper = ["valgrind", "--tool=callgrind", out_flag.as_str()];
+    let (s, _) = start_sidecar_under(opts, &wrapper, &[Broker::Memory], None, flags).await?;
+    let pid = s.child.id().to_string();
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1.0/publish/memory/bench.instructions", s.http);
+    let publish = || async {
+        let r = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 204, "publish answered {}", r.status());
+        Ok(())
+    };
+    for _ in 0..50 {
+        publish().await?;
+    }
+    let control = |arg: &str| -> Result<()> {
+        let st = std::process::Command::new("callgrind_control")
+            .args([arg, pid.as_str()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "callgrind_control {arg} failed");
+        Ok(())
+    };
+    control("-z")?;
+    for _ in 0..publishes {
+        publish().await?;
+    }
+    control("-d")?;
+    drop(s);
+    // the dump is `callgrind.out.1`; its `summary:` line is the instruction count
+    let dump = std::fs::read_to_string(dir.join("callgrind.out.1"))
+        .with_context(|| format!("reading the callgrind dump in {}", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let total: f64 = dump
+        .lines()
+        .find_map(|l| l.strip_prefix("summary: "))
+        .context("no summary line in the callgrind dump")?
+        .trim()
+        .parse()?;
+    Ok(total / f64::from(publishes))
+}
+
+/// Whether valgrind and callgrind_control can be run.
+fn have_callgrind() -> bool {
+    ["valgrind", "callgrind_control"].iter().all(|p| {
+        std::process::Command::new(p)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
 }
 
 /// Runs the rows and prints them; returns them as JSON.
@@ -179,5 +253,21 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
     }
     println!("metrics recording per HTTP publish, in process: {recording:.0} ns");
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(json!({"variants": rows, "recording_ns_per_publish": recording}))
+    let instructions = if have_callgrind() {
+        let n = if opts.quick { 200 } else { 2000 };
+        let off = instructions_per_publish(opts, &["--enable-metrics=false"], &body, n).await?;
+        let on = instructions_per_publish(opts, &[], &body, n).await?;
+        println!(
+            "instructions per HTTP publish (callgrind, {n} sequential): metrics off {off:.0}, on {on:.0}, difference {:.0} ({:.1} %)",
+            on - off,
+            (on - off) * 100.0 / off
+        );
+        json!({"publishes": n, "metrics_off": off, "metrics_on": on})
+    } else {
+        println!("instructions per publish: skipped (valgrind is not installed)");
+        serde_json::Value::Null
+    };
+    Ok(
+        json!({"variants": rows, "recording_ns_per_publish": recording, "instructions_per_publish": instructions}),
+    )
 }

@@ -8,6 +8,7 @@ use crate::state::RuntimeState;
 
 pub mod grpc;
 pub mod http;
+pub mod http_metrics;
 pub mod metadata;
 
 /// What the API servers work on: the runtime state and the live subscriptions (for the

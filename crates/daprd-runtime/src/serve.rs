@@ -317,7 +317,10 @@ impl Sidecar {
             None => None,
         };
 
-        let http_router = crate::api::http::with_clean_paths(crate::api::http::router(api.clone()));
+        let http_router = crate::api::http::with_clean_paths(
+            crate::api::http::router(api.clone()),
+            api.metrics.enabled().then(|| api.metrics.clone()),
+        );
         if let Some((http_socket, grpc_socket)) = unix {
             let router = http_router.clone();
             let shutdown = state.api_stop.clone();
@@ -359,9 +362,10 @@ impl Sidecar {
         let public_addr = match public {
             Some(l) => {
                 let addr = l.local_addr().ok();
-                let router = crate::api::http::with_clean_paths(crate::api::http::public_router(
-                    api.clone(),
-                ));
+                let router = crate::api::http::with_clean_paths(
+                    crate::api::http::public_router(api.clone()),
+                    None,
+                );
                 let shutdown = state.api_stop.clone();
                 servers.spawn(async move {
                     let _ = axum::serve(l.tap_io(nodelay), router)

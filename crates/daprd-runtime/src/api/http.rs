@@ -18,6 +18,7 @@ use axum::Router;
 use base64::Engine as _;
 use serde_json::Value;
 
+use super::http_metrics::{RecordMetricsLayer, Unrouted};
 use crate::api::ApiState;
 use crate::error::{AnsweredCode, ApiError};
 use crate::outbound::publish::{BulkInput, BulkInputEntry, PublishInput, TraceHeaders, Transport};
@@ -63,12 +64,6 @@ pub fn router(state: AppState) -> Router {
     if state.api_logging.is_some() {
         r = r.layer(middleware::from_fn_with_state(state.clone(), log_api_call));
     }
-    if state.metrics.enabled() {
-        r = r.layer(middleware::from_fn_with_state(
-            state.clone(),
-            record_metrics,
-        ));
-    }
     let mut r = r.with_state(state.clone());
     if let Some(origins) = &state.config.allowed_origins {
         r = r.layer(cors_layer(origins));
@@ -86,11 +81,16 @@ pub fn public_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Wraps `router` so that request paths are cleaned (Go `path.Clean`) before routing.
-pub fn with_clean_paths(router: Router) -> Router {
-    Router::new()
-        .fallback_service(router)
-        .layer(middleware::map_request(clean_path))
+/// Wraps `router` so that request paths are cleaned (Go `path.Clean`) before routing, and
+/// each request is counted in `metrics` (when given) under its cleaned path. The metrics
+/// service wraps the router as a whole: a `Router::layer` would box and clone it per request.
+pub fn with_clean_paths(router: Router, metrics: Option<Arc<crate::metrics::Metrics>>) -> Router {
+    use tower::Layer as _;
+    let outer = match metrics {
+        Some(m) => Router::new().fallback_service(RecordMetricsLayer(m).layer(router)),
+        None => Router::new().fallback_service(router),
+    };
+    outer.layer(middleware::map_request(clean_path))
 }
 
 /// Whether `path` would change under `go_path_clean` (cheap check, no allocation).
@@ -194,44 +194,6 @@ async fn log_api_call(State(state): State<AppState>, req: Request, next: Next) -
     resp
 }
 
-/// Counts each request in the `dapr_http_server_*` series.
-async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    // A `Uri` clone shares its bytes: no copy of the path.
-    let uri = req.uri().clone();
-    let request_bytes = content_length(req.headers());
-    let started = std::time::Instant::now();
-    let resp = next.run(req).await;
-    let response_bytes = axum::body::HttpBody::size_hint(resp.body())
-        .exact()
-        .or_else(|| content_length(resp.headers()))
-        .unwrap_or(0);
-    let path = if resp.extensions().get::<Unrouted>().is_some() {
-        ""
-    } else {
-        uri.path()
-    };
-    if let Some(c) = resp.extensions().get::<AnsweredCode>() {
-        state.metrics.error_code(c.category, c.code);
-    }
-    state.metrics.http_request(
-        method.as_str(),
-        path,
-        resp.status().as_str(),
-        request_bytes.unwrap_or(0),
-        response_bytes,
-        started.elapsed(),
-    );
-    resp
-}
-
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 async fn api_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(token) = state.config.env.api_token.as_deref() else {
         return next.run(req).await;
@@ -256,11 +218,6 @@ async fn api_token(State(state): State<AppState>, mut req: Request, next: Next) 
     req.headers_mut().remove("dapr-api-token");
     next.run(req).await
 }
-
-/// Marks the router's own 404 (no route): its path is left out of the metrics' `path` label,
-/// so requests for made-up paths cannot add series without bound.
-#[derive(Clone, Copy)]
-struct Unrouted;
 
 async fn not_found() -> Response {
     let mut resp = (StatusCode::NOT_FOUND, "404 page not found\n").into_response();
