@@ -135,6 +135,25 @@ def receivers():
     g.stop()
 
 
+def tracing_config(rate, *exporters):
+    """A Configuration file tracing at `rate` to the `exporters` (YAML lines under tracing)."""
+    return config_file("  tracing:\n" f"    samplingRate: \"{rate}\"\n"
+                       + "".join(f"    {e}\n" for e in exporters))
+
+
+def otel(port, protocol, secure):
+    return (f"otel: {{endpointAddress: \"127.0.0.1:{port}\", protocol: {protocol}, "
+            f"isSecure: {'true' if secure else 'false'}}}")
+
+
+def traced_sidecar(sidecar_factory, app_factory, app_id, topic, cfg, env=None):
+    """An app subscribed to `topic` on Redis and its sidecar with Configuration `cfg`."""
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs(topic)})
+    s = sidecar_factory([REDIS], app_id=app_id, app_port=app.port, env=env, extra_args=["--config", cfg])
+    s.wait_ready()
+    return s, app
+
+
 def round_trip(s, app, trace_id, parent="b7ad6b7169203331", flags="01", topic="orders"):
     r = requests.post(f"{s.http}/v1.0/publish/redis/{topic}", json={"trace": trace_id},
                       headers={"traceparent": f"00-{trace_id}-{parent}-{flags}"})
@@ -194,25 +213,15 @@ def test_zipkin_and_otlp_grpc_get_the_round_trip(sidecar_factory, app_factory, r
 
 def test_otlp_http_and_rate_zero(sidecar_factory, app_factory, receivers):
     http_rx, _ = receivers
-    on = config_file(
-        "  tracing:\n"
-        "    samplingRate: \"1\"\n"
-        f"    otel: {{endpointAddress: \"127.0.0.1:{http_rx.port}\", protocol: http, isSecure: false}}\n")
-    off = config_file(
-        "  tracing:\n"
-        "    samplingRate: \"0\"\n"
-        f"    zipkin: {{endpointAddress: \"http://127.0.0.1:{http_rx.port}/api/v2/spans\"}}\n")
+    on = tracing_config("1", otel(http_rx.port, "http", False))
+    off = tracing_config("0", f"zipkin: {{endpointAddress: \"http://127.0.0.1:{http_rx.port}/api/v2/spans\"}}")
     # its own topic: the traced sidecar's consumer group must not pick this message up
-    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs("quiet")})
-    quiet = sidecar_factory([REDIS], app_id="quiet", app_port=app.port, extra_args=["--config", off])
-    quiet.wait_ready()
+    quiet, app = traced_sidecar(sidecar_factory, app_factory, "quiet", "quiet", off)
     silent_trace = "3" * 32
     round_trip(quiet, app, silent_trace, topic="quiet")
     quiet.stop()
 
-    app2 = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs()})
-    s = sidecar_factory([REDIS], app_id="traced-http", app_port=app2.port, extra_args=["--config", on])
-    s.wait_ready()
+    s, app2 = traced_sidecar(sidecar_factory, app_factory, "traced-http", "orders", on)
     trace_id = "4" * 32
     response_tp, app_tp = round_trip(s, app2, trace_id)
     check_trace(http_rx.spans, trace_id, response_tp, app_tp, "traced-http")
@@ -252,28 +261,18 @@ def test_otlp_over_tls_on_both_protocols(sidecar_factory, app_factory, collector
     try:
         for n, (protocol, rx) in enumerate([("grpc", grpc_rx), ("http", http_rx)]):
             topic = f"tls-{protocol}"
-            cfg = config_file(
-                "  tracing:\n"
-                "    samplingRate: \"1\"\n"
-                f"    otel: {{endpointAddress: \"127.0.0.1:{rx.port}\", protocol: {protocol}, isSecure: true}}\n")
-            app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs(topic)})
             # the collector's CA is the only root this sidecar trusts
-            s = sidecar_factory([REDIS], app_id=f"tls-{protocol}", app_port=app.port,
-                                env={"SSL_CERT_FILE": ca}, extra_args=["--config", cfg])
-            s.wait_ready()
+            s, app = traced_sidecar(sidecar_factory, app_factory, topic, topic,
+                                    tracing_config("1", otel(rx.port, protocol, True)),
+                                    env={"SSL_CERT_FILE": ca})
             trace_id = f"{n + 5}" * 32
             response_tp, _ = round_trip(s, app, trace_id, topic=topic)
             publish = publish_and_delivery_spans(rx.spans, trace_id)
             assert response_tp == f"00-{trace_id}-{publish['span_id']}-01"
 
         # without the CA the collector's certificate is refused: the export fails, said once
-        cfg = config_file(
-            "  tracing:\n"
-            "    samplingRate: \"1\"\n"
-            f"    otel: {{endpointAddress: \"127.0.0.1:{grpc_rx.port}\", protocol: grpc, isSecure: true}}\n")
-        app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs("tls-untrusted")})
-        s = sidecar_factory([REDIS], app_id="tls-untrusted", app_port=app.port, extra_args=["--config", cfg])
-        s.wait_ready()
+        s, app = traced_sidecar(sidecar_factory, app_factory, "tls-untrusted", "tls-untrusted",
+                                tracing_config("1", otel(grpc_rx.port, "grpc", True)))
         trace_id = "9" * 32
         round_trip(s, app, trace_id, topic="tls-untrusted")
         eventually(lambda: "trace export failed" in s.output(), 20, "the failed export logged")
