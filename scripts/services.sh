@@ -34,33 +34,44 @@ done
 # pubsub.kafka builds librdkafka from source (rdkafka-sys) against the system OpenSSL; its TLS
 # tests put socat in front of tansu (which has no TLS listener). The metrics tests scrape the
 # sidecar with a real Prometheus server (started by the tests themselves).
-for pkg in libssl-dev socat prometheus; do
+for pkg in libssl-dev socat prometheus patch; do
   if ! dpkg -s "$pkg" >/dev/null 2>&1; then
     echo "==> installing $pkg"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" >/dev/null
   fi
 done
 
-# Kafka-protocol broker for pubsub.kafka: tansu, built from crates.io once (19 minutes measured
-# on 2 cores; skipped when this version with these features is installed). Tests start
-# private tansu brokers too, so it must be on PATH. `dynostore` is its in-memory storage;
-# `libsql` its SQLite storage, where the SASL tests keep the SCRAM users across a restart.
+# Kafka-protocol broker for pubsub.kafka: tansu 0.6.0 from crates.io, built once (19 minutes
+# measured on 2 cores; skipped when this build is installed) with scripts/tansu-rejoin.patch
+# applied to its group coordinator (the file says why). Tests start private tansu brokers too,
+# so it must be on PATH. `dynostore` is its in-memory storage; `libsql` its SQLite storage,
+# where the SASL tests keep the SCRAM users across a restart.
 export PATH="$HOME/.cargo/bin:$PATH"
-tansu_installed() {
-  python3 - <<'PY'
-import json, os, sys
-try:
-    installs = json.load(open(os.path.expanduser("~/.cargo/.crates2.json")))["installs"]
-except (OSError, ValueError, KeyError):
-    sys.exit(1)
-ok = any(k.startswith("tansu 0.6.0 ") and {"dynostore", "libsql"} <= set(v.get("features", []))
-         for k, v in installs.items())
-sys.exit(0 if ok else 1)
-PY
-}
-if ! command -v tansu >/dev/null || ! tansu_installed; then
-  echo "==> installing tansu 0.6.0 (Kafka-compatible broker) from crates.io"
-  cargo install --locked --quiet --force tansu --version 0.6.0 --features dynostore,libsql
+tansu_patch="$PWD/scripts/tansu-rejoin.patch"
+tansu_mark="$HOME/.cargo/bin/.tansu-0.6.0-$(sha256sum "$tansu_patch" | cut -c1-16)"
+if ! command -v tansu >/dev/null || [ ! -e "$tansu_mark" ]; then
+  echo "==> building tansu 0.6.0 (Kafka-compatible broker) from crates.io, with $tansu_patch"
+  work="${TMPDIR:-/tmp}/daprd-rs-tansu-build"
+  rm -rf "$work"
+  mkdir -p "$work/fetch/src"
+  # the crates' sources, unpacked by cargo into its registry
+  printf '[package]\nname = "fetch-tansu"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\ntansu = { version = "=0.6.0", features = ["dynostore", "libsql"] }\ntansu-broker = "=0.6.0"\n' \
+    >"$work/fetch/Cargo.toml"
+  touch "$work/fetch/src/lib.rs"
+  (cd "$work/fetch" && cargo fetch --quiet)
+  registry="$(dirname "$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/tansu-broker-0.6.0 | head -1)")"
+  cp -r "$registry/tansu-0.6.0" "$work/tansu"
+  cp -r "$registry/tansu-broker-0.6.0" "$work/tansu-broker"
+  patch --quiet -p1 -d "$work/tansu-broker" <"$tansu_patch"
+  printf '\n[patch.crates-io]\ntansu-broker = { path = "../tansu-broker" }\n' >>"$work/tansu/Cargo.toml"
+  # tansu's own Cargo.lock pins every other crate
+  (cd "$work/tansu" && cargo build --release --quiet --features dynostore,libsql)
+  install -m 755 "$work/tansu/target/release/tansu" "$HOME/.cargo/bin/tansu"
+  rm -f "$HOME"/.cargo/bin/.tansu-0.6.0-*
+  touch "$tansu_mark"
+  rm -rf "$work"
+  # a shared broker started from an older build goes: the one started below is this build
+  pkill -f '^tansu broker --listener-url tcp://127.0.0.1:9092 ' || true
 fi
 ensure_service "tansu (Kafka)" 9092 'nohup tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ >/tmp/tansu-ci.log 2>&1 &'
 
