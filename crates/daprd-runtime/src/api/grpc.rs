@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use daprd_proto::runtime::v1 as pb;
 use daprd_proto::runtime::v1::dapr_server::{Dapr, DaprServer};
-use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::api::ApiState;
@@ -39,7 +38,7 @@ impl Dapr for DaprApi {
     ) -> Result<Response<()>, Status> {
         let trace = trace_headers(&request);
         let r = request.into_inner();
-        let received = r.encoded_len();
+        let received = self.size(&r);
         let input = PublishInput {
             pubsub: r.pubsub_name,
             topic: r.topic,
@@ -49,11 +48,9 @@ impl Dapr for DaprApi {
             trace,
             transport: Transport::Grpc,
         };
-        let traceparent = self.state.publisher.publish(input).await.map_err(|e| {
-            self.sizes(PUBLISH_EVENT, received, 0);
-            self.fail(&e)
-        })?;
+        let published = self.state.publisher.publish(input).await;
         self.sizes(PUBLISH_EVENT, received, 0);
+        let traceparent = published.map_err(|e| self.fail(&e))?;
         let mut resp = Response::new(());
         if let Ok(v) = traceparent.parse() {
             resp.metadata_mut().insert("traceparent", v);
@@ -95,11 +92,7 @@ impl Dapr for DaprApi {
         request: Request<pb::GetMetadataRequest>,
     ) -> Result<Response<pb::GetMetadataResponse>, Status> {
         let md = super::metadata::get_metadata(&self.state);
-        self.sizes(
-            GET_METADATA,
-            request.get_ref().encoded_len(),
-            md.encoded_len(),
-        );
+        self.sizes(GET_METADATA, self.size(request.get_ref()), self.size(&md));
         Ok(Response::new(md))
     }
 
@@ -108,7 +101,7 @@ impl Dapr for DaprApi {
         request: Request<pb::SetMetadataRequest>,
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
-        self.sizes(SET_METADATA, r.encoded_len(), 0);
+        self.sizes(SET_METADATA, self.size(&r), 0);
         self.state
             .extended
             .write()
@@ -138,6 +131,16 @@ const GET_METADATA: &str = "/dapr.proto.runtime.v1.Dapr/GetMetadata";
 const SET_METADATA: &str = "/dapr.proto.runtime.v1.Dapr/SetMetadata";
 
 impl DaprApi {
+    /// The encoded size of `m` when metrics record it (else 0: nothing is measured on the
+    /// publish path for nothing).
+    fn size(&self, m: &impl prost::Message) -> usize {
+        if self.state.metrics.enabled() {
+            m.encoded_len()
+        } else {
+            0
+        }
+    }
+
     /// Counts a unary call's message sizes (`dapr_grpc_io_server_*_bytes_per_rpc`).
     fn sizes(&self, method: &str, received: usize, sent: usize) {
         self.state.metrics.grpc_bytes(method, received, sent);
@@ -156,7 +159,7 @@ impl DaprApi {
     ) -> Result<Response<pb::BulkPublishResponse>, Status> {
         let trace = trace_headers(&request);
         let r = request.into_inner();
-        let received = r.encoded_len();
+        let received = self.size(&r);
         let input = BulkInput {
             pubsub: r.pubsub_name,
             topic: r.topic,
@@ -176,15 +179,11 @@ impl DaprApi {
             trace,
             transport: Transport::Grpc,
         };
-        let outcome = self
-            .state
-            .publisher
-            .bulk_publish(input)
-            .await
-            .map_err(|e| {
-                self.sizes(method, received, 0);
-                self.fail(&e)
-            })?;
+        let published = self.state.publisher.bulk_publish(input).await;
+        if published.is_err() {
+            self.sizes(method, received, 0);
+        }
+        let outcome = published.map_err(|e| self.fail(&e))?;
         if let Some(e) = &outcome.error {
             e.count_in(&self.state.metrics);
         }
@@ -199,7 +198,7 @@ impl DaprApi {
                 })
                 .collect(),
         };
-        self.sizes(method, received, resp.encoded_len());
+        self.sizes(method, received, self.size(&resp));
         Ok(Response::new(resp))
     }
 }
