@@ -7,6 +7,7 @@ use crate::inbound::subscriber::Subscriptions;
 use crate::state::RuntimeState;
 
 pub mod grpc;
+pub mod grpc_authority;
 pub mod http;
 pub mod http_metrics;
 pub mod metadata;

@@ -336,7 +336,11 @@ impl Sidecar {
             });
             servers.spawn(serve_grpc(
                 crate::api::grpc::service(api.clone()),
-                tokio_stream::wrappers::UnixListenerStream::new(grpc_socket),
+                // grpc-python's `:authority` for a socket path, made acceptable
+                futures::StreamExt::map(
+                    tokio_stream::wrappers::UnixListenerStream::new(grpc_socket),
+                    |conn| conn.map(crate::api::grpc_authority::AuthorityFix::new),
+                ),
                 state.api_stop.clone(),
             ));
         }
