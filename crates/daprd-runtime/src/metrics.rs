@@ -187,6 +187,7 @@ pub struct Metrics {
     http_latency: Family,
     http_request_bytes: Family,
     http_response_bytes: Family,
+    grpc_completed: Family,
     grpc_latency: Family,
     grpc_received_bytes: Family,
     grpc_sent_bytes: Family,
@@ -272,7 +273,8 @@ impl Metrics {
             http_latency: family("http_server_latency", "HTTP request end to end latency in server.", Histogram, HTTP, &latency),
             http_request_bytes: family("http_server_request_bytes", "HTTP request body size if set as ContentLength (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
             http_response_bytes: family("http_server_response_bytes", "HTTP response body size (uncompressed) in server.", Histogram, APP_ONLY, &sizes),
-            grpc_latency: family("grpc_io_server_server_latency", "Distribution of server latency in milliseconds, by method.", Histogram, GRPC, &latency),
+            grpc_completed: family("grpc_io_server_completed_rpcs", "Count of RPCs by method and status.", Counter, GRPC, &none),
+            grpc_latency: family("grpc_io_server_server_latency", "Distribution of server latency in milliseconds, by method.", Histogram, GRPC_METHOD, &latency),
             grpc_received_bytes: family("grpc_io_server_received_bytes_per_rpc", "Total bytes received across all messages per RPC.", Histogram, GRPC_METHOD, &sizes),
             grpc_sent_bytes: family("grpc_io_server_sent_bytes_per_rpc", "Total bytes sent in across all response messages per RPC.", Histogram, GRPC_METHOD, &sizes),
             grpc_client_latency: family("grpc_io_client_roundtrip_latency", "Time between first byte of request sent to last byte of response received, or terminal error.", Histogram, GRPC_CLIENT, &latency),
@@ -315,6 +317,7 @@ impl Metrics {
             &self.http_latency,
             &self.http_request_bytes,
             &self.http_response_bytes,
+            &self.grpc_completed,
             &self.grpc_latency,
             &self.grpc_received_bytes,
             &self.grpc_sent_bytes,
@@ -342,7 +345,6 @@ impl Metrics {
             (&self.bulk_ingress_latency, "dapr_component_pubsub_ingress_bulk_count", "The number of incoming bulk subscribe calls arriving from the bulk pub/sub component."),
             (&self.http_latency, "dapr_http_server_request_count", "Number of HTTP requests started in server."),
             (&self.http_latency, "dapr_http_server_response_count", "The number of HTTP responses"),
-            (&self.grpc_latency, "dapr_grpc_io_server_completed_rpcs", "Count of RPCs by method and status."),
             (&self.client_latency, "dapr_http_client_completed_count", "Count of completed requests"),
             (&self.grpc_client_latency, "dapr_grpc_io_client_completed_rpcs", "Count of RPCs by method and status."),
         ] {
@@ -585,8 +587,10 @@ impl Metrics {
         if !self.enabled {
             return;
         }
+        // by status for the count, by method only for the latency: Go daprd's views
         let labels = [self.app_id.as_str(), method, grpc_status(code)];
-        self.grpc_latency.observe(&labels, ms(elapsed));
+        self.grpc_completed.inc_by(&labels, 1);
+        self.grpc_latency.observe(&labels[..2], ms(elapsed));
     }
 
     /// One unary gRPC API call of `method` took a request message of `received` bytes and
@@ -911,6 +915,8 @@ mod tests {
         let m = Metrics::new("a", "ns", &Metric::default());
         let method = "/dapr.proto.runtime.v1.Dapr/PublishEvent";
         m.grpc_bytes(method, 1500, 0);
+        m.grpc_call(method, tonic::Code::Ok, Duration::from_millis(2));
+        m.grpc_call(method, tonic::Code::NotFound, Duration::from_millis(1));
         let cb = "/dapr.proto.runtime.v1.AppCallback/OnTopicEvent";
         m.grpc_client(cb, tonic::Code::Ok, 300, 2, Duration::from_millis(3));
         m.grpc_client(
@@ -924,6 +930,10 @@ mod tests {
         line(&text, &format!("dapr_grpc_io_server_received_bytes_per_rpc_bucket{{app_id=\"a\",grpc_server_method=\"{method}\",le=\"1024\"}} 0"));
         line(&text, &format!("dapr_grpc_io_server_received_bytes_per_rpc_bucket{{app_id=\"a\",grpc_server_method=\"{method}\",le=\"2048\"}} 1"));
         line(&text, &format!("dapr_grpc_io_server_sent_bytes_per_rpc_sum{{app_id=\"a\",grpc_server_method=\"{method}\"}} 0"));
+        // the server's count by status, its latency by method only (Go daprd's views)
+        line(&text, &format!("dapr_grpc_io_server_completed_rpcs{{app_id=\"a\",grpc_server_method=\"{method}\",grpc_server_status=\"OK\"}} 1"));
+        line(&text, &format!("dapr_grpc_io_server_completed_rpcs{{app_id=\"a\",grpc_server_method=\"{method}\",grpc_server_status=\"NOT_FOUND\"}} 1"));
+        line(&text, &format!("dapr_grpc_io_server_server_latency_count{{app_id=\"a\",grpc_server_method=\"{method}\"}} 2"));
         line(&text, &format!("dapr_grpc_io_client_completed_rpcs{{app_id=\"a\",grpc_client_method=\"{cb}\",grpc_client_status=\"OK\"}} 1"));
         line(&text, &format!("dapr_grpc_io_client_completed_rpcs{{app_id=\"a\",grpc_client_method=\"{cb}\",grpc_client_status=\"UNAVAILABLE\"}} 1"));
         line(&text, &format!("dapr_grpc_io_client_sent_bytes_per_rpc_sum{{app_id=\"a\",grpc_client_method=\"{cb}\"}} 600"));
