@@ -1,7 +1,8 @@
 """Traces: spans exported to receivers in this file that speak the real protocols — Zipkin v2
 JSON over HTTP, OTLP over gRPC (a grpcio server of `opentelemetry-proto`'s TraceService) and
 OTLP over HTTP/protobuf — for a publish → Redis → delivery round trip: names, kinds,
-parent/child links, the trace id the app receives, and sampling; and both OTLP protocols over
+parent/child links, the trace id the app receives, and sampling; the streaming and bulk
+delivery paths (spans and ingress counts); and both OTLP protocols over
 TLS (`isSecure: true`), verified against the system's roots as Go daprd's exporters do."""
 
 import json
@@ -280,3 +281,62 @@ def test_otlp_over_tls_on_both_protocols(sidecar_factory, app_factory, collector
     finally:
         http_rx.stop()
         grpc_rx.stop()
+
+
+# subscribes, answers one event with success and holds the stream open until told (the SDK's
+# close cancels the call, which can overtake an answer not yet sent)
+ONE_EVENT_STREAM = r"""
+import json, sys
+from dapr.clients import DaprClient
+with DaprClient() as c:
+    sub = c.subscribe(pubsub_name="pubsub", topic=sys.argv[1])
+    print("subscribed", flush=True)
+    msg = None
+    while msg is None:
+        msg = sub.next_message()
+    sub.respond_success(msg)
+    print(json.dumps(msg.data()), flush=True)
+    sys.stdin.readline()
+    sub.close()
+"""
+
+
+def test_streaming_and_bulk_deliveries_are_traced_and_counted(sidecar_factory, app_factory, receivers):
+    """The two delivery paths besides the per-message app call: a streaming subscription (the
+    SDK's `DaprClient.subscribe`) and a bulk subscription. Each delivery is a `pubsub/<topic>`
+    span, child of the publish span, and is counted in the ingress series."""
+    import os
+    import sys
+
+    http_rx, _ = receivers
+    cfg = tracing_config("1", f"zipkin: {{endpointAddress: \"http://127.0.0.1:{http_rx.port}/api/v2/spans\"}}")
+    bulk_subs = json.dumps([{"pubsubname": "pubsub", "topic": "bulkt", "route": "/bulkt",
+                             "bulkSubscribe": {"enabled": True, "maxMessagesCount": 10,
+                                               "maxAwaitDurationMs": 100}}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": bulk_subs})
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/bulkt": {"bulk": True}}).raise_for_status()
+    s = sidecar_factory(app_id="paths", app_port=app.port, extra_args=["--config", cfg])
+    s.wait_ready()
+    stream = subprocess.Popen([sys.executable, "-c", ONE_EVENT_STREAM, "streamt"], env={**os.environ, **s.sdk_env()},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stream.stdout.readline().strip() == "subscribed"
+        for topic, trace_id in (("streamt", "5" * 32), ("bulkt", "6" * 32)):
+            r = requests.post(f"{s.http}/v1.0/publish/pubsub/{topic}", json={"t": topic},
+                              headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"})
+            assert r.status_code == 204, r.text
+            publish = publish_and_delivery_spans(http_rx.spans, trace_id)
+            assert publish["name"] == f"/v1.0/publish/pubsub/{topic}"
+            delivery = [x for x in http_rx.spans.of_trace(trace_id) if x is not publish][0]
+            assert delivery["name"] == f"pubsub/{topic}"
+            assert delivery["attributes"]["messaging.destination.name"] == topic
+        assert json.loads(stream.stdout.readline()) == {"t": "streamt"}
+        text = requests.get(f"http://127.0.0.1:{s.metrics_port}/metrics").text
+    finally:
+        stream.communicate("\n", timeout=20)
+    ingress = [line for line in text.splitlines() if line.startswith("dapr_component_pubsub_ingress_count{")]
+    assert any('topic="streamt"' in line and 'process_status="success"' in line and line.endswith(" 1")
+               for line in ingress), ingress
+    bulk = [line for line in text.splitlines()
+            if line.startswith("dapr_component_pubsub_ingress_bulk_event_count{") and 'topic="bulkt"' in line]
+    assert bulk and bulk[0].endswith(" 1"), bulk
