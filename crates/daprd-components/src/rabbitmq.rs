@@ -266,18 +266,21 @@ impl PubSub for RabbitPubSub {
             metadata: request.metadata.clone(),
             handler,
         });
-        // Declare once up front so configuration errors surface at subscribe time.
+        // Declared and consuming before this returns: configuration errors surface here, and
+        // a caller that replaces a subscription (hot reload) knows the queue has its new
+        // consumer before the old one goes (an auto-delete queue would go with it).
         let (conn, ch) = open(&self.md)
             .await
             .map_err(|e| PubSubError::transient("rabbitmq", "connecting", e))?;
-        sub.prepare(&ch)
+        let consumer = sub
+            .consume(&ch)
             .await
             .map_err(|e| PubSubError::transient("rabbitmq", "declaring the subscription", e))?;
         let (cancel, cancelled) = watch::channel(false);
         let component_stop = self.stop.subscribe();
         let (guard, drained) = daprd_core::pubsub::drain_tracker();
         let stop = crate::stop::Stop::new(cancelled, component_stop);
-        tokio::spawn(sub.run(Some((conn, ch)), stop, guard));
+        tokio::spawn(sub.run(Some((conn, ch, consumer)), stop, guard));
         Ok(Subscription::new(move || {
             let _ = cancel.send(true);
         })

@@ -235,16 +235,22 @@ impl PubSub for RedisPubSub {
         // new entry after it) or when the component closes.
         let (cancel, cancelled) = tokio::sync::watch::channel(false);
         let cancel = Arc::new(cancel);
+        // Set with the stop, or alone by a quiesce: no more reads from the stream.
+        let (fetch_stop, fetch_stopped) = tokio::sync::watch::channel(false);
+        let fetch_stop = Arc::new(fetch_stop);
         let mut component_stop = self.stop.subscribe();
-        let on_close = cancel.clone();
+        let (on_close, fetch_on_close) = (cancel.clone(), fetch_stop.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = component_stop.wait_for(|s| *s) => { let _ = on_close.send(true); }
+                _ = component_stop.wait_for(|s| *s) => {
+                    let _ = fetch_on_close.send(true);
+                    let _ = on_close.send(true);
+                }
                 _ = on_close.closed() => {}
             }
         });
         let (guard, drained) = daprd_core::pubsub::drain_tracker();
-        subscriber::start(
+        let queued = subscriber::start(
             subscriber::Context {
                 component: self.name.clone(),
                 md: self.md.clone(),
@@ -255,12 +261,19 @@ impl PubSub for RedisPubSub {
                 holding: std::sync::Mutex::default(),
             },
             cancelled,
+            fetch_stopped,
             guard,
         );
+        let quiesce = fetch_stop.clone();
         Ok(Subscription::new(move || {
+            let _ = fetch_stop.send(true);
             let _ = cancel.send(true);
         })
-        .with_drain(drained))
+        .with_drain(drained)
+        .with_quiesce(move || {
+            let _ = quiesce.send(true);
+        })
+        .with_idle(move || queued.capacity() == queued.max_capacity()))
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

@@ -152,6 +152,8 @@ pub type Handler = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + S
 pub struct Subscription {
     stop: Option<Box<dyn FnOnce() + Send + Sync>>,
     drained: Option<Drained>,
+    idle: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    quiesce: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl Subscription {
@@ -160,7 +162,44 @@ impl Subscription {
         Self {
             stop: Some(Box::new(stop)),
             drained: None,
+            idle: None,
+            quiesce: None,
         }
+    }
+
+    /// The same subscription, whose [`Subscription::quiesce`] runs `quiesce`: stop taking
+    /// messages from the broker while delivering those already taken.
+    #[must_use]
+    pub fn with_quiesce(mut self, quiesce: impl FnOnce() + Send + Sync + 'static) -> Self {
+        self.quiesce = Some(Box::new(quiesce));
+        self
+    }
+
+    /// Stops taking new messages from the broker but keeps delivering the ones taken (a
+    /// component without a queue of its own in the process does nothing here). Hot reload
+    /// quiesces a replaced subscription, waits for [`Subscription::is_idle`], then stops it:
+    /// what it had taken is delivered rather than left for a late redelivery.
+    pub fn quiesce(&mut self) {
+        if let Some(quiesce) = self.quiesce.take() {
+            quiesce();
+        }
+    }
+
+    /// The same subscription, whose [`Subscription::is_idle`] asks `idle`: for a component
+    /// that queues messages in the process for this subscription (in-memory), whether that
+    /// queue is empty.
+    #[must_use]
+    pub fn with_idle(mut self, idle: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.idle = Some(Box::new(idle));
+        self
+    }
+
+    /// Whether no message waits in the process for this subscription (true for a component
+    /// that keeps nothing in the process: its broker holds what is not delivered yet). Hot
+    /// reload waits for it before stopping a replaced subscription, so that nothing queued
+    /// is dropped.
+    pub fn is_idle(&self) -> bool {
+        self.idle.as_ref().is_none_or(|idle| idle())
     }
 
     /// The same subscription, whose [`Subscription::stop`] waits for `drained`: the

@@ -95,6 +95,9 @@ impl Bus {
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::channel::<Message>(QUEUE_DEPTH);
+        // a sender of its own: the bus drops its one when the subscription leaves (quiesce),
+        // and the queue must still be measurable then
+        let queue = tx.clone();
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let (guard, drained) = daprd_core::pubsub::drain_tracker();
         let component = self.inner.name.clone();
@@ -131,8 +134,7 @@ impl Bus {
                 queue: tx,
             });
         let inner = Arc::downgrade(&self.inner);
-        Ok(Subscription::new(move || {
-            let _ = stop_tx.send(true);
+        let leave = move || {
             if let Some(inner) = inner.upgrade() {
                 inner
                     .subscribers
@@ -140,8 +142,16 @@ impl Bus {
                     .unwrap_or_else(PoisonError::into_inner)
                     .retain(|s| s.id != id);
             }
+        };
+        let quiesce = leave.clone();
+        Ok(Subscription::new(move || {
+            let _ = stop_tx.send(true);
+            leave();
         })
-        .with_drain(drained))
+        .with_drain(drained)
+        // no publish reaches it any more; what is queued is still delivered
+        .with_quiesce(quiesce)
+        .with_idle(move || queue.capacity() == queue.max_capacity()))
     }
 
     /// Drops every subscriber and refuses further use.
@@ -228,6 +238,49 @@ mod tests {
         drop(s1);
         bus.publish(publish_req("t", "x")).await.unwrap();
         assert!(recv(&mut r1).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_quiesced_subscription_delivers_what_it_queued_and_nothing_new() {
+        let bus = Bus::new("ps");
+        let (release, released) = tokio::sync::watch::channel(false);
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let handler: Handler = Arc::new(move |m: Message| {
+            let (mut released, seen_tx) = (released.clone(), seen_tx.clone());
+            Box::pin(async move {
+                let _ = released.wait_for(|r| *r).await;
+                let _ = seen_tx.send(m.data);
+                Outcome::Success
+            })
+        });
+        let mut sub = bus.subscribe("t".into(), handler).unwrap();
+        assert!(sub.is_idle());
+        for d in ["1", "2", "3"] {
+            bus.publish(publish_req("t", d)).await.unwrap();
+        }
+        // one in the handler, two queued
+        assert!(!sub.is_idle());
+        sub.quiesce();
+        bus.publish(publish_req("t", "late")).await.unwrap();
+        release.send(true).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(recv_bytes(&mut seen).await);
+        }
+        assert_eq!(got, ["1", "2", "3"]);
+        assert!(sub.is_idle());
+        sub.stop().await;
+        assert!(
+            seen.try_recv().is_err(),
+            "nothing published after the quiesce"
+        );
+    }
+
+    async fn recv_bytes(rx: &mut mpsc::UnboundedReceiver<Bytes>) -> Bytes {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open")
     }
 
     #[tokio::test]

@@ -133,10 +133,14 @@ impl SubscriptionTask {
     /// handed over go back to the queue with the channel. `_guard` is held until then.
     pub(super) async fn run(
         self: Arc<Self>,
-        mut first: Option<(Connection, Channel)>,
+        first: Option<(Connection, Channel, lapin::Consumer)>,
         mut stop: Stop,
         _guard: daprd_core::pubsub::DrainGuard,
     ) {
+        let (mut first, mut consumer) = match first {
+            Some((conn, ch, consumer)) => (Some((conn, ch)), Some(consumer)),
+            None => (None, None),
+        };
         loop {
             let (conn, ch) = match first.take() {
                 Some(c) => c,
@@ -151,33 +155,18 @@ impl SubscriptionTask {
                     }
                 },
             };
-            let consumed = async {
-                self.prepare(&ch).await?;
-                let tag: ShortString =
-                    format!("{}-{}", self.md.consumer_id, uuid::Uuid::new_v4().simple()).into();
-                let consumer = ch
-                    .basic_consume(
-                        self.queue.as_str().into(),
-                        tag,
-                        BasicConsumeOptions {
-                            no_ack: self.md.auto_ack,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                Ok::<_, lapin::Error>(consumer)
-            }
-            .await;
-            let mut consumer: lapin::Consumer = match consumed {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(component = %self.component, queue = %self.queue, error = %e, "rabbitmq subscription failed; retrying");
-                    if self.wait(&mut stop).await {
-                        return;
+            let mut consumer: lapin::Consumer = match consumer.take() {
+                Some(c) => c,
+                None => match self.consume(&ch).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(component = %self.component, queue = %self.queue, error = %e, "rabbitmq subscription failed; retrying");
+                        if self.wait(&mut stop).await {
+                            return;
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                },
             };
             // Held by every delivery of this connection until it is settled.
             let (settling, settled) = daprd_core::pubsub::drain_tracker();
@@ -268,6 +257,23 @@ impl SubscriptionTask {
                 return;
             }
         }
+    }
+
+    /// Declares the exchange, queue and bindings on `ch` and starts consuming the queue.
+    pub(super) async fn consume(&self, ch: &Channel) -> Result<lapin::Consumer, lapin::Error> {
+        self.prepare(ch).await?;
+        let tag: ShortString =
+            format!("{}-{}", self.md.consumer_id, uuid::Uuid::new_v4().simple()).into();
+        ch.basic_consume(
+            self.queue.as_str().into(),
+            tag,
+            BasicConsumeOptions {
+                no_ack: self.md.auto_ack,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
     }
 
     /// Sleeps `reconnectWaitSeconds`; true when the subscription should end instead.

@@ -93,10 +93,20 @@ fn to_message(topic: &str, entry: &StreamId, redelivered: bool) -> Message {
 }
 
 /// Starts the tasks of one subscription; they end once `stop_rx` turns true (workers after
-/// settling the entry in hand), and each holds a clone of `guard` until then.
-pub(super) fn start(ctx: Context, stop_rx: tokio::sync::watch::Receiver<bool>, guard: DrainGuard) {
+/// settling the entry in hand), and each holds a clone of `guard` until then. The reader and
+/// the reclaim loop also end once `fetch_rx` turns true (a quiesce): the workers then deliver
+/// what is queued. Returns a sender of the queue, to tell when it is empty.
+pub(super) fn start(
+    ctx: Context,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    fetch_rx: tokio::sync::watch::Receiver<bool>,
+    guard: DrainGuard,
+) -> mpsc::Sender<(String, Message)> {
     let ctx = Arc::new(ctx);
     let (tx, rx) = mpsc::channel::<(String, Message)>(ctx.md.queue_depth);
+    // for the caller to measure the queue (the workers end at the stop, not when the
+    // reader's and the reclaim loop's senders go)
+    let queued = tx.clone();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     for _ in 0..ctx.md.concurrency {
         tokio::spawn(worker(
@@ -109,13 +119,14 @@ pub(super) fn start(ctx: Context, stop_rx: tokio::sync::watch::Receiver<bool>, g
     tokio::spawn(reader(
         ctx.clone(),
         tx.clone(),
-        stop_rx.clone(),
+        fetch_rx.clone(),
         guard.clone(),
     ));
     if !ctx.md.processing_timeout.is_zero() && !ctx.md.redeliver_interval.is_zero() {
-        tokio::spawn(refresher(ctx.clone(), stop_rx.clone()));
-        tokio::spawn(reclaimer(ctx, tx, stop_rx, guard));
+        tokio::spawn(refresher(ctx.clone(), stop_rx));
+        tokio::spawn(reclaimer(ctx, tx, fetch_rx, guard));
     }
+    queued
 }
 
 async fn worker(
