@@ -24,6 +24,7 @@ pub mod error;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod reload;
 pub mod resiliency;
 pub mod scoping;
 pub mod serve;

@@ -72,6 +72,10 @@ pub struct Loaded {
     pub subscriptions: Vec<SubscriptionSpec>,
     /// Resiliency policies.
     pub resiliency: crate::resiliency::Resiliency,
+    /// The component manifests the store was built from (what hot reload compares with).
+    pub components: Vec<crate::config::resources::ComponentManifest>,
+    /// The registry the components were built through (hot reload builds with it too).
+    pub registry: Registry,
 }
 
 /// Loads the resources directories, builds the components through `registry` (the
@@ -118,6 +122,7 @@ pub async fn load(
         }
         false
     });
+    let components = resources.components.clone();
     let (subscriptions, sub_errors) =
         crate::inbound::subscriptions::parse_declarative(&resources.others);
     problems.extend(sub_errors.iter().map(ToString::to_string));
@@ -136,6 +141,8 @@ pub async fn load(
             store,
             subscriptions,
             resiliency,
+            components,
+            registry: registry.clone(),
         }),
         Ok(store) => {
             store.close_all().await;
@@ -414,6 +421,17 @@ impl Sidecar {
             subscriptions.clone(),
             loaded.subscriptions,
         ));
+        if loaded.configuration.hot_reload() {
+            start_reloader(
+                &state,
+                &subscriptions,
+                loaded.registry,
+                loaded.configuration,
+                loaded.components,
+            );
+        } else {
+            tracing::info!("hot reload is off (feature HotReload disabled in the Configuration)");
+        }
         tracing::info!(
             app_id = %state.config.app_id,
             http = ?http_addrs,
@@ -491,6 +509,37 @@ impl Sidecar {
         }
         tracing::info!("daprd shutdown complete");
     }
+}
+
+/// Watches the resources directories and applies their changes (hot reload).
+fn start_reloader(
+    state: &Arc<RuntimeState>,
+    subscriptions: &Arc<Subscriptions>,
+    registry: Registry,
+    configuration: crate::config::configuration::Configuration,
+    components: Vec<crate::config::resources::ComponentManifest>,
+) {
+    let cfg = &state.config;
+    let watcher = match crate::reload::DirectoryWatcher::new(
+        &cfg.resources_paths,
+        &cfg.app_id,
+        cfg.env.namespace.as_deref(),
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("hot reload is off: {e}");
+            return;
+        }
+    };
+    let reloader = crate::reload::Reloader::new(
+        state.clone(),
+        subscriptions.clone(),
+        registry,
+        build_context(cfg, &configuration, true),
+        configuration,
+        components,
+    );
+    tokio::spawn(reloader.run(watcher));
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

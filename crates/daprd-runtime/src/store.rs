@@ -66,42 +66,81 @@ impl RegisteredComponent {
     }
 }
 
-/// The live components.
+/// The live components. Hot reload replaces entries one at a time; a reader holds the
+/// `Arc` it got for as long as it works with it.
 #[derive(Default)]
 pub struct ComponentStore {
     pubsubs: RwLock<BTreeMap<String, Arc<PubSubEntry>>>,
-    registered: Vec<RegisteredComponent>,
+    secret_stores: RwLock<BTreeMap<String, Arc<dyn SecretStore>>>,
+    registered: RwLock<Vec<RegisteredComponent>>,
     failed: Vec<String>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ComponentStore {
     /// The pub/sub named `name`.
     pub fn pubsub(&self, name: &str) -> Option<Arc<PubSubEntry>> {
-        self.pubsubs
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
+        read(&self.pubsubs).get(name).cloned()
     }
 
     /// Every pub/sub.
     pub fn pubsubs(&self) -> Vec<Arc<PubSubEntry>> {
-        self.pubsubs
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
+        read(&self.pubsubs).values().cloned().collect()
+    }
+
+    /// The open secret stores by name.
+    pub fn secret_stores(&self) -> BTreeMap<String, Arc<dyn SecretStore>> {
+        read(&self.secret_stores).clone()
     }
 
     /// Components for the metadata API, in load order.
-    pub fn registered(&self) -> &[RegisteredComponent] {
-        &self.registered
+    pub fn registered(&self) -> Vec<RegisteredComponent> {
+        read(&self.registered).clone()
     }
 
     /// Types of the components that failed and were skipped (`ignoreErrors`).
     pub fn failed(&self) -> &[String] {
         &self.failed
+    }
+
+    /// Puts `built` in place of the component of the same name (publishes from now on go
+    /// to it) and returns the pub/sub it replaced, if any.
+    pub fn put(&self, manifest: &ComponentManifest, built: Built) -> Option<Arc<PubSubEntry>> {
+        let (features, old) = match built {
+            Built::PubSub(entry) => {
+                let features = entry.component.features().to_vec();
+                let old = write(&self.pubsubs).insert(manifest.name.clone(), entry);
+                write(&self.secret_stores).remove(&manifest.name);
+                (features, old)
+            }
+            Built::SecretStore(store) => {
+                write(&self.secret_stores).insert(manifest.name.clone(), store);
+                (Vec::new(), write(&self.pubsubs).remove(&manifest.name))
+            }
+        };
+        let entry = RegisteredComponent::of(manifest, &features);
+        let mut registered = write(&self.registered);
+        match registered.iter_mut().find(|r| r.name == manifest.name) {
+            Some(r) => *r = entry,
+            None => registered.push(entry),
+        }
+        old
+    }
+
+    /// Takes the component named `name` out; returns the pub/sub it was, if one.
+    pub fn remove(&self, name: &str) -> Option<Arc<PubSubEntry>> {
+        write(&self.registered).retain(|r| r.name != name);
+        write(&self.secret_stores).remove(name);
+        write(&self.pubsubs).remove(name)
     }
 
     /// Closes every pub/sub component.
@@ -112,6 +151,14 @@ impl ComponentStore {
             }
         }
     }
+}
+
+/// A component built and connected, ready to be put in the store.
+pub enum Built {
+    /// A pub/sub.
+    PubSub(Arc<PubSubEntry>),
+    /// A secret store.
+    SecretStore(Arc<dyn SecretStore>),
 }
 
 /// Who the components are built for.
@@ -282,6 +329,89 @@ async fn resolve_metadata(
     (md, namespaced)
 }
 
+/// Builds one planned component: resolves its metadata (secrets from `stores`), validates
+/// it and, with `ctx.connect`, opens or connects it within its `initTimeout`. `None` when it
+/// was not built: its problems are in `errors`, or it failed with `ignoreErrors` (logged),
+/// or nothing connects (`daprd validate`).
+pub async fn build_one(
+    p: &Planned,
+    stores: &BTreeMap<String, Arc<dyn SecretStore>>,
+    ctx: &BuildContext,
+    errors: &mut Vec<ResourceError>,
+) -> Result<Option<Built>, Ignored> {
+    let c = &p.manifest;
+    let (mut md, namespaced) = resolve_metadata(c, stores, ctx, errors).await;
+    if let Factory::PubSub(_) = &p.factory {
+        if md.get_non_empty("consumerID").is_none() {
+            md.insert("consumerID", ctx.app_id.clone());
+        }
+    }
+    let problems = match &p.factory {
+        Factory::SecretStore(f) => f.validate(&md),
+        Factory::PubSub(f) => f.validate(&md),
+    };
+    if !problems.is_empty() {
+        errors.extend(
+            problems
+                .into_iter()
+                .map(|e| err(c, Some(&format!("spec.metadata ({})", e.field)), e.problem)),
+        );
+        return Ok(None);
+    }
+    match &p.factory {
+        Factory::SecretStore(f) => match f.open(&md).await {
+            Ok(s) => Ok(Some(Built::SecretStore(s))),
+            Err(e) if c.ignore_errors => {
+                tracing::warn!(component = %c.name, error = %e, "secret store failed to open; ignored (ignoreErrors)");
+                Err(Ignored)
+            }
+            Err(e) => {
+                errors.push(err(c, None, format!("secret store failed to open: {e}")));
+                Ok(None)
+            }
+        },
+        Factory::PubSub(f) => {
+            if !ctx.connect || !errors.is_empty() {
+                return Ok(None);
+            }
+            let connected = tokio::time::timeout(c.init_timeout, f.connect(&c.name, &md)).await;
+            let component = match connected {
+                Ok(Ok(component)) => component,
+                Ok(Err(e)) if c.ignore_errors => {
+                    tracing::warn!(component = %c.name, error = %e, "component failed to initialise; ignored (ignoreErrors)");
+                    return Err(Ignored);
+                }
+                Err(_) if c.ignore_errors => {
+                    tracing::warn!(component = %c.name, timeout = ?c.init_timeout, "component init timed out; ignored (ignoreErrors)");
+                    return Err(Ignored);
+                }
+                Ok(Err(e)) => {
+                    errors.push(err(c, None, format!("init failed: {e}")));
+                    return Ok(None);
+                }
+                Err(_) => {
+                    errors.push(err(
+                        c,
+                        Some("spec.initTimeout"),
+                        format!("init did not finish within {:?}", c.init_timeout),
+                    ));
+                    return Ok(None);
+                }
+            };
+            Ok(Some(Built::PubSub(Arc::new(PubSubEntry {
+                name: c.name.clone(),
+                scoping: ScopingRules::from_metadata(&md),
+                topic_prefix: namespaced.then(|| ctx.namespace.clone()),
+                component,
+            }))))
+        }
+    }
+}
+
+/// A component that failed with `spec.ignoreErrors: true`: logged and left out.
+#[derive(Debug, Clone, Copy)]
+pub struct Ignored;
+
 /// Builds the component store from `resources`.
 ///
 /// # Errors
@@ -293,96 +423,20 @@ pub async fn build(
     ctx: &BuildContext,
 ) -> Result<ComponentStore, Vec<ResourceError>> {
     let (planned, mut errors) = plan(resources, registry);
-    let mut stores: BTreeMap<String, Arc<dyn SecretStore>> = BTreeMap::new();
     let mut store = ComponentStore::default();
     for p in planned {
         let c = &p.manifest;
-        let (md, namespaced) = resolve_metadata(c, &stores, ctx, &mut errors).await;
-        match &p.factory {
-            Factory::SecretStore(f) => {
-                let problems = f.validate(&md);
-                if !problems.is_empty() {
-                    errors.extend(
-                        problems.into_iter().map(|e| {
-                            err(c, Some(&format!("spec.metadata ({})", e.field)), e.problem)
-                        }),
-                    );
-                    continue;
+        let stores = read(&store.secret_stores).clone();
+        match build_one(&p, &stores, ctx, &mut errors).await {
+            Ok(Some(built)) => {
+                if let Built::PubSub(_) = &built {
+                    tracing::info!(component = %c.name, r#type = %c.ty, "component loaded");
                 }
-                match f.open(&md).await {
-                    Ok(s) => {
-                        stores.insert(c.name.clone(), s);
-                        store.registered.push(RegisteredComponent::of(c, &[]));
-                    }
-                    Err(e) if c.ignore_errors => {
-                        tracing::warn!(component = %c.name, error = %e, "secret store failed to open; ignored (ignoreErrors)");
-                        store.failed.push(c.ty.clone());
-                    }
-                    Err(e) => {
-                        errors.push(err(c, None, format!("secret store failed to open: {e}")))
-                    }
-                }
+                store.put(c, built);
             }
-            Factory::PubSub(f) => {
-                let mut md = md;
-                if md.get_non_empty("consumerID").is_none() {
-                    md.insert("consumerID", ctx.app_id.clone());
-                }
-                let problems = f.validate(&md);
-                if !problems.is_empty() {
-                    errors.extend(
-                        problems.into_iter().map(|e| {
-                            err(c, Some(&format!("spec.metadata ({})", e.field)), e.problem)
-                        }),
-                    );
-                    continue;
-                }
-                if !ctx.connect || !errors.is_empty() {
-                    store.registered.push(RegisteredComponent::of(c, &[]));
-                    continue;
-                }
-                let connected = tokio::time::timeout(c.init_timeout, f.connect(&c.name, &md)).await;
-                let component = match connected {
-                    Ok(Ok(component)) => component,
-                    Ok(Err(e)) if c.ignore_errors => {
-                        tracing::warn!(component = %c.name, error = %e, "component failed to initialise; ignored (ignoreErrors)");
-                        store.failed.push(c.ty.clone());
-                        continue;
-                    }
-                    Err(_) if c.ignore_errors => {
-                        tracing::warn!(component = %c.name, timeout = ?c.init_timeout, "component init timed out; ignored (ignoreErrors)");
-                        store.failed.push(c.ty.clone());
-                        continue;
-                    }
-                    Ok(Err(e)) => {
-                        errors.push(err(c, None, format!("init failed: {e}")));
-                        continue;
-                    }
-                    Err(_) => {
-                        errors.push(err(
-                            c,
-                            Some("spec.initTimeout"),
-                            format!("init did not finish within {:?}", c.init_timeout),
-                        ));
-                        continue;
-                    }
-                };
-                let entry = PubSubEntry {
-                    name: c.name.clone(),
-                    scoping: ScopingRules::from_metadata(&md),
-                    topic_prefix: namespaced.then(|| ctx.namespace.clone()),
-                    component,
-                };
-                store
-                    .registered
-                    .push(RegisteredComponent::of(c, entry.component.features()));
-                tracing::info!(component = %c.name, r#type = %c.ty, "component loaded");
-                store
-                    .pubsubs
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(c.name.clone(), Arc::new(entry));
-            }
+            // validated only (or not built because of earlier problems)
+            Ok(None) => write(&store.registered).push(RegisteredComponent::of(c, &[])),
+            Err(Ignored) => store.failed.push(c.ty.clone()),
         }
     }
     if errors.is_empty() {

@@ -168,6 +168,16 @@ pub struct SecretScope {
 }
 
 impl Configuration {
+    /// Whether hot reload is on: it is unless `spec.features` turns `HotReload` off (the
+    /// last entry of that name counts).
+    pub fn hot_reload(&self) -> bool {
+        self.features
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "HotReload")
+            .is_none_or(|(_, enabled)| *enabled)
+    }
+
     /// Whether `spec.components.deny` refuses a component of type `ty` at `version` (an entry
     /// `type` refuses every version, `type/version` that version; no version is `v1`).
     pub fn denies(&self, ty: &str, version: &str) -> bool {

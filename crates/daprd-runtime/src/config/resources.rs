@@ -65,7 +65,7 @@ pub struct MetadataItem {
 }
 
 /// A parsed `Component` manifest.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ComponentManifest {
     /// File it came from.
     pub file: PathBuf,

@@ -15,7 +15,7 @@ use serde_json::Value as Json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::inbound::channel::{AppReply, BulkDelivery, BulkEntryOut, BulkReply};
-use crate::inbound::delivery::{process_status, SubscriptionPipeline};
+use crate::inbound::delivery::{process_status, PipelineSlot, SubscriptionPipeline};
 use crate::inbound::subscriptions::BulkSubscribe;
 use crate::metrics::ProcessStatus;
 use crate::resiliency::AttemptError;
@@ -27,9 +27,9 @@ struct Item {
 
 /// The component handler for a bulk subscription: queues each message for the batcher and
 /// waits for its entry's result.
-pub fn handler(pipeline: Arc<SubscriptionPipeline>, cfg: BulkSubscribe) -> Handler {
+pub fn handler(slot: Arc<PipelineSlot>, cfg: BulkSubscribe) -> Handler {
     let (tx, rx) = mpsc::unbounded_channel::<Item>();
-    tokio::spawn(batcher(pipeline, cfg, rx));
+    tokio::spawn(batcher(slot, cfg, rx));
     Arc::new(move |msg| {
         let tx = tx.clone();
         Box::pin(async move {
@@ -43,7 +43,7 @@ pub fn handler(pipeline: Arc<SubscriptionPipeline>, cfg: BulkSubscribe) -> Handl
 }
 
 async fn batcher(
-    pipeline: Arc<SubscriptionPipeline>,
+    slot: Arc<PipelineSlot>,
     cfg: BulkSubscribe,
     mut rx: mpsc::UnboundedReceiver<Item>,
 ) {
@@ -61,7 +61,8 @@ async fn batcher(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        process(&pipeline, batch).await;
+        // a batch goes through the pipeline current when it is complete
+        process(&slot.current(), batch).await;
     }
 }
 

@@ -82,6 +82,43 @@ pub struct SubscriptionPipeline {
     pub metrics: Arc<Metrics>,
 }
 
+/// The pipeline a component subscription delivers through. Hot reload swaps it in place when
+/// a subscription changes only in what the sidecar does with a message (routes, dead-letter
+/// topic): the component keeps consuming, and every message goes through exactly one
+/// pipeline, the one current when it arrived.
+pub struct PipelineSlot(std::sync::RwLock<Arc<SubscriptionPipeline>>);
+
+impl PipelineSlot {
+    /// A slot holding `pipeline`.
+    pub fn new(pipeline: Arc<SubscriptionPipeline>) -> Arc<Self> {
+        Arc::new(Self(std::sync::RwLock::new(pipeline)))
+    }
+
+    /// The pipeline now in the slot.
+    pub fn current(&self) -> Arc<SubscriptionPipeline> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `pipeline` in the slot; messages that arrive from now on go through it.
+    pub fn replace(&self, pipeline: Arc<SubscriptionPipeline>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pipeline;
+    }
+
+    /// The component handler for one message at a time.
+    pub fn handler(self: Arc<Self>) -> Handler {
+        Arc::new(move |msg| {
+            let pipeline = self.current();
+            Box::pin(async move { pipeline.handle(msg).await })
+        })
+    }
+}
+
 const DLT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether the CloudEvent's `expiration` is in the past.
@@ -171,10 +208,7 @@ impl SubscriptionPipeline {
 
     /// The component handler for this subscription.
     pub fn handler(self: Arc<Self>) -> Handler {
-        Arc::new(move |msg| {
-            let me = self.clone();
-            Box::pin(async move { me.handle(msg).await })
-        })
+        PipelineSlot::new(self).handler()
     }
 
     fn api_topic(&self, broker_topic: &str) -> String {

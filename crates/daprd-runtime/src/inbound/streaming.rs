@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use daprd_core::pubsub::SubscribeRequest;
 use daprd_proto::runtime::v1 as pb;
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
@@ -18,7 +17,6 @@ use tonic::Status;
 use crate::error::ApiError;
 use crate::inbound::channel::grpc::{interpret_grpc_status, topic_event_request};
 use crate::inbound::channel::{AppChannel, AppReply, ChannelError, Delivery};
-use crate::inbound::delivery::SubscriptionPipeline;
 use crate::inbound::routing::Rule;
 use crate::inbound::subscriber::Subscriptions;
 use crate::inbound::subscriptions::{BulkSubscribe, SubscriptionKind, SubscriptionSpec};
@@ -94,33 +92,25 @@ pub async fn subscribe(
     let (spec, entry) = initial_request(&state, &mut incoming).await?;
     let (out_tx, out_rx) = mpsc::channel(64);
     let pending: Pending = Arc::default();
-    let channel = Arc::new(StreamChannel {
+    let channel: Arc<dyn crate::inbound::channel::AppChannel> = Arc::new(StreamChannel {
         out: out_tx.clone(),
         pending: pending.clone(),
     });
-    let pipeline = Arc::new(SubscriptionPipeline::new(
+    let (handle, slot) = crate::inbound::subscriber::subscribe_on(
         &state,
-        subscriptions.in_flight.clone(),
-        spec.clone(),
-        entry.clone(),
-        channel,
-    ));
-    let request = SubscribeRequest {
-        topic: entry.broker_topic(&spec.topic),
-        metadata: spec.metadata.clone(),
-        bulk: None,
-    };
-    let handle = entry
-        .component
-        .subscribe(request, pipeline.handler())
-        .await
-        .map_err(|e| {
-            plain(&format!(
-                "failed to create subscription for topic {} on pubsub {}: {e}",
-                spec.topic, spec.pubsub
-            ))
-        })?;
-    let id = subscriptions.add(spec.clone(), handle);
+        &subscriptions.in_flight,
+        &spec,
+        &entry,
+        channel.clone(),
+    )
+    .await
+    .map_err(|e| {
+        plain(&format!(
+            "failed to create subscription for topic {} on pubsub {}: {e}",
+            spec.topic, spec.pubsub
+        ))
+    })?;
+    let id = subscriptions.add(spec.clone(), handle, channel, slot);
     tracing::info!(pubsub = %spec.pubsub, topic = %spec.topic, "streaming subscription opened");
 
     let initial = pb::SubscribeTopicEventsResponseAlpha1 {
