@@ -13,6 +13,8 @@
 //!   publishes of 50,000 entries, in-memory and Redis.
 //! * Observability cost (`observability.rs`): publish throughput and sidecar CPU per publish
 //!   with metrics off and on, and RSS with metrics on after 100 topics.
+//! * Hot reload cost (`reload.rs`): publish latency while the component is rewritten every
+//!   second vs without.
 //! * Soak (`soak.rs`, `--soak SECS`): steady publish → deliver, RSS and fds every 10 s.
 //! * Footprint: exec → `/v1.0/healthz/outbound` 204, idle RSS, binary size (and stripped).
 //!
@@ -25,6 +27,7 @@ mod e2e;
 mod observability;
 mod proc;
 mod publish;
+mod reload;
 mod soak;
 
 use std::path::PathBuf;
@@ -56,6 +59,8 @@ pub struct Opts {
     bulk_memory_only: bool,
     /// `--observability`: only the cost rows of metrics.
     observability_only: bool,
+    /// `--reload`: only the hot reload cost rows.
+    reload_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -70,6 +75,7 @@ fn parse_args() -> Result<Opts> {
     let mut soak_rate = 200;
     let mut bulk_memory_only = false;
     let mut observability_only = false;
+    let mut reload_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -86,12 +92,13 @@ fn parse_args() -> Result<Opts> {
             "--only" => only = Some(args.next().context("--only needs a row name part")?),
             "--bulk-memory" => bulk_memory_only = true,
             "--observability" => observability_only = true,
+            "--reload" => reload_only = true,
             "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
             "--soak-rate" => {
                 soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
             }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -130,6 +137,7 @@ fn parse_args() -> Result<Opts> {
         soak_rate,
         bulk_memory_only,
         observability_only,
+        reload_only,
     })
 }
 
@@ -283,6 +291,13 @@ pub struct Sidecar {
     pub http: String,
     pub grpc: String,
     _dir: PathBuf,
+}
+
+impl Sidecar {
+    /// Its resources directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self._dir
+    }
 }
 
 impl Drop for Sidecar {
@@ -459,6 +474,14 @@ async fn main() -> Result<()> {
         )?;
         return Ok(());
     }
+    if opts.reload_only {
+        let doc = reload::run(&opts).await?;
+        std::fs::write(
+            &opts.out,
+            serde_json::to_vec_pretty(&json!({"reload": doc}))?,
+        )?;
+        return Ok(());
+    }
     if opts.bulk_memory_only {
         let doc = bulk_memory::run(&opts, &brokers).await?;
         std::fs::write(
@@ -530,6 +553,11 @@ async fn main() -> Result<()> {
     } else {
         observability::run(&opts).await?
     };
+    let reload = if opts.only.is_some() || !brokers.contains(&Broker::Redis) {
+        json!(null)
+    } else {
+        reload::run(&opts).await?
+    };
 
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let stripped_path = std::env::temp_dir().join(format!("daprd-stripped-{}", std::process::id()));
@@ -576,6 +604,7 @@ async fn main() -> Result<()> {
         "end_to_end": e2e,
         "bulk_memory": bulk_memory,
         "observability": observability,
+        "reload": reload,
         "startup_ms": {"p50": p50_start, "max": max_start, "runs": starts.len()},
         "idle_rss_kib": idle_rss,
         "rss_after_load_kib": loaded_rss,

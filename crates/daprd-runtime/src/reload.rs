@@ -188,6 +188,18 @@ pub struct Reloader {
     configuration: Configuration,
     /// The component manifests applied, by name.
     applied: BTreeMap<String, ComponentManifest>,
+    /// The Resiliency documents the policies in force came from.
+    resiliency: Vec<serde_norway::Value>,
+}
+
+/// The Resiliency documents of `resources`, in load order (what a reload compares).
+pub fn resiliency_docs(resources: &Resources) -> Vec<serde_norway::Value> {
+    resources
+        .others
+        .iter()
+        .filter(|m| m.kind == "Resiliency")
+        .map(|m| m.doc.clone())
+        .collect()
 }
 
 impl Reloader {
@@ -207,7 +219,15 @@ impl Reloader {
             build,
             configuration,
             applied: applied.into_iter().map(|c| (c.name.clone(), c)).collect(),
+            resiliency: Vec::new(),
         }
+    }
+
+    /// The Resiliency documents the running policies came from.
+    #[must_use]
+    pub fn with_resiliency(mut self, docs: Vec<serde_norway::Value>) -> Self {
+        self.resiliency = docs;
+        self
     }
 
     /// Applies every change `source` reports until it ends or shutdown begins.
@@ -245,7 +265,10 @@ impl Reloader {
         });
         let plan = plan::components(&self.applied, &resources.components, &broken);
         if !plan.is_empty() {
-            self.apply_components(&resources, plan).await;
+            let switched = self.apply_components(&resources, plan).await;
+            if !switched.is_empty() {
+                self.reread_programmatic(&switched).await;
+            }
         }
         let (declarative, errors) =
             crate::inbound::subscriptions::parse_declarative(&resources.others);
@@ -257,9 +280,73 @@ impl Reloader {
             }
         }
         self.reconcile_subscriptions().await;
+        if broken.is_empty() {
+            self.apply_resiliency(&resources).await;
+        }
     }
 
-    async fn apply_components(&mut self, resources: &Resources, plan: plan::ComponentPlan) {
+    /// New Resiliency documents: the policies are rebuilt and put in force, and every
+    /// subscription's pipeline is rebuilt in place to take its new inbound policy.
+    async fn apply_resiliency(&mut self, resources: &Resources) {
+        let docs = resiliency_docs(resources);
+        if docs == self.resiliency {
+            return;
+        }
+        let (policies, errors) =
+            crate::resiliency::Resiliency::load(&resources.others, &self.state.config.app_id);
+        if !errors.is_empty() {
+            for e in &errors {
+                tracing::error!("hot reload: {e}; the resiliency policies are kept as they were");
+            }
+            return;
+        }
+        self.state.resiliency.replace(policies);
+        self.resiliency = docs;
+        let _changing = self.subscriptions.changing.lock().await;
+        let store = self.state.publisher.store();
+        for (id, spec, channel) in self.subscriptions.all() {
+            if let Some(entry) = store.pubsub(&spec.pubsub) {
+                self.subscriptions.swap_pipeline(
+                    id,
+                    Arc::new(SubscriptionPipeline::new(
+                        &self.state,
+                        self.subscriptions.in_flight.clone(),
+                        spec,
+                        entry,
+                        channel,
+                    )),
+                );
+            }
+        }
+        tracing::info!("hot reload: resiliency policies updated");
+    }
+
+    /// Asks the app again for its programmatic subscriptions, and takes those on the
+    /// components just added or changed.
+    async fn reread_programmatic(&self, components: &[String]) {
+        let cfg = &self.state.config;
+        if cfg.app.port == 0 || cfg.disable_init_endpoints.iter().any(|e| e == "subscribe") {
+            return;
+        }
+        let Some(channel) = self.subscriptions.app_channel() else {
+            return;
+        };
+        match channel.list_subscriptions().await {
+            Ok(listed) => self.subscriptions.replace_programmatic(components, listed),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "hot reload: asking the app for its subscriptions failed; its programmatic subscriptions are kept"
+            ),
+        }
+    }
+
+    /// Applies `plan`; returns the names of the pub/subs added or changed.
+    async fn apply_components(
+        &mut self,
+        resources: &Resources,
+        plan: plan::ComponentPlan,
+    ) -> Vec<String> {
+        let mut switched = Vec::new();
         for name in &plan.removed {
             self.remove(name).await;
             self.applied.remove(name);
@@ -292,7 +379,11 @@ impl Reloader {
             let mut errors = Vec::new();
             match build_one(&p, &stores, &self.build, &mut errors).await {
                 Ok(Some(built)) => {
+                    let pubsub = matches!(built, Built::PubSub(_));
                     if self.switch(&p.manifest, built).await {
+                        if pubsub {
+                            switched.push(name.to_string());
+                        }
                         self.applied.insert(name.to_string(), p.manifest.clone());
                         tracing::info!(
                             component = %name,
@@ -311,6 +402,7 @@ impl Reloader {
                 Err(crate::store::Ignored) => {}
             }
         }
+        switched
     }
 
     /// Puts a built component in place of the one of the same name; false when the new

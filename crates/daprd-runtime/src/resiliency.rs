@@ -420,6 +420,52 @@ pub struct Resiliency {
     built: std::sync::RwLock<BTreeMap<String, [Option<Arc<Policy>>; 2]>>,
 }
 
+/// The resiliency policies in force. Hot reload replaces them whole: a publish or a delivery
+/// takes the policy of the set current when it starts (circuit breakers start closed in a
+/// new set).
+#[derive(Debug, Default)]
+pub struct Policies {
+    current: std::sync::RwLock<Arc<Resiliency>>,
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
+}
+
+impl Policies {
+    /// `resiliency` in force.
+    pub fn new(resiliency: Resiliency) -> Self {
+        Self {
+            current: std::sync::RwLock::new(Arc::new(resiliency)),
+            metrics: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> Arc<Resiliency> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The policy for `direction` operations of `component` in the set in force.
+    pub fn component_policy(&self, component: &str, direction: Direction) -> Arc<Policy> {
+        self.current().component_policy(component, direction)
+    }
+
+    /// Counts the policies' runs in `metrics`, this set's and every later one's.
+    pub fn observe(&self, metrics: Arc<Metrics>) {
+        self.current().observe(metrics.clone());
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Puts `resiliency` in force (hot reload); the next publish or delivery uses it.
+    pub fn replace(&self, resiliency: Resiliency) {
+        if let Some(m) = self.metrics.get() {
+            resiliency.observe(m.clone());
+        }
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(resiliency);
+    }
+}
+
 fn get_ci<'a>(obj: &'a serde_json::Map<String, Json>, key: &str) -> Option<&'a Json> {
     obj.get(key).or_else(|| {
         obj.iter()

@@ -76,6 +76,8 @@ pub struct Loaded {
     pub components: Vec<crate::config::resources::ComponentManifest>,
     /// The registry the components were built through (hot reload builds with it too).
     pub registry: Registry,
+    /// The Resiliency documents the policies came from (what hot reload compares with).
+    pub resiliency_docs: Vec<serde_norway::Value>,
 }
 
 /// Loads the resources directories, builds the components through `registry` (the
@@ -123,6 +125,7 @@ pub async fn load(
         false
     });
     let components = resources.components.clone();
+    let resiliency_docs = crate::reload::resiliency_docs(&resources);
     let (subscriptions, sub_errors) =
         crate::inbound::subscriptions::parse_declarative(&resources.others);
     problems.extend(sub_errors.iter().map(ToString::to_string));
@@ -143,6 +146,7 @@ pub async fn load(
             resiliency,
             components,
             registry: registry.clone(),
+            resiliency_docs,
         }),
         Ok(store) => {
             store.close_all().await;
@@ -264,7 +268,7 @@ impl Sidecar {
         let state = RuntimeState::new(
             config,
             Arc::new(loaded.store),
-            Arc::new(loaded.resiliency),
+            Arc::new(crate::resiliency::Policies::new(loaded.resiliency)),
             &loaded.configuration,
         );
         let types: Vec<String> = state
@@ -427,7 +431,7 @@ impl Sidecar {
                 &subscriptions,
                 loaded.registry,
                 loaded.configuration,
-                loaded.components,
+                (loaded.components, loaded.resiliency_docs),
             );
         } else {
             tracing::info!("hot reload is off (feature HotReload disabled in the Configuration)");
@@ -517,7 +521,10 @@ fn start_reloader(
     subscriptions: &Arc<Subscriptions>,
     registry: Registry,
     configuration: crate::config::configuration::Configuration,
-    components: Vec<crate::config::resources::ComponentManifest>,
+    (components, resiliency_docs): (
+        Vec<crate::config::resources::ComponentManifest>,
+        Vec<serde_norway::Value>,
+    ),
 ) {
     let cfg = &state.config;
     let watcher = match crate::reload::DirectoryWatcher::new(
@@ -538,7 +545,8 @@ fn start_reloader(
         build_context(cfg, &configuration, true),
         configuration,
         components,
-    );
+    )
+    .with_resiliency(resiliency_docs);
     tokio::spawn(reloader.run(watcher));
 }
 

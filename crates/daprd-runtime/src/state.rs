@@ -84,7 +84,7 @@ pub struct RuntimeState {
     /// The shutdown signal.
     pub shutdown: Shutdown,
     /// Resiliency policies.
-    pub resiliency: Arc<crate::resiliency::Resiliency>,
+    pub resiliency: Arc<crate::resiliency::Policies>,
     /// Stops the API servers (after any `--dapr-block-shutdown-duration`).
     pub api_stop: Shutdown,
     /// App health as last probed (`None` until known or when not checked).
@@ -102,7 +102,7 @@ impl RuntimeState {
     pub fn new(
         config: RuntimeConfig,
         store: Arc<ComponentStore>,
-        resiliency: Arc<crate::resiliency::Resiliency>,
+        resiliency: Arc<crate::resiliency::Policies>,
         configuration: &crate::config::configuration::Configuration,
     ) -> Arc<Self> {
         let api_logging = configuration

@@ -223,3 +223,59 @@ def test_hot_reload_off_in_the_configuration(sidecar_factory, app_factory):
         assert publish_ok(s, 1)
     assert requests.post(f"{s.http}/v1.0/publish/extra/orders", json={}).status_code == 404
     assert "hot reload:" not in s.output()
+
+
+def resiliency(retries):
+    return ("apiVersion: dapr.io/v1alpha1\nkind: Resiliency\nmetadata: {name: res}\nspec:\n  policies:\n"
+            f"    retries:\n      appRetry: {{policy: constant, duration: 10ms, maxRetries: {retries}}}\n"
+            "  targets:\n    components:\n      pubsub:\n        inbound: {retry: appRetry}\n")
+
+
+def attempts(app, n):
+    started = requests.get(f"http://127.0.0.1:{app.port}/_started").json()
+    return sum(1 for r in started if json.loads(r["body"])["data"]["n"] == n)
+
+
+def test_resiliency_changes_apply_to_the_next_delivery(sidecar_factory, app_factory):
+    s, app = start(sidecar_factory, app_factory, [component("in-memory", 0), subscription("/orders")])
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/orders": {"status": 500}}).raise_for_status()
+    res = Path(s.dir.name, "res.yaml")
+    n = 0
+    for version, retries in enumerate([None, 2, 4]):
+        if retries is not None:
+            save(res, resiliency(retries), rename=version % 2 == 0)
+            eventually(lambda: count(s, "hot reload: resiliency policies updated") == version, 20,
+                       f"resiliency {version}")
+        n += 1
+        assert publish_ok(s, n)
+        want = 1 + (retries or 0)
+        eventually(lambda: attempts(app, n) == want, 20, f"{want} attempts of message {n}")
+        # deliveries of one subscription are serial: once the next message is tried, this
+        # one's attempts are final
+        assert publish_ok(s, n + 100)
+        eventually(lambda: attempts(app, n + 100) >= 1, 20, "the next message")
+        assert attempts(app, n) == want
+
+
+def test_programmatic_subscriptions_are_asked_again_when_their_component_changes(sidecar_factory,
+                                                                                 app_factory):
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": json.dumps(
+        [{"pubsubname": "pubsub", "topic": "p1", "route": "/orders-p1"}])})
+    s = sidecar_factory([component("in-memory", 0)], app_id="reload", app_port=app.port)
+    s.wait_ready()
+
+    def topics():
+        return sorted(x["topic"] for x in requests.get(f"{s.http}/v1.0/metadata").json().get("subscriptions", []))
+    assert topics() == ["p1"]
+    requests.post(f"http://127.0.0.1:{app.port}/_subscriptions",
+                  data=json.dumps([{"pubsubname": "pubsub", "topic": "p2", "route": "/orders-p2"}])).raise_for_status()
+    # a new component: only subscriptions on it would be taken from the answer
+    Path(s.dir.name, "other.yaml").write_text(component("in-memory", 0, name="other"))
+    eventually(lambda: count(s, "hot reload: component added") == 1, 20, "other added")
+    assert topics() == ["p1"]
+    # its component changes: asked again
+    save(Path(s.dir.name, "c0.yaml"), component("in-memory", 1), rename=True)
+    eventually(lambda: topics() == ["p2"], 20, "the app's new answer applied")
+    r = requests.post(f"{s.http}/v1.0/publish/pubsub/p2", json={"n": 9})
+    assert r.status_code == 204
+    eventually(lambda: 9 in received_numbers(app), 20, "delivery on the new programmatic subscription")

@@ -128,6 +128,14 @@ impl Subscriptions {
             .collect()
     }
 
+    /// Every subscription: id, spec and channel.
+    pub(crate) fn all(&self) -> Vec<(u64, SubscriptionSpec, Arc<dyn AppChannel>)> {
+        lock(&self.active)
+            .iter()
+            .map(|a| (a.id, a.spec.clone(), a.channel.clone()))
+            .collect()
+    }
+
     /// The app's subscriptions (not the streaming ones): id and spec.
     pub(crate) fn app_active(&self) -> Vec<(u64, SubscriptionSpec, Arc<dyn AppChannel>)> {
         lock(&self.active)
@@ -178,6 +186,20 @@ impl Subscriptions {
             merge(app.declarative.clone(), app.programmatic.clone(), app_id),
             channel,
         ))
+    }
+
+    /// The app channel, once the app listens.
+    pub(crate) fn app_channel(&self) -> Option<Arc<dyn AppChannel>> {
+        lock(&self.app).channel.clone()
+    }
+
+    /// Replaces the programmatic subscriptions on the components `changed` with those of
+    /// `listed` on them (the app asked again after those components changed).
+    pub(crate) fn replace_programmatic(&self, changed: &[String], listed: Vec<SubscriptionSpec>) {
+        let mut app = lock(&self.app);
+        app.programmatic.retain(|s| !changed.contains(&s.pubsub));
+        app.programmatic
+            .extend(listed.into_iter().filter(|s| changed.contains(&s.pubsub)));
     }
 
     fn set_app(&self, channel: Arc<dyn AppChannel>, programmatic: Vec<SubscriptionSpec>) {

@@ -14,7 +14,7 @@ use futures::StreamExt;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::resiliency::{AttemptError, Direction, Resiliency, StatusCode};
+use crate::resiliency::{AttemptError, Direction, Policies, StatusCode};
 use crate::store::{ComponentStore, PubSubEntry};
 use crate::trace::{SpanContext, Tracer};
 
@@ -109,7 +109,7 @@ pub struct BulkOutcome {
 pub struct Publisher {
     app_id: String,
     store: Arc<ComponentStore>,
-    resiliency: Arc<Resiliency>,
+    resiliency: Arc<Policies>,
     metrics: Arc<Metrics>,
     tracer: Arc<Tracer>,
 }
@@ -179,7 +179,7 @@ impl Publisher {
     pub fn new(
         app_id: impl Into<String>,
         store: Arc<ComponentStore>,
-        resiliency: Arc<Resiliency>,
+        resiliency: Arc<Policies>,
         metrics: Arc<Metrics>,
         tracer: Arc<Tracer>,
     ) -> Self {

@@ -1,6 +1,6 @@
 """A plain HTTP subscriber app (no SDK): answers GET /dapr/subscribe with the JSON in the
-SUBSCRIPTIONS env var, records every POST it receives, and answers each path as told
-through POST /_mode. GET /_received returns what it recorded."""
+SUBSCRIPTIONS env var (or what POST /_subscriptions set since), records every POST it receives,
+and answers each path as told through POST /_mode. GET /_received returns what it recorded."""
 
 import json
 import os
@@ -14,6 +14,7 @@ STARTED = []
 MODES = {}  # path -> {"status": int, "body": str, "sleep": float}
 LOCK = threading.Lock()
 HEALTH = {"healthy": os.environ.get("HEALTHY", "1") == "1"}
+SUBSCRIPTIONS = {}  # "now": the answer to GET /dapr/subscribe, once POST /_subscriptions set it
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -33,7 +34,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             return self.reply(200 if HEALTH["healthy"] else 503)
         if self.path == "/dapr/subscribe":
-            subs = os.environ.get("SUBSCRIPTIONS")
+            subs = SUBSCRIPTIONS.get("now", os.environ.get("SUBSCRIPTIONS"))
             if subs is None:
                 return self.reply(404, b"not found", "text/plain")
             return self.reply(200, subs.encode())
@@ -50,6 +51,9 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if self.path == "/_health":
             HEALTH["healthy"] = json.loads(body)["healthy"]
+            return self.reply(204)
+        if self.path == "/_subscriptions":
+            SUBSCRIPTIONS["now"] = body.decode()
             return self.reply(204)
         if self.path == "/_mode":
             with LOCK:
