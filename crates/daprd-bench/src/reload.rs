@@ -37,6 +37,12 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
         body,
         "application/json",
     );
+    // each applied reload connects a new instance: the server's connection count shows that
+    // the rewrites were reloads
+    let mut redis = redis::Client::open(format!("redis://{}", opts.redis))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let connections_before = connections_received(&mut redis).await?;
     let mut steady = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut reloading = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut rewrites = 0u64;
@@ -59,9 +65,10 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
         reloading.add(run_block(1, opts.block, op.clone()).await?.0)?;
         rewrites += writer.await.context("rewriter")??;
     }
+    let connections = connections_received(&mut redis).await? - connections_before;
     std::fs::write(&file, &original)?;
     println!(
-        "\nhot reload cost (Redis, HTTP publish, concurrency 1, {} interleaved blocks of {:?}; the component rewritten every second: {rewrites} rewrites)",
+        "\nhot reload cost (Redis, HTTP publish, concurrency 1, {} interleaved blocks of {:?}; the component rewritten every second: {rewrites} rewrites, {connections} connections opened meanwhile)",
         opts.blocks, opts.block
     );
     println!(
@@ -81,5 +88,14 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
         rows.push(json!({"variant": name, "publishes": h.len(), "p50_us": h.value_at_quantile(0.5),
             "p99_us": h.value_at_quantile(0.99), "p999_us": h.value_at_quantile(0.999), "max_us": h.max()}));
     }
-    Ok(json!({"rewrites": rewrites, "rows": rows}))
+    Ok(json!({"rewrites": rewrites, "redis_connections_opened": connections, "rows": rows}))
+}
+
+/// Redis's `total_connections_received`.
+async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("INFO stats without total_connections_received")
 }
