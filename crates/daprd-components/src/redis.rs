@@ -250,7 +250,7 @@ impl PubSub for RedisPubSub {
             }
         });
         let (guard, drained) = daprd_core::pubsub::drain_tracker();
-        let queued = subscriber::start(
+        let (queued, fetching) = subscriber::start(
             subscriber::Context {
                 component: self.name.clone(),
                 md: self.md.clone(),
@@ -273,7 +273,11 @@ impl PubSub for RedisPubSub {
         .with_quiesce(move || {
             let _ = quiesce.send(true);
         })
-        .with_idle(move || queued.capacity() == queued.max_capacity()))
+        // idle: nothing more can arrive (reader and reclaim loop done) and nothing is queued
+        .with_idle(move || {
+            fetching.load(std::sync::atomic::Ordering::Acquire) == 0
+                && queued.capacity() == queued.max_capacity()
+        }))
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

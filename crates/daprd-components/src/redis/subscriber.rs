@@ -94,19 +94,25 @@ fn to_message(topic: &str, entry: &StreamId, redelivered: bool) -> Message {
 
 /// Starts the tasks of one subscription; they end once `stop_rx` turns true (workers after
 /// settling the entry in hand), and each holds a clone of `guard` until then. The reader and
-/// the reclaim loop also end once `fetch_rx` turns true (a quiesce): the workers then deliver
-/// what is queued. Returns a sender of the queue, to tell when it is empty.
+/// the reclaim loop also end once `fetch_rx` turns true (a quiesce), the reader after the
+/// read in flight (cancelling it would leave what Redis just handed this consumer pending
+/// until a reclaim): the workers then deliver what is queued. Returns a sender of the queue
+/// and the number of those two still running, to tell when nothing more can arrive.
 pub(super) fn start(
     ctx: Context,
     stop_rx: tokio::sync::watch::Receiver<bool>,
     fetch_rx: tokio::sync::watch::Receiver<bool>,
     guard: DrainGuard,
-) -> mpsc::Sender<(String, Message)> {
+) -> (
+    mpsc::Sender<(String, Message)>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let ctx = Arc::new(ctx);
     let (tx, rx) = mpsc::channel::<(String, Message)>(ctx.md.queue_depth);
     // for the caller to measure the queue (the workers end at the stop, not when the
     // reader's and the reclaim loop's senders go)
     let queued = tx.clone();
+    let fetching = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     for _ in 0..ctx.md.concurrency {
         tokio::spawn(worker(
@@ -116,17 +122,45 @@ pub(super) fn start(
             guard.clone(),
         ));
     }
+    let reader_fetching = Fetching::new(&fetching);
     tokio::spawn(reader(
         ctx.clone(),
         tx.clone(),
-        fetch_rx.clone(),
-        guard.clone(),
+        Flags {
+            fetch: fetch_rx.clone(),
+            stop: stop_rx.clone(),
+        },
+        (guard.clone(), reader_fetching),
     ));
     if !ctx.md.processing_timeout.is_zero() && !ctx.md.redeliver_interval.is_zero() {
+        let reclaim_fetching = Fetching::new(&fetching);
         tokio::spawn(refresher(ctx.clone(), stop_rx));
-        tokio::spawn(reclaimer(ctx, tx, fetch_rx, guard));
+        tokio::spawn(reclaimer(ctx, tx, fetch_rx, (guard, reclaim_fetching)));
     }
-    queued
+    (queued, fetching)
+}
+
+/// Counts a task that may still put entries in the queue; uncounts it when dropped.
+struct Fetching(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Fetching {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The reader's two flags: `fetch` (no new read; set by a quiesce and by a stop) and `stop`
+/// (also give up the read in flight).
+struct Flags {
+    fetch: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 async fn worker(
@@ -203,9 +237,13 @@ async fn refresher(ctx: Arc<Context>, mut stop: tokio::sync::watch::Receiver<boo
 async fn reader(
     ctx: Arc<Context>,
     tx: mpsc::Sender<(String, Message)>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    _guard: DrainGuard,
+    flags: Flags,
+    _held: (DrainGuard, Fetching),
 ) {
+    let Flags {
+        fetch: mut stop,
+        stop: mut hard_stop,
+    } = flags;
     let block_ms = u64::try_from(ctx.md.read_timeout.as_millis())
         .unwrap_or(3000)
         .max(1);
@@ -244,9 +282,11 @@ async fn reader(
             .arg(&ctx.topic)
             .arg(">")
             .to_owned();
+        // only a stop gives up the read in flight; after a quiesce it completes and what it
+        // brings is queued and delivered
         let read: Result<Option<StreamReadReply>, RedisError> = tokio::select! {
             r = cmd.query_async(c) => r,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = hard_stop.wait_for(|s| *s) => return,
         };
         match read {
             Ok(Some(reply)) => {
@@ -283,7 +323,7 @@ async fn reclaimer(
     ctx: Arc<Context>,
     tx: mpsc::Sender<(String, Message)>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    _guard: DrainGuard,
+    _held: (DrainGuard, Fetching),
 ) {
     loop {
         reclaim_once(&ctx, &tx).await;
