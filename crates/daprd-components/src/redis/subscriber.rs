@@ -248,6 +248,8 @@ async fn reader(
         .unwrap_or(3000)
         .max(1);
     let mut conn: Option<super::conn::Conn> = None;
+    // the reader connection's CLIENT ID, to end its blocking read at a quiesce
+    let mut client_id: Option<i64> = None;
     let mut backoff = daprd_core::backoff::RECONNECT;
     loop {
         if *stop.borrow() {
@@ -256,8 +258,13 @@ async fn reader(
         let c = match &mut conn {
             Some(c) => c,
             None => match ctx.source.dedicated(&ctx.md).await {
-                Ok(c) => {
+                Ok(mut c) => {
                     backoff.reset();
+                    client_id = redis::cmd("CLIENT")
+                        .arg("ID")
+                        .query_async(&mut c)
+                        .await
+                        .ok();
                     conn.insert(c)
                 }
                 Err(e) => {
@@ -282,11 +289,30 @@ async fn reader(
             .arg(&ctx.topic)
             .arg(">")
             .to_owned();
-        // only a stop gives up the read in flight; after a quiesce it completes and what it
-        // brings is queued and delivered
-        let read: Result<Option<StreamReadReply>, RedisError> = tokio::select! {
-            r = cmd.query_async(c) => r,
-            _ = hard_stop.wait_for(|s| *s) => return,
+        // Only a stop gives up the read in flight. A quiesce lets it complete, and what it
+        // brings is queued and delivered; a read still blocked then is ended at once with
+        // `CLIENT UNBLOCK` (as a timeout: nothing handed over), so a quiet stream does not hold
+        // the quiesce for the whole BLOCK time.
+        let read: Result<Option<StreamReadReply>, RedisError> = {
+            let read_in_flight = cmd.query_async(c);
+            tokio::pin!(read_in_flight);
+            let mut unblocked = false;
+            loop {
+                tokio::select! {
+                    r = &mut read_in_flight => break r,
+                    () = async { let _ = hard_stop.wait_for(|s| *s).await; } => return,
+                    () = async { let _ = stop.wait_for(|s| *s).await; }, if !unblocked => {
+                        unblocked = true;
+                        if let Some(id) = client_id {
+                            let _: Result<i64, RedisError> = redis::cmd("CLIENT")
+                                .arg("UNBLOCK")
+                                .arg(id)
+                                .query_async(&mut ctx.conn.clone())
+                                .await;
+                        }
+                    }
+                }
+            }
         };
         match read {
             Ok(Some(reply)) => {
