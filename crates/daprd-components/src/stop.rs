@@ -20,6 +20,15 @@ impl Stop {
         Self { cancelled, closed }
     }
 
+    /// Whether either is set now (or its sender is gone): checked right before a handler
+    /// call, so a delivery does not start after the stop was signalled, however late the
+    /// task that waits for it runs.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn is_set(&self) -> bool {
+        let set = |rx: &watch::Receiver<bool>| *rx.borrow() || rx.has_changed().is_err();
+        set(&self.cancelled) || set(&self.closed)
+    }
+
     /// Resolves once either is set.
     pub(crate) async fn wait(&mut self) {
         tokio::select! {
@@ -53,9 +62,11 @@ mod tests {
         let (cancel, cancelled) = watch::channel(false);
         let (_close, closed) = watch::channel(false);
         let mut stop = Stop::new(cancelled, closed);
+        assert!(!stop.is_set());
         assert_eq!(stop.or(async { 7 }).await, Some(7));
         assert!(!stop.sleep(Duration::from_millis(10)).await);
         let _ = cancel.send(true);
+        assert!(stop.is_set(), "set as soon as it is sent");
         assert_eq!(
             stop.or(async { 7 }).await,
             None,
@@ -70,6 +81,7 @@ mod tests {
         let (close, closed) = watch::channel(false);
         let mut stop = Stop::new(cancelled, closed);
         drop(close);
+        assert!(stop.is_set(), "a dropped sender counts as set");
         assert_eq!(stop.or(std::future::pending::<()>()).await, None);
     }
 }

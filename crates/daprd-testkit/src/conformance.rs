@@ -523,8 +523,10 @@ pub async fn graceful_stop(connect: &Connect, resumes: bool, redelivery_wait: Du
         || async { (lock(&accepted).len() >= 5).then_some(()) },
     )
     .await;
+    // `stop` signals at once and returns the wait; from here no delivery may start.
+    let settled = sub.stop();
     stopping.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(30), sub.stop())
+    tokio::time::timeout(Duration::from_secs(30), settled)
         .await
         .expect("graceful stop: the stop settles within 30 s");
     assert_eq!(

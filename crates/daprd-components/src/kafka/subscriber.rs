@@ -13,7 +13,7 @@ use daprd_core::pubsub::{Handler, Message, Outcome};
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message as _, OwnedMessage};
 use rdkafka::{ClientContext, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::metadata::KafkaMetadata;
 use crate::stop::Stop;
@@ -165,7 +165,6 @@ impl Flow {
 impl ConsumeLoop {
     pub(super) async fn run(mut self) {
         let mut workers: HashMap<i32, PartitionWorker> = HashMap::new();
-        let (done_tx, done_rx) = watch::channel(false);
         loop {
             let Some(next) = self.stop.or(self.consumer.recv()).await else {
                 break;
@@ -183,18 +182,16 @@ impl ConsumeLoop {
             let partition = msg.partition();
             let worker = workers
                 .entry(partition)
-                .or_insert_with(|| self.spawn_worker(partition, done_rx.clone()));
+                .or_insert_with(|| self.spawn_worker(partition));
             worker.flow.queued();
             let current = epoch(&self.epochs, partition);
             if worker.tx.send((msg, current)).is_err() {
                 worker.flow.done();
             }
         }
-        // Stop the workers (queued messages are left for redelivery), wait for the message
-        // each is handling, commit what was stored and leave the group.
-        let _ = done_tx.send(true);
+        // The workers saw the same stop (queued messages are left for redelivery); wait for
+        // the message each is handling, commit what was stored and leave the group.
         drop(workers);
-        drop(done_rx);
         let consumer = self.consumer;
         let guard = self.guard;
         let _ = tokio::task::spawn_blocking(move || {
@@ -212,11 +209,10 @@ impl ConsumeLoop {
         drop(guard);
     }
 
-    pub(super) fn spawn_worker(
-        &self,
-        partition: i32,
-        mut done: watch::Receiver<bool>,
-    ) -> PartitionWorker {
+    /// A partition's worker. It watches the subscription's stop itself (not a signal the
+    /// consume loop passes on once it runs again), so no delivery starts after the stop.
+    pub(super) fn spawn_worker(&self, partition: i32) -> PartitionWorker {
+        let mut stop = self.stop.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<(OwnedMessage, u64)>();
         let pending = Arc::new(AtomicUsize::new(0));
         self.pending
@@ -240,12 +236,9 @@ impl ConsumeLoop {
         tokio::spawn(async move {
             let flow = worker_flow;
             loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = done.wait_for(|d| *d) => break,
-                    m = rx.recv() => m,
+                let Some(Some(first)) = stop.or(rx.recv()).await else {
+                    break;
                 };
-                let Some(first) = next else { break };
                 // A bulk subscription gets what is already queued (up to its batch size)
                 // at once, so the runtime can batch it; otherwise one message at a time.
                 let mut batch = vec![first];
@@ -264,7 +257,7 @@ impl ConsumeLoop {
                 let settled = futures::future::join_all(live.iter().map(|m| {
                     // a revocation ends retries in place: the next owner retries
                     let revoked = || epoch(&epochs, partition) != current;
-                    handle_one(m, &handler, &md, done.clone(), &component, revoked)
+                    handle_one(m, &handler, &md, stop.clone(), &component, revoked)
                 }))
                 .await;
                 // Commit up to the last message of the settled run from the start: a message
@@ -337,7 +330,7 @@ pub(super) async fn handle_one(
     msg: &OwnedMessage,
     handler: &Handler,
     md: &KafkaMetadata,
-    mut done: watch::Receiver<bool>,
+    mut stop: Stop,
     component: &str,
     revoked: impl Fn() -> bool,
 ) -> bool {
@@ -351,6 +344,10 @@ pub(super) async fn handle_one(
     let started = Instant::now();
     let mut attempt = 0u64;
     loop {
+        if stop.is_set() {
+            // Shutting down: not committed, so the group redelivers it.
+            return false;
+        }
         match handler(message.clone()).await {
             Outcome::Success | Outcome::Drop => return true,
             Outcome::Retry => {}
@@ -365,10 +362,8 @@ pub(super) async fn handle_one(
         };
         attempt += 1;
         tracing::warn!(%component, topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), attempt, "kafka: message not processed; retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            // Shutting down: not committed, so the group redelivers it.
-            _ = done.wait_for(|d| *d) => return false,
+        if stop.sleep(delay).await {
+            return false;
         }
         if revoked() {
             return false;
