@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "dapr/proto/runtime/v1/dapr.proto",
         "dapr/proto/runtime/v1/appcallback.proto",
+        "dapr/proto/sentry/v1/sentry.proto",
+        "dapr/proto/operator/v1/operator.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()

@@ -22,6 +22,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod inbound;
+pub mod kubernetes;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;

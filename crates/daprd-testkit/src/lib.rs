@@ -4,6 +4,8 @@
 
 pub mod certs;
 pub mod conformance;
+#[cfg(feature = "controlplane")]
+pub mod controlplane;
 
 use std::future::Future;
 use std::net::TcpListener;
