@@ -37,6 +37,14 @@ pub struct Env {
     pub pod_name: Option<String>,
     /// `DAPR_HTTP_DISABLE_H2C`.
     pub disable_h2c: bool,
+    /// `DAPR_TRUST_ANCHORS` (PEM; Kubernetes mode).
+    pub trust_anchors: Option<String>,
+    /// `DAPR_CONTROLPLANE_TRUST_DOMAIN`.
+    pub control_plane_trust_domain: Option<String>,
+    /// `DAPR_CONTROLPLANE_NAMESPACE`.
+    pub control_plane_namespace: Option<String>,
+    /// `DAPR_SENTRY_TOKEN_FILE`.
+    pub sentry_token_file: Option<String>,
 }
 
 impl Env {
@@ -51,6 +59,10 @@ impl Env {
             disable_h2c: get("DAPR_HTTP_DISABLE_H2C")
                 .and_then(|v| daprd_core::metadata::parse_loose_bool(&v))
                 .unwrap_or(false),
+            trust_anchors: get("DAPR_TRUST_ANCHORS"),
+            control_plane_trust_domain: get("DAPR_CONTROLPLANE_TRUST_DOMAIN"),
+            control_plane_namespace: get("DAPR_CONTROLPLANE_NAMESPACE"),
+            sentry_token_file: get("DAPR_SENTRY_TOKEN_FILE"),
         }
     }
 }
@@ -60,8 +72,29 @@ impl Env {
 pub enum Mode {
     /// Files in `--resources-path`.
     Standalone,
-    /// The Dapr operator (not supported yet: refused at start-up).
+    /// The Dapr operator, with an identity from Sentry.
     Kubernetes,
+}
+
+/// Where the control plane is, in Kubernetes mode.
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// `--control-plane-address`: the operator.
+    pub control_plane_address: String,
+    /// `--sentry-address`.
+    pub sentry_address: String,
+    /// `--control-plane-trust-domain`, else `DAPR_CONTROLPLANE_TRUST_DOMAIN`, else `localhost`.
+    pub control_plane_trust_domain: String,
+    /// `--control-plane-namespace`, else `DAPR_CONTROLPLANE_NAMESPACE`, else `default`.
+    pub control_plane_namespace: String,
+    /// `DAPR_TRUST_ANCHORS`.
+    pub trust_anchors: String,
+    /// `NAMESPACE`.
+    pub namespace: String,
+    /// `DAPR_SENTRY_TOKEN_FILE`.
+    pub sentry_token_file: Option<PathBuf>,
+    /// `--config`: the name of the Configuration the operator serves.
+    pub config_name: Option<String>,
 }
 
 /// `--log-level`.
@@ -230,6 +263,8 @@ pub struct RuntimeConfig {
     pub api_logging: Option<bool>,
     /// `--disable-init-endpoints`.
     pub disable_init_endpoints: Vec<String>,
+    /// The control plane (Kubernetes mode only).
+    pub kubernetes: Option<KubernetesConfig>,
     /// Environment.
     pub env: Env,
 }
@@ -292,6 +327,7 @@ impl RuntimeConfig {
     ) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
         let mode = mode(opts, &mut errors);
+        let kubernetes = (mode == Mode::Kubernetes).then(|| kubernetes(opts, &env, &mut errors));
         if require_app_id && opts.app_id.is_empty() {
             errors.push("parameter app-id cannot be empty".into());
         }
@@ -416,9 +452,11 @@ impl RuntimeConfig {
             resources_paths,
             unix_domain_socket: (!opts.unix_domain_socket.trim().is_empty())
                 .then(|| PathBuf::from(opts.unix_domain_socket.trim())),
+            // In Kubernetes mode `--config` names a Configuration of the operator.
             config_files: opts
                 .config
                 .iter()
+                .filter(|_| mode == Mode::Standalone)
                 .map(|c| c.trim())
                 .filter(|c| !c.is_empty())
                 .map(PathBuf::from)
@@ -438,6 +476,7 @@ impl RuntimeConfig {
             log_as_json,
             api_logging,
             disable_init_endpoints: opts.disable_init_endpoints.clone(),
+            kubernetes,
             env,
         })
     }
@@ -447,16 +486,72 @@ impl RuntimeConfig {
 fn mode(opts: &Options, errors: &mut Vec<String>) -> Mode {
     match opts.mode.as_str() {
         "standalone" => Mode::Standalone,
-        "kubernetes" => {
-            errors.push("kubernetes mode (components from the operator) is not supported yet by daprd-rs; run with --mode standalone and --resources-path".into());
-            Mode::Kubernetes
-        }
+        "kubernetes" => Mode::Kubernetes,
         other => {
             errors.push(format!(
                 "invalid value {other:?} for flag --mode: use standalone or kubernetes"
             ));
             Mode::Standalone
         }
+    }
+}
+
+/// Kubernetes mode's control plane: flags, else environment, else Go daprd's defaults.
+fn kubernetes(opts: &Options, env: &Env, errors: &mut Vec<String>) -> KubernetesConfig {
+    let pick = |flag: &str, var: &Option<String>, default: &str| {
+        if flag.trim().is_empty() {
+            var.clone().unwrap_or_else(|| default.to_string())
+        } else {
+            flag.trim().to_string()
+        }
+    };
+    let mut need = |what: &str, v: &str| {
+        if v.trim().is_empty() {
+            errors.push(format!("kubernetes mode needs {what}"));
+        }
+    };
+    need(
+        "--control-plane-address (the operator)",
+        &opts.control_plane_address,
+    );
+    need("--sentry-address", &opts.sentry_address);
+    need(
+        "the environment variable DAPR_TRUST_ANCHORS (the control plane's root certificates, PEM)",
+        env.trust_anchors.as_deref().unwrap_or(""),
+    );
+    need(
+        "the environment variable NAMESPACE (the pod's namespace)",
+        env.namespace.as_deref().unwrap_or(""),
+    );
+    let names: Vec<&str> = opts
+        .config
+        .iter()
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if names.len() > 1 {
+        errors.push(format!(
+            "kubernetes mode takes one --config (a Configuration name), got {}",
+            names.len()
+        ));
+    }
+    KubernetesConfig {
+        control_plane_address: opts.control_plane_address.trim().to_string(),
+        sentry_address: opts.sentry_address.trim().to_string(),
+        control_plane_trust_domain: pick(
+            &opts.control_plane_trust_domain,
+            &env.control_plane_trust_domain,
+            "localhost",
+        ),
+        control_plane_namespace: pick(
+            &opts.control_plane_namespace,
+            &env.control_plane_namespace,
+            "default",
+        ),
+        trust_anchors: env.trust_anchors.clone().unwrap_or_default(),
+        namespace: env.namespace.clone().unwrap_or_default(),
+        sentry_token_file: env.sentry_token_file.as_ref().map(PathBuf::from),
+        config_name: names.first().map(ToString::to_string),
     }
 }
 
@@ -562,6 +657,82 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_control_plane_flags_win_over_the_environment() {
+        let k8s = |extra: &[&str], env: Env| {
+            let mut args = vec![
+                "daprd",
+                "--app-id",
+                "a",
+                "--mode",
+                "kubernetes",
+                "--control-plane-address",
+                "op:443",
+                "--sentry-address",
+                "sentry:443",
+                "--config",
+                "appconfig",
+            ];
+            args.extend_from_slice(extra);
+            let opts =
+                Options::try_parse_from(cli::normalise_args(args.iter().map(|s| s.to_string())))
+                    .unwrap();
+            RuntimeConfig::from_options(&opts, env, true)
+        };
+        let env = Env {
+            namespace: Some("ns1".into()),
+            trust_anchors: Some("PEM".into()),
+            control_plane_trust_domain: Some("env.td".into()),
+            control_plane_namespace: Some("env-ns".into()),
+            sentry_token_file: Some("/tok".into()),
+            ..Env::default()
+        };
+        let c = k8s(&[], env.clone()).unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(
+            (
+                k.control_plane_trust_domain.as_str(),
+                k.control_plane_namespace.as_str()
+            ),
+            ("env.td", "env-ns")
+        );
+        assert_eq!(k.config_name.as_deref(), Some("appconfig"));
+        assert!(c.config_files.is_empty(), "--config is a name here");
+        assert_eq!(k.sentry_token_file, Some(PathBuf::from("/tok")));
+        let k = k8s(
+            &[
+                "--control-plane-trust-domain",
+                "flag.td",
+                "--control-plane-namespace",
+                "flag-ns",
+            ],
+            env,
+        )
+        .unwrap()
+        .kubernetes
+        .unwrap();
+        assert_eq!(
+            (
+                k.control_plane_trust_domain.as_str(),
+                k.control_plane_namespace.as_str()
+            ),
+            ("flag.td", "flag-ns")
+        );
+        let bare = Env {
+            namespace: Some("ns1".into()),
+            trust_anchors: Some("PEM".into()),
+            ..Env::default()
+        };
+        let k = k8s(&[], bare).unwrap().kubernetes.unwrap();
+        assert_eq!(
+            (
+                k.control_plane_trust_domain.as_str(),
+                k.control_plane_namespace.as_str()
+            ),
+            ("localhost", "default")
+        );
+    }
+
+    #[test]
     fn app_id_is_required_and_dotless() {
         let e = cfg(&[]).unwrap_err();
         assert!(e.iter().any(|l| l == "parameter app-id cannot be empty"));
@@ -646,7 +817,11 @@ mod tests {
     fn mode_is_checked() {
         assert_eq!(cfg(&["--app-id", "a"]).unwrap().mode, Mode::Standalone);
         let errs = cfg(&["--app-id", "a", "--mode", "kubernetes"]).unwrap_err();
-        assert!(errs[0].contains("kubernetes mode"), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("--control-plane-address"))
+                && errs.iter().any(|e| e.contains("DAPR_TRUST_ANCHORS")),
+            "{errs:?}"
+        );
         let errs = cfg(&["--app-id", "a", "--mode", "cloud"]).unwrap_err();
         assert!(errs[0].contains("flag --mode"), "{errs:?}");
         let errs = cfg(&["--app-id", "a.b"]).unwrap_err();

@@ -48,6 +48,13 @@ pub trait ResourceSource: Send {
     async fn next(&mut self) -> Option<Resources>;
 }
 
+#[async_trait::async_trait]
+impl ResourceSource for Box<dyn ResourceSource> {
+    async fn next(&mut self) -> Option<Resources> {
+        (**self).next().await
+    }
+}
+
 /// Why the resources directories cannot be watched.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot watch the resources directory {}: {source}", path.display())]

@@ -78,6 +78,9 @@ pub struct Loaded {
     pub registry: Registry,
     /// The Resiliency documents the policies came from (what hot reload compares with).
     pub resiliency_docs: Vec<serde_norway::Value>,
+    /// Where changes come from, when not the resources directories (Kubernetes mode: the
+    /// operator's update streams, followed whatever the HotReload feature says, as Go daprd).
+    pub source: Option<Box<dyn crate::reload::ResourceSource>>,
 }
 
 /// Loads the resources directories, builds the components through `registry` (the
@@ -96,7 +99,23 @@ pub async fn load(
         namespace: config.env.namespace.as_deref(),
     };
     let configuration = crate::config::configuration::load(&config.config_files);
-    let mut resources = load_resources(&config.resources_paths, &ctx);
+    let resources = load_resources(&config.resources_paths, &ctx);
+    build_loaded(config, configuration, resources, registry, connect).await
+}
+
+/// Builds what [`load`] read, or what another source (the operator) gave: the
+/// Configuration's component deny list applied, the components built, the declarative
+/// subscriptions and the resiliency policies parsed.
+///
+/// # Errors
+/// [`StartError::Resources`] with every problem found.
+pub async fn build_loaded(
+    config: &RuntimeConfig,
+    configuration: crate::config::configuration::Loaded,
+    mut resources: crate::config::resources::Resources,
+    registry: &Registry,
+    connect: bool,
+) -> Result<Loaded, StartError> {
     for w in configuration.warnings.iter().chain(&resources.warnings) {
         tracing::warn!("{w}");
     }
@@ -147,6 +166,7 @@ pub async fn load(
             components,
             registry: registry.clone(),
             resiliency_docs,
+            source: None,
         }),
         Ok(store) => {
             store.close_all().await;
@@ -425,13 +445,23 @@ impl Sidecar {
             subscriptions.clone(),
             loaded.subscriptions,
         ));
-        if loaded.configuration.hot_reload() {
+        if let Some(source) = loaded.source {
             start_reloader(
                 &state,
                 &subscriptions,
                 loaded.registry,
                 loaded.configuration,
                 (loaded.components, loaded.resiliency_docs),
+                Some(source),
+            );
+        } else if loaded.configuration.hot_reload() {
+            start_reloader(
+                &state,
+                &subscriptions,
+                loaded.registry,
+                loaded.configuration,
+                (loaded.components, loaded.resiliency_docs),
+                None,
             );
         } else {
             tracing::info!("hot reload is off (feature HotReload disabled in the Configuration)");
@@ -525,18 +555,22 @@ fn start_reloader(
         Vec<crate::config::resources::ComponentManifest>,
         Vec<serde_norway::Value>,
     ),
+    source: Option<Box<dyn crate::reload::ResourceSource>>,
 ) {
     let cfg = &state.config;
-    let watcher = match crate::reload::DirectoryWatcher::new(
-        &cfg.resources_paths,
-        &cfg.app_id,
-        cfg.env.namespace.as_deref(),
-    ) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!("hot reload is off: {e}");
-            return;
-        }
+    let source = match source {
+        Some(s) => s,
+        None => match crate::reload::DirectoryWatcher::new(
+            &cfg.resources_paths,
+            &cfg.app_id,
+            cfg.env.namespace.as_deref(),
+        ) {
+            Ok(w) => Box::new(w),
+            Err(e) => {
+                tracing::warn!("hot reload is off: {e}");
+                return;
+            }
+        },
     };
     let reloader = crate::reload::Reloader::new(
         state.clone(),
@@ -547,7 +581,26 @@ fn start_reloader(
         components,
     )
     .with_resiliency(resiliency_docs);
-    tokio::spawn(reloader.run(watcher));
+    tokio::spawn(reloader.run(source));
+}
+
+/// Serves the public port with every request answered 500 (not ready) until the returned task
+/// is aborted: what the kubelet's probes see while Kubernetes mode waits for the control
+/// plane. `None` without a public port or when it cannot be bound (the sidecar's own bind
+/// then reports it).
+pub async fn public_port_not_ready(config: &RuntimeConfig) -> Option<tokio::task::JoinHandle<()>> {
+    let port = config.public_port?;
+    let addr = SocketAddr::new(config.public_listen_address, port);
+    let listener = tokio::net::TcpListener::bind(addr).await.ok()?;
+    let router = axum::Router::new().fallback(|| async {
+        (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "dapr is not ready: waiting for the control plane",
+        )
+    });
+    Some(tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    }))
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -421,3 +421,315 @@ impl Drop for TestSentry {
         self.task.abort();
     }
 }
+
+/// What the test operator serves, per namespace, in order.
+#[derive(Default)]
+pub struct OperatorState {
+    /// Components (JSON).
+    pub components: Vec<serde_json::Value>,
+    /// Subscriptions (JSON).
+    pub subscriptions: Vec<serde_json::Value>,
+    /// Resiliencies (JSON).
+    pub resiliencies: Vec<serde_json::Value>,
+    /// Configurations (JSON) by name.
+    pub configurations: Vec<serde_json::Value>,
+}
+
+/// Which stream an update goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `ComponentUpdate`.
+    Component,
+    /// `SubscriptionUpdate`.
+    Subscription,
+    /// `ResiliencyUpdate`.
+    Resiliency,
+}
+
+/// The calls the operator received: method and the caller's SPIFFE id.
+type Calls = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// An update for one stream kind; `None`: break every stream.
+type Update = (Option<Kind>, i32, Vec<u8>);
+
+struct OperatorService {
+    namespace: String,
+    state: Arc<Mutex<OperatorState>>,
+    updates: tokio::sync::broadcast::Sender<Update>,
+    calls: Calls,
+}
+
+impl OperatorService {
+    /// The caller's SPIFFE namespace must be the one served and the one asked for.
+    fn check<T>(&self, method: &str, request: &Request<T>, namespace: &str) -> Result<(), Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerId>()
+            .and_then(|p| p.0.clone());
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((method.to_string(), peer.clone()));
+        let Some(peer) = peer else {
+            return Err(Status::unauthenticated("no client certificate"));
+        };
+        let ns = peer.split('/').nth(4).unwrap_or_default();
+        if ns != namespace || namespace != self.namespace {
+            return Err(Status::permission_denied(format!(
+                "identity {peer} may not read namespace {namespace:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn docs(list: &[serde_json::Value]) -> Vec<Vec<u8>> {
+        list.iter().map(|d| d.to_string().into_bytes()).collect()
+    }
+
+    fn stream<T: Send + 'static>(
+        &self,
+        kind: Kind,
+        make: fn(i32, Vec<u8>) -> T,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<T, Status>> {
+        let mut rx = self.updates.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok((Some(k), ty, doc)) if k == kind => {
+                        if tx.send(Ok(make(ty, doc))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok((Some(_), _, _)) => {}
+                    // The test breaks the streams.
+                    Ok((None, _, _)) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("stream broken by the test")))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(out)
+    }
+}
+
+use daprd_proto::operator::v1 as op;
+
+#[tonic::async_trait]
+impl op::operator_server::Operator for OperatorService {
+    type ComponentUpdateStream =
+        tokio_stream::wrappers::ReceiverStream<Result<op::ComponentUpdateEvent, Status>>;
+    type SubscriptionUpdateStream =
+        tokio_stream::wrappers::ReceiverStream<Result<op::SubscriptionUpdateEvent, Status>>;
+    type ResiliencyUpdateStream =
+        tokio_stream::wrappers::ReceiverStream<Result<op::ResiliencyUpdateEvent, Status>>;
+
+    async fn component_update(
+        &self,
+        request: Request<op::ComponentUpdateRequest>,
+    ) -> Result<Response<Self::ComponentUpdateStream>, Status> {
+        let ns = request.get_ref().namespace.clone();
+        // Subscribed before the call is recorded: a push after the call is seen is delivered.
+        let stream = self.stream(Kind::Component, |t, d| op::ComponentUpdateEvent {
+            component: d,
+            r#type: t,
+        });
+        self.check("ComponentUpdate", &request, &ns)?;
+        Ok(Response::new(stream))
+    }
+
+    async fn list_components(
+        &self,
+        request: Request<op::ListComponentsRequest>,
+    ) -> Result<Response<op::ListComponentResponse>, Status> {
+        let ns = request.get_ref().namespace.clone();
+        self.check("ListComponents", &request, &ns)?;
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Response::new(op::ListComponentResponse {
+            components: Self::docs(&state.components),
+        }))
+    }
+
+    async fn get_configuration(
+        &self,
+        request: Request<op::GetConfigurationRequest>,
+    ) -> Result<Response<op::GetConfigurationResponse>, Status> {
+        let (name, ns) = (
+            request.get_ref().name.clone(),
+            request.get_ref().namespace.clone(),
+        );
+        self.check("GetConfiguration", &request, &ns)?;
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let found = state
+            .configurations
+            .iter()
+            .find(|c| c.pointer("/metadata/name").and_then(|n| n.as_str()) == Some(name.as_str()))
+            .ok_or_else(|| Status::not_found(format!("configuration {name} not found")))?;
+        Ok(Response::new(op::GetConfigurationResponse {
+            configuration: found.to_string().into_bytes(),
+        }))
+    }
+
+    async fn list_resiliency(
+        &self,
+        request: Request<op::ListResiliencyRequest>,
+    ) -> Result<Response<op::ListResiliencyResponse>, Status> {
+        let ns = request.get_ref().namespace.clone();
+        self.check("ListResiliency", &request, &ns)?;
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Response::new(op::ListResiliencyResponse {
+            resiliencies: Self::docs(&state.resiliencies),
+        }))
+    }
+
+    async fn list_subscriptions_v2(
+        &self,
+        request: Request<op::ListSubscriptionsRequest>,
+    ) -> Result<Response<op::ListSubscriptionsResponse>, Status> {
+        let ns = request.get_ref().namespace.clone();
+        self.check("ListSubscriptionsV2", &request, &ns)?;
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Response::new(op::ListSubscriptionsResponse {
+            subscriptions: Self::docs(&state.subscriptions),
+        }))
+    }
+
+    async fn subscription_update(
+        &self,
+        request: Request<op::SubscriptionUpdateRequest>,
+    ) -> Result<Response<Self::SubscriptionUpdateStream>, Status> {
+        let ns = request.get_ref().namespace.clone();
+        // Subscribed before the call is recorded: a push after the call is seen is delivered.
+        let stream = self.stream(Kind::Subscription, |t, d| op::SubscriptionUpdateEvent {
+            subscription: d,
+            r#type: t,
+        });
+        self.check("SubscriptionUpdate", &request, &ns)?;
+        Ok(Response::new(stream))
+    }
+
+    async fn resiliency_update(
+        &self,
+        request: Request<op::ResiliencyUpdateRequest>,
+    ) -> Result<Response<Self::ResiliencyUpdateStream>, Status> {
+        let ns = request.get_ref().namespace.clone();
+        // Subscribed before the call is recorded: a push after the call is seen is delivered.
+        let stream = self.stream(Kind::Resiliency, |t, d| op::ResiliencyUpdateEvent {
+            resiliency: d,
+            r#type: t,
+        });
+        self.check("ResiliencyUpdate", &request, &ns)?;
+        Ok(Response::new(stream))
+    }
+}
+
+/// A running test operator (mTLS: clients must present a certificate of the CA); stops when
+/// dropped.
+pub struct TestOperator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it serves.
+    pub state: Arc<Mutex<OperatorState>>,
+    updates: tokio::sync::broadcast::Sender<Update>,
+    calls: Calls,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestOperator {
+    /// Starts an operator for `namespace` on `listener`, presenting `operator_id` signed by
+    /// `ca` and accepting clients with certificates of `ca`.
+    ///
+    /// # Panics
+    /// The listener has no address.
+    pub fn start(
+        listener: tokio::net::TcpListener,
+        ca: &TestCa,
+        operator_id: &str,
+        namespace: &str,
+        state: OperatorState,
+    ) -> Self {
+        let addr = listener.local_addr().expect("address");
+        let issued = ca.issue(operator_id);
+        let state = Arc::new(Mutex::new(state));
+        let (updates, _) = tokio::sync::broadcast::channel(256);
+        let calls: Calls = Arc::default();
+        let incoming = tls_incoming(listener, server_config(&issued, Some(ca)));
+        let service = OperatorService {
+            namespace: namespace.to_string(),
+            state: state.clone(),
+            updates: updates.clone(),
+            calls: calls.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(op::operator_server::OperatorServer::new(service))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Self {
+            addr,
+            state,
+            updates,
+            calls,
+            task,
+        }
+    }
+
+    /// Pushes an update on the streams open now (`ty`: 1 created, 2 updated, 3 deleted),
+    /// after changing what the lists return the same way.
+    pub fn push(&self, kind: Kind, ty: i32, doc: serde_json::Value) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let list = match kind {
+                Kind::Component => &mut state.components,
+                Kind::Subscription => &mut state.subscriptions,
+                Kind::Resiliency => &mut state.resiliencies,
+            };
+            let name = doc.pointer("/metadata/name").cloned();
+            let at = list
+                .iter()
+                .position(|d| d.pointer("/metadata/name").cloned() == name);
+            match (ty, at) {
+                (3, Some(i)) => {
+                    list.remove(i);
+                }
+                (3, None) => {}
+                (_, Some(i)) => list[i] = doc.clone(),
+                (_, None) => list.push(doc.clone()),
+            }
+        }
+        let _ = self
+            .updates
+            .send((Some(kind), ty, doc.to_string().into_bytes()));
+    }
+
+    /// Breaks every update stream open now (each ends with UNAVAILABLE).
+    pub fn break_streams(&self) {
+        let _ = self.updates.send((None, 0, Vec::new()));
+    }
+
+    /// Times the update streams were opened so far (`ResiliencyUpdate` calls: daprd-rs opens
+    /// it last of the three).
+    pub fn stream_opens(&self) -> usize {
+        self.calls()
+            .iter()
+            .filter(|(m, _)| m == "ResiliencyUpdate")
+            .count()
+    }
+
+    /// Every call so far: method and the caller's SPIFFE id.
+    pub fn calls(&self) -> Vec<(String, Option<String>)> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for TestOperator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use daprd_runtime::config::{cli, Env, Options, RuntimeConfig, RUNTIME_VERSION};
+use daprd_runtime::kubernetes::{self, KubernetesError};
 use daprd_runtime::serve::{self, Sidecar, StartError};
 
 mod logging;
@@ -112,7 +113,31 @@ async fn run_validate(config: &RuntimeConfig) -> ExitCode {
 
 async fn run(config: RuntimeConfig) -> ExitCode {
     tracing::info!(app_id = %config.app_id, version = RUNTIME_VERSION, "starting daprd-rs");
-    let loaded = match serve::load(&config, &daprd_components::builtin_registry(), true).await {
+    let loaded = match &config.kubernetes {
+        Some(k8s) => {
+            if let Err(e) = kubernetes::check_not_root() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            let waiting = serve::public_port_not_ready(&config).await;
+            let registry = daprd_components::builtin_registry();
+            let loaded = kubernetes::load(&config, k8s, &registry).await;
+            if let Some(w) = waiting {
+                w.abort();
+                let _ = w.await;
+            }
+            match loaded {
+                Ok(l) => Ok(l),
+                Err(KubernetesError::Start(e)) => Err(e),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => serve::load(&config, &daprd_components::builtin_registry(), true).await,
+    };
+    let loaded = match loaded {
         Ok(s) => s,
         Err(StartError::Resources(problems)) => {
             print_problems(&problems);

@@ -133,20 +133,22 @@ pub struct Options {
     /// Comma list of allowed CORS origins for the HTTP API (* = all).
     #[arg(long = "allowed-origins", default_value = "")]
     pub allowed_origins: String,
-    /// Control-plane (operator) address (Kubernetes mode).
+    /// Operator address, `host:port` (Kubernetes mode).
     #[arg(long = "control-plane-address", default_value = "")]
     pub control_plane_address: String,
-    /// Sentry address (mTLS; ignored).
+    /// Sentry address, `host:port` (Kubernetes mode: the workload certificate).
     #[arg(long = "sentry-address", default_value = "")]
     pub sentry_address: String,
-    /// Enable mTLS (ignored).
+    /// Enable mTLS (Kubernetes mode always uses it with the control plane).
     #[arg(long = "enable-mtls", num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", action = ArgAction::Set)]
     pub enable_mtls: String,
-    /// Control-plane trust domain (ignored).
-    #[arg(long = "control-plane-trust-domain", default_value = "localhost")]
+    /// Control-plane trust domain (Kubernetes mode; default `DAPR_CONTROLPLANE_TRUST_DOMAIN`,
+    /// else `localhost`).
+    #[arg(long = "control-plane-trust-domain", default_value = "")]
     pub control_plane_trust_domain: String,
-    /// Control-plane namespace (ignored).
-    #[arg(long = "control-plane-namespace", default_value = "default")]
+    /// Control-plane namespace (Kubernetes mode; default `DAPR_CONTROLPLANE_NAMESPACE`, else
+    /// `default`).
+    #[arg(long = "control-plane-namespace", default_value = "")]
     pub control_plane_namespace: String,
     /// Placement service addresses (actors; ignored).
     #[arg(long = "placement-host-address", default_value = "")]
