@@ -1,0 +1,156 @@
+//! The `daprd` binary in Kubernetes mode against the test control plane: what waiting cannot
+//! fix ends the process at once with one clear line; a Sentry that is down does not, and the
+//! public port reports not ready meanwhile.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use daprd_testkit::controlplane::{SentryPolicy, TestCa, TestSentry};
+
+const SENTRY_ID: &str = "spiffe://cluster.local/ns/dapr-system/dapr-sentry";
+
+fn daprd(sentry: &str, anchors: &str, public_port: u16) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_daprd"));
+    c.args([
+        "--app-id",
+        "app1",
+        "--mode",
+        "kubernetes",
+        "--dapr-http-port",
+        "0",
+        "--dapr-grpc-port",
+        "0",
+        "--dapr-listen-addresses",
+        "127.0.0.1",
+        "--dapr-public-port",
+        &public_port.to_string(),
+        "--dapr-public-listen-address",
+        "127.0.0.1",
+        "--enable-metrics=false",
+        "--control-plane-address",
+        "127.0.0.1:1",
+        "--sentry-address",
+        sentry,
+        "--control-plane-trust-domain",
+        "cluster.local",
+        "--control-plane-namespace",
+        "dapr-system",
+    ])
+    .env("NAMESPACE", "ns1")
+    .env("DAPR_TRUST_ANCHORS", anchors)
+    .env("DAPR_UNSAFE_SKIP_CONTAINER_UID_GID_CHECK", "true")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `cmd` to its end (at most 20 s); its exit success and stderr.
+async fn finish(mut cmd: Command) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().expect("daprd starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let out = child.wait_with_output().expect("output");
+                return (
+                    status.success(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "daprd did not exit within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("join")
+}
+
+async fn sentry(ca: &Arc<TestCa>, presented_id: &str) -> TestSentry {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    TestSentry::start(l, ca.clone(), ca, presented_id, SentryPolicy::default())
+}
+
+#[tokio::test]
+async fn wrong_trust_anchors_end_the_process_with_one_clear_line() {
+    let ca = Arc::new(TestCa::ed25519());
+    let s = sentry(&ca, SENTRY_ID).await;
+    let other = TestCa::ed25519();
+    let (ok, err) = finish(daprd(
+        &s.addr.to_string(),
+        &other.pem,
+        daprd_testkit::free_port(),
+    ))
+    .await;
+    assert!(!ok, "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("error: ") && l.contains("DAPR_TRUST_ANCHORS")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_sentry_with_another_spiffe_id_ends_the_process() {
+    let ca = Arc::new(TestCa::ed25519());
+    let impostor = "spiffe://cluster.local/ns/dapr-system/dapr-operator";
+    let s = sentry(&ca, impostor).await;
+    let (ok, err) = finish(daprd(
+        &s.addr.to_string(),
+        &ca.pem,
+        daprd_testkit::free_port(),
+    ))
+    .await;
+    assert!(!ok, "{err}");
+    assert!(err.contains(SENTRY_ID) && err.contains(impostor), "{err}");
+}
+
+#[tokio::test]
+async fn a_sentry_that_is_down_keeps_the_sidecar_up_and_not_ready() {
+    let ca = TestCa::ed25519();
+    let public = daprd_testkit::free_port();
+    let closed = format!("127.0.0.1:{}", daprd_testkit::free_port());
+    let mut child = daprd(&closed, &ca.pem, public)
+        .spawn()
+        .expect("daprd starts");
+    let url = format!("http://127.0.0.1:{public}/v1.0/healthz");
+    let status = daprd_testkit::eventually(Duration::from_secs(10), "the public port", || async {
+        reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
+    })
+    .await;
+    assert_eq!(status, 500, "not ready while waiting for sentry");
+    assert!(child.try_wait().expect("wait").is_none(), "still running");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn root_is_refused_without_the_override() {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        });
+    if euid.as_deref() != Some("0") {
+        // Not root here: nothing to refuse (the check reads the effective uid).
+        return;
+    }
+    let ca = TestCa::ed25519();
+    let out = daprd("127.0.0.1:1", &ca.pem, daprd_testkit::free_port())
+        .env_remove("DAPR_UNSAFE_SKIP_CONTAINER_UID_GID_CHECK")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("DAPR_UNSAFE_SKIP_CONTAINER_UID_GID_CHECK"),
+        "{err}"
+    );
+}
