@@ -17,6 +17,7 @@ use daprd_core::registry::Registry;
 
 use crate::config::resources::LoadContext;
 use crate::config::{KubernetesConfig, RuntimeConfig};
+use crate::metrics::Metrics;
 use crate::serve::{Loaded, StartError};
 use identity::{IdentityError, IdentityEvents, SentryClient, SentryOptions, Svid};
 use operator::{OperatorClient, OperatorError, OperatorOptions, OperatorResources};
@@ -72,10 +73,40 @@ pub fn check_not_root() -> Result<(), KubernetesError> {
     Ok(())
 }
 
-/// Logs identity events.
-struct Log;
+/// The identity's events: logged, and counted in `dapr_runtime_mtls_*` once the sidecar's
+/// metrics exist (the events before that are kept and counted then).
+#[derive(Default)]
+pub struct MtlsEvents {
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
+    pending: std::sync::Mutex<Vec<(bool, Option<&'static str>)>>,
+}
 
-impl IdentityEvents for Log {
+impl MtlsEvents {
+    /// Counts into `metrics` from now on, and what happened before.
+    pub fn attach(&self, metrics: Arc<Metrics>) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (renewal, failed) in pending.drain(..) {
+            metrics.mtls(renewal, failed);
+        }
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn record(&self, renewal: bool, failed: Option<&'static str>) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.metrics.get() {
+            Some(m) => m.mtls(renewal, failed),
+            None => pending.push((renewal, failed)),
+        }
+    }
+}
+
+impl IdentityEvents for MtlsEvents {
     fn signed(&self, svid: &Svid, renewal: bool) {
         let until = humantime::format_rfc3339_seconds(svid.not_after);
         if renewal {
@@ -83,6 +114,7 @@ impl IdentityEvents for Log {
         } else {
             tracing::info!(id = %svid.id, %until, "workload certificate signed by sentry");
         }
+        self.record(renewal, None);
     }
 
     fn failed(&self, error: &IdentityError, renewal: bool) {
@@ -91,6 +123,7 @@ impl IdentityEvents for Log {
         } else if !error.is_fatal() {
             tracing::warn!("no workload certificate yet, trying again: {error}");
         }
+        self.record(renewal, Some(error.reason()));
     }
 }
 
@@ -115,13 +148,14 @@ pub async fn load(
         namespace: k8s.namespace.clone(),
         token_file: k8s.sentry_token_file.clone(),
     });
-    let identity = identity::obtain(&sentry, &Log, MAX_PAUSE)
+    let events = Arc::new(MtlsEvents::default());
+    let identity = identity::obtain(&sentry, events.as_ref(), MAX_PAUSE)
         .await
         .map_err(KubernetesError::Identity)?;
     tokio::spawn(identity::renew_forever(
         identity.clone(),
         sentry,
-        Arc::new(Log),
+        events.clone(),
     ));
     let client = OperatorClient::new(
         OperatorOptions {
@@ -174,5 +208,6 @@ pub async fn load(
         app_id: config.app_id.clone(),
         namespace: k8s.namespace.clone(),
     }));
+    loaded.on_metrics = Some(Box::new(move |metrics| events.attach(metrics)));
     Ok(loaded)
 }

@@ -70,6 +70,7 @@ const GRPC_CLIENT: &[&str] = &["app_id", "grpc_client_method", "grpc_client_stat
 const GRPC_CLIENT_METHOD: &[&str] = &["app_id", "grpc_client_method"];
 const COMPONENT_INIT: &[&str] = &["app_id", "component", "namespace"];
 const RESILIENCY_LOADED: &[&str] = &["app_id", "name", "namespace"];
+const APP_REASON: &[&str] = &["app_id", "reason"];
 const RESILIENCY: &[&str] = &[
     "app_id",
     "flow_direction",
@@ -205,6 +206,10 @@ pub struct Metrics {
     resiliency_count: Family,
     resiliency_activations: Family,
     resiliency_cb_state: Family,
+    mtls_init: Family,
+    mtls_init_fail: Family,
+    mtls_rotated: Family,
+    mtls_rotated_fail: Family,
 }
 
 impl Metrics {
@@ -291,6 +296,10 @@ impl Metrics {
             resiliency_count: family("resiliency_count", "Number of times a resiliency policyKey has been applied to a building block.", Counter, RESILIENCY, &none),
             resiliency_activations: family("resiliency_activations_total", "Number of times a resiliency policyKey has been activated in a building block after a failure or after a state change.", Counter, RESILIENCY, &none),
             resiliency_cb_state: family("resiliency_cb_state", "A resiliency policy's current CircuitBreakerState state. 0 is closed, 1 is half-open, 2 is open, and -1 is unknown.", Gauge, RESILIENCY, &none),
+            mtls_init: family("runtime_mtls_init_total", "The number of successful mTLS authenticator initialization.", Counter, APP_ONLY, &none),
+            mtls_init_fail: family("runtime_mtls_init_fail_total", "The number of mTLS authenticator init failures.", Counter, APP_REASON, &none),
+            mtls_rotated: family("runtime_mtls_workload_cert_rotated_total", "The number of the successful workload certificate rotations.", Counter, APP_ONLY, &none),
+            mtls_rotated_fail: family("runtime_mtls_workload_cert_rotated_fail_total", "The number of the failed workload certificate rotations.", Counter, APP_REASON, &none),
         }
     }
 
@@ -335,6 +344,10 @@ impl Metrics {
             &self.resiliency_count,
             &self.resiliency_activations,
             &self.resiliency_cb_state,
+            &self.mtls_init,
+            &self.mtls_init_fail,
+            &self.mtls_rotated,
+            &self.mtls_rotated_fail,
         ] {
             f.render(&mut out);
         }
@@ -656,6 +669,21 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Kubernetes mode's workload certificate: the first one signed (`renewal` false) or a
+    /// renewal, or (`failed` with Go daprd's reason) an attempt that failed.
+    pub fn mtls(&self, renewal: bool, failed: Option<&str>) {
+        if !self.enabled {
+            return;
+        }
+        let app = self.app_id.as_str();
+        match (renewal, failed) {
+            (false, None) => self.mtls_init.inc(&[app]),
+            (false, Some(reason)) => self.mtls_init_fail.inc(&[app, reason]),
+            (true, None) => self.mtls_rotated.inc(&[app]),
+            (true, Some(reason)) => self.mtls_rotated_fail.inc(&[app, reason]),
+        }
+    }
+
     /// A Resiliency resource named `name` was loaded.
     pub fn resiliency_loaded(&self, name: &str) {
         if self.enabled {

@@ -81,6 +81,9 @@ pub struct Loaded {
     /// Where changes come from, when not the resources directories (Kubernetes mode: the
     /// operator's update streams, followed whatever the HotReload feature says, as Go daprd).
     pub source: Option<Box<dyn crate::reload::ResourceSource>>,
+    /// Told the sidecar's metrics once they exist (Kubernetes mode: the identity's events
+    /// from before the Configuration was known).
+    pub on_metrics: Option<Box<dyn FnOnce(Arc<crate::metrics::Metrics>) + Send>>,
 }
 
 /// Loads the resources directories, builds the components through `registry` (the
@@ -167,6 +170,7 @@ pub async fn build_loaded(
             registry: registry.clone(),
             resiliency_docs,
             source: None,
+            on_metrics: None,
         }),
         Ok(store) => {
             store.close_all().await;
@@ -291,6 +295,9 @@ impl Sidecar {
             Arc::new(crate::resiliency::Policies::new(loaded.resiliency)),
             &loaded.configuration,
         );
+        if let Some(tell) = loaded.on_metrics {
+            tell(state.metrics.clone());
+        }
         let types: Vec<String> = state
             .publisher
             .store()

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use clap::Parser;
 use daprd_runtime::config::{Env, Options, RuntimeConfig};
+use daprd_runtime::kubernetes::operator::{OperatorClient, OperatorError, OperatorOptions};
 use daprd_runtime::serve::Sidecar;
 use daprd_testkit::controlplane::{
     Kind, OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry,
@@ -84,7 +85,10 @@ fn config(sentry: &str, operator: &str, anchors: &str, app_port: &str) -> Runtim
         "0",
         "--dapr-listen-addresses",
         "127.0.0.1",
-        "--enable-metrics=false",
+        "--metrics-port",
+        "0",
+        "--metrics-listen-address",
+        "127.0.0.1",
         "--app-port",
         app_port,
         "--control-plane-address",
@@ -187,7 +191,7 @@ async fn resources_come_from_the_operator_and_follow_its_update_streams() {
     assert!(
         calls
             .iter()
-            .all(|(_, peer)| peer.as_deref() == Some(&*format!("spiffe://public/ns/{NS}/app1"))),
+            .all(|c| c.peer.id.as_deref() == Some(&*format!("spiffe://public/ns/{NS}/app1"))),
         "every call presents the workload identity: {calls:?}"
     );
     let sidecar = Sidecar::start(cfg, loaded).await.expect("start");
@@ -245,4 +249,182 @@ async fn resources_come_from_the_operator_and_follow_its_update_streams() {
         (publish(&http, "pubsub", "orders", 5).await == 404).then_some(())
     })
     .await;
+}
+
+fn sentry_id() -> String {
+    format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-sentry")
+}
+
+fn operator_id() -> String {
+    format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-operator")
+}
+
+/// Starts the control plane and a sidecar loaded from it; the sidecar's HTTP and metrics
+/// addresses.
+async fn sidecar(
+    ca: &Arc<TestCa>,
+    sentry: &TestSentry,
+    operator: &TestOperator,
+    app_port: &str,
+) -> (
+    String,
+    String,
+    Arc<daprd_runtime::inbound::subscriber::Subscriptions>,
+) {
+    let cfg = config(
+        &sentry.addr.to_string(),
+        &operator.addr.to_string(),
+        &ca.pem,
+        app_port,
+    );
+    let k8s = cfg.kubernetes.clone().unwrap();
+    let registry = daprd_components::builtin_registry();
+    let loaded = tokio::time::timeout(
+        Duration::from_secs(20),
+        daprd_runtime::kubernetes::load(&cfg, &k8s, &registry),
+    )
+    .await
+    .expect("loaded in time")
+    .expect("loaded");
+    let sidecar = Sidecar::start(cfg, loaded).await.expect("start");
+    let http = format!("http://{}", sidecar.http_addrs[0]);
+    let metrics = format!("http://{}/metrics", sidecar.metrics_addr.unwrap());
+    let subs = sidecar.subscriptions.clone();
+    tokio::spawn(sidecar.run_until_shutdown());
+    (http, metrics, subs)
+}
+
+/// The value of the series `name{app_id="app1"...}` (0 when absent).
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_presented_on_the_next_operator_connection_and_counted() {
+    let ca = Arc::new(TestCa::ed25519());
+    let sentry = TestSentry::start(
+        listener().await,
+        ca.clone(),
+        &ca,
+        &sentry_id(),
+        SentryPolicy {
+            validity: Duration::from_secs(10),
+            ..SentryPolicy::default()
+        },
+    );
+    let operator = TestOperator::start(
+        listener().await,
+        &ca,
+        &operator_id(),
+        NS,
+        OperatorState {
+            components: vec![component("pubsub", &[], &[])],
+            ..OperatorState::default()
+        },
+    );
+    let (app_port, _got) = app().await;
+    let (_http, metrics, _subs) = sidecar(&ca, &sentry, &operator, &app_port).await;
+    assert_eq!(metric(&metrics, "dapr_runtime_mtls_init_total").await, 1.0);
+    let first = operator.calls()[0]
+        .peer
+        .cert
+        .clone()
+        .expect("a client certificate");
+    // Renewed halfway through the 10 s (about 5 s in), counted.
+    eventually(Duration::from_secs(15), "a renewal", || async {
+        (metric(&metrics, "dapr_runtime_mtls_workload_cert_rotated_total").await >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let renewed = sentry.signed()[1].pem.clone();
+    // The connection made before keeps its handshake; the next one presents the new
+    // certificate.
+    let before = operator.calls().len();
+    operator.drop_connections();
+    let presented = eventually(Duration::from_secs(15), "a new connection", || async {
+        operator.calls()[before..]
+            .iter()
+            .find_map(|c| c.peer.cert.clone())
+    })
+    .await;
+    assert_ne!(presented, first, "not the first certificate");
+    let renewed_der = rustls::pki_types::pem::PemObject::from_pem_slice(renewed.as_bytes())
+        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+        .expect("PEM");
+    let later: Vec<Vec<u8>> = sentry.signed()[1..]
+        .iter()
+        .map(|s| {
+            rustls::pki_types::pem::PemObject::from_pem_slice(s.pem.as_bytes())
+                .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+                .expect("PEM")
+        })
+        .collect();
+    assert!(
+        later.contains(&presented),
+        "the new connection presents a renewed certificate"
+    );
+    assert!(later.contains(&renewed_der));
+}
+
+#[tokio::test]
+async fn an_operator_that_refuses_the_namespace_is_a_clear_error() {
+    let ca = Arc::new(TestCa::ed25519());
+    let sentry = TestSentry::start(
+        listener().await,
+        ca.clone(),
+        &ca,
+        &sentry_id(),
+        SentryPolicy::default(),
+    );
+    // This operator serves another namespace only.
+    let operator = TestOperator::start(
+        listener().await,
+        &ca,
+        &operator_id(),
+        "other",
+        OperatorState::default(),
+    );
+    let client = daprd_runtime::kubernetes::identity::SentryClient::new(
+        daprd_runtime::kubernetes::identity::SentryOptions {
+            address: sentry.addr.to_string(),
+            anchors: daprd_runtime::kubernetes::spiffe::TrustAnchors::from_pem(&ca.pem).unwrap(),
+            sentry_id: daprd_runtime::kubernetes::spiffe::SpiffeId::sentry(CP_TD, CP_NS),
+            app_id: "app1".into(),
+            namespace: NS.into(),
+            token_file: None,
+        },
+    );
+    let identity = daprd_runtime::kubernetes::identity::Identity::new(client.sign().await.unwrap());
+    let op = OperatorClient::new(
+        OperatorOptions {
+            address: operator.addr.to_string(),
+            anchors: daprd_runtime::kubernetes::spiffe::TrustAnchors::from_pem(&ca.pem).unwrap(),
+            operator_id: daprd_runtime::kubernetes::spiffe::SpiffeId::operator(CP_TD, CP_NS),
+            namespace: NS.into(),
+        },
+        &identity,
+    )
+    .unwrap();
+    let err = op.snapshot().await.expect_err("refused");
+    assert!(!err.is_fatal(), "tried again: {err}");
+    assert!(
+        matches!(
+            &err,
+            OperatorError::Refused {
+                code: tonic::Code::PermissionDenied,
+                call: "ListComponents",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(NS) && text.contains("ListComponents"),
+        "{text}"
+    );
 }

@@ -165,26 +165,37 @@ pub fn server_config(issued: &Issued, client_ca: Option<&TestCa>) -> rustls::Ser
     config
 }
 
-/// A TLS connection accepted by a test server, with the client's SPIFFE id (from its
-/// certificate) for the handlers.
-pub struct TlsConn(tokio_rustls::server::TlsStream<TcpStream>);
+/// A TLS connection accepted by a test server, with the client's SPIFFE id and certificate
+/// (for the handlers); it ends (EOF) when its server drops its connections.
+pub struct TlsConn {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    closed: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ended: bool,
+}
 
-/// The client's SPIFFE id on a connection (`None`: no client certificate).
+/// The client on a connection: its SPIFFE id and certificate (`None`: none presented).
 #[derive(Clone, Debug)]
-pub struct PeerId(pub Option<String>);
+pub struct PeerId {
+    /// The `spiffe://` URI SAN.
+    pub id: Option<String>,
+    /// The leaf certificate (DER).
+    pub cert: Option<Vec<u8>>,
+}
 
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = PeerId;
 
     fn connect_info(&self) -> PeerId {
-        let id = self
-            .0
+        let cert = self
+            .tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| spiffe_id_of(c));
-        PeerId(id)
+            .and_then(|c| c.first());
+        PeerId {
+            id: cert.and_then(spiffe_id_of),
+            cert: cert.map(|c| c.to_vec()),
+        }
     }
 }
 
@@ -200,13 +211,26 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
+impl TlsConn {
+    /// Whether the server dropped its connections (polled, so the drop wakes the reader).
+    fn is_closed(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.ended && self.closed.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+        }
+        self.ended
+    }
+}
+
 impl AsyncRead for TlsConn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        if self.is_closed(cx) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
 
@@ -216,22 +240,27 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        if self.is_closed(cx) {
+            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tls).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 }
 
-/// TLS connections accepted on `listener`; a failed handshake is skipped.
+/// TLS connections accepted on `listener`; a failed handshake is skipped. Raising `drop_all`
+/// ends every connection accepted before.
 pub fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: rustls::ServerConfig,
+    drop_all: tokio::sync::watch::Receiver<u64>,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsConn>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -242,9 +271,19 @@ pub fn tls_incoming(
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let mut drop_all = drop_all.clone();
+            let epoch = *drop_all.borrow_and_update();
             tokio::spawn(async move {
                 if let Ok(tls) = acceptor.accept(tcp).await {
-                    let _ = tx.send(Ok(TlsConn(tls))).await;
+                    let closed = Box::pin(async move {
+                        let _ = drop_all.wait_for(|e| *e > epoch).await;
+                    });
+                    let conn = TlsConn {
+                        tls,
+                        closed,
+                        ended: false,
+                    };
+                    let _ = tx.send(Ok(conn)).await;
                 }
             });
         }
@@ -284,6 +323,8 @@ pub struct Signed {
     pub at: SystemTime,
     /// The token validator the request named.
     pub token_validator: i32,
+    /// The certificate (PEM).
+    pub pem: String,
 }
 
 struct SentryService {
@@ -334,6 +375,7 @@ impl Ca for SentryService {
                 id,
                 at: SystemTime::now(),
                 token_validator: r.token_validator,
+                pem: pem.clone(),
             });
         let until = SystemTime::now() + validity;
         let secs = until
@@ -386,8 +428,10 @@ impl TestSentry {
             signed: signed.clone(),
             refused: refused.clone(),
         };
-        let incoming = tls_incoming(listener, server_config(&issued, None));
+        let (_keep, drop_all) = tokio::sync::watch::channel(0);
+        let incoming = tls_incoming(listener, server_config(&issued, None), drop_all);
         let task = tokio::spawn(async move {
+            let _keep = _keep;
             let _ = tonic::transport::Server::builder()
                 .add_service(CaServer::new(service))
                 .serve_with_incoming(incoming)
@@ -446,8 +490,16 @@ pub enum Kind {
     Resiliency,
 }
 
-/// The calls the operator received: method and the caller's SPIFFE id.
-type Calls = Arc<Mutex<Vec<(String, Option<String>)>>>;
+/// One call the operator received.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// The method.
+    pub method: String,
+    /// The caller's SPIFFE id and certificate.
+    pub peer: PeerId,
+}
+
+type Calls = Arc<Mutex<Vec<Call>>>;
 
 /// An update for one stream kind; `None`: break every stream.
 type Update = (Option<Kind>, i32, Vec<u8>);
@@ -465,12 +517,19 @@ impl OperatorService {
         let peer = request
             .extensions()
             .get::<PeerId>()
-            .and_then(|p| p.0.clone());
+            .cloned()
+            .unwrap_or(PeerId {
+                id: None,
+                cert: None,
+            });
         self.calls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((method.to_string(), peer.clone()));
-        let Some(peer) = peer else {
+            .push(Call {
+                method: method.to_string(),
+                peer: peer.clone(),
+            });
+        let Some(peer) = peer.id else {
             return Err(Status::unauthenticated("no client certificate"));
         };
         let ns = peer.split('/').nth(4).unwrap_or_default();
@@ -637,6 +696,7 @@ pub struct TestOperator {
     pub state: Arc<Mutex<OperatorState>>,
     updates: tokio::sync::broadcast::Sender<Update>,
     calls: Calls,
+    drop_all: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -658,7 +718,8 @@ impl TestOperator {
         let state = Arc::new(Mutex::new(state));
         let (updates, _) = tokio::sync::broadcast::channel(256);
         let calls: Calls = Arc::default();
-        let incoming = tls_incoming(listener, server_config(&issued, Some(ca)));
+        let (drop_all, dropped) = tokio::sync::watch::channel(0);
+        let incoming = tls_incoming(listener, server_config(&issued, Some(ca)), dropped);
         let service = OperatorService {
             namespace: namespace.to_string(),
             state: state.clone(),
@@ -676,8 +737,14 @@ impl TestOperator {
             state,
             updates,
             calls,
+            drop_all,
             task,
         }
+    }
+
+    /// Ends every connection open now (clients connect again, with a new TLS handshake).
+    pub fn drop_connections(&self) {
+        self.drop_all.send_modify(|e| *e += 1);
     }
 
     /// Pushes an update on the streams open now (`ty`: 1 created, 2 updated, 3 deleted),
@@ -718,12 +785,12 @@ impl TestOperator {
     pub fn stream_opens(&self) -> usize {
         self.calls()
             .iter()
-            .filter(|(m, _)| m == "ResiliencyUpdate")
+            .filter(|c| c.method == "ResiliencyUpdate")
             .count()
     }
 
-    /// Every call so far: method and the caller's SPIFFE id.
-    pub fn calls(&self) -> Vec<(String, Option<String>)> {
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

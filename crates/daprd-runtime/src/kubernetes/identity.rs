@@ -345,18 +345,22 @@ impl Identity {
     }
 
     /// A client configuration presenting this identity (the certificate current at each
-    /// handshake) to a server verified by `verifier`.
+    /// handshake) to a server verified by `verifier`. No session resumption: a resumed
+    /// session would go on authenticating with the certificate of the first handshake, past
+    /// its renewal and its expiry.
     pub fn client_config(
         self: &Arc<Self>,
         verifier: Arc<SpiffeServerVerifier>,
     ) -> Result<rustls::ClientConfig, rustls::Error> {
-        Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(Presenter(self.clone()))))
+        .with_client_cert_resolver(Arc::new(Presenter(self.clone())));
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(config)
     }
 }
 
