@@ -17,6 +17,8 @@ bash scripts/services.sh
 # pubsub.aws.snssqs with the AWS SDK), so the tests cover them all.
 echo "==> cargo test --workspace --features daprd/full"
 cargo build --locked -p daprd --features full
+# the test control plane the Kubernetes-mode SDK test runs (target/debug/test-controlplane)
+cargo build --locked -p daprd-testkit --features controlplane --bin test-controlplane
 cargo test --locked --workspace --features daprd/full
 
 echo "==> Python SDK end-to-end tests"

@@ -235,9 +235,11 @@ pub fn ignored_flags(o: &Options) -> Vec<(&'static str, String)> {
         &o.dapr_internal_grpc_listen_address,
         "",
     );
-    push("control-plane-address", &o.control_plane_address, "");
-    push("sentry-address", &o.sentry_address, "");
-    push("enable-mtls", &o.enable_mtls, "false");
+    if o.mode != "kubernetes" {
+        push("control-plane-address", &o.control_plane_address, "");
+        push("sentry-address", &o.sentry_address, "");
+        push("enable-mtls", &o.enable_mtls, "false");
+    }
     push("placement-host-address", &o.placement_host_address, "");
     push(
         "scheduler-host-address",

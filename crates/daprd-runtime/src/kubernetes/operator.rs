@@ -204,6 +204,17 @@ fn decode_kubernetes_secrets(doc: &mut Value) {
             obj.remove("secretKeyRef");
         }
     }
+    // Resolved: the built-in `kubernetes` store has nothing left to do (a reference the
+    // operator could not resolve still names it, and fails as an undefined store).
+    let unresolved = doc
+        .pointer("/spec/metadata")
+        .and_then(Value::as_array)
+        .is_some_and(|items| items.iter().any(|i| i.get("secretKeyRef").is_some()));
+    if !unresolved {
+        if let Some(auth) = doc.get_mut("auth").and_then(Value::as_object_mut) {
+            auth.remove("secretStore");
+        }
+    }
 }
 
 fn parse_docs(
@@ -519,6 +530,13 @@ mod tests {
         });
         decode_kubernetes_secrets(&mut doc);
         assert_eq!(doc["spec"]["metadata"][1]["value"], "s3cr3t");
+        let mut named =
+            serde_json::json!({"auth": {"secretStore": "kubernetes"}, "spec": {"metadata": []}});
+        decode_kubernetes_secrets(&mut named);
+        assert!(
+            named.pointer("/auth/secretStore").is_none(),
+            "the built-in store: nothing left"
+        );
         assert!(doc["spec"]["metadata"][1].get("secretKeyRef").is_none());
         assert_eq!(doc["spec"]["metadata"][0]["value"], "localhost:6379");
 
