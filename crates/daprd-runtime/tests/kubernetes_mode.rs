@@ -100,6 +100,8 @@ fn config(sentry: &str, operator: &str, anchors: &str, app_port: &str) -> Runtim
         "--control-plane-namespace",
         CP_NS,
         "--enable-mtls",
+        "--config",
+        "appconfig",
     ];
     let opts = Options::try_parse_from(argv.iter().map(|s| s.to_string())).unwrap();
     let env = Env {
@@ -178,6 +180,7 @@ async fn resources_come_from_the_operator_and_follow_its_update_streams() {
                 component("other", &[], &["app2"]),
             ],
             subscriptions: vec![subscription("s1", "pubsub", "orders")],
+            configurations: vec![app_config()],
             ..OperatorState::default()
         },
     );
@@ -208,6 +211,13 @@ async fn resources_come_from_the_operator_and_follow_its_update_streams() {
         publish(&http, "other", "orders", 2).await,
         404,
         "scoped out"
+    );
+    // The Configuration named by --config came from the operator: its HTTP allow list.
+    let metadata = reqwest::get(format!("{http}/v1.0/metadata")).await.unwrap();
+    assert_eq!(
+        metadata.status(),
+        404,
+        "not in the Configuration's allow list"
     );
 
     // A component update and a new subscription from the streams apply live.
@@ -249,6 +259,19 @@ async fn resources_come_from_the_operator_and_follow_its_update_streams() {
         (publish(&http, "pubsub", "orders", 5).await == 404).then_some(())
     })
     .await;
+}
+
+/// The Configuration `appconfig`: the HTTP API limited to publishing (and health).
+fn app_config() -> serde_json::Value {
+    json!({
+        "apiVersion": "dapr.io/v1alpha1",
+        "kind": "Configuration",
+        "metadata": {"name": "appconfig", "namespace": NS},
+        "spec": {"api": {"allowed": [
+            {"name": "publish", "version": "v1.0", "protocol": "http"},
+            {"name": "healthz", "version": "v1.0", "protocol": "http"},
+        ]}},
+    })
 }
 
 fn sentry_id() -> String {
@@ -323,6 +346,7 @@ async fn a_renewed_certificate_is_presented_on_the_next_operator_connection_and_
         NS,
         OperatorState {
             components: vec![component("pubsub", &[], &[])],
+            configurations: vec![app_config()],
             ..OperatorState::default()
         },
     );
@@ -488,6 +512,7 @@ async fn component_updates_and_a_deletion_from_the_operator_lose_nothing_under_t
         OperatorState {
             components: vec![redis_component(&tag, "v0")],
             subscriptions: vec![subscription("orders", "redis", &topic)],
+            configurations: vec![app_config()],
             ..OperatorState::default()
         },
     );

@@ -6,11 +6,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use daprd_testkit::controlplane::{SentryPolicy, TestCa, TestSentry};
+use daprd_testkit::controlplane::{OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry};
 
 const SENTRY_ID: &str = "spiffe://cluster.local/ns/dapr-system/dapr-sentry";
 
-fn daprd(sentry: &str, anchors: &str, public_port: u16) -> Command {
+fn daprd(sentry: &str, operator: &str, anchors: &str, public_port: u16) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_daprd"));
     c.args([
         "--app-id",
@@ -29,7 +29,7 @@ fn daprd(sentry: &str, anchors: &str, public_port: u16) -> Command {
         "127.0.0.1",
         "--enable-metrics=false",
         "--control-plane-address",
-        "127.0.0.1:1",
+        operator,
         "--sentry-address",
         sentry,
         "--control-plane-trust-domain",
@@ -83,6 +83,7 @@ async fn wrong_trust_anchors_end_the_process_with_one_clear_line() {
     let other = TestCa::ed25519();
     let (ok, err) = finish(daprd(
         &s.addr.to_string(),
+        "127.0.0.1:1",
         &other.pem,
         daprd_testkit::free_port(),
     ))
@@ -102,6 +103,7 @@ async fn a_sentry_with_another_spiffe_id_ends_the_process() {
     let s = sentry(&ca, impostor).await;
     let (ok, err) = finish(daprd(
         &s.addr.to_string(),
+        "127.0.0.1:1",
         &ca.pem,
         daprd_testkit::free_port(),
     ))
@@ -110,21 +112,52 @@ async fn a_sentry_with_another_spiffe_id_ends_the_process() {
     assert!(err.contains(SENTRY_ID) && err.contains(impostor), "{err}");
 }
 
-#[tokio::test]
-async fn a_sentry_that_is_down_keeps_the_sidecar_up_and_not_ready() {
-    let ca = TestCa::ed25519();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_is_down_keeps_the_sidecar_up_and_not_ready_until_it_comes() {
+    let ca = Arc::new(TestCa::ed25519());
     let public = daprd_testkit::free_port();
-    let closed = format!("127.0.0.1:{}", daprd_testkit::free_port());
-    let mut child = daprd(&closed, &ca.pem, public)
+    let sentry_addr = format!("127.0.0.1:{}", daprd_testkit::free_port());
+    let operator_addr = format!("127.0.0.1:{}", daprd_testkit::free_port());
+    let mut child = daprd(&sentry_addr, &operator_addr, &ca.pem, public)
         .spawn()
         .expect("daprd starts");
     let url = format!("http://127.0.0.1:{public}/v1.0/healthz");
-    let status = daprd_testkit::eventually(Duration::from_secs(10), "the public port", || async {
-        reqwest::get(&url).await.ok().map(|r| r.status().as_u16())
+    let status =
+        |url: String| async move { reqwest::get(&url).await.ok().map(|r| r.status().as_u16()) };
+    let first = daprd_testkit::eventually(Duration::from_secs(10), "the public port", || {
+        status(url.clone())
     })
     .await;
-    assert_eq!(status, 500, "not ready while waiting for sentry");
+    assert_eq!(first, 500, "not ready while sentry is down");
     assert!(child.try_wait().expect("wait").is_none(), "still running");
+
+    // Sentry comes up; the operator is still down: still not ready, still running.
+    let _sentry = TestSentry::start(
+        tokio::net::TcpListener::bind(&sentry_addr)
+            .await
+            .expect("bind"),
+        ca.clone(),
+        &ca,
+        SENTRY_ID,
+        SentryPolicy::default(),
+    );
+    assert_eq!(status(url.clone()).await, Some(500));
+    // The operator comes up: ready without a restart.
+    let _operator = TestOperator::start(
+        tokio::net::TcpListener::bind(&operator_addr)
+            .await
+            .expect("bind"),
+        &ca,
+        "spiffe://cluster.local/ns/dapr-system/dapr-operator",
+        "ns1",
+        OperatorState::default(),
+    );
+    daprd_testkit::eventually(Duration::from_secs(20), "ready", || {
+        let url = url.clone();
+        async move { (status(url).await == Some(204)).then_some(()) }
+    })
+    .await;
+    assert!(child.try_wait().expect("wait").is_none(), "never restarted");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -143,10 +176,15 @@ fn root_is_refused_without_the_override() {
         return;
     }
     let ca = TestCa::ed25519();
-    let out = daprd("127.0.0.1:1", &ca.pem, daprd_testkit::free_port())
-        .env_remove("DAPR_UNSAFE_SKIP_CONTAINER_UID_GID_CHECK")
-        .output()
-        .expect("runs");
+    let out = daprd(
+        "127.0.0.1:1",
+        "127.0.0.1:1",
+        &ca.pem,
+        daprd_testkit::free_port(),
+    )
+    .env_remove("DAPR_UNSAFE_SKIP_CONTAINER_UID_GID_CHECK")
+    .output()
+    .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
