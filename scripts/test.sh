@@ -2,7 +2,8 @@
 # The one command that runs every test of daprd-rs:
 #   1. Rust unit and integration tests (cargo test --workspace);
 #   2. end-to-end tests that start the built `daprd` binary and drive it with the official
-#      Python SDK (`dapr`, pytest) and JavaScript SDK (`@dapr/dapr`, node --test).
+#      Python SDK (`dapr`, pytest) and JavaScript SDK (`@dapr/dapr`, node --test);
+#   3. the container image's checks (deploy/kubernetes/image-test.sh).
 # It installs the test-only Python and npm packages itself (into .venv and
 # tests/e2e/js/node_modules), and first runs scripts/services.sh, which installs and starts
 # what is missing of the brokers on loopback: Redis, RabbitMQ, Mosquitto, NATS, tansu (Kafka,
@@ -28,6 +29,9 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/python/requirements.txt
 export DAPRD_BIN="$PWD/target/debug/daprd"
 (cd tests/e2e/python && ../../../.venv/bin/python -m pytest -q -p no:cacheprovider)
+
+echo "==> container image: static binary, non-root, empty root, offline image build"
+bash deploy/kubernetes/image-test.sh
 
 echo "==> JavaScript SDK end-to-end tests"
 (cd tests/e2e/js && npm install --no-audit --no-fund --silent --no-package-lock && npm test)

@@ -452,23 +452,15 @@ impl Sidecar {
             subscriptions.clone(),
             loaded.subscriptions,
         ));
-        if let Some(source) = loaded.source {
+        // The operator's streams are followed whatever the feature says (as Go daprd).
+        if loaded.source.is_some() || loaded.configuration.hot_reload() {
             start_reloader(
                 &state,
                 &subscriptions,
                 loaded.registry,
                 loaded.configuration,
                 (loaded.components, loaded.resiliency_docs),
-                Some(source),
-            );
-        } else if loaded.configuration.hot_reload() {
-            start_reloader(
-                &state,
-                &subscriptions,
-                loaded.registry,
-                loaded.configuration,
-                (loaded.components, loaded.resiliency_docs),
-                None,
+                loaded.source,
             );
         } else {
             tracing::info!("hot reload is off (feature HotReload disabled in the Configuration)");

@@ -77,17 +77,15 @@ async fn sentry_signs_an_ed25519_key_for_the_workload_id_with_the_token_read_eac
         let ca = Arc::new(ca);
         let dir = ScratchDir::new("identity");
         dir.write("token", "first");
-        let sentry = TestSentry::start(
-            listener().await,
-            ca.clone(),
+        let sentry = TestSentry::spawn(
             &ca,
-            &sentry_id(),
             SentryPolicy {
                 token: Some("first".into()),
                 namespaces: vec!["ns1".into()],
                 ..SentryPolicy::default()
             },
-        );
+        )
+        .await;
         let client = SentryClient::new(options(
             sentry.addr,
             &ca.pem,
@@ -115,13 +113,7 @@ async fn sentry_signs_an_ed25519_key_for_the_workload_id_with_the_token_read_eac
 async fn wrong_trust_anchors_are_a_fatal_trust_failure() {
     let ca = Arc::new(TestCa::ed25519());
     let other = TestCa::ed25519();
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
-        &ca,
-        &sentry_id(),
-        SentryPolicy::default(),
-    );
+    let sentry = TestSentry::spawn(&ca, SentryPolicy::default()).await;
     let err = SentryClient::new(options(sentry.addr, &other.pem, None))
         .sign()
         .await
@@ -169,16 +161,14 @@ async fn a_refused_token_or_namespace_is_a_clear_error_that_is_tried_again() {
     let ca = Arc::new(TestCa::ed25519());
     let dir = ScratchDir::new("identity");
     dir.write("token", "expired");
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
+    let sentry = TestSentry::spawn(
         &ca,
-        &sentry_id(),
         SentryPolicy {
             token: Some("valid".into()),
             ..SentryPolicy::default()
         },
-    );
+    )
+    .await;
     let client = SentryClient::new(options(
         sentry.addr,
         &ca.pem,
@@ -272,16 +262,14 @@ async fn obtain_waits_for_a_sentry_that_is_down_at_start() {
 #[tokio::test]
 async fn the_certificate_is_renewed_halfway_through_its_validity_with_a_fresh_key() {
     let ca = Arc::new(TestCa::ed25519());
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
+    let sentry = TestSentry::spawn(
         &ca,
-        &sentry_id(),
         SentryPolicy {
             validity: Duration::from_secs(4),
             ..SentryPolicy::default()
         },
-    );
+    )
+    .await;
     let client = SentryClient::new(options(sentry.addr, &ca.pem, None));
     let events = Counting::new();
     let identity = obtain(&client, events.as_ref(), Duration::from_secs(1))

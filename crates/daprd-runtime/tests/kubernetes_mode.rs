@@ -14,14 +14,15 @@ use daprd_runtime::config::{Env, Options, RuntimeConfig};
 use daprd_runtime::kubernetes::operator::{OperatorClient, OperatorError, OperatorOptions};
 use daprd_runtime::serve::Sidecar;
 use daprd_testkit::controlplane::{
-    Kind, OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry,
+    operator_id, Kind, OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry, CP_NAMESPACE,
+    CP_TRUST_DOMAIN,
 };
 use daprd_testkit::eventually;
 use serde_json::json;
 
 const NS: &str = "ns1";
-const CP_TD: &str = "cluster.local";
-const CP_NS: &str = "dapr-system";
+const CP_TD: &str = CP_TRUST_DOMAIN;
+const CP_NS: &str = CP_NAMESPACE;
 
 fn component(name: &str, extra: &[(&str, &str)], scopes: &[&str]) -> serde_json::Value {
     let mut metadata: Vec<serde_json::Value> = extra
@@ -141,13 +142,7 @@ async fn delivered(got: &Arc<Mutex<Vec<serde_json::Value>>>, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resources_come_from_the_operator_and_follow_its_update_streams() {
     let ca = Arc::new(TestCa::ed25519());
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
-        &ca,
-        &format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-sentry"),
-        SentryPolicy::default(),
-    );
+    let sentry = TestSentry::spawn(&ca, SentryPolicy::default()).await;
     // The operator is down at start: its port stays closed until the sidecar has asked.
     let operator_port = daprd_testkit::free_port();
     let operator_addr = format!("127.0.0.1:{operator_port}");
@@ -171,7 +166,7 @@ async fn resources_come_from_the_operator_and_follow_its_update_streams() {
     let operator = TestOperator::start(
         tokio::net::TcpListener::bind(&operator_addr).await.unwrap(),
         &ca,
-        &format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-operator"),
+        &operator_id(),
         NS,
         OperatorState {
             components: vec![
@@ -274,14 +269,6 @@ fn app_config() -> serde_json::Value {
     })
 }
 
-fn sentry_id() -> String {
-    format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-sentry")
-}
-
-fn operator_id() -> String {
-    format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-operator")
-}
-
 /// Starts the control plane and a sidecar loaded from it; the sidecar's HTTP and metrics
 /// addresses.
 async fn sidecar(
@@ -329,27 +316,24 @@ async fn metric(url: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_is_presented_on_the_next_operator_connection_and_counted() {
     let ca = Arc::new(TestCa::ed25519());
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
+    let sentry = TestSentry::spawn(
         &ca,
-        &sentry_id(),
         SentryPolicy {
             validity: Duration::from_secs(10),
             ..SentryPolicy::default()
         },
-    );
-    let operator = TestOperator::start(
-        listener().await,
+    )
+    .await;
+    let operator = TestOperator::spawn(
         &ca,
-        &operator_id(),
         NS,
         OperatorState {
             components: vec![component("pubsub", &[], &[])],
             configurations: vec![app_config()],
             ..OperatorState::default()
         },
-    );
+    )
+    .await;
     let (app_port, _got) = app().await;
     let (_http, metrics, _subs) = sidecar(&ca, &sentry, &operator, &app_port).await;
     assert_eq!(metric(&metrics, "dapr_runtime_mtls_init_total").await, 1.0);
@@ -397,21 +381,9 @@ async fn a_renewed_certificate_is_presented_on_the_next_operator_connection_and_
 #[tokio::test]
 async fn an_operator_that_refuses_the_namespace_is_a_clear_error() {
     let ca = Arc::new(TestCa::ed25519());
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
-        &ca,
-        &sentry_id(),
-        SentryPolicy::default(),
-    );
+    let sentry = TestSentry::spawn(&ca, SentryPolicy::default()).await;
     // This operator serves another namespace only.
-    let operator = TestOperator::start(
-        listener().await,
-        &ca,
-        &operator_id(),
-        "other",
-        OperatorState::default(),
-    );
+    let operator = TestOperator::spawn(&ca, "other", OperatorState::default()).await;
     let client = daprd_runtime::kubernetes::identity::SentryClient::new(
         daprd_runtime::kubernetes::identity::SentryOptions {
             address: sentry.addr.to_string(),
@@ -497,17 +469,9 @@ async fn component_updates_and_a_deletion_from_the_operator_lose_nothing_under_t
     let tag = format!("k8s{}", std::process::id());
     let topic = format!("{tag}-orders");
     let ca = Arc::new(TestCa::ed25519());
-    let sentry = TestSentry::start(
-        listener().await,
-        ca.clone(),
+    let sentry = TestSentry::spawn(&ca, SentryPolicy::default()).await;
+    let operator = TestOperator::spawn(
         &ca,
-        &sentry_id(),
-        SentryPolicy::default(),
-    );
-    let operator = TestOperator::start(
-        listener().await,
-        &ca,
-        &operator_id(),
         NS,
         OperatorState {
             components: vec![redis_component(&tag, "v0")],
@@ -515,7 +479,8 @@ async fn component_updates_and_a_deletion_from_the_operator_lose_nothing_under_t
             configurations: vec![app_config()],
             ..OperatorState::default()
         },
-    );
+    )
+    .await;
     let (app_port, got) = app().await;
     let (http, _metrics, subs) = sidecar(&ca, &sentry, &operator, &app_port).await;
     eventually(Duration::from_secs(10), "subscribed", || async {

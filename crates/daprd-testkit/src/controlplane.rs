@@ -21,6 +21,27 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::{Request, Response, Status};
 
+/// The test control plane's trust domain (Dapr's default in a cluster).
+pub const CP_TRUST_DOMAIN: &str = "cluster.local";
+/// The test control plane's namespace.
+pub const CP_NAMESPACE: &str = "dapr-system";
+
+/// Sentry's SPIFFE id in the test control plane.
+pub fn sentry_id() -> String {
+    format!("spiffe://{CP_TRUST_DOMAIN}/ns/{CP_NAMESPACE}/dapr-sentry")
+}
+
+/// The operator's SPIFFE id in the test control plane.
+pub fn operator_id() -> String {
+    format!("spiffe://{CP_TRUST_DOMAIN}/ns/{CP_NAMESPACE}/dapr-operator")
+}
+
+async fn loopback() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port")
+}
+
 /// A root CA made for one test.
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
@@ -446,6 +467,12 @@ impl TestSentry {
         }
     }
 
+    /// A Sentry on a loopback port, presenting [`sentry_id`] signed by `ca` and signing with
+    /// it.
+    pub async fn spawn(ca: &Arc<TestCa>, policy: SentryPolicy) -> Self {
+        Self::start(loopback().await, ca.clone(), ca, &sentry_id(), policy)
+    }
+
     /// Everything signed so far.
     pub fn signed(&self) -> Vec<Signed> {
         self.signed
@@ -740,6 +767,12 @@ impl TestOperator {
             drop_all,
             task,
         }
+    }
+
+    /// An operator for `namespace` on a loopback port, presenting [`operator_id`] signed by
+    /// `ca`.
+    pub async fn spawn(ca: &TestCa, namespace: &str, state: OperatorState) -> Self {
+        Self::start(loopback().await, ca, &operator_id(), namespace, state)
     }
 
     /// Ends every connection open now (clients connect again, with a new TLS handshake).

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use daprd_testkit::controlplane::{OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry};
 
-const SENTRY_ID: &str = "spiffe://cluster.local/ns/dapr-system/dapr-sentry";
-
 fn daprd(sentry: &str, operator: &str, anchors: &str, public_port: u16) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_daprd"));
     c.args([
@@ -76,10 +74,14 @@ async fn sentry(ca: &Arc<TestCa>, presented_id: &str) -> TestSentry {
     TestSentry::start(l, ca.clone(), ca, presented_id, SentryPolicy::default())
 }
 
+fn sentry_id() -> String {
+    daprd_testkit::controlplane::sentry_id()
+}
+
 #[tokio::test]
 async fn wrong_trust_anchors_end_the_process_with_one_clear_line() {
     let ca = Arc::new(TestCa::ed25519());
-    let s = sentry(&ca, SENTRY_ID).await;
+    let s = sentry(&ca, &sentry_id()).await;
     let other = TestCa::ed25519();
     let (ok, err) = finish(daprd(
         &s.addr.to_string(),
@@ -99,7 +101,7 @@ async fn wrong_trust_anchors_end_the_process_with_one_clear_line() {
 #[tokio::test]
 async fn a_sentry_with_another_spiffe_id_ends_the_process() {
     let ca = Arc::new(TestCa::ed25519());
-    let impostor = "spiffe://cluster.local/ns/dapr-system/dapr-operator";
+    let impostor = &daprd_testkit::controlplane::operator_id();
     let s = sentry(&ca, impostor).await;
     let (ok, err) = finish(daprd(
         &s.addr.to_string(),
@@ -109,7 +111,10 @@ async fn a_sentry_with_another_spiffe_id_ends_the_process() {
     ))
     .await;
     assert!(!ok, "{err}");
-    assert!(err.contains(SENTRY_ID) && err.contains(impostor), "{err}");
+    assert!(
+        err.contains(&sentry_id()) && err.contains(impostor.as_str()),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +143,7 @@ async fn a_control_plane_that_is_down_keeps_the_sidecar_up_and_not_ready_until_i
             .expect("bind"),
         ca.clone(),
         &ca,
-        SENTRY_ID,
+        &sentry_id(),
         SentryPolicy::default(),
     );
     assert_eq!(status(url.clone()).await, Some(500));
@@ -148,7 +153,7 @@ async fn a_control_plane_that_is_down_keeps_the_sidecar_up_and_not_ready_until_i
             .await
             .expect("bind"),
         &ca,
-        "spiffe://cluster.local/ns/dapr-system/dapr-operator",
+        &daprd_testkit::controlplane::operator_id(),
         "ns1",
         OperatorState::default(),
     );

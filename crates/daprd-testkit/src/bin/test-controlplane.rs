@@ -14,11 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use daprd_testkit::controlplane::{
-    Kind, OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry,
+    Kind, OperatorState, SentryPolicy, TestCa, TestOperator, TestSentry, CP_NAMESPACE,
+    CP_TRUST_DOMAIN,
 };
-
-const TRUST_DOMAIN: &str = "cluster.local";
-const CP_NAMESPACE: &str = "dapr-system";
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -58,31 +56,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async move {
         let ca = Arc::new(TestCa::ed25519());
-        let sentry = TestSentry::start(
-            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            ca.clone(),
+        let sentry = TestSentry::spawn(
             &ca,
-            &format!("spiffe://{TRUST_DOMAIN}/ns/{CP_NAMESPACE}/dapr-sentry"),
             SentryPolicy {
                 validity: Duration::from_secs(validity),
                 namespaces: vec![namespace.clone()],
                 ..SentryPolicy::default()
             },
-        );
-        let operator = TestOperator::start(
-            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            &ca,
-            &format!("spiffe://{TRUST_DOMAIN}/ns/{CP_NAMESPACE}/dapr-operator"),
-            &namespace,
-            state,
-        );
+        )
+        .await;
+        let operator = TestOperator::spawn(&ca, &namespace, state).await;
         println!(
             "{}",
             serde_json::json!({
                 "sentry": sentry.addr.to_string(),
                 "operator": operator.addr.to_string(),
                 "trust_anchors": ca.pem,
-                "trust_domain": TRUST_DOMAIN,
+                "trust_domain": CP_TRUST_DOMAIN,
                 "control_plane_namespace": CP_NAMESPACE,
             })
         );
