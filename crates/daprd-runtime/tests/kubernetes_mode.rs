@@ -542,3 +542,48 @@ async fn component_updates_and_a_deletion_from_the_operator_lose_nothing_under_t
         .count();
     assert_eq!(dups, 0, "no message delivered twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_between_the_first_list_and_the_streams_is_not_missed() {
+    let ca = Arc::new(TestCa::ed25519());
+    let sentry = TestSentry::spawn(&ca, SentryPolicy::default()).await;
+    let operator = TestOperator::spawn(
+        &ca,
+        NS,
+        OperatorState {
+            components: vec![component("pubsub", &[], &[])],
+            configurations: vec![app_config()],
+            ..OperatorState::default()
+        },
+    )
+    .await;
+    let (app_port, got) = app().await;
+    let cfg = config(
+        &sentry.addr.to_string(),
+        &operator.addr.to_string(),
+        &ca.pem,
+        &app_port,
+    );
+    let k8s = cfg.kubernetes.clone().unwrap();
+    let registry = daprd_components::builtin_registry();
+    let loaded = daprd_runtime::kubernetes::load(&cfg, &k8s, &registry)
+        .await
+        .expect("loaded");
+    // Listed, streams not open yet: this event reaches no stream, only the next list.
+    assert_eq!(operator.stream_opens(), 0);
+    operator.push(
+        Kind::Subscription,
+        1,
+        subscription("late", "pubsub", "late"),
+    );
+    let sidecar = Sidecar::start(cfg, loaded).await.expect("start");
+    let http = format!("http://{}", sidecar.http_addrs[0]);
+    let subs = sidecar.subscriptions.clone();
+    tokio::spawn(sidecar.run_until_shutdown());
+    eventually(Duration::from_secs(10), "the late subscription", || async {
+        (!subs.list().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(publish(&http, "pubsub", "late", 7).await, 204);
+    delivered(&got, 7).await;
+}

@@ -369,42 +369,42 @@ enum Event {
 
 type Snapshots = tokio::sync::watch::Sender<Option<(u64, Snapshot)>>;
 
+/// Opens the streams, then lists (so no change falls between the list the sidecar started
+/// from and the first event), then applies events until a stream breaks; again and again.
 async fn follow(client: OperatorClient, mut snapshot: Snapshot, tx: Snapshots) {
     let mut generation = 0u64;
     let mut pause = Duration::from_millis(100);
-    let mut first = true;
+    let mut publish = |snapshot: &Snapshot| {
+        generation += 1;
+        let _ = tx.send(Some((generation, snapshot.clone())));
+    };
     loop {
         if tx.is_closed() {
-            return;
+            return; // the reloader is gone
         }
-        if !first {
-            // Reopened after a break: what changed meanwhile is only in a new list.
-            match client.snapshot().await {
-                Ok(s) if s != snapshot => {
+        let (events_tx, mut events) = tokio::sync::mpsc::channel::<Event>(64);
+        let listed = match open_streams(&client, events_tx).await {
+            Ok(()) => client.snapshot().await,
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok(s) => {
+                pause = Duration::from_millis(100);
+                if s != snapshot {
                     snapshot = s;
-                    generation += 1;
-                    let _ = tx.send(Some((generation, snapshot.clone())));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!("hot reload: listing the resources again failed: {e}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
-                    continue;
+                    publish(&snapshot);
                 }
             }
+            Err(e) => {
+                tracing::warn!("hot reload: the operator's update streams: {e}; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+                continue;
+            }
         }
-        first = false;
-        let (events_tx, mut events) = tokio::sync::mpsc::channel::<Event>(64);
-        let opened = open_streams(&client, events_tx).await;
-        if let Err(e) = opened {
-            tracing::warn!("hot reload: opening the operator's update streams failed: {e}");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(10));
-            continue;
-        }
-        pause = Duration::from_millis(100);
-        // Until one of the streams ends or breaks (every sender then goes with the tasks).
+        // Until one of the streams ends or breaks (every sender then goes with the task).
+        // Events from before the list may repeat what it holds: applied by name, they end
+        // in the same state.
         while let Some(event) = events.recv().await {
             let (named, kind, ty, raw) = match event {
                 Event::Component(t, b) => (&mut snapshot.components, "Component", t, b),
@@ -415,8 +415,7 @@ async fn follow(client: OperatorClient, mut snapshot: Snapshot, tx: Snapshots) {
                 Ok(doc) => {
                     tracing::info!(kind, name = %name_of(&doc), event = ?ty, "operator: resource update");
                     named.apply(ty, doc);
-                    generation += 1;
-                    let _ = tx.send(Some((generation, snapshot.clone())));
+                    publish(&snapshot);
                 }
                 Err(e) => tracing::warn!(kind, "operator sent an update that is not JSON: {e}"),
             }
