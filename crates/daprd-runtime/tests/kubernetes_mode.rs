@@ -337,6 +337,31 @@ async fn a_renewed_certificate_is_presented_on_the_next_operator_connection_and_
     let (app_port, _got) = app().await;
     let (_http, metrics, _subs) = sidecar(&ca, &sentry, &operator, &app_port).await;
     assert_eq!(metric(&metrics, "dapr_runtime_mtls_init_total").await, 1.0);
+    // A Resiliency from the operator's stream is put in force.
+    eventually(
+        Duration::from_secs(10),
+        "the update streams open",
+        || async { (operator.stream_opens() >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(metric(&metrics, "dapr_resiliency_loaded").await, 0.0);
+    operator.push(
+        Kind::Resiliency,
+        1,
+        json!({
+            "apiVersion": "dapr.io/v1alpha1",
+            "kind": "Resiliency",
+            "metadata": {"name": "retries", "namespace": NS},
+            "spec": {
+                "policies": {"retries": {"three": {"policy": "constant", "duration": "1s", "maxRetries": 3}}},
+                "targets": {"components": {"pubsub": {"outbound": {"retry": "three"}}}},
+            },
+        }),
+    );
+    eventually(Duration::from_secs(10), "the resiliency loaded", || async {
+        (metric(&metrics, "dapr_resiliency_loaded").await == 1.0).then_some(())
+    })
+    .await;
     let first = operator.calls()[0]
         .peer
         .cert
