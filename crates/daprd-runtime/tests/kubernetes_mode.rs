@@ -612,3 +612,47 @@ async fn a_change_between_the_first_list_and_the_streams_is_not_missed() {
     assert_eq!(publish(&http, "pubsub", "late", 7).await, 204);
     delivered(&got, 7).await;
 }
+
+#[tokio::test]
+async fn an_operator_with_another_spiffe_id_is_a_fatal_trust_failure() {
+    let ca = Arc::new(TestCa::ed25519());
+    let sentry = TestSentry::spawn(&ca, SentryPolicy::default()).await;
+    // An impostor: a certificate of the right CA for another identity.
+    let impostor = format!("spiffe://{CP_TD}/ns/{CP_NS}/dapr-placement");
+    let operator = TestOperator::start(
+        listener().await,
+        &ca,
+        &impostor,
+        NS,
+        OperatorState::default(),
+    );
+    let (app_port, _got) = app().await;
+    let cfg = config(
+        &sentry.addr.to_string(),
+        &operator.addr.to_string(),
+        &ca.pem,
+        &app_port,
+    );
+    let k8s = cfg.kubernetes.clone().unwrap();
+    let registry = daprd_components::builtin_registry();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        daprd_runtime::kubernetes::load(&cfg, &k8s, &registry),
+    )
+    .await
+    .expect("fails at once, not after retries")
+    .err()
+    .expect("refused");
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            daprd_runtime::kubernetes::KubernetesError::Operator(ref e) if e.is_fatal()
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&operator_id()) && text.contains(&impostor),
+        "{text}"
+    );
+}
