@@ -58,19 +58,22 @@ pub fn check_not_root() -> Result<(), KubernetesError> {
         );
         return Ok(());
     }
-    // The effective uid: the second number of /proc/self/status's `Uid:` line.
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|u| u.parse::<u32>().ok());
-    if euid == Some(0) {
+    if effective_uid() == Some(0) {
         return Err(KubernetesError::Root);
     }
     Ok(())
+}
+
+/// The process's effective uid: the second number of /proc/self/status's `Uid:` line.
+pub fn effective_uid() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The identity's events: logged, and counted in `dapr_runtime_mtls_*` once the sidecar's

@@ -269,17 +269,15 @@ fn app_config() -> serde_json::Value {
     })
 }
 
-/// Starts the control plane and a sidecar loaded from it; the sidecar's HTTP and metrics
-/// addresses.
-async fn sidecar(
-    ca: &Arc<TestCa>,
+/// Loads a sidecar's resources from the test control plane (at most 20 s).
+async fn load(
+    ca: &TestCa,
     sentry: &TestSentry,
     operator: &TestOperator,
     app_port: &str,
 ) -> (
-    String,
-    String,
-    Arc<daprd_runtime::inbound::subscriber::Subscriptions>,
+    RuntimeConfig,
+    Result<daprd_runtime::serve::Loaded, daprd_runtime::kubernetes::KubernetesError>,
 ) {
     let cfg = config(
         &sentry.addr.to_string(),
@@ -294,14 +292,40 @@ async fn sidecar(
         daprd_runtime::kubernetes::load(&cfg, &k8s, &registry),
     )
     .await
-    .expect("loaded in time")
-    .expect("loaded");
+    .expect("loaded or failed in time");
+    (cfg, loaded)
+}
+
+/// Starts a loaded sidecar; its HTTP and metrics addresses and subscriptions.
+async fn start(
+    cfg: RuntimeConfig,
+    loaded: daprd_runtime::serve::Loaded,
+) -> (
+    String,
+    String,
+    Arc<daprd_runtime::inbound::subscriber::Subscriptions>,
+) {
     let sidecar = Sidecar::start(cfg, loaded).await.expect("start");
     let http = format!("http://{}", sidecar.http_addrs[0]);
     let metrics = format!("http://{}/metrics", sidecar.metrics_addr.unwrap());
     let subs = sidecar.subscriptions.clone();
     tokio::spawn(sidecar.run_until_shutdown());
     (http, metrics, subs)
+}
+
+/// A sidecar loaded from the test control plane, started.
+async fn sidecar(
+    ca: &TestCa,
+    sentry: &TestSentry,
+    operator: &TestOperator,
+    app_port: &str,
+) -> (
+    String,
+    String,
+    Arc<daprd_runtime::inbound::subscriber::Subscriptions>,
+) {
+    let (cfg, loaded) = load(ca, sentry, operator, app_port).await;
+    start(cfg, loaded.expect("loaded")).await
 }
 
 /// The value of the series `name{app_id="app1"...}` (0 when absent).
@@ -583,17 +607,8 @@ async fn a_change_between_the_first_list_and_the_streams_is_not_missed() {
     )
     .await;
     let (app_port, got) = app().await;
-    let cfg = config(
-        &sentry.addr.to_string(),
-        &operator.addr.to_string(),
-        &ca.pem,
-        &app_port,
-    );
-    let k8s = cfg.kubernetes.clone().unwrap();
-    let registry = daprd_components::builtin_registry();
-    let loaded = daprd_runtime::kubernetes::load(&cfg, &k8s, &registry)
-        .await
-        .expect("loaded");
+    let (cfg, loaded) = load(&ca, &sentry, &operator, &app_port).await;
+    let loaded = loaded.expect("loaded");
     // Listed, streams not open yet: this event reaches no stream, only the next list.
     assert_eq!(operator.stream_opens(), 0);
     operator.push(
@@ -601,10 +616,7 @@ async fn a_change_between_the_first_list_and_the_streams_is_not_missed() {
         1,
         subscription("late", "pubsub", "late"),
     );
-    let sidecar = Sidecar::start(cfg, loaded).await.expect("start");
-    let http = format!("http://{}", sidecar.http_addrs[0]);
-    let subs = sidecar.subscriptions.clone();
-    tokio::spawn(sidecar.run_until_shutdown());
+    let (http, _metrics, subs) = start(cfg, loaded).await;
     eventually(Duration::from_secs(10), "the late subscription", || async {
         (!subs.list().is_empty()).then_some(())
     })
@@ -627,22 +639,11 @@ async fn an_operator_with_another_spiffe_id_is_a_fatal_trust_failure() {
         OperatorState::default(),
     );
     let (app_port, _got) = app().await;
-    let cfg = config(
-        &sentry.addr.to_string(),
-        &operator.addr.to_string(),
-        &ca.pem,
-        &app_port,
-    );
-    let k8s = cfg.kubernetes.clone().unwrap();
-    let registry = daprd_components::builtin_registry();
-    let err = tokio::time::timeout(
-        Duration::from_secs(10),
-        daprd_runtime::kubernetes::load(&cfg, &k8s, &registry),
-    )
-    .await
-    .expect("fails at once, not after retries")
-    .err()
-    .expect("refused");
+    let err = load(&ca, &sentry, &operator, &app_port)
+        .await
+        .1
+        .err()
+        .expect("refused at once, not after retries");
     let text = err.to_string();
     assert!(
         matches!(

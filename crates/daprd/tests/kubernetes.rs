@@ -169,14 +169,7 @@ async fn a_control_plane_that_is_down_keeps_the_sidecar_up_and_not_ready_until_i
 
 #[test]
 fn root_is_refused_without_the_override() {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        });
-    if euid.as_deref() != Some("0") {
+    if daprd_runtime::kubernetes::effective_uid() != Some(0) {
         // Not root here: nothing to refuse (the check reads the effective uid).
         return;
     }

@@ -13,7 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
 use super::spiffe::{
-    certificates_from_pem, CertInfo, SpiffeId, SpiffeServerVerifier, TrustAnchors, TrustFailure,
+    certificates_from_pem, control_plane_channel, is_outage, CertInfo, SpiffeId,
+    SpiffeServerVerifier, TrustAnchors, TrustFailure,
 };
 
 /// Where the projected Sentry token is mounted by the injector.
@@ -195,24 +196,13 @@ impl SentryClient {
         let (token, validator) = self.token()?;
         let verifier =
             SpiffeServerVerifier::new(self.opts.anchors.clone(), self.opts.sentry_id.clone());
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| IdentityError::Key(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-        let (host, port) = split_address(&address).ok_or_else(|| IdentityError::Unavailable {
-            address: address.clone(),
-            message: "not a host:port address".into(),
-        })?;
-        let channel = crate::tls::grpc_channel(host, port, config).map_err(|e| {
-            IdentityError::Unavailable {
-                address: address.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        let channel =
+            control_plane_channel(&address, verifier.clone(), None).map_err(|message| {
+                IdentityError::Unavailable {
+                    address: address.clone(),
+                    message,
+                }
+            })?;
         let request = SignCertificateRequest {
             id: self.opts.app_id.clone(),
             token,
@@ -234,18 +224,15 @@ impl SentryClient {
                 if let Some(failure) = verifier.take_rejection() {
                     return Err(IdentityError::Trust { address, failure });
                 }
-                return Err(match status.code() {
-                    tonic::Code::Unavailable
-                    | tonic::Code::Unknown
-                    | tonic::Code::DeadlineExceeded => IdentityError::Unavailable {
+                let message = status.message().to_string();
+                return Err(if is_outage(status.code()) {
+                    IdentityError::Unavailable { address, message }
+                } else {
+                    IdentityError::Refused {
                         address,
-                        message: status.message().to_string(),
-                    },
-                    code => IdentityError::Refused {
-                        address,
-                        code,
-                        message: status.message().to_string(),
-                    },
+                        code: status.code(),
+                        message,
+                    }
                 });
             }
             Ok(Ok(r)) => r.into_inner(),
@@ -282,12 +269,6 @@ impl SentryClient {
             not_after: info.not_after,
         })
     }
-}
-
-/// `host:port` (a bracketed IPv6 host is fine).
-fn split_address(address: &str) -> Option<(&str, u16)> {
-    let (host, port) = address.rsplit_once(':')?;
-    Some((host, port.parse().ok()?))
 }
 
 fn certified_key(
@@ -344,23 +325,10 @@ impl Identity {
         self.renewed.subscribe()
     }
 
-    /// A client configuration presenting this identity (the certificate current at each
-    /// handshake) to a server verified by `verifier`. No session resumption: a resumed
-    /// session would go on authenticating with the certificate of the first handshake, past
-    /// its renewal and its expiry.
-    pub fn client_config(
-        self: &Arc<Self>,
-        verifier: Arc<SpiffeServerVerifier>,
-    ) -> Result<rustls::ClientConfig, rustls::Error> {
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(Presenter(self.clone())));
-        config.resumption = rustls::client::Resumption::disabled();
-        Ok(config)
+    /// What presents this identity on a TLS connection: the certificate current at each
+    /// handshake.
+    pub fn presenter(self: &Arc<Self>) -> Arc<dyn rustls::client::ResolvesClientCert> {
+        Arc::new(Presenter(self.clone()))
     }
 }
 

@@ -240,16 +240,12 @@ impl OperatorClient {
     /// A bad address.
     pub fn new(opts: OperatorOptions, identity: &Arc<Identity>) -> Result<Self, OperatorError> {
         let verifier = SpiffeServerVerifier::new(opts.anchors.clone(), opts.operator_id.clone());
-        let config = identity
-            .client_config(verifier.clone())
-            .map_err(|_| OperatorError::Address(opts.address.clone()))?;
-        let (host, port) = opts
-            .address
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .ok_or_else(|| OperatorError::Address(opts.address.clone()))?;
-        let channel = crate::tls::grpc_channel(host, port, config)
-            .map_err(|_| OperatorError::Address(opts.address.clone()))?;
+        let channel = super::spiffe::control_plane_channel(
+            &opts.address,
+            verifier.clone(),
+            Some(identity.presenter()),
+        )
+        .map_err(|_| OperatorError::Address(opts.address.clone()))?;
         Ok(Self {
             grpc: Grpc::new(channel),
             verifier,
@@ -262,19 +258,16 @@ impl OperatorClient {
         if let Some(failure) = self.verifier.take_rejection() {
             return OperatorError::Trust { address, failure };
         }
-        match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-                OperatorError::Unavailable {
-                    address,
-                    message: status.message().to_string(),
-                }
-            }
-            code => OperatorError::Refused {
+        let message = status.message().to_string();
+        if super::spiffe::is_outage(status.code()) {
+            OperatorError::Unavailable { address, message }
+        } else {
+            OperatorError::Refused {
                 address,
                 call,
-                code,
-                message: status.message().to_string(),
-            },
+                code: status.code(),
+                message,
+            }
         }
     }
 

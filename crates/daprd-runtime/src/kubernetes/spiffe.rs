@@ -324,6 +324,44 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// A lazily connected gRPC channel to a control-plane server at `address` (`host:port`),
+/// verified by `verifier`, presenting `client_cert` when given. No TLS session resumption: a
+/// resumed session would go on authenticating with the certificate of the first handshake,
+/// past its renewal and its expiry.
+///
+/// # Errors
+/// `address` is not `host:port`.
+pub fn control_plane_channel(
+    address: &str,
+    verifier: Arc<SpiffeServerVerifier>,
+    client_cert: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+) -> Result<tonic::transport::Channel, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(verifier.provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client_cert {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
+    };
+    config.resumption = rustls::client::Resumption::disabled();
+    let (host, port) = address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| "not a host:port address".to_string())?;
+    crate::tls::grpc_channel(host, port, config).map_err(|e| e.to_string())
+}
+
+/// Whether a control-plane call failed for want of an answer (tried again as an outage)
+/// rather than by the server's refusal.
+pub fn is_outage(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
