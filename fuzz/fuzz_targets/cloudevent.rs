@@ -1,5 +1,5 @@
 //! The CloudEvent decode of the delivery path, and the envelope of the publish path, on
-//! arbitrary bytes: no panic.
+//! arbitrary bytes: no panic, and the one-pass envelope equals the tree envelope.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     .into_iter()
     .collect();
     let _ = cloudevent::ttl_from_metadata(&metadata);
-    if let Ok(mut envelope) = cloudevent::new_envelope(&cloudevent::EnvelopeRequest {
+    let request = cloudevent::EnvelopeRequest {
         source: "app",
         topic: "t",
         pubsub_name: "p",
@@ -47,8 +47,16 @@ fuzz_target!(|data: &[u8]| {
         metadata: Some(&metadata),
         new_id: "id",
         now: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
-    }) {
-        cloudevent::apply_ttl(&mut envelope, &metadata, false, SystemTime::now());
+    };
+    // The one-pass envelope must be the tree envelope's bytes, whatever the body.
+    let by_tree = cloudevent::new_envelope(&request).map(|mut envelope| {
+        cloudevent::apply_ttl(&mut envelope, &metadata, false, request.now);
+        daprd_core::json::to_vec_go(&envelope).expect("a json tree encodes")
+    });
+    match (by_tree, cloudevent::envelope_bytes(&request, false)) {
+        (Ok(tree), Ok(direct)) => assert_eq!(direct, tree, "one-pass envelope differs"),
+        (Err(_), Err(_)) => {}
+        (tree, direct) => panic!("tree {:?} vs one pass {:?}", tree.is_ok(), direct.is_ok()),
     }
     let _ = daprd_runtime::inbound::delivery::raw_envelope(body, "t", "p", &metadata);
 });

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use crate::duration::parse_go_duration_signed;
+use crate::json;
 
 /// Event type daprd uses when none is given.
 pub const DEFAULT_TYPE: &str = "com.dapr.event.sent";
@@ -27,6 +28,9 @@ pub enum CloudEventError {
     /// A body sent as `application/cloudevents+json` is not a JSON object.
     #[error("body is not a cloudevent json object: {0}")]
     NotAnObject(String),
+    /// The envelope could not be encoded as JSON.
+    #[error("cloudevent envelope cannot be encoded: {0}")]
+    Encode(String),
 }
 
 /// True when `content_type` (ignoring parameters, any case) is `expected`.
@@ -155,10 +159,60 @@ pub struct EnvelopeRequest<'a> {
 }
 
 fn override_of<'m>(md: Option<&'m BTreeMap<String, String>>, field: &str) -> Option<&'m str> {
-    let key = format!("cloudevent.{field}");
+    const PREFIX: &[u8] = b"cloudevent.";
     md?.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(&key))
+        .find(|(k, _)| {
+            let k = k.as_bytes();
+            k.len() == PREFIX.len() + field.len()
+                && k[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+                && k[PREFIX.len()..].eq_ignore_ascii_case(field.as_bytes())
+        })
         .map(|(_, v)| v.as_str())
+}
+
+/// The attributes of a new envelope, resolved from the request and its `cloudevent.*`
+/// overrides.
+struct Attributes<'a> {
+    id: &'a str,
+    source: &'a str,
+    ty: &'a str,
+    subject: &'a str,
+    trace: &'a str,
+    tracestate: &'a str,
+    content_type: &'a str,
+}
+
+impl<'a> Attributes<'a> {
+    fn of(req: &EnvelopeRequest<'a>) -> Self {
+        let md = req.metadata;
+        // An override may set a field to "" on purpose; Go then falls back to the default.
+        let pick = |field: &str, default: &'a str| -> &'a str {
+            match override_of(md, field) {
+                Some(v) if !v.is_empty() => v,
+                _ => default,
+            }
+        };
+        let source = match override_of(md, "source").unwrap_or(req.source) {
+            "" => DEFAULT_SOURCE,
+            s => s,
+        };
+        let trace = override_of(md, "traceparent")
+            .filter(|v| !v.is_empty())
+            .or_else(|| override_of(md, "traceid"))
+            .unwrap_or(req.traceparent);
+        Self {
+            id: pick("id", req.new_id),
+            source,
+            ty: pick("type", DEFAULT_TYPE),
+            subject: override_of(md, "subject").unwrap_or(""),
+            trace,
+            tracestate: override_of(md, "tracestate").unwrap_or(req.tracestate),
+            content_type: match req.data_content_type {
+                "" => DEFAULT_DATA_CONTENT_TYPE,
+                ct => ct,
+            },
+        }
+    }
 }
 
 /// RFC 3339 with second precision in UTC, as daprd writes `time` and `expiration`. A time
@@ -180,56 +234,102 @@ pub fn new_envelope(req: &EnvelopeRequest<'_>) -> Result<Map<String, Value>, Clo
     if is_cloudevent_content_type(req.data_content_type) {
         return from_cloudevent(req);
     }
-    let md = req.metadata;
-    let pick = |field: &str, default: &str| -> String {
-        match override_of(md, field) {
-            Some(v) if !v.is_empty() => v.to_string(),
-            _ => default.to_string(),
-        }
-    };
-    // An override may set a field to "" on purpose; Go then falls back to the default.
-    let id = pick("id", req.new_id);
-    let source = {
-        let s = override_of(md, "source").unwrap_or(req.source);
-        if s.is_empty() {
-            DEFAULT_SOURCE.to_string()
-        } else {
-            s.to_string()
-        }
-    };
-    let ty = pick("type", DEFAULT_TYPE);
-    let subject = override_of(md, "subject").unwrap_or("");
-    let mut trace = override_of(md, "traceid")
-        .unwrap_or(req.traceparent)
-        .to_string();
-    if let Some(tp) = override_of(md, "traceparent").filter(|v| !v.is_empty()) {
-        trace = tp.to_string();
-    }
-    let tracestate = override_of(md, "tracestate").unwrap_or(req.tracestate);
-    let content_type = if req.data_content_type.is_empty() {
-        DEFAULT_DATA_CONTENT_TYPE
-    } else {
-        req.data_content_type
-    };
-
+    let a = Attributes::of(req);
     let mut ce = Map::new();
-    ce.insert("id".into(), Value::String(id));
+    ce.insert("id".into(), a.id.into());
     ce.insert("specversion".into(), SPEC_VERSION.into());
-    ce.insert("datacontenttype".into(), content_type.into());
-    ce.insert("source".into(), Value::String(source));
-    ce.insert("type".into(), Value::String(ty));
+    ce.insert("datacontenttype".into(), a.content_type.into());
+    ce.insert("source".into(), a.source.into());
+    ce.insert("type".into(), a.ty.into());
     ce.insert("topic".into(), req.topic.into());
     ce.insert("pubsubname".into(), req.pubsub_name.into());
-    ce.insert("traceid".into(), Value::String(trace.clone()));
-    ce.insert("traceparent".into(), Value::String(trace));
-    ce.insert("tracestate".into(), tracestate.into());
+    ce.insert("traceid".into(), a.trace.into());
+    ce.insert("traceparent".into(), a.trace.into());
+    ce.insert("tracestate".into(), a.tracestate.into());
     ce.insert("time".into(), format_time(req.now).into());
-    let (field, value) = embed_data(content_type, req.data);
+    let (field, value) = embed_data(a.content_type, req.data);
     ce.insert(field.into(), value);
-    if !subject.is_empty() {
-        ce.insert("subject".into(), subject.into());
+    if !a.subject.is_empty() {
+        ce.insert("subject".into(), a.subject.into());
     }
     Ok(ce)
+}
+
+/// The envelope of a publish as the bytes Go daprd puts on the broker: [`new_envelope`], then
+/// [`apply_ttl`], then Go's JSON encoding ([`json::to_vec_go`]). For every content type but
+/// `application/cloudevents+json` it is written in one pass, without a JSON tree (a JSON body
+/// goes through [`json::reencode_go`]); the tests hold it to the tree's bytes.
+///
+/// # Errors
+/// [`CloudEventError::NotAnObject`] when a CloudEvent body is not a JSON object;
+/// [`CloudEventError::Encode`] when the envelope cannot be encoded.
+pub fn envelope_bytes(
+    req: &EnvelopeRequest<'_>,
+    component_handles_ttl: bool,
+) -> Result<Vec<u8>, CloudEventError> {
+    let md = req.metadata;
+    let expiration = (!component_handles_ttl)
+        .then(|| md.and_then(ttl_from_metadata))
+        .flatten()
+        .map(|ttl| format_time(expiry(req.now, ttl)));
+    if is_cloudevent_content_type(req.data_content_type) {
+        let mut ce = from_cloudevent(req)?;
+        if let Some(at) = expiration {
+            ce.insert("expiration".into(), at.into());
+        }
+        return json::to_vec_go(&ce).map_err(|e| CloudEventError::Encode(e.to_string()));
+    }
+    let a = Attributes::of(req);
+    let mut out = Vec::with_capacity(req.data.len() + 512);
+    // Keys in Go's order (sorted); `data` / `data_base64` sorts first.
+    if is_json_content_type(a.content_type) {
+        out.extend_from_slice(b"{\"data\":");
+        if !json::reencode_go(req.data, &mut out) {
+            match decode_first_json(req.data) {
+                Some(v) => out.extend_from_slice(
+                    &json::to_vec_go(&v).map_err(|e| CloudEventError::Encode(e.to_string()))?,
+                ),
+                None => json::write_go_str(&mut out, &String::from_utf8_lossy(req.data)),
+            }
+        }
+    } else if is_binary_content_type(a.content_type)
+        || is_cloudevent_protobuf(a.content_type, req.data)
+    {
+        out.extend_from_slice(b"{\"data_base64\":");
+        json::write_go_str(
+            &mut out,
+            &base64::engine::general_purpose::STANDARD.encode(req.data),
+        );
+    } else {
+        out.extend_from_slice(b"{\"data\":");
+        json::write_go_str(&mut out, &String::from_utf8_lossy(req.data));
+    }
+    let time = format_time(req.now);
+    let fields = [
+        ("datacontenttype", Some(a.content_type)),
+        ("expiration", expiration.as_deref()),
+        ("id", Some(a.id)),
+        ("pubsubname", Some(req.pubsub_name)),
+        ("source", Some(a.source)),
+        ("specversion", Some(SPEC_VERSION)),
+        ("subject", Some(a.subject).filter(|s| !s.is_empty())),
+        ("time", Some(time.as_str())),
+        ("topic", Some(req.topic)),
+        ("traceid", Some(a.trace)),
+        ("traceparent", Some(a.trace)),
+        ("tracestate", Some(a.tracestate)),
+        ("type", Some(a.ty)),
+    ];
+    for (key, value) in fields {
+        if let Some(value) = value {
+            out.push(b',');
+            json::write_go_str(&mut out, key);
+            out.push(b':');
+            json::write_go_str(&mut out, value);
+        }
+    }
+    out.push(b'}');
+    Ok(out)
 }
 
 /// How `data` is carried for `content_type`: `("data", json)`, `("data_base64", b64)` or
@@ -351,11 +451,14 @@ pub fn apply_ttl(
         return;
     }
     if let Some(ttl) = ttl_from_metadata(metadata) {
-        let at = now
-            .checked_add(ttl)
-            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
-        envelope.insert("expiration".into(), format_time(at).into());
+        envelope.insert("expiration".into(), format_time(expiry(now, ttl)).into());
     }
+}
+
+/// `now` + `ttl`, or a century from now when that overflows.
+fn expiry(now: SystemTime, ttl: Duration) -> SystemTime {
+    now.checked_add(ttl)
+        .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 #[cfg(test)]
@@ -392,6 +495,84 @@ mod tests {
             metadata: None,
             new_id: "id-1",
             now: t0(),
+        }
+    }
+
+    #[test]
+    fn envelope_bytes_are_the_tree_envelope_encoded() {
+        let content_types = [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/cloudevents+json",
+            "text/plain",
+            "",
+            "application/octet-stream",
+            "application/x-protobuf",
+            "application/xml",
+        ];
+        let bodies: [&[u8]; 9] = [
+            br#"{"orderId":1,"pad":"xxxx"}"#,
+            br#" {"b":[1,2.50],"a":"<&>","b":null} "#,
+            br#"{"id":"orig","source":null,"data":{"x":1},"traceid":"mine"}"#,
+            b"[1,2]",
+            b"\"quoted\"",
+            b"12 34",
+            b"{not json",
+            b"",
+            &[0x0a, 1, b'a', 0x12, 1, 0xff],
+        ];
+        let md = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let metadata = [
+            md(&[]),
+            md(&[("ttlInSeconds", "10")]),
+            md(&[
+                ("cloudevent.ID", "my-id"),
+                ("CloudEvent.source", ""),
+                ("cloudevent.type", "t<1>"),
+                ("cloudevent.subject", "subj\n"),
+                ("cloudevent.traceid", "tid"),
+                ("cloudevent.traceparent", "tp"),
+                ("cloudevent.tracestate", ""),
+                ("ttl", "1h"),
+            ]),
+            md(&[("cloudevent.id", ""), ("cloudevent.traceid", "")]),
+        ];
+        for ct in content_types {
+            for body in bodies {
+                for md in &metadata {
+                    for handles_ttl in [false, true] {
+                        let mut r = req(ct, body);
+                        r.metadata = Some(md);
+                        let by_tree = new_envelope(&r).map(|mut ce| {
+                            apply_ttl(&mut ce, md, handles_ttl, r.now);
+                            crate::json::to_vec_go(&ce).unwrap()
+                        });
+                        let direct = envelope_bytes(&r, handles_ttl);
+                        match (by_tree, direct) {
+                            (Ok(tree), Ok(direct)) => assert_eq!(
+                                String::from_utf8_lossy(&direct),
+                                String::from_utf8_lossy(&tree),
+                                "{ct:?} {:?} {md:?} {handles_ttl}",
+                                String::from_utf8_lossy(body)
+                            ),
+                            (Err(_), Err(e)) => {
+                                assert!(matches!(e, CloudEventError::NotAnObject(_)));
+                            }
+                            (tree, direct) => panic!(
+                                "{ct:?} {:?}: tree {:?}, direct {:?}",
+                                String::from_utf8_lossy(body),
+                                tree.is_ok(),
+                                direct.is_ok()
+                            ),
+                        }
+                    }
+                }
+            }
         }
     }
 

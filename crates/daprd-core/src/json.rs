@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use serde_json::ser::{CharEscape, Formatter, Serializer};
+use std::borrow::Cow;
 use std::io;
 
 struct GoFormatter;
@@ -78,6 +79,281 @@ pub fn to_vec_go<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, serde_json
     Ok(out)
 }
 
+/// Writes `s` as a JSON string, escaped as Go's `encoding/json` escapes it.
+pub fn write_go_str(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail, and the formatter knows every escape serde_json asks for.
+    let _ = serde::Serializer::serialize_str(&mut Serializer::with_formatter(out, GoFormatter), s);
+}
+
+/// Nesting deeper than this is left to the tree path (serde_json stops at 128).
+const MAX_DEPTH: usize = 100;
+
+/// Appends to `out` the first JSON value of `data` as Go daprd re-encodes a JSON body:
+/// `json.Decoder.UseNumber().Decode` into a tree, then `json.Marshal` — object keys sorted,
+/// the last of duplicate keys kept, no whitespace, Go's string escapes, numbers verbatim —
+/// in one pass, without building the tree. Returns false, with `out` as it was, when `data`
+/// does not start with an object or array this pass takes (invalid JSON, a scalar at the
+/// top, a lone surrogate, a number with an exponent, nesting deeper than 100): the caller
+/// then decodes the tree, whose answer is the reference this pass is tested against.
+pub fn reencode_go(data: &[u8], out: &mut Vec<u8>) -> bool {
+    let mut r = Reader { data, pos: 0 };
+    r.skip_ws();
+    if !matches!(r.peek(), Some(b'{' | b'[')) {
+        return false;
+    }
+    let mark = out.len();
+    if r.value(out, 0).is_none() {
+        out.truncate(mark);
+        return false;
+    }
+    true
+}
+
+/// A one-pass JSON reader writing Go's encoding of what it reads.
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.data.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    fn value(&mut self, out: &mut Vec<u8>, depth: usize) -> Option<()> {
+        self.skip_ws();
+        match self.peek()? {
+            b'{' => self.object(out, depth + 1),
+            b'[' => self.array(out, depth + 1),
+            b'"' => {
+                let s = self.string()?;
+                write_go_str(out, &s);
+                Some(())
+            }
+            b't' => self.literal(out, b"true"),
+            b'f' => self.literal(out, b"false"),
+            b'n' => self.literal(out, b"null"),
+            b'-' | b'0'..=b'9' => self.number(out),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, out: &mut Vec<u8>, lit: &[u8]) -> Option<()> {
+        let end = self.pos + lit.len();
+        if self.data.get(self.pos..end)? != lit {
+            return None;
+        }
+        self.pos = end;
+        out.extend_from_slice(lit);
+        Some(())
+    }
+
+    fn digits(&mut self) -> Option<()> {
+        if !self.peek()?.is_ascii_digit() {
+            return None;
+        }
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        Some(())
+    }
+
+    /// A number, copied as written (Go's `json.Number` keeps its text).
+    fn number(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        let start = self.pos;
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        if self.peek()? == b'0' {
+            self.pos += 1;
+        } else {
+            self.digits()?;
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            self.digits()?;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            // The tree rewrites an exponent (`1E5` as `1e+5`); leave such bodies to it.
+            return None;
+        }
+        out.extend_from_slice(&self.data[start..self.pos]);
+        Some(())
+    }
+
+    /// The string whose opening quote is at `pos`, unescaped (borrowed when it has no escape).
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        let data = self.data;
+        let mut i = self.pos + 1;
+        let mut owned: Option<String> = None;
+        loop {
+            let rest = data.get(i..)?;
+            let j = memchr::memchr2(b'"', b'\\', rest)?;
+            let raw = &rest[..j];
+            if raw.iter().any(|&b| b < 0x20) {
+                return None;
+            }
+            let raw = std::str::from_utf8(raw).ok()?;
+            i += j;
+            if data[i] == b'"' {
+                self.pos = i + 1;
+                return Some(match owned {
+                    None => Cow::Borrowed(raw),
+                    Some(mut s) => {
+                        s.push_str(raw);
+                        Cow::Owned(s)
+                    }
+                });
+            }
+            let s = owned.get_or_insert_with(String::new);
+            s.push_str(raw);
+            let escape = *data.get(i + 1)?;
+            i += 2;
+            s.push(match escape {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => {
+                    let hi = hex4(data.get(i..i + 4)?)?;
+                    i += 4;
+                    match hi {
+                        0xD800..=0xDBFF => {
+                            if data.get(i..i + 2)? != b"\\u" {
+                                return None;
+                            }
+                            let lo = hex4(data.get(i + 2..i + 6)?)?;
+                            if !(0xDC00..=0xDFFF).contains(&lo) {
+                                return None;
+                            }
+                            i += 6;
+                            char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))?
+                        }
+                        _ => char::from_u32(hi)?,
+                    }
+                }
+                _ => return None,
+            });
+        }
+    }
+
+    fn object(&mut self, out: &mut Vec<u8>, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.pos += 1;
+        let open = out.len();
+        out.push(b'{');
+        // Each member's key and where its `"key":value` lies in `out`.
+        let mut members: Vec<(Cow<'a, str>, usize, usize)> = Vec::new();
+        self.skip_ws();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            out.push(b'}');
+            return Some(());
+        }
+        loop {
+            self.skip_ws();
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            self.skip_ws();
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.pos += 1;
+            if !members.is_empty() {
+                out.push(b',');
+            }
+            let start = out.len();
+            write_go_str(out, &key);
+            out.push(b':');
+            self.value(out, depth)?;
+            members.push((key, start, out.len()));
+            self.skip_ws();
+            match self.peek()? {
+                b',' => self.pos += 1,
+                b'}' => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        if members.windows(2).any(|w| w[0].0 >= w[1].0) {
+            // Go decodes into a map: keys come out sorted, the last of equal keys wins.
+            let mut order: Vec<usize> = (0..members.len()).collect();
+            order.sort_by(|&a, &b| members[a].0.cmp(&members[b].0).then(a.cmp(&b)));
+            let body = out.split_off(open + 1);
+            let mut first = true;
+            for (n, &i) in order.iter().enumerate() {
+                if order
+                    .get(n + 1)
+                    .is_some_and(|&next| members[next].0 == members[i].0)
+                {
+                    continue;
+                }
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                let (_, start, end) = members[i];
+                out.extend_from_slice(&body[start - open - 1..end - open - 1]);
+            }
+        }
+        out.push(b'}');
+        Some(())
+    }
+
+    fn array(&mut self, out: &mut Vec<u8>, depth: usize) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.pos += 1;
+        out.push(b'[');
+        self.skip_ws();
+        if self.peek()? == b']' {
+            self.pos += 1;
+            out.push(b']');
+            return Some(());
+        }
+        loop {
+            self.value(out, depth)?;
+            self.skip_ws();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    out.push(b',');
+                }
+                b']' => {
+                    self.pos += 1;
+                    out.push(b']');
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+fn hex4(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |n, &d| {
+        let v = char::from(d).to_digit(16)?;
+        Some(n * 16 + v)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +384,89 @@ mod tests {
             String::from_utf8(to_vec_go(&v).unwrap()).unwrap(),
             "\"\\u2029\u{2713}\u{20ac}\\u003c\""
         );
+    }
+
+    /// What Go daprd writes for a JSON body, through the tree: the reference.
+    fn by_tree(data: &[u8]) -> Option<Vec<u8>> {
+        let v = serde_json::Deserializer::from_slice(data)
+            .into_iter::<serde_json::Value>()
+            .next()?
+            .ok()?;
+        Some(to_vec_go(&v).unwrap())
+    }
+
+    fn by_pass(data: &[u8]) -> Option<Vec<u8>> {
+        let mut out = b"prefix".to_vec();
+        let taken = reencode_go(data, &mut out);
+        assert!(out.starts_with(b"prefix"), "the prefix is kept");
+        if !taken {
+            assert_eq!(out, b"prefix", "a refused body leaves nothing behind");
+            return None;
+        }
+        Some(out[6..].to_vec())
+    }
+
+    #[test]
+    fn the_one_pass_encoding_equals_the_tree_encoding() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let cases: Vec<Vec<u8>> = [
+            r#"{"orderId":1,"pad":"xxxx"}"#,
+            " \n{ \"b\" : 1 ,\r\n\t\"a\" : [ 1 , 2 , { } , [ ] ] } trailing",
+            r#"{"b":1,"a":2,"b":3,"a":{"z":null,"y":true,"y":false}}"#,
+            r#"{"\u0062":1,"a":2,"\u00e9":3,"é2":4,"":5}"#,
+            r#"["\/\"\\\b\f\n\r\t","\u003c<>&\u2028 \u2029","\ud83d\ude00 😀","\u0000\u001f\u007f"]"#,
+            r#"[0,-0,1.50,-1.5,12345678901234567890123,0.000001]"#,
+            r#"{"a":"<script>&amp;</script>","k<":"v"}"#,
+            "[\"\u{2028}\u{2029}é\u{10FFFF}\"]",
+            r#"[true,false,null]"#,
+            r#"{}"#,
+            r#"[]"#,
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .chain([deep(99).into_bytes(), deep(100).into_bytes()])
+        .collect();
+        for data in &cases {
+            let tree = by_tree(data);
+            assert!(tree.is_some(), "{}", String::from_utf8_lossy(data));
+            assert_eq!(
+                by_pass(data),
+                tree,
+                "one pass vs tree for {}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_pass_refuses_is_left_to_the_tree() {
+        let refused: Vec<Vec<u8>> = [
+            &b"1"[..],
+            b"\"s\"",
+            b"",
+            b"{",
+            b"[1,]",
+            b"{\"a\":01}",
+            b"[1.]",
+            b"[1e5]",
+            b"[1.5E-3]",
+            b"[-]",
+            b"[\"\\ud800\"]",
+            b"[\"\\udc00\"]",
+            b"[\"\\x\"]",
+            b"[\"a\nb\"]",
+            b"[\"\xff\"]",
+            b"{\"a\" 1}",
+            b"[tru]",
+            b"{1:2}",
+        ]
+        .iter()
+        .map(|s| s.to_vec())
+        .chain([format!("{}{}", "[".repeat(101), "]".repeat(101)).into_bytes()])
+        .collect();
+        for data in &refused {
+            assert_eq!(by_pass(data), None, "{}", String::from_utf8_lossy(data));
+        }
     }
 
     #[test]

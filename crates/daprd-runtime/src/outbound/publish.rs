@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use daprd_core::cloudevent::{self, EnvelopeRequest};
+use daprd_core::cloudevent::{self, CloudEventError, EnvelopeRequest};
 use daprd_core::metadata::parse_go_bool;
 use daprd_core::pubsub::{BulkEntry, BulkPublishRequest, FailedEntry, Feature, PublishRequest};
 use futures::StreamExt;
@@ -302,7 +302,8 @@ impl Publisher {
         let traceparent = span.traceparent();
         let new_id = crate::trace::random_uuid();
         let now = SystemTime::now();
-        let mut ce = cloudevent::new_envelope(&EnvelopeRequest {
+        let handles_ttl = entry.component.features().contains(&Feature::MessageTtl);
+        let request = EnvelopeRequest {
             source: &self.app_id,
             topic,
             pubsub_name: &entry.name,
@@ -313,14 +314,16 @@ impl Publisher {
             metadata: Some(md),
             new_id: &new_id,
             now,
-        })
-        .map_err(|e| ApiError::cloud_event_creation(&entry.name, &self.app_id, &e.to_string()))?;
-        let handles_ttl = entry.component.features().contains(&Feature::MessageTtl);
-        cloudevent::apply_ttl(&mut ce, md, handles_ttl, now);
-        daprd_core::json::to_vec_go(&ce)
+        };
+        cloudevent::envelope_bytes(&request, handles_ttl)
             .map(Bytes::from)
-            .map_err(|e| {
-                ApiError::marshal_envelope(&entry.name, topic, &self.app_id, &e.to_string())
+            .map_err(|e| match e {
+                CloudEventError::NotAnObject(_) => {
+                    ApiError::cloud_event_creation(&entry.name, &self.app_id, &e.to_string())
+                }
+                CloudEventError::Encode(_) => {
+                    ApiError::marshal_envelope(&entry.name, topic, &self.app_id, &e.to_string())
+                }
             })
     }
 
