@@ -34,8 +34,9 @@ done
 # pubsub.kafka builds librdkafka from source (rdkafka-sys) against the system OpenSSL; its TLS
 # tests put socat in front of tansu (which has no TLS listener). The metrics tests scrape the
 # sidecar with a real Prometheus server (started by the tests themselves). buildah builds the
-# container image offline (deploy/kubernetes/image-test.sh).
-for pkg in libssl-dev socat prometheus patch buildah; do
+# container image offline (deploy/kubernetes/image-test.sh). daprd-bench drives the sidecar with
+# C load generators too (wrk, h2load from nghttp2-client; redis-benchmark comes with Redis).
+for pkg in libssl-dev socat prometheus patch buildah wrk nghttp2-client; do
   if ! dpkg -s "$pkg" >/dev/null 2>&1; then
     echo "==> installing $pkg"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" >/dev/null

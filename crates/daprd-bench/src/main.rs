@@ -15,6 +15,10 @@
 //!   with metrics off and on, and RSS with metrics on after 100 topics.
 //! * Hot reload cost (`reload.rs`): publish latency while the component is rewritten every
 //!   second vs without.
+//! * Load generators in C (`loadgen.rs`, `--loadgen`): `redis-benchmark`, `wrk` and `h2load`
+//!   against the direct path and the sidecar, every row a ratio to the direct one.
+//! * CloudEvent envelope (`envelope.rs`, `--envelope`): the tree path and the one-pass path,
+//!   in process, for 1 KB and 1 MB bodies.
 //! * Soak (`soak.rs`, `--soak SECS`): steady publish → deliver, RSS and fds every 10 s.
 //! * Footprint: exec → `/v1.0/healthz/outbound` 204, idle RSS, binary size (and stripped).
 //!
@@ -24,6 +28,8 @@
 
 mod bulk_memory;
 mod e2e;
+mod envelope;
+mod loadgen;
 mod observability;
 mod proc;
 mod publish;
@@ -61,6 +67,10 @@ pub struct Opts {
     observability_only: bool,
     /// `--reload`: only the hot reload cost rows.
     reload_only: bool,
+    /// `--loadgen`: only the C load-generator rows.
+    loadgen_only: bool,
+    /// `--envelope`: only the envelope rows.
+    envelope_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -76,6 +86,8 @@ fn parse_args() -> Result<Opts> {
     let mut bulk_memory_only = false;
     let mut observability_only = false;
     let mut reload_only = false;
+    let mut loadgen_only = false;
+    let mut envelope_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -93,12 +105,14 @@ fn parse_args() -> Result<Opts> {
             "--bulk-memory" => bulk_memory_only = true,
             "--observability" => observability_only = true,
             "--reload" => reload_only = true,
+            "--loadgen" => loadgen_only = true,
+            "--envelope" => envelope_only = true,
             "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
             "--soak-rate" => {
                 soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
             }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload] [--loadgen] [--envelope]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -138,6 +152,8 @@ fn parse_args() -> Result<Opts> {
         bulk_memory_only,
         observability_only,
         reload_only,
+        loadgen_only,
+        envelope_only,
     })
 }
 
@@ -474,6 +490,15 @@ async fn main() -> Result<()> {
         )?;
         return Ok(());
     }
+    if opts.loadgen_only || opts.envelope_only {
+        let doc = if opts.loadgen_only {
+            json!({"loadgen": loadgen::run(&opts).await?})
+        } else {
+            json!({"envelope": envelope::run(opts.quick)?})
+        };
+        std::fs::write(&opts.out, serde_json::to_vec_pretty(&doc)?)?;
+        return Ok(());
+    }
     if opts.reload_only {
         let doc = reload::run(&opts).await?;
         std::fs::write(
@@ -558,6 +583,11 @@ async fn main() -> Result<()> {
     } else {
         reload::run(&opts).await?
     };
+    let (loadgen, envelope) = if opts.only.is_some() {
+        (json!(null), json!(null))
+    } else {
+        (loadgen::run(&opts).await?, envelope::run(opts.quick)?)
+    };
 
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let stripped_path = std::env::temp_dir().join(format!("daprd-stripped-{}", std::process::id()));
@@ -605,6 +635,8 @@ async fn main() -> Result<()> {
         "bulk_memory": bulk_memory,
         "observability": observability,
         "reload": reload,
+        "loadgen": loadgen,
+        "envelope": envelope,
         "startup_ms": {"p50": p50_start, "max": max_start, "runs": starts.len()},
         "idle_rss_kib": idle_rss,
         "rss_after_load_kib": loaded_rss,
