@@ -289,7 +289,7 @@ pub fn envelope_bytes(
                 Some(v) => out.extend_from_slice(
                     &json::to_vec_go(&v).map_err(|e| CloudEventError::Encode(e.to_string()))?,
                 ),
-                None => json::write_go_str(&mut out, &String::from_utf8_lossy(req.data)),
+                None => json::write_go_str(&mut out, &utf8_lossy(req.data)),
             }
         }
     } else if is_binary_content_type(a.content_type)
@@ -302,7 +302,7 @@ pub fn envelope_bytes(
         );
     } else {
         out.extend_from_slice(b"{\"data\":");
-        json::write_go_str(&mut out, &String::from_utf8_lossy(req.data));
+        json::write_go_str(&mut out, &utf8_lossy(req.data));
     }
     let time = format_time(req.now);
     let fields = [
@@ -354,6 +354,14 @@ pub fn embed_data(content_type: &str, data: &[u8]) -> (&'static str, Value) {
         "data",
         Value::String(String::from_utf8_lossy(data).into_owned()),
     )
+}
+
+/// `data` as text, invalid UTF-8 replaced (valid text is borrowed after one fast check).
+fn utf8_lossy(data: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(data) {
+        Ok(s) => s.into(),
+        Err(_) => String::from_utf8_lossy(data),
+    }
 }
 
 /// The caller's own CloudEvent in a body sent as `application/cloudevents+json`.

@@ -52,15 +52,15 @@ impl Formatter for GoFormatter {
     where
         W: ?Sized + io::Write,
     {
-        // Go writes control characters other than \n \r \t as \u00XX and never uses \b or \f.
+        // Go (1.22 and later) writes \b \f \n \r \t short and other control characters as \u00XX.
         let s: String = match char_escape {
             CharEscape::Quote => "\\\"".into(),
             CharEscape::ReverseSolidus => "\\\\".into(),
             CharEscape::LineFeed => "\\n".into(),
             CharEscape::CarriageReturn => "\\r".into(),
             CharEscape::Tab => "\\t".into(),
-            CharEscape::Backspace => "\\u0008".into(),
-            CharEscape::FormFeed => "\\u000c".into(),
+            CharEscape::Backspace => "\\b".into(),
+            CharEscape::FormFeed => "\\f".into(),
             CharEscape::AsciiControl(b) => format!("\\u{b:04x}"),
             _ => return Err(io::Error::other("unknown json escape")),
         };
@@ -81,8 +81,78 @@ pub fn to_vec_go<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, serde_json
 
 /// Writes `s` as a JSON string, escaped as Go's `encoding/json` escapes it.
 pub fn write_go_str(out: &mut Vec<u8>, s: &str) {
-    // Writing to a Vec cannot fail, and the formatter knows every escape serde_json asks for.
-    let _ = serde::Serializer::serialize_str(&mut Serializer::with_formatter(out, GoFormatter), s);
+    /// Whether a byte may need an escape: a control byte, `"`, `\`, `<`, `>`, `&`, or the
+    /// lead byte of U+2028 / U+2029.
+    fn special(b: u8) -> bool {
+        b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2)
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        // Runs without a special byte are skipped eight bytes at a time.
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        {
+            if !word_has_special(u64::from_le_bytes(word)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        if !special(b) {
+            i += 1;
+            continue;
+        }
+        let (escape, len): (&[u8], usize) = match b {
+            b'"' => (b"\\\"", 1),
+            b'\\' => (b"\\\\", 1),
+            b'\n' => (b"\\n", 1),
+            b'\r' => (b"\\r", 1),
+            b'\t' => (b"\\t", 1),
+            0x08 => (b"\\b", 1),
+            0x0c => (b"\\f", 1),
+            b'<' => (b"\\u003c", 1),
+            b'>' => (b"\\u003e", 1),
+            b'&' => (b"\\u0026", 1),
+            0xE2 => match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(0x80), Some(0xA8)) => (b"\\u2028", 3),
+                (Some(0x80), Some(0xA9)) => (b"\\u2029", 3),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            },
+            _ => (&[], 1),
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        i += len;
+        start = i;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Whether one of the eight bytes of `x` is a control byte, `"`, `\\`, `<`, `>`, `&` or 0xE2
+/// (bit tricks that test all eight at once; exact, no false positive or negative).
+fn word_has_special(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let has = |b: u8| has_zero(x ^ (ONES * u64::from(b)));
+    let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    (below_space | has(b'"') | has(b'\\') | has(b'<') | has(b'>') | has(b'&') | has(0xE2)) != 0
 }
 
 /// Nesting deeper than this is left to the tree path (serde_json stops at 128).
@@ -370,11 +440,57 @@ mod tests {
 
     #[test]
     fn escapes_controls_like_go() {
-        let v = json!("a\u{1}\u{8}\n\u{2028}é");
+        // Go 1.22 and later write \b and \f short (before: \u0008, \u000c).
+        let v = json!("a\u{1}\u{8}\u{c}\n\u{1f}\u{2028}é");
         assert_eq!(
             String::from_utf8(to_vec_go(&v).unwrap()).unwrap(),
-            "\"a\\u0001\\u0008\\n\\u2028é\""
+            "\"a\\u0001\\b\\f\\n\\u001f\\u2028é\""
         );
+    }
+
+    #[test]
+    fn the_word_test_finds_exactly_the_special_bytes() {
+        let special = |b: u8| b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2);
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                // every other byte harmless, but from both ends of the range
+                for filler in [b'x', 0x7f, 0xff, 0x20] {
+                    let mut w = [filler; 8];
+                    w[at] = b;
+                    assert_eq!(
+                        word_has_special(u64::from_le_bytes(w)),
+                        special(b),
+                        "byte {b:#x} at {at} among {filler:#x}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_string_writer_escapes_as_the_formatter_does() {
+        let specials = [
+            "\"", "\\", "<", ">", "&", "\n", "\r", "\t", "\u{8}", "\u{c}", "\u{0}", "\u{1f}",
+            "\u{7f}", "\u{2028}", "\u{2029}", "\u{2027}", "\u{20ac}", "é", "😀", "/",
+        ];
+        for special in specials {
+            for at in [0, 1, 15, 16, 17, 31, 32, 40] {
+                for len in [at, at + 1, 48] {
+                    let mut s: String = "x".repeat(at);
+                    s.push_str(special);
+                    while s.len() < len {
+                        s.push('y');
+                    }
+                    let mut out = Vec::new();
+                    write_go_str(&mut out, &s);
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        String::from_utf8(to_vec_go(&s).unwrap()).unwrap(),
+                        "{s:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
