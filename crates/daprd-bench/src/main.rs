@@ -307,12 +307,49 @@ pub struct Sidecar {
     pub http: String,
     pub grpc: String,
     _dir: PathBuf,
+    /// The directory of its API sockets, when started with `--unix-domain-socket`.
+    unix: Option<PathBuf>,
 }
 
 impl Sidecar {
     /// Its resources directory.
     pub fn dir(&self) -> &std::path::Path {
         &self._dir
+    }
+
+    fn socket(&self, api: &str) -> Result<PathBuf> {
+        let dir = self
+            .unix
+            .as_ref()
+            .context("the sidecar has no Unix domain sockets")?;
+        Ok(dir.join(format!("dapr-{api}-bench.socket")))
+    }
+
+    /// An HTTP client of its HTTP API socket (URLs on [`Sidecar::http`]).
+    pub fn uds_http(&self) -> Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .unix_socket(self.socket("http")?)
+            .build()?)
+    }
+
+    /// A gRPC client of its gRPC API socket.
+    pub async fn uds_grpc(
+        &self,
+    ) -> Result<daprd_proto::runtime::v1::dapr_client::DaprClient<tonic::transport::Channel>> {
+        let path = self.socket("grpc")?;
+        let channel = tonic::transport::Endpoint::try_from("http://localhost")?
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await?;
+        Ok(daprd_proto::runtime::v1::dapr_client::DaprClient::new(
+            channel,
+        ))
     }
 }
 
@@ -415,8 +452,21 @@ pub async fn start_sidecar_under(
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", daprd.display()))?;
-    let http = format!("http://127.0.0.1:{hp}");
-    let client = reqwest::Client::new();
+    // With `--unix-domain-socket DIR` the APIs listen on sockets in DIR only.
+    let unix = extra
+        .iter()
+        .position(|f| *f == "--unix-domain-socket")
+        .and_then(|i| extra.get(i + 1))
+        .map(PathBuf::from);
+    let (http, client) = match &unix {
+        Some(sockets) => (
+            "http://localhost".to_string(),
+            reqwest::Client::builder()
+                .unix_socket(sockets.join("dapr-http-bench.socket"))
+                .build()?,
+        ),
+        None => (format!("http://127.0.0.1:{hp}"), reqwest::Client::new()),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = client
@@ -440,6 +490,7 @@ pub async fn start_sidecar_under(
             http,
             grpc: format!("http://127.0.0.1:{gp}"),
             _dir: dir,
+            unix,
         },
         ready,
     ))
@@ -549,7 +600,33 @@ async fn main() -> Result<()> {
     } else {
         None
     };
-    let mut rows = publish::rows(&sidecar, &brokers, &topic, &event, redis_conn.as_ref()).await?;
+    // A second sidecar serving its APIs on Unix domain sockets, for the Redis UDS rows.
+    let uds_dir = std::env::temp_dir().join(format!("daprd-bench-uds-{}", std::process::id()));
+    let uds_sidecar = if redis_conn.is_some() {
+        std::fs::create_dir_all(&uds_dir)?;
+        let flag = uds_dir.to_string_lossy().into_owned();
+        Some(
+            start_sidecar_with(
+                &opts,
+                &[Broker::Redis],
+                None,
+                &["--unix-domain-socket", flag.as_str()],
+            )
+            .await?
+            .0,
+        )
+    } else {
+        None
+    };
+    let mut rows = publish::rows(
+        &sidecar,
+        &brokers,
+        &topic,
+        &event,
+        redis_conn.as_ref(),
+        uds_sidecar.as_ref(),
+    )
+    .await?;
     if let Some(only) = &opts.only {
         rows.retain(|r| r.name.contains(only.as_str()));
         for r in &mut rows {
@@ -563,6 +640,8 @@ async fn main() -> Result<()> {
     let loaded_rss = proc::rss_kib(pid);
     drop(rows);
     drop(sidecar);
+    drop(uds_sidecar);
+    let _ = std::fs::remove_dir_all(&uds_dir);
     let e2e = if opts.only.is_some() {
         json!(null)
     } else {

@@ -28,6 +28,8 @@ pub struct RowSpec {
     pub baseline: Option<usize>,
     /// Whether the work runs in the sidecar (its CPU time is attributed to this row).
     pub sidecar: bool,
+    /// The sidecar whose CPU is charged to this row, when not the main one.
+    pub pid: Option<u32>,
     /// Messages per call (bulk rows).
     pub per_op: u64,
     pub op: Op,
@@ -214,12 +216,18 @@ pub async fn rows(
     topic: &str,
     event: &serde_json::Value,
     redis_conn: Option<&redis::aio::ConnectionManager>,
+    uds: Option<&Sidecar>,
 ) -> Result<Vec<RowSpec>> {
     let body = Bytes::from(serde_json::to_vec(event)?);
     let http = reqwest::Client::new();
     let grpc = pb::dapr_client::DaprClient::connect(sidecar.grpc.clone()).await?;
     let mut rows: Vec<RowSpec> = Vec::new();
     let url = |pubsub: &str, q: &str| format!("{}/v1.0/publish/{pubsub}/{topic}{q}", sidecar.http);
+    // The same publishes over the APIs' Unix domain sockets, to a sidecar of their own.
+    let uds = match uds {
+        Some(s) => Some((s, s.uds_http()?, s.uds_grpc().await?)),
+        None => None,
+    };
     for b in brokers {
         let name = b.component();
         let baseline = if let (Broker::Redis, Some(conn)) = (b, redis_conn) {
@@ -227,6 +235,7 @@ pub async fn rows(
                 name: "A   redis direct XADD".into(),
                 baseline: None,
                 sidecar: false,
+                pid: None,
                 per_op: 1,
                 op: redis_op(conn, topic, &body, 1),
             });
@@ -236,6 +245,7 @@ pub async fn rows(
                 name: format!("A   {name} component in process"),
                 baseline: None,
                 sidecar: false,
+                pid: None,
                 per_op: 1,
                 op: component_op(c, topic, &body),
             });
@@ -250,6 +260,7 @@ pub async fn rows(
             ),
             baseline,
             sidecar: true,
+            pid: None,
             per_op,
             op,
         };
@@ -275,6 +286,30 @@ pub async fn rows(
             grpc_op(&grpc, name, topic, &body),
             1,
         ));
+        if let (Broker::Redis, Some((uds, uds_http, uds_grpc))) = (b, &uds) {
+            let pid = Some(uds.child.id());
+            rows.push(RowSpec {
+                pid,
+                ..sidecar_row(
+                    "HTTP/UDS CloudEvent",
+                    http_op(
+                        uds_http,
+                        format!("{}/v1.0/publish/{name}/{topic}", uds.http),
+                        body.clone(),
+                        "application/json",
+                    ),
+                    1,
+                )
+            });
+            rows.push(RowSpec {
+                pid,
+                ..sidecar_row(
+                    "gRPC/UDS CloudEvent",
+                    grpc_op(uds_grpc, name, topic, &body),
+                    1,
+                )
+            });
+        }
     }
     // Bulk rows (Redis has native bulk publish: one XADD pipeline a call).
     if let (true, Some(conn)) = (brokers.contains(&Broker::Redis), redis_conn) {
@@ -282,6 +317,7 @@ pub async fn rows(
             name: "A   redis direct pipeline x100".into(),
             baseline: None,
             sidecar: false,
+            pid: None,
             per_op: 100,
             op: redis_op(conn, topic, &body, 100),
         });
@@ -291,6 +327,7 @@ pub async fn rows(
                 name: format!("B   redis HTTP bulk x{n}"),
                 baseline: (n == 100).then_some(baseline).flatten(),
                 sidecar: true,
+                pid: None,
                 per_op: n as u64,
                 op: http_op(
                     &http,
@@ -304,6 +341,7 @@ pub async fn rows(
             name: "B   redis gRPC bulk x100".into(),
             baseline,
             sidecar: true,
+            pid: None,
             per_op: 100,
             op: grpc_bulk_op(&grpc, "redis", topic, &body, 100),
         });
@@ -312,6 +350,7 @@ pub async fn rows(
         name: "    in-memory HTTP bulk x100".into(),
         baseline: None,
         sidecar: true,
+        pid: None,
         per_op: 100,
         op: http_op(
             &http,
@@ -344,9 +383,10 @@ pub async fn measure(
     let mut figures = vec![Figures::default(); rows.len()];
     for _ in 0..blocks {
         for (i, row) in rows.iter().enumerate() {
-            let before = cpu_ticks(sidecar_pid);
+            let pid = row.pid.unwrap_or(sidecar_pid);
+            let before = cpu_ticks(pid);
             let (h, calls) = run_block(concurrency, block, row.op.clone()).await?;
-            let after = cpu_ticks(sidecar_pid);
+            let after = cpu_ticks(pid);
             let f = &mut figures[i];
             if let (Some(a), Some(b)) = (before, after) {
                 f.ticks += b.saturating_sub(a);
