@@ -19,6 +19,7 @@ use prost::Message as _;
 use serde_json::json;
 
 use crate::proc::cpu_ticks;
+use crate::publish::median;
 use crate::{start_sidecar, Broker, Opts, REDIS_MAXLEN};
 
 /// What one block of a row measured.
@@ -78,11 +79,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    percentile(&v, 0.5)
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -414,9 +410,9 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
         cpu_us: f64,
     }
     let summarise = |row: &Row| Summary {
-        rate: median(row.blocks.iter().map(|b| b.rate).collect()),
-        p50: median(row.blocks.iter().map(|b| b.p50_us).collect()),
-        p99: median(row.blocks.iter().map(|b| b.p99_us).collect()),
+        rate: median(&mut row.blocks.iter().map(|b| b.rate).collect::<Vec<_>>()),
+        p50: median(&mut row.blocks.iter().map(|b| b.p50_us).collect::<Vec<_>>()),
+        p99: median(&mut row.blocks.iter().map(|b| b.p99_us).collect::<Vec<_>>()),
         cpu_us: row.ticks as f64 * 10_000.0
             / row.blocks.iter().map(|b| b.requests).sum::<u64>().max(1) as f64,
     };

@@ -322,7 +322,7 @@ impl Sidecar {
             .unix
             .as_ref()
             .context("the sidecar has no Unix domain sockets")?;
-        Ok(dir.join(format!("dapr-{api}-bench.socket")))
+        Ok(api_socket(dir, api))
     }
 
     /// An HTTP client of its HTTP API socket (URLs on [`Sidecar::http`]).
@@ -359,6 +359,11 @@ impl Drop for Sidecar {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self._dir);
     }
+}
+
+/// The socket of `api` (`http`, `grpc`) of the harness's sidecar (app id `bench`) in `dir`.
+fn api_socket(dir: &std::path::Path, api: &str) -> PathBuf {
+    dir.join(format!("dapr-{api}-bench.socket"))
 }
 
 /// Starts daprd with a component per broker; returns it and the exec → outbound-ready time.
@@ -462,7 +467,7 @@ pub async fn start_sidecar_under(
         Some(sockets) => (
             "http://localhost".to_string(),
             reqwest::Client::builder()
-                .unix_socket(sockets.join("dapr-http-bench.socket"))
+                .unix_socket(api_socket(sockets, "http"))
                 .build()?,
         ),
         None => (format!("http://127.0.0.1:{hp}"), reqwest::Client::new()),

@@ -64,7 +64,8 @@ pub async fn run_block(concurrency: usize, dur: Duration, op: Op) -> Result<(His
     Ok((total, rate))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
