@@ -5,6 +5,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod reach;
 pub mod tls;
 
 pub use grpc::GrpcChannel;

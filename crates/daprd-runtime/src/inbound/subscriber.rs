@@ -290,7 +290,8 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, ChannelE
                 token,
                 app.max_concurrency,
             )?
-            .with_metrics(state.metrics.clone()),
+            .with_metrics(state.metrics.clone())
+            .with_shutdown(state.shutdown.clone()),
         ))
     } else {
         Ok(Arc::new(
@@ -302,7 +303,8 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, ChannelE
                 token,
                 app.max_concurrency,
             )?
-            .with_metrics(state.metrics.clone()),
+            .with_metrics(state.metrics.clone())
+            .with_shutdown(state.shutdown.clone()),
         ))
     }
 }

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use daprd_proto::runtime::v1 as pb;
 use serde_json::Value as Json;
 
+use super::reach::{Reach, HOLD};
 use super::{
     all, with_discovery_retries, AppChannel, AppReply, BulkDelivery, BulkReply, ChannelError,
     Concurrency, Delivery,
@@ -21,6 +22,7 @@ pub struct GrpcChannel {
     token: Option<String>,
     concurrency: Concurrency,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    reach: Reach,
 }
 
 const ON_TOPIC_EVENT: &str = "/dapr.proto.runtime.v1.AppCallback/OnTopicEvent";
@@ -60,7 +62,23 @@ impl GrpcChannel {
             token,
             concurrency: Concurrency::new(max_concurrency),
             metrics: None,
+            reach: Reach::new(address, port, HOLD, None),
         })
+    }
+
+    /// Deliveries waiting for an app that stopped listening give up when `shutdown` begins.
+    #[must_use]
+    pub fn with_shutdown(mut self, shutdown: crate::state::Shutdown) -> Self {
+        self.reach = self.reach.with_shutdown(shutdown);
+        self
+    }
+
+    /// A call that failed before the app answered (tonic reports a refused or broken
+    /// connection as `Unavailable`) makes the app's reachability suspect.
+    fn check(&self, st: &tonic::Status) {
+        if st.code() == tonic::Code::Unavailable {
+            self.reach.suspect();
+        }
     }
 
     /// Counts every call to the app in the `dapr_grpc_io_client_*` series of `metrics`.
@@ -286,6 +304,9 @@ impl AppChannel for GrpcChannel {
     }
 
     async fn deliver(&self, d: &Delivery) -> AppReply {
+        if let Err(why) = self.reach.ready().await {
+            return AppReply::Retry(why, None);
+        }
         let _permit = self.concurrency.acquire().await;
         let msg = match topic_event_request(d) {
             Ok(m) => m,
@@ -325,15 +346,21 @@ impl AppChannel for GrpcChannel {
                 dead_letter: false,
                 reason: "app does not implement OnTopicEvent".into(),
             },
-            Err(st) => AppReply::Retry(
-                format!("OnTopicEvent failed: {st}"),
-                Some(StatusCode::Grpc(st.code())),
-            ),
+            Err(st) => {
+                self.check(&st);
+                AppReply::Retry(
+                    format!("OnTopicEvent failed: {st}"),
+                    Some(StatusCode::Grpc(st.code())),
+                )
+            }
         }
     }
 
     async fn deliver_bulk(&self, b: &BulkDelivery) -> BulkReply {
         use pb::topic_event_bulk_request_entry::Event;
+        if let Err(why) = self.reach.ready().await {
+            return all(b, &AppReply::Retry(why, None));
+        }
         let _permit = self.concurrency.acquire().await;
         let mut entries = Vec::with_capacity(b.entries.len());
         for e in &b.entries {
@@ -401,13 +428,16 @@ impl AppChannel for GrpcChannel {
                     reason: "app implements no bulk topic event method".into(),
                 },
             ),
-            Err(st) => all(
-                b,
-                &AppReply::Retry(
-                    format!("OnBulkTopicEvent failed: {st}"),
-                    Some(StatusCode::Grpc(st.code())),
-                ),
-            ),
+            Err(st) => {
+                self.check(&st);
+                all(
+                    b,
+                    &AppReply::Retry(
+                        format!("OnBulkTopicEvent failed: {st}"),
+                        Some(StatusCode::Grpc(st.code())),
+                    ),
+                )
+            }
         }
     }
 }

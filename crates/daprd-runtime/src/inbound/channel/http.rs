@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use daprd_core::gocompat::canonical_header;
 use serde_json::Value as Json;
 
+use super::reach::{Reach, HOLD};
 use super::{
     all, with_discovery_retries, AppChannel, AppReply, BulkDelivery, BulkReply, ChannelError,
     Concurrency, Delivery,
@@ -45,6 +46,7 @@ pub struct HttpChannel {
     token: Option<String>,
     concurrency: Concurrency,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    reach: Reach,
 }
 
 impl HttpChannel {
@@ -89,7 +91,15 @@ impl HttpChannel {
             token,
             concurrency: Concurrency::new(max_concurrency),
             metrics: None,
+            reach: Reach::new(address, port, HOLD, None),
         })
+    }
+
+    /// Deliveries waiting for an app that stopped listening give up when `shutdown` begins.
+    #[must_use]
+    pub fn with_shutdown(mut self, shutdown: crate::state::Shutdown) -> Self {
+        self.reach = self.reach.with_shutdown(shutdown);
+        self
     }
 
     /// Counts every delivery in the `dapr_http_client_*` series of `metrics`.
@@ -174,6 +184,9 @@ impl AppChannel for HttpChannel {
     }
 
     async fn deliver(&self, d: &Delivery) -> AppReply {
+        if let Err(why) = self.reach.ready().await {
+            return AppReply::Retry(why, None);
+        }
         let _permit = self.concurrency.acquire().await;
         let mut req = self
             .request(reqwest::Method::POST, &app_path(&d.path))
@@ -196,7 +209,12 @@ impl AppChannel for HttpChannel {
         let started = std::time::Instant::now();
         let resp = match req.body(d.body.clone()).send().await {
             Ok(r) => r,
-            Err(e) => return AppReply::Retry(format!("delivering to the app: {e}"), None),
+            Err(e) => {
+                if e.is_connect() {
+                    self.reach.suspect();
+                }
+                return AppReply::Retry(format!("delivering to the app: {e}"), None);
+            }
         };
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
@@ -223,6 +241,9 @@ impl AppChannel for HttpChannel {
     }
 
     async fn deliver_bulk(&self, b: &BulkDelivery) -> BulkReply {
+        if let Err(why) = self.reach.ready().await {
+            return all(b, &AppReply::Retry(why, None));
+        }
         let _permit = self.concurrency.acquire().await;
         let body = daprd_core::json::to_vec_go(&http_body(b)).unwrap_or_default();
         let mut req = self
@@ -242,10 +263,13 @@ impl AppChannel for HttpChannel {
         let resp = match req.body(body).send().await {
             Ok(r) => r,
             Err(e) => {
+                if e.is_connect() {
+                    self.reach.suspect();
+                }
                 return all(
                     b,
                     &AppReply::Retry(format!("delivering to the app: {e}"), None),
-                )
+                );
             }
         };
         let status = resp.status();
