@@ -493,6 +493,7 @@ impl PubSub for SnsSqsPubSub {
                     queue,
                     has_dead_letters: state.dead_letters.is_some(),
                     handlers: self.handlers.clone(),
+                    held: subscriber::Held::default(),
                 }),
                 cancelled: rx,
                 stop: self.stop.subscribe(),

@@ -1,7 +1,8 @@
 //! The SQS consume loop: one poller per queue receives in long polls, hands each message to the
-//! handler of its topic (in parallel up to concurrencyLimit, or in order), extends its visibility
-//! while it waits for its turn and while the app works, deletes it once accepted and leaves it
-//! to reappear otherwise.
+//! handler of its topic (in parallel up to concurrencyLimit, or in order), keeps it invisible
+//! while it waits for its turn and while the app works (one keeper per poller extends every
+//! held message, ten to a `ChangeMessageVisibilityBatch` call), deletes it once accepted and
+//! leaves it to reappear otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,9 @@ impl Poller {
     pub(super) async fn run(mut self) {
         let this = self.shared.clone();
         let md = this.md.clone();
+        tokio::spawn(this.clone().keep_invisible());
+        // Handlers still at work when the poller ends stay invisible until they are done.
+        let _close = CloseOnDrop(&this.held);
         let limit = (md.parallel && md.concurrency_limit > 0)
             .then(|| Arc::new(Semaphore::new(md.concurrency_limit)));
         let mut back_off = daprd_core::backoff::RETRY;
@@ -87,43 +91,88 @@ impl Poller {
                     continue;
                 }
             };
-            // The messages of a batch that wait for their turn (in order, or for a permit)
-            // stay invisible too: otherwise another consumer of the queue receives them
-            // after messageVisibilityTimeout and the app gets them twice.
-            let waiting = Arc::new(Mutex::new(
-                out.messages()
-                    .iter()
-                    .filter_map(|m| m.receipt_handle().map(str::to_string))
-                    .collect::<Vec<_>>(),
-            ));
-            let keeper = tokio::spawn(this.clone().keep_waiting_invisible(waiting.clone()));
+            // Every message of the batch stays invisible, while it waits for its turn (in
+            // order, or for a permit) and while the app works on it: otherwise SQS hands it
+            // out again after messageVisibilityTimeout and the app gets it twice.
+            this.held
+                .add(out.messages().iter().filter_map(|m| m.receipt_handle()));
             for m in out.messages().iter().cloned() {
                 let shared = this.clone();
-                let started = |m: &aws_sdk_sqs::types::Message| {
-                    if let Some(r) = m.receipt_handle() {
-                        waiting
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .retain(|w| w != r);
-                    }
-                };
                 if md.parallel {
                     let permit = match &limit {
                         Some(s) => s.clone().acquire_owned().await.ok(),
                         None => None,
                     };
-                    started(&m);
                     tokio::spawn(async move {
                         shared.handle(m).await;
                         drop(permit);
                     });
                 } else {
-                    started(&m);
                     shared.handle(m).await;
                 }
             }
-            keeper.abort();
         }
+    }
+}
+
+/// The receipts of the messages a poller holds (received, not yet deleted or given up), kept
+/// invisible by one task that extends them all every half messageVisibilityTimeout.
+#[derive(Default)]
+pub(super) struct Held {
+    receipts: Mutex<std::collections::HashSet<String>>,
+    /// Wakes the keeper when the first receipt comes in, or the poller ends.
+    arrived: tokio::sync::Notify,
+    /// The poller ended: the keeper ends once nothing is held.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Held {
+    fn add<'a>(&self, receipts: impl Iterator<Item = &'a str>) {
+        let mut set = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        set.extend(receipts.map(str::to_string));
+        if !set.is_empty() {
+            self.arrived.notify_one();
+        }
+    }
+
+    fn remove(&self, receipt: &str) {
+        self.receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(receipt);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        let set = self.receipts.lock().unwrap_or_else(|p| p.into_inner());
+        set.iter().cloned().collect()
+    }
+}
+
+/// Takes a message's receipt out of [`Held`] when its handling ends, however it ends.
+struct Release<'a>(&'a Held, &'a str);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
+}
+
+/// Tells the keeper that the poller ended.
+struct CloseOnDrop<'a>(&'a Held);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.arrived.notify_one();
     }
 }
 
@@ -134,6 +183,7 @@ pub(super) struct PollerShared {
     pub(super) queue: QueueInfo,
     pub(super) has_dead_letters: bool,
     pub(super) handlers: Handlers,
+    pub(super) held: Held,
 }
 
 impl PollerShared {
@@ -151,44 +201,49 @@ impl PollerShared {
         }
     }
 
-    /// Every half messageVisibilityTimeout, extends the visibility of the received messages
-    /// in `waiting` (not handed to a handler yet, which extends its own); ends when none is
-    /// left.
-    async fn keep_waiting_invisible(self: Arc<Self>, waiting: Arc<Mutex<Vec<String>>>) {
+    /// Every half messageVisibilityTimeout, extends the visibility of every held message
+    /// (ten to a call); sleeps while none is held, and ends when none is held after the
+    /// poller ended.
+    async fn keep_invisible(self: Arc<Self>) {
         let timeout = self.md.visibility_timeout;
         let period = Duration::from_millis(u64::try_from(timeout).unwrap_or(10) * 500);
         loop {
-            tokio::time::sleep(period).await;
-            let receipts = waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            if receipts.is_empty() {
-                return;
+            while self.held.is_empty() {
+                if self.held.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                self.held.arrived.notified().await;
             }
-            let entries: Result<Vec<_>, _> = receipts
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(r)
-                        .visibility_timeout(timeout)
-                        .build()
-                })
-                .collect();
-            let Ok(entries) = entries else { return };
-            if let Err(e) = self
-                .sqs
-                .change_message_visibility_batch()
-                .queue_url(&self.queue.url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-            {
-                let e = PubSubError::transient(
-                    "snssqs",
-                    "extending the visibility of waiting messages",
-                    e,
-                );
-                tracing::warn!(component = %self.component, error = %e, "snssqs: messages waiting their turn may be received again");
+            tokio::time::sleep(period).await;
+            for chunk in self.held.snapshot().chunks(10) {
+                let entries: Result<Vec<_>, _> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(r)
+                            .visibility_timeout(timeout)
+                            .build()
+                    })
+                    .collect();
+                let Ok(entries) = entries else { continue };
+                // An entry whose message was deleted meanwhile fails alone; the call does not.
+                if let Err(e) = self
+                    .sqs
+                    .change_message_visibility_batch()
+                    .queue_url(&self.queue.url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                {
+                    let e = PubSubError::transient(
+                        "snssqs",
+                        "extending the visibility of held messages",
+                        e,
+                    );
+                    tracing::warn!(component = %self.component, error = %e, "snssqs: messages waiting for the app may be received again");
+                }
             }
         }
     }
@@ -197,6 +252,7 @@ impl PollerShared {
         let Some(receipt) = m.receipt_handle() else {
             return;
         };
+        let _release = Release(&self.held, receipt);
         let receives: i64 = m
             .attributes()
             .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
@@ -236,31 +292,8 @@ impl PollerShared {
             content_type: None,
             redelivered: receives > 1,
         });
-        // While the app works on it, keep the message invisible (every half
-        // messageVisibilityTimeout): otherwise SQS hands it out again while the first handler
-        // still runs.
-        tokio::pin!(work);
-        let timeout = self.md.visibility_timeout;
-        let period = Duration::from_millis(u64::try_from(timeout).unwrap_or(10) * 500);
-        let outcome = loop {
-            tokio::select! {
-                o = &mut work => break o,
-                _ = tokio::time::sleep(period) => {
-                    if let Err(e) = self
-                        .sqs
-                        .change_message_visibility()
-                        .queue_url(&self.queue.url)
-                        .receipt_handle(receipt)
-                        .visibility_timeout(timeout)
-                        .send()
-                        .await
-                    {
-                        let e = PubSubError::transient("snssqs", "extending the message's visibility", e);
-                        tracing::warn!(component = %self.component, error = %e, "snssqs: the message may be received again while it is handled");
-                    }
-                }
-            }
-        };
+        // Kept invisible meanwhile by keep_invisible.
+        let outcome = work.await;
         match outcome {
             Outcome::Success | Outcome::Drop => self.delete(receipt).await,
             // Visible again after messageVisibilityTimeout.
