@@ -216,3 +216,71 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AppProtocol;
+    use reach::Reach;
+
+    fn delivery() -> Delivery {
+        Delivery {
+            path: "/orders".into(),
+            body: Bytes::from_static(b"{}"),
+            event: serde_json::from_str(
+                r#"{"id":"1","source":"s","type":"t","specversion":"1.0","data":{}}"#,
+            )
+            .unwrap_or_default(),
+            metadata: BTreeMap::new(),
+            topic: "orders".into(),
+            pubsub: "ps".into(),
+            traceparent: String::new(),
+            tracestate: String::new(),
+        }
+    }
+
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A delivery the app's port refused closes the gate (each channel recognises its
+    /// client's connection failure), and the gate opens once the port listens again.
+    async fn gate_follows_the_port(channel: &dyn AppChannel, reach: &Reach, port: u16) {
+        assert!(matches!(
+            channel.deliver(&delivery()).await,
+            AppReply::Retry(..)
+        ));
+        eventually("the gate to close", || !reach.is_up()).await;
+        let _app = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("the port is free again");
+        eventually("the gate to open", || reach.is_up()).await;
+    }
+
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("its address").port()
+    }
+
+    #[tokio::test]
+    async fn http_deliveries_to_a_closed_port_close_the_gate() {
+        let port = free_port();
+        let ch = HttpChannel::new("127.0.0.1", port, AppProtocol::Http, "app", None, -1)
+            .expect("the channel");
+        gate_follows_the_port(&ch, ch.reach(), port).await;
+    }
+
+    #[tokio::test]
+    async fn grpc_deliveries_to_a_closed_port_close_the_gate() {
+        let port = free_port();
+        let ch = GrpcChannel::new("127.0.0.1", port, false, None, -1).expect("the channel");
+        gate_follows_the_port(&ch, ch.reach(), port).await;
+    }
+}

@@ -73,6 +73,12 @@ impl GrpcChannel {
         self
     }
 
+    /// The app's reachability as this channel sees it.
+    #[cfg(test)]
+    pub(crate) fn reach(&self) -> &Reach {
+        &self.reach
+    }
+
     /// A call that failed before the app answered (tonic reports a refused or broken
     /// connection as `Unavailable`) makes the app's reachability suspect.
     fn check(&self, st: &tonic::Status) {

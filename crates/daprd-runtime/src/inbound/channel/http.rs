@@ -102,6 +102,12 @@ impl HttpChannel {
         self
     }
 
+    /// The app's reachability as this channel sees it.
+    #[cfg(test)]
+    pub(crate) fn reach(&self) -> &Reach {
+        &self.reach
+    }
+
     /// Counts every delivery in the `dapr_http_client_*` series of `metrics`.
     pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = metrics.enabled().then_some(metrics);
