@@ -319,12 +319,7 @@ async fn wait_for_app_port(state: &RuntimeState) -> bool {
         if state.shutdown.is_triggered() {
             return false;
         }
-        let attempt = tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(&addr),
-        )
-        .await;
-        if matches!(attempt, Ok(Ok(_))) {
+        if super::channel::reach::accepts(&addr).await {
             tracing::info!(%addr, "app is listening");
             return true;
         }

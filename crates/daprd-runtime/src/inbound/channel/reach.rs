@@ -157,15 +157,34 @@ impl Reach {
     }
 
     async fn connects(&self) -> bool {
-        matches!(
-            tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tokio::net::TcpStream::connect(&self.0.addr)
-            )
-            .await,
-            Ok(Ok(_))
-        )
+        accepts(&self.0.addr).await
     }
+}
+
+/// Whether something listens at `addr` (`host:port`): one connection attempt, closed at once.
+///
+/// A connection to a loopback port nobody listens on can connect to itself when the kernel
+/// happens to pick that very port as its local one (a TCP simultaneous open). That is no app,
+/// and it holds the port: closed normally it would stay in TIME_WAIT for a minute and the app
+/// could not bind it. So a self-connection counts as refused and is reset, which frees the
+/// port at once.
+pub(crate) async fn accepts(addr: &str) -> bool {
+    match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => !reset_if_self(stream),
+        _ => false,
+    }
+}
+
+/// Resets `stream` (no TIME_WAIT) if it is connected to itself; returns whether it was.
+fn reset_if_self(stream: tokio::net::TcpStream) -> bool {
+    let local = stream.local_addr().ok();
+    if local.is_none() || local != stream.peer_addr().ok() {
+        return false;
+    }
+    if let Err(error) = stream.set_zero_linger() {
+        tracing::warn!(?local, %error, "cannot reset a connection to itself");
+    }
+    true
 }
 
 #[cfg(test)]
@@ -181,9 +200,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_connection_closes_the_gate_until_the_app_listens_again() {
+    async fn a_connection_to_itself_is_no_app_and_leaves_the_port_free() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // What a probe gets when the kernel picks the probed port as its local one.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(addr).unwrap();
+        let stream = socket.connect(addr).await.expect("a simultaneous open");
+        assert_eq!(stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+        assert!(reset_if_self(stream), "a self-connection counts as refused");
+        // The app can bind its port at once (a normal close would hold it in TIME_WAIT).
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("the port is free again");
+        // An ordinary connection is left alone.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let other = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert!(!reset_if_self(other));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_closes_the_gate_until_the_app_listens_again() {
+        let port = daprd_testkit::free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let reach = Reach::new("127.0.0.1", port, Duration::from_millis(200), None);
         // Listening: a suspicion leaves the gate open.
         reach.suspect();
@@ -222,9 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_ends_the_wait() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        drop(listener);
+        let port = daprd_testkit::free_port();
         let shutdown = Shutdown::default();
         let reach = Reach::new("127.0.0.1", port, Duration::from_secs(60), None)
             .with_shutdown(shutdown.clone());
