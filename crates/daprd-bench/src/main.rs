@@ -296,12 +296,6 @@ pub fn port_open(addr: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 pub struct Sidecar {
     pub child: Child,
     pub http: String,
@@ -400,7 +394,7 @@ pub async fn start_sidecar_under(
     let dir = std::env::temp_dir().join(format!(
         "daprd-bench-{}-{}",
         std::process::id(),
-        free_port()?
+        daprd_testkit::free_port()
     ));
     std::fs::create_dir_all(&dir)?;
     let mut yaml = String::new();
@@ -418,7 +412,7 @@ pub async fn start_sidecar_under(
         ));
     }
     std::fs::write(dir.join("c.yaml"), yaml)?;
-    let (hp, gp) = (free_port()?, free_port()?);
+    let (hp, gp) = (daprd_testkit::free_port(), daprd_testkit::free_port());
     let started = Instant::now();
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {

@@ -105,7 +105,7 @@ async fn instructions_per_publish(
     body: &Bytes,
     publishes: u32,
 ) -> Result<f64> {
-    let dir = std::env::temp_dir().join(format!("daprd-bench-cg-{}", crate::free_port()?));
+    let dir = std::env::temp_dir().join(format!("daprd-bench-cg-{}", daprd_testkit::free_port()));
     std::fs::create_dir_all(&dir)?;
     let out = dir.join("callgrind.out");
     let out_flag = format!("--callgrind-out-file={}", out.display());

@@ -46,12 +46,31 @@ pub async fn listening(port: u16, timeout: Duration) {
     .await;
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a server a test starts.
+///
+/// It lies below the kernel's range of local ports for outgoing connections: a poller
+/// connecting to a port nobody listens on yet could otherwise be given that very port as its
+/// own and connect to itself (a TCP simultaneous open), and the server could not bind it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0")
+    let (low, high) = server_ports();
+    for _ in 0..1000 {
+        let offset = uuid::Uuid::new_v4().as_u128() % u128::from(high - low);
+        let port = low + u16::try_from(offset).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {low}..{high}");
+}
+
+/// Ports for test servers: the 12,000 below the kernel's first ephemeral port.
+fn server_ports() -> (u16, u16) {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral.max(2048);
+    (high.saturating_sub(12_000).max(1024), high)
 }
 
 /// A directory removed on drop.

@@ -1,7 +1,7 @@
 // Starts the built daprd binary on free loopback ports with its own resources dir.
 import { execFileSync, spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync, rmSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
@@ -103,15 +103,39 @@ async function startTansu() {
   };
 }
 
-export function freePort() {
-  return new Promise((res, rej) => {
+// Ports for the tests' servers come from below the kernel's range of local ports for outgoing
+// connections: a poller connecting to a port nobody listens on yet could otherwise be given
+// that very port as its own and connect to itself, and the server could not bind it.
+const EPHEMERAL_LOW = (() => {
+  try {
+    return Number(readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0]);
+  } catch {
+    return 32768;
+  }
+})();
+const PORT_LOW = Math.max(1024, EPHEMERAL_LOW - 12000);
+
+function bindable(port) {
+  return new Promise((res) => {
     const srv = createServer();
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => res(port));
-    });
-    srv.on("error", rej);
+    srv.once("error", () => res(false));
+    srv.listen(port, "127.0.0.1", () => srv.close(() => res(true)));
   });
+}
+
+export async function freePort() {
+  for (let i = 0; i < 1000; i++) {
+    const port = PORT_LOW + Math.floor(Math.random() * (EPHEMERAL_LOW - PORT_LOW));
+    if (await bindable(port)) return port;
+  }
+  throw new Error(`no free port in ${PORT_LOW}..${EPHEMERAL_LOW}`);
+}
+
+// Sidecars not yet stopped: stopSidecars() ends them even when a test failed half-way (a
+// running child would keep the test process alive).
+const live = new Set();
+export async function stopSidecars() {
+  await Promise.all([...live].map((s) => s.stop()));
 }
 
 export async function startSidecar({ resources = [pubsubComponent("pubsub")], appId = "checkout", env = {}, appPort, appProtocol = "http", waitFor = "/v1.0/healthz/outbound" } = {}) {
@@ -143,11 +167,11 @@ export async function startSidecar({ resources = [pubsubComponent("pubsub")], ap
       await new Promise((r) => setTimeout(r, 50));
     }
   };
-  if (waitFor) await waitUntil(waitFor);
-  return {
+  const sidecar = {
     http, httpPort, grpcPort, output: () => output, waitUntil,
     async stop() {
-      if (proc.exitCode === null) {
+      live.delete(sidecar);
+      if (proc.exitCode === null && proc.signalCode === null) {
         const exited = new Promise((r) => proc.once("exit", r));
         proc.kill("SIGTERM");
         await exited;
@@ -155,4 +179,7 @@ export async function startSidecar({ resources = [pubsubComponent("pubsub")], ap
       rmSync(dir, { recursive: true, force: true });
     },
   };
+  live.add(sidecar);
+  if (waitFor) await waitUntil(waitFor);
+  return sidecar;
 }

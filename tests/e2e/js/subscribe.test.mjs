@@ -2,13 +2,14 @@
 import { afterEach, beforeEach, test } from "node:test";
 import assert from "node:assert/strict";
 import { DaprClient, DaprServer, CommunicationProtocolEnum, DaprPubSubStatusEnum, LogLevel } from "@dapr/dapr";
-import { startSidecar, freePort, isolateBroker } from "./sidecar.mjs";
+import { startSidecar, stopSidecars, freePort, isolateBroker } from "./sidecar.mjs";
 
 let cleanup;
 beforeEach(async () => {
   cleanup = await isolateBroker();
 });
 afterEach(async () => {
+  await stopSidecars();
   await cleanup?.();
 });
 

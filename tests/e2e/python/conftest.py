@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -186,10 +187,33 @@ def eventually(check, timeout, what):
     raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
 
 
+def _server_ports() -> tuple[int, int]:
+    """Ports for the tests' servers: the 12,000 below the kernel's first ephemeral port.
+
+    A poller connecting to a port nobody listens on yet could otherwise be given that very
+    port as its own and connect to itself (a TCP simultaneous open), and the server could not
+    bind it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    high = max(ephemeral, 2048)
+    return max(1024, high - 12000), high
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low, high = _server_ports()
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in {low}..{high}")
 
 
 def pubsub_component(name: str, **metadata: str) -> str:

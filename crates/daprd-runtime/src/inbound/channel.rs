@@ -264,14 +264,9 @@ mod tests {
         eventually("the gate to open", || reach.is_up()).await;
     }
 
-    fn free_port() -> u16 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        l.local_addr().expect("its address").port()
-    }
-
     #[tokio::test]
     async fn http_deliveries_to_a_closed_port_close_the_gate() {
-        let port = free_port();
+        let port = daprd_testkit::free_port();
         let ch = HttpChannel::new("127.0.0.1", port, AppProtocol::Http, "app", None, -1)
             .expect("the channel");
         gate_follows_the_port(&ch, ch.reach(), port).await;
@@ -279,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn grpc_deliveries_to_a_closed_port_close_the_gate() {
-        let port = free_port();
+        let port = daprd_testkit::free_port();
         let ch = GrpcChannel::new("127.0.0.1", port, false, None, -1).expect("the channel");
         gate_follows_the_port(&ch, ch.reach(), port).await;
     }
