@@ -83,3 +83,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/python/requirements.txt
 ensure_service "moto (SNS/SQS)" 4566 'nohup .venv/bin/moto_server -H 127.0.0.1 -p 4566 >/tmp/moto-ci.log 2>&1 &'
+
+# Google Cloud Pub/Sub for pubsub.gcp.pubsub: Google's own Pub/Sub emulator (Debian package
+# google-cloud-cli-pubsub-emulator, Java), in memory: each test run uses projects of its own.
+emulator=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+if [ ! -x "$emulator" ]; then
+  apt-get install -y -qq google-cloud-cli-pubsub-emulator >/dev/null || {
+    echo "error: the Pub/Sub emulator (Debian package google-cloud-cli-pubsub-emulator) is required for the pubsub.gcp.pubsub tests" >&2
+    exit 1
+  }
+fi
+ensure_service "Pub/Sub emulator" 8085 "nohup $emulator --host=127.0.0.1 --port=8085 >/tmp/pubsub-emulator-ci.log 2>&1 &"

@@ -3,6 +3,8 @@
 //! [`builtin_registry`] is the one list of what this build contains. Components depend on
 //! `daprd-core` only; they never see the API servers or the delivery engine.
 
+#[cfg(feature = "gcp")]
+pub mod gcp;
 #[cfg(feature = "in-memory")]
 pub mod in_memory;
 #[cfg(feature = "jetstream")]
@@ -18,7 +20,12 @@ pub mod redis;
 pub mod secretstores;
 #[cfg(feature = "snssqs")]
 pub mod snssqs;
-#[cfg(any(feature = "jetstream", feature = "kafka", feature = "rabbitmq"))]
+#[cfg(any(
+    feature = "jetstream",
+    feature = "kafka",
+    feature = "rabbitmq",
+    feature = "gcp"
+))]
 mod stop;
 
 use std::sync::Arc;
@@ -42,6 +49,8 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(kafka::KafkaFactory));
     #[cfg(feature = "snssqs")]
     registry.register_pubsub(Arc::new(snssqs::SnsSqsFactory));
+    #[cfg(feature = "gcp")]
+    registry.register_pubsub(Arc::new(gcp::GcpPubSubFactory));
     // What a smaller build leaves out answers with the feature that brings it in.
     #[cfg(not(feature = "in-memory"))]
     registry.compiled_out("pubsub.in-memory", "in-memory");
@@ -57,6 +66,8 @@ pub fn builtin_registry() -> Registry {
     registry.compiled_out("pubsub.kafka", "kafka");
     #[cfg(not(feature = "snssqs"))]
     registry.compiled_out("pubsub.aws.snssqs", "snssqs");
+    #[cfg(not(feature = "gcp"))]
+    registry.compiled_out("pubsub.gcp.pubsub", "gcp");
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry

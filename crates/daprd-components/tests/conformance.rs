@@ -302,3 +302,48 @@ async fn snssqs_conformance() {
     )
     .await;
 }
+
+/// `pubsub.gcp.pubsub` against Google's Pub/Sub emulator (`PUBSUB_EMULATOR_HOST`, default
+/// `127.0.0.1:8085`); a fresh project per run keeps runs apart. A nack redelivers at once.
+#[cfg(feature = "gcp")]
+pub fn gcp_metadata(project: &str, group: &str) -> daprd_core::metadata::Metadata {
+    let endpoint = daprd_testkit::broker_address(
+        "PUBSUB_EMULATOR_HOST",
+        "127.0.0.1:8085",
+        "the Pub/Sub emulator",
+    );
+    metadata_with_group(
+        group,
+        &[
+            ("endpoint", &endpoint),
+            ("projectId", project),
+            ("ackDeadline", "10s"),
+        ],
+    )
+}
+
+#[cfg(feature = "gcp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_conformance() {
+    let project = conformance::random_name("project");
+    let connect: Connect = Arc::new(move |group| {
+        let project = project.clone();
+        Box::pin(async move {
+            daprd_components::gcp::GcpPubSubFactory
+                .connect("conformance", &gcp_metadata(&project, &group))
+                .await
+                .unwrap()
+        })
+    });
+    conformance::run(
+        connect,
+        Traits {
+            redelivers_on_retry: true,
+            competing_consumers: true,
+            redelivery_wait: Duration::from_secs(5),
+            ordered: false,
+            native_ttl: false,
+        },
+    )
+    .await;
+}

@@ -90,6 +90,7 @@ fn commented_broker_examples_are_valid_when_uncommented() {
             .unwrap_or_default();
         if (name == "kafka.yaml" && !cfg!(feature = "kafka"))
             || (name == "snssqs.yaml" && !cfg!(feature = "snssqs"))
+            || (name == "gcp.yaml" && !cfg!(feature = "gcp"))
         {
             continue;
         }
@@ -117,7 +118,9 @@ fn commented_broker_examples_are_valid_when_uncommented() {
         );
         checked += 1;
     }
-    let optional = usize::from(cfg!(feature = "kafka")) + usize::from(cfg!(feature = "snssqs"));
+    let optional = usize::from(cfg!(feature = "kafka"))
+        + usize::from(cfg!(feature = "snssqs"))
+        + usize::from(cfg!(feature = "gcp"));
     assert_eq!(
         checked,
         4 + optional,
