@@ -306,35 +306,53 @@ async fn snssqs_conformance() {
 /// `pubsub.gcp.pubsub` against Google's Pub/Sub emulator (`PUBSUB_EMULATOR_HOST`, default
 /// `127.0.0.1:8085`); a fresh project per run keeps runs apart. A nack redelivers at once.
 #[cfg(feature = "gcp")]
-pub fn gcp_metadata(project: &str, group: &str) -> daprd_core::metadata::Metadata {
+pub fn gcp_metadata(
+    project: &str,
+    group: &str,
+    extra: &[(&str, &str)],
+) -> daprd_core::metadata::Metadata {
     let endpoint = daprd_testkit::broker_address(
         "PUBSUB_EMULATOR_HOST",
         "127.0.0.1:8085",
         "the Pub/Sub emulator",
     );
-    metadata_with_group(
+    let mut md = metadata_with_group(
         group,
         &[
             ("endpoint", &endpoint),
             ("projectId", project),
             ("ackDeadline", "10s"),
         ],
-    )
+    );
+    for (k, v) in extra {
+        md.insert(*k, *v);
+    }
+    md
 }
 
 #[cfg(feature = "gcp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcp_conformance() {
     let project = conformance::random_name("project");
-    let connect: Connect = Arc::new(move |group| {
+    let connect_with = |extra: &'static [(&'static str, &'static str)]| -> Connect {
         let project = project.clone();
-        Box::pin(async move {
-            daprd_components::gcp::GcpPubSubFactory
-                .connect("conformance", &gcp_metadata(&project, &group))
-                .await
-                .unwrap()
+        Arc::new(move |group| {
+            let project = project.clone();
+            Box::pin(async move {
+                daprd_components::gcp::GcpPubSubFactory
+                    .connect("conformance", &gcp_metadata(&project, &group, extra))
+                    .await
+                    .unwrap()
+            })
         })
-    });
+    };
+    // One ordering key for every publish: its messages arrive, and are handled, in order.
+    conformance::ordering(&connect_with(&[
+        ("enableMessageOrdering", "true"),
+        ("orderingKey", "conformance"),
+    ]))
+    .await;
+    let connect = connect_with(&[]);
     conformance::run(
         connect,
         Traits {

@@ -4,14 +4,14 @@
 //! broken stream is reopened after `connectionRecoveryInSec`, up to `maxReconnectionAttempts`
 //! failures in a row.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use daprd_core::pubsub::{DrainGuard, Handler, Message, Outcome};
 use gcloud_googleapis::pubsub::v1 as api;
 use gcloud_googleapis::pubsub::v1::subscriber_client::SubscriberClient;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use super::metadata::GcpMetadata;
@@ -65,6 +65,26 @@ impl Seen {
     }
 }
 
+/// The deliveries of each ordering key, chained: each waits for the one before it.
+#[derive(Default)]
+struct KeyOrder {
+    last: HashMap<String, oneshot::Receiver<()>>,
+}
+
+impl KeyOrder {
+    /// For the next message of `key`: what to wait for (the previous delivery of the key,
+    /// ended when its sender drops), and the sender whose drop ends this one.
+    fn next(&mut self, key: &str) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        if self.last.len() >= 1024 {
+            // forget the keys whose last delivery is over
+            self.last
+                .retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        }
+        let (done, rx) = oneshot::channel();
+        (self.last.insert(key.to_string(), rx), done)
+    }
+}
+
 /// How a stream ended.
 enum Ended {
     Stopped,
@@ -78,9 +98,10 @@ enum Ended {
 impl PullLoop {
     pub(super) async fn run(mut self) {
         let seen: Arc<Mutex<Seen>> = Arc::default();
+        let mut order = KeyOrder::default();
         let mut failures = 0u32;
         loop {
-            match self.pull_once(&seen).await {
+            match self.pull_once(&seen, &mut order).await {
                 Ended::Stopped => return,
                 Ended::Broken { error, received } => {
                     if received {
@@ -101,7 +122,7 @@ impl PullLoop {
     }
 
     /// One streaming pull, until it ends or the subscription stops.
-    async fn pull_once(&mut self, seen: &Arc<Mutex<Seen>>) -> Ended {
+    async fn pull_once(&mut self, seen: &Arc<Mutex<Seen>>, order: &mut KeyOrder) -> Ended {
         let (requests, rx) = mpsc::channel::<api::StreamingPullRequest>(4);
         let first = api::StreamingPullRequest {
             subscription: self.subscription.clone(),
@@ -151,12 +172,17 @@ impl PullLoop {
             };
             received = true;
             for m in response.received_messages {
-                self.deliver(m, seen);
+                self.deliver(m, seen, order);
             }
         }
     }
 
-    fn deliver(&self, received: api::ReceivedMessage, seen: &Arc<Mutex<Seen>>) {
+    fn deliver(
+        &self,
+        received: api::ReceivedMessage,
+        seen: &Arc<Mutex<Seen>>,
+        order: &mut KeyOrder,
+    ) {
         let Some(message) = received.message else {
             return;
         };
@@ -173,8 +199,20 @@ impl PullLoop {
         let deadline = self.md.ack_deadline;
         let seen = seen.clone();
         let settling = self.guard.clone();
+        // With ordering, a message waits for the one before it of the same key.
+        let (previous, done) =
+            if self.md.enable_message_ordering && !message.ordering_key.is_empty() {
+                let (previous, done) = order.next(&message.ordering_key);
+                (previous, Some(done))
+            } else {
+                (None, None)
+            };
         tokio::spawn(async move {
             let _settling = settling;
+            let _done = done;
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
             let ack_id = received.ack_id;
             let m = Message {
                 topic: topic.clone(),
