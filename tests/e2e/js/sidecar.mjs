@@ -14,12 +14,14 @@ export const DAPRD = process.env.DAPRD_BIN ?? join(ROOT, "target", "debug", "dap
 // a broker component (scripts/test.sh runs the suites once per broker). Each test gets its own
 // slice of the shared broker (see isolateBroker), so runs never see each other's messages.
 export const PUBSUB = process.env.DAPRD_E2E_PUBSUB ?? "in-memory";
-const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs"];
+const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub"];
 if (!BROKERS.includes(PUBSUB)) throw new Error(`DAPRD_E2E_PUBSUB must be one of ${BROKERS}`);
 const REDIS_DB = "9"; // the e2e database, flushed before each test
 const NATS_URL = "localhost:4222";
 // SNS/SQS: a local moto server (.ci/run starts it), reset before each test
 const SNSSQS_ENDPOINT = process.env.SNSSQS_ENDPOINT ?? "http://127.0.0.1:4566";
+// GCP Pub/Sub: Google's emulator (scripts/services.sh starts it); a project of its own per test
+const PUBSUB_EMULATOR = process.env.PUBSUB_EMULATOR_HOST ?? "127.0.0.1:8085";
 let testTag = "t";
 let kafkaPort = 0;
 
@@ -43,6 +45,7 @@ function brokerMetadata() {
       endpoint: SNSSQS_ENDPOINT, region: "us-east-1", accessKey: "test", secretKey: "test",
       messageVisibilityTimeout: "2",
     },
+    "gcp.pubsub": { endpoint: PUBSUB_EMULATOR, projectId: `e2e-${testTag}` },
   }[PUBSUB];
 }
 

@@ -22,12 +22,15 @@ DAPRD = Path(os.environ.get("DAPRD_BIN", ROOT / "target" / "debug" / "daprd"))
 # broker). Each test gets its own consumer groups / database / stream, so runs on the shared
 # brokers never see each other's messages.
 PUBSUB = os.environ.get("DAPRD_E2E_PUBSUB", "in-memory")
-BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs")
+BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs",
+           "gcp.pubsub")
 assert PUBSUB in BROKERS, f"DAPRD_E2E_PUBSUB must be one of {BROKERS}"
 REDIS_DB = "9"  # the e2e database, flushed before each test
 NATS_URL = "nats://localhost:4222"
 # SNS/SQS: a local moto server (.ci/run starts it), reset before each test
 SNSSQS_ENDPOINT = os.environ.get("SNSSQS_ENDPOINT", "http://127.0.0.1:4566")
+# GCP Pub/Sub: Google's emulator (scripts/services.sh starts it); a project of its own per test
+PUBSUB_EMULATOR = os.environ.get("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
 _test_tag = {"value": "t"}
 _kafka = {"port": None}
 
@@ -64,13 +67,15 @@ def broker_metadata() -> dict:
                   "autoCreateTopicPartitions": "1", "backOffDuration": "1s"},
         "aws.snssqs": {"endpoint": SNSSQS_ENDPOINT, "region": "us-east-1", "accessKey": "test",
                        "secretKey": "test", "messageVisibilityTimeout": "2"},
+        "gcp.pubsub": {"endpoint": PUBSUB_EMULATOR, "projectId": "e2e-" + tag},
     }[PUBSUB]
 
 
 # The shared brokers on loopback (scripts/services.sh starts them): name and port.
 SHARED_BROKERS = {"redis": ("Redis", 6379), "rabbitmq": ("RabbitMQ", 5672),
                   "mqtt3": ("Mosquitto (MQTT)", 1883), "jetstream": ("NATS JetStream", 4222),
-                  "aws.snssqs": ("moto (SNS/SQS)", int(SNSSQS_ENDPOINT.rsplit(":", 1)[1]))}
+                  "aws.snssqs": ("moto (SNS/SQS)", int(SNSSQS_ENDPOINT.rsplit(":", 1)[1])),
+                  "gcp.pubsub": ("the Pub/Sub emulator", int(PUBSUB_EMULATOR.rsplit(":", 1)[1]))}
 
 
 def require_broker(kind):

@@ -83,9 +83,9 @@ def test_http_publish_and_error_rows_with_requests(sidecar_factory):
 
 def test_api_token_over_both_protocols(sidecar_factory):
     s = sidecar_factory(env={"DAPR_API_TOKEN": "tok"})
-    r = requests.post(s.http + "/v1.0/publish/pubsub/t", data="x")
+    r = requests.post(s.http + "/v1.0/publish/pubsub/tokens", data="x")
     assert r.status_code == 401 and r.text.strip() == "invalid api token"
-    r = requests.post(s.http + "/v1.0/publish/pubsub/t", data="x", headers={"dapr-api-token": "tok"})
+    r = requests.post(s.http + "/v1.0/publish/pubsub/tokens", data="x", headers={"dapr-api-token": "tok"})
     assert r.status_code == 204
     assert requests.get(s.http + "/v1.0/healthz").status_code == 204
     env_code = """
@@ -93,7 +93,7 @@ from dapr.clients import DaprClient
 from dapr.clients.exceptions import DaprGrpcError
 with DaprClient() as c:
     try:
-        c.publish_event(pubsub_name='pubsub', topic_name='t', data='x')
+        c.publish_event(pubsub_name='pubsub', topic_name='tokens', data='x')
         print('published')
     except DaprGrpcError as e:
         print(e.code().name)

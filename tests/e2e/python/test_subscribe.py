@@ -317,7 +317,7 @@ def test_bulk_entries_the_app_asks_to_retry_are_retried_per_policy(sidecar_facto
 
 
 def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
-    subs = json.dumps([{"pubsubname": "pubsub", "topic": "h", "route": "/h"}])
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "health", "route": "/h"}])
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs, "HEALTHY": "0"})
     s = sidecar_factory(app_port=app.port, extra_args=(
         "--enable-app-health-check", "--app-health-probe-interval", "1", "--app-health-threshold", "1"))
@@ -328,14 +328,14 @@ def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
     requests.post(app_url + "/_health", json={"healthy": True}).raise_for_status()
     s.wait_ready()
     eventually(lambda: len(subs_now()) == 1, 10, "subscription started once healthy")
-    s.publish("h", '{"n":1}')
+    s.publish("health", '{"n":1}')
     eventually(lambda: len(received(app.port, "/h")) == 1, 10, "delivery while healthy")
     requests.post(app_url + "/_health", json={"healthy": False}).raise_for_status()
     eventually(lambda: subs_now() == [], 10, "subscriptions stopped while unhealthy")
-    s.publish("h", '{"n":2}')
+    s.publish("health", '{"n":2}')
     requests.post(app_url + "/_health", json={"healthy": True}).raise_for_status()
     eventually(lambda: len(subs_now()) == 1, 10, "subscriptions back once healthy")
-    s.publish("h", '{"n":3}')
+    s.publish("health", '{"n":3}')
     # What happens to n=2, published while unsubscribed, is the broker's semantics: the Redis
     # consumer group outlives the subscription (kept), a new JetStream consumer with the
     # default deliverPolicy "all" replays the stream, while the in-memory bus and the
@@ -355,14 +355,14 @@ def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
 
 
 def test_block_shutdown_keeps_publishing_up_and_stops_subscriptions(sidecar_factory, app_factory):
-    subs = json.dumps([{"pubsubname": "pubsub", "topic": "b", "route": "/b"}])
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "blocked", "route": "/b"}])
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
     s = sidecar_factory(app_port=app.port, extra_args=("--dapr-block-shutdown-duration", "2s"))
     s.wait_ready()
     started = time.monotonic()
     s.proc.terminate()
     eventually(lambda: "blocking shutdown" in s.output(), 10, "the shutdown block to begin")
-    r = requests.post(s.http + "/v1.0/publish/pubsub/b", data='{"n":1}', headers={"content-type": "application/json"})
+    r = requests.post(s.http + "/v1.0/publish/pubsub/blocked", data='{"n":1}', headers={"content-type": "application/json"})
     assert r.status_code == 204, "outbound APIs stay up during the block"
     assert s.proc.wait(timeout=15) == 0
     assert time.monotonic() - started >= 1.9, "the block lasted the configured duration"
@@ -398,7 +398,7 @@ def test_https_and_grpcs_app_channels(sidecar_factory, app_factory, self_signed_
 
 def test_expired_and_undecodable_messages_go_to_the_dead_letter_topic(sidecar_factory, app_factory):
     subs = json.dumps([
-        {"pubsubname": "pubsub", "topic": "x", "route": "/x", "deadLetterTopic": "dlq.all"},
+        {"pubsubname": "pubsub", "topic": "expiring", "route": "/x", "deadLetterTopic": "dlq.all"},
         {"pubsubname": "pubsub", "topic": "dlq.all", "route": "/dlq", "metadata": {"rawPayload": "true"}},
     ])
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
@@ -406,8 +406,8 @@ def test_expired_and_undecodable_messages_go_to_the_dead_letter_topic(sidecar_fa
     s.wait_ready()
     expired = {"id": "old-1", "source": "s", "type": "t", "specversion": "1.0", "datacontenttype": "application/json",
                "data": {"n": "expired"}, "expiration": "2020-01-01T00:00:00Z"}
-    s.publish("x", json.dumps(expired), content_type="application/cloudevents+json")
-    s.publish("x", "not a cloudevent", content_type="text/plain", rawPayload="true")
+    s.publish("expiring", json.dumps(expired), content_type="application/cloudevents+json")
+    s.publish("expiring", "not a cloudevent", content_type="text/plain", rawPayload="true")
     got = eventually(lambda: len(received(app.port, "/dlq")) == 2 and received(app.port, "/dlq"), 10, "both dead-lettered")
     import base64
     payloads = sorted(base64.b64decode(json.loads(r["body"])["data_base64"]) for r in got)
