@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on this machine, and is idempotent: the system packages
 # the Kafka build and tests use, Prometheus for the metrics tests, the brokers on loopback
-# (each started only when its port is closed), tansu (a Kafka-protocol broker, built from crates.io once) and moto (an SNS/SQS
-# server, into .venv). scripts/test.sh runs it first; run it alone to bring the brokers up.
+# (each started only when its port is closed), tansu (a Kafka-protocol broker, built from crates.io once), moto (an SNS/SQS
+# server, into .venv) and Google's Pub/Sub emulator. scripts/test.sh runs it first; run it alone to bring the brokers up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -7,7 +7,8 @@
 # It installs the test-only Python and npm packages itself (into .venv and
 # tests/e2e/js/node_modules), and first runs scripts/services.sh, which installs and starts
 # what is missing of the brokers on loopback: Redis, RabbitMQ, Mosquitto, NATS, tansu (Kafka,
-# 9092, and the `tansu` command for private brokers) and moto (SNS/SQS, 4566). Needs: cargo,
+# 9092, and the `tansu` command for private brokers), moto (SNS/SQS, 4566) and Google's Pub/Sub
+# emulator (8085). Needs: cargo,
 # python3 (with venv), node and npm, and the Debian packages of those brokers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ echo "==> JavaScript SDK end-to-end tests"
 # The broker matrix: the same SDK suites again with each broker component in place of
 # pubsub.in-memory (DAPRD_E2E_PUBSUB). The brokers are those scripts/services.sh started.
 # E2E_BROKERS="" skips it; E2E_BROKERS="redis" runs one.
-for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs}; do
+for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs gcp.pubsub}; do
   echo "==> SDK end-to-end tests against pubsub.$broker"
   (cd tests/e2e/python && DAPRD_E2E_PUBSUB=$broker ../../../.venv/bin/python -m pytest -q -p no:cacheprovider \
     test_publish_sdk.py test_subscribe.py test_streaming.py)

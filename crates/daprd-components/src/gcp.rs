@@ -3,7 +3,8 @@
 //! * Topic = Pub/Sub topic `projects/<projectId>/topics/<topic>`; the subscription is
 //!   `<consumerID>-<topic>`. Both are created when missing unless `disableEntityManagement`
 //!   (the subscription with `ackDeadline`, `enableMessageOrdering` and, with
-//!   `deadLetterTopic`, a dead-letter policy of `maxDeliveryAttempts`).
+//!   `deadLetterTopic`, a dead-letter policy of `maxDeliveryAttempts`; the dead-letter topic
+//!   is created too, as the server requires it to exist).
 //! * Publish: the message data is the payload as given (the CloudEvent), no attributes; an
 //!   ordering key only with `enableMessageOrdering` (the publish's `orderingKey` metadata wins
 //!   over the component's).
@@ -159,6 +160,10 @@ impl GcpPubSub {
             return Ok(name);
         }
         self.ensure_topic(topic).await?;
+        // Pub/Sub refuses a dead-letter policy whose topic does not exist: it is created too.
+        if let Some(dlt) = &self.md.dead_letter_topic {
+            self.ensure_topic(dlt).await?;
+        }
         let dead_letter_policy =
             self.md
                 .dead_letter_topic

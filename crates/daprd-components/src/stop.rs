@@ -23,7 +23,7 @@ impl Stop {
     /// Whether either is set now (or its sender is gone): checked right before a handler
     /// call, so a delivery does not start after the stop was signalled, however late the
     /// task that waits for it runs.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "kafka", feature = "gcp")), allow(dead_code))]
     pub(crate) fn is_set(&self) -> bool {
         let set = |rx: &watch::Receiver<bool>| *rx.borrow() || rx.has_changed().is_err();
         set(&self.cancelled) || set(&self.closed)

@@ -35,10 +35,10 @@ import uuid
 import pytest
 import requests
 
-from conftest import (NATS_URL, SNSSQS_ENDPOINT, _nats, eventually, require_broker,
+from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, _nats, eventually, require_broker,
                       start_tansu)
 
-BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs"]
+BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub"]
 # SIGTERMs per run of the graceful test (the 20 is FAULT_SIGTERMS=20)
 SIGTERMS = int(os.environ.get("FAULT_SIGTERMS", "4"))
 # Most deliveries a SIGKILL may repeat: what the app had in hand, unacknowledged; for Kafka
@@ -97,6 +97,9 @@ class Broker:
             "aws.snssqs": {"endpoint": SNSSQS_ENDPOINT, "region": "us-east-1",
                            "accessKey": "test", "secretKey": "test", "consumerID": group,
                            "messageVisibilityTimeout": "2"},
+            # a project per test; the shortest ack deadline Pub/Sub allows
+            "gcp.pubsub": {"endpoint": PUBSUB_EMULATOR, "projectId": f"fault{self.tag}",
+                           "consumerID": group, "ackDeadline": "10s"},
         }[self.kind]
         if self.addr:
             key, value = {
@@ -106,6 +109,7 @@ class Broker:
                 "jetstream": ("natsURL", self.nats_url),
                 "kafka": ("brokers", self.addr),
                 "aws.snssqs": ("endpoint", f"http://{self.addr}"),
+                "gcp.pubsub": ("endpoint", self.addr),
             }[self.kind]
             meta[key] = value
         meta.update(extra)
@@ -252,6 +256,20 @@ def cpu_hog():
     p.wait()
 
 
+# Google's Pub/Sub emulator keeps the messages a streaming pull had been handed when its
+# subscriber went away: a subscriber started after it gets none of them for a long while.
+# Measured with Google's own Python client (40 messages, ack deadline 10 s, a subscriber
+# taking 0.5 s a message and exiting after 1 s): the next subscriber got none of the 19 the
+# first had not handled within 40 s. A test
+# that restarts the subscribing sidecar and waits for those messages cannot pass against it.
+EMULATOR_STRANDS = "the Pub/Sub emulator strands a stopped subscriber's messages (see above)"
+
+
+def skip_restarts_on_the_emulator(broker):
+    if broker.kind == "gcp.pubsub":
+        pytest.skip(EMULATOR_STRANDS)
+
+
 def wait_all(app_port, want, timeout, what):
     missing = {}
 
@@ -267,6 +285,7 @@ def wait_all(app_port, want, timeout, what):
 
 def test_subscriber_sigterm_mid_stream_loses_and_duplicates_nothing(
         broker, sidecar_factory, app_factory, cpu_hog):
+    skip_restarts_on_the_emulator(broker)
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": broker.subscriptions()})
     requests.post(f"http://127.0.0.1:{app.port}/_mode",
                   json={"/t": {"sleep": 0.01}}, timeout=5)
@@ -432,6 +451,7 @@ def test_slow_app_gets_no_concurrent_duplicate(broker, sidecar_factory, app_fact
 
 
 def test_poison_retried_forever_survives_a_restart(broker, sidecar_factory, app_factory):
+    skip_restarts_on_the_emulator(broker)
     subs = broker.subscriptions(dead_letters=False)
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
     # seq 0 fails (500) until the app is told otherwise

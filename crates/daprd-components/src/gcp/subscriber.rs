@@ -207,6 +207,7 @@ impl PullLoop {
             } else {
                 (None, None)
             };
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let _settling = settling;
             let _done = done;
@@ -214,6 +215,12 @@ impl PullLoop {
                 let _ = previous.await;
             }
             let ack_id = received.ack_id;
+            // No delivery starts after the stop: the message goes back at once.
+            if stop.is_set() {
+                let _ = modify(&client, &subscription, &ack_id, 0).await;
+                lock(&seen).done(&message.message_id, true);
+                return;
+            }
             let m = Message {
                 topic: topic.clone(),
                 data: message.data,
