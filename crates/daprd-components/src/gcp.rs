@@ -235,13 +235,12 @@ impl PubSub for GcpPubSub {
             return Err(PubSubError::Closed);
         }
         let subscription = self.ensure_subscription(&request.topic).await?;
-        let (cancel, cancelled) = watch::channel(false);
-        let (guard, drained) = daprd_core::pubsub::drain_tracker();
+        let (stop, guard, handle) = crate::stop::subscription(self.stop.subscribe());
         tokio::spawn(
             subscriber::PullLoop {
                 client: self.subscriber.clone(),
                 subscription,
-                stop: crate::stop::Stop::new(cancelled, self.stop.subscribe()),
+                stop,
                 component: self.name.clone(),
                 topic: request.topic.clone(),
                 md: self.md.clone(),
@@ -250,10 +249,7 @@ impl PubSub for GcpPubSub {
             }
             .run(),
         );
-        Ok(Subscription::new(move || {
-            let _ = cancel.send(true);
-        })
-        .with_drain(drained))
+        Ok(handle)
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

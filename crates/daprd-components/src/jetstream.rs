@@ -229,31 +229,23 @@ impl PubSub for JetStreamPubSub {
             .messages()
             .await
             .map_err(|e| PubSubError::transient("jetstream", "subscribing", e))?;
-        let (cancel, cancelled) = watch::channel(false);
-        let stop = self.stop.subscribe();
-        let component = self.name.clone();
-        let topic = request.topic.clone();
-        let md = self.md.clone();
         // The consume task and each delivery hold a guard until their ack/nak is sent: the
         // subscription's stop waits for that. Messages the server pushed but no delivery
         // took are redelivered after `ackWait`.
-        let (guard, drained) = daprd_core::pubsub::drain_tracker();
+        let (stop, guard, handle) = crate::stop::subscription(self.stop.subscribe());
         tokio::spawn(
             ConsumeLoop {
                 messages,
-                stop: crate::stop::Stop::new(cancelled, stop),
-                component,
-                topic,
-                md,
+                stop,
+                component: self.name.clone(),
+                topic: request.topic.clone(),
+                md: self.md.clone(),
                 handler,
                 guard,
             }
             .run(),
         );
-        Ok(Subscription::new(move || {
-            let _ = cancel.send(true);
-        })
-        .with_drain(drained))
+        Ok(handle)
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

@@ -454,8 +454,7 @@ impl PubSub for KafkaPubSub {
         consumer
             .subscribe(&[request.topic.as_str()])
             .map_err(|e| kafka_error(&format!("subscribing to topic {}", request.topic), e))?;
-        let (cancel, cancelled) = watch::channel(false);
-        let (guard, drained) = daprd_core::pubsub::drain_tracker();
+        let (stop, guard, handle) = crate::stop::subscription(self.stop.subscribe());
         let run = ConsumeLoop {
             component: self.name.clone(),
             topic: request.topic.clone(),
@@ -465,14 +464,11 @@ impl PubSub for KafkaPubSub {
             bulk: request.bulk,
             epochs,
             pending,
-            stop: crate::stop::Stop::new(cancelled, self.stop.subscribe()),
+            stop,
             guard,
         };
         tokio::spawn(run.run());
-        Ok(Subscription::new(move || {
-            let _ = cancel.send(true);
-        })
-        .with_drain(drained))
+        Ok(handle)
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

@@ -276,15 +276,9 @@ impl PubSub for RabbitPubSub {
             .consume(&ch)
             .await
             .map_err(|e| PubSubError::transient("rabbitmq", "declaring the subscription", e))?;
-        let (cancel, cancelled) = watch::channel(false);
-        let component_stop = self.stop.subscribe();
-        let (guard, drained) = daprd_core::pubsub::drain_tracker();
-        let stop = crate::stop::Stop::new(cancelled, component_stop);
+        let (stop, guard, handle) = crate::stop::subscription(self.stop.subscribe());
         tokio::spawn(sub.run(Some((conn, ch, consumer)), stop, guard));
-        Ok(Subscription::new(move || {
-            let _ = cancel.send(true);
-        })
-        .with_drain(drained))
+        Ok(handle)
     }
 
     async fn close(&self) -> Result<(), PubSubError> {

@@ -5,7 +5,22 @@
 use std::future::Future;
 use std::time::Duration;
 
+use daprd_core::pubsub::{DrainGuard, Subscription};
 use tokio::sync::watch;
+
+/// What a consume loop and its [`Subscription`] share: the loop's [`Stop`] (the subscription's
+/// cancellation, or `closed`: the component's close), the guard the loop and each delivery
+/// hold until they settled what they took, and the subscription, whose stop sets the
+/// cancellation and waits for those guards.
+pub(crate) fn subscription(closed: watch::Receiver<bool>) -> (Stop, DrainGuard, Subscription) {
+    let (cancel, cancelled) = watch::channel(false);
+    let (guard, drained) = daprd_core::pubsub::drain_tracker();
+    let subscription = Subscription::new(move || {
+        let _ = cancel.send(true);
+    })
+    .with_drain(drained);
+    (Stop::new(cancelled, closed), guard, subscription)
+}
 
 /// A subscription's cancellation and its component's close, seen together. A dropped sender
 /// counts as set: nothing is left to consume for.
