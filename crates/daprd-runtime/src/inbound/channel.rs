@@ -24,6 +24,15 @@ use tokio::sync::Semaphore;
 use crate::inbound::subscriptions::SubscriptionSpec;
 use crate::resiliency::StatusCode;
 
+/// `address` as the host of a URI or socket address: an IPv6 address goes in brackets.
+pub(crate) fn uri_host(address: &str) -> std::borrow::Cow<'_, str> {
+    if address.contains(':') && !address.starts_with('[') {
+        format!("[{address}]").into()
+    } else {
+        address.into()
+    }
+}
+
 /// What the app made of one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppReply {
@@ -222,6 +231,23 @@ mod tests {
     use super::*;
     use crate::config::AppProtocol;
     use reach::Reach;
+
+    #[test]
+    fn ipv6_hosts_go_in_brackets() {
+        assert_eq!(uri_host("127.0.0.1"), "127.0.0.1");
+        assert_eq!(uri_host("localhost"), "localhost");
+        assert_eq!(uri_host("::1"), "[::1]");
+        assert_eq!(uri_host("[::1]"), "[::1]");
+    }
+
+    #[tokio::test]
+    async fn an_app_on_ipv6_loopback_is_found_listening() {
+        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+            return; // no IPv6 on this machine
+        };
+        let port = listener.local_addr().unwrap().port();
+        assert!(reach::accepts(&format!("{}:{port}", uri_host("::1"))).await);
+    }
 
     fn delivery() -> Delivery {
         Delivery {

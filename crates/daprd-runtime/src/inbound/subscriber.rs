@@ -310,9 +310,11 @@ pub fn app_channel(state: &RuntimeState) -> Result<Arc<dyn AppChannel>, ChannelE
 }
 
 async fn wait_for_app_port(state: &RuntimeState) -> bool {
+    // (an IPv6 channel address in brackets, as the channels write it)
     let addr = format!(
         "{}:{}",
-        state.config.app.channel_address, state.config.app.port
+        super::channel::uri_host(&state.config.app.channel_address),
+        state.config.app.port
     );
     tracing::info!(%addr, "waiting for the app to listen");
     loop {

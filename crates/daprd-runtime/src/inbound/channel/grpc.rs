@@ -42,11 +42,7 @@ impl GrpcChannel {
         token: Option<String>,
         max_concurrency: i64,
     ) -> Result<Self, ChannelError> {
-        let host = if address.contains(':') && !address.starts_with('[') {
-            format!("[{address}]")
-        } else {
-            address.to_string()
-        };
+        let host = super::uri_host(address);
         let channel = if tls {
             super::tls::grpcs_channel(&host, port)?
         } else {

@@ -79,11 +79,7 @@ impl HttpChannel {
             "http"
         };
         let client = builder.build().map_err(ChannelError::Client)?;
-        let host = if address.contains(':') && !address.starts_with('[') {
-            format!("[{address}]")
-        } else {
-            address.to_string()
-        };
+        let host = super::uri_host(address);
         Ok(Self {
             client,
             base: format!("{scheme}://{host}:{port}"),

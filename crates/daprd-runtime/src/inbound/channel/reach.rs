@@ -50,12 +50,11 @@ impl Reach {
     /// The app at `address:port`, thought up until a delivery cannot connect; deliveries
     /// wait at most `hold` for it, and give up at once when `shutdown` (if any) begins.
     pub fn new(address: &str, port: u16, hold: Duration, shutdown: Option<Shutdown>) -> Self {
-        let host = if address.contains(':') && !address.starts_with('[') {
-            format!("[{address}]")
-        } else {
-            address.to_string()
-        };
-        Self::at(format!("{host}:{port}"), hold, shutdown)
+        Self::at(
+            format!("{}:{port}", super::uri_host(address)),
+            hold,
+            shutdown,
+        )
     }
 
     fn at(addr: String, hold: Duration, shutdown: Option<Shutdown>) -> Self {
