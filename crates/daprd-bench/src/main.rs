@@ -167,12 +167,15 @@ pub enum Broker {
     JetStream,
     /// Only with the `kafka` feature (the daprd under test needs it too).
     Kafka,
+    /// Google's Pub/Sub emulator on 127.0.0.1:8085.
+    Gcp,
 }
 
 const NATS: &str = "nats://127.0.0.1:4222";
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672";
 const MQTT: &str = "tcp://127.0.0.1:1883";
 const KAFKA: &str = "127.0.0.1:9092";
+const PUBSUB_EMULATOR: &str = "127.0.0.1:8085";
 
 impl Broker {
     /// The component name in the sidecar.
@@ -184,6 +187,7 @@ impl Broker {
             Broker::Mqtt => "mqtt",
             Broker::JetStream => "jetstream",
             Broker::Kafka => "kafka",
+            Broker::Gcp => "gcp",
         }
     }
 
@@ -195,6 +199,7 @@ impl Broker {
             Broker::Mqtt => Some("127.0.0.1:1883".into()),
             Broker::JetStream => Some("127.0.0.1:4222".into()),
             Broker::Kafka => Some(KAFKA.into()),
+            Broker::Gcp => Some(PUBSUB_EMULATOR.into()),
         }
     }
 
@@ -226,6 +231,11 @@ impl Broker {
                 ("autoCreateTopics", "true".into()),
                 ("consumerID", "{uuid}".into()),
             ],
+            Broker::Gcp => vec![
+                ("projectId", "daprd-bench".into()),
+                ("endpoint", PUBSUB_EMULATOR.into()),
+                ("consumerID", "{uuid}".into()),
+            ],
         }
     }
 
@@ -237,6 +247,7 @@ impl Broker {
             Broker::Mqtt => "pubsub.mqtt3",
             Broker::JetStream => "pubsub.jetstream",
             Broker::Kafka => "pubsub.kafka",
+            Broker::Gcp => "pubsub.gcp.pubsub",
         }
     }
 
@@ -283,6 +294,11 @@ impl Broker {
             }
             #[cfg(not(feature = "kafka"))]
             Broker::Kafka => anyhow::bail!("daprd-bench was built without the kafka feature"),
+            Broker::Gcp => {
+                daprd_components::gcp::GcpPubSubFactory
+                    .connect("bench", &md)
+                    .await?
+            }
         };
         Ok(Some(c))
     }
@@ -513,6 +529,7 @@ async fn main() -> Result<()> {
         Broker::Mqtt,
         Broker::JetStream,
         Broker::Kafka,
+        Broker::Gcp,
         Broker::Memory,
     ];
     let brokers: Vec<Broker> = all
