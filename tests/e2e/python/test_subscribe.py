@@ -6,6 +6,7 @@ did not accept goes there and is acked, whatever the broker."""
 import json
 import time
 
+import pytest
 import requests
 
 from conftest import PUBSUB, eventually, pubsub_component
@@ -154,10 +155,14 @@ def test_python_sdk_grpc_app(sidecar_factory, app_factory):
         return lines if len([x for x in lines if x["route"] == "dlq.all"]) == 2 and len(lines) >= 6 else None
     lines = eventually(routes, 15, "gRPC app deliveries and dead letters")
     orders = [x for x in lines if x["route"] == "orders"]
-    assert json.loads(orders[0]["data"]) == {"orderId": 3} if isinstance(orders[0]["data"], str) else orders[0]["data"] == {"orderId": 3}
-    assert orders[0]["source"] == "checkout" and orders[0]["type"] == "com.dapr.event.sent"
-    assert orders[0]["topic"] == "orders" and orders[0]["pubsubname"] == "pubsub"
-    assert orders[1]["data"] == "hello" and orders[1]["content_type"] == "text/plain"
+    assert len(orders) == 2, orders
+    # in either order: without ordering keys a broker such as Pub/Sub or SQS promises none
+    hello, json_order = sorted(orders, key=lambda x: x.get("content_type") != "text/plain")
+    order = json_order["data"]
+    assert (json.loads(order) if isinstance(order, str) else order) == {"orderId": 3}
+    assert json_order["source"] == "checkout" and json_order["type"] == "com.dapr.event.sent"
+    assert json_order["topic"] == "orders" and json_order["pubsubname"] == "pubsub"
+    assert hello["data"] == "hello" and hello["content_type"] == "text/plain"
     dead = sorted(json.dumps(x["data"]) for x in lines if x["route"] == "dlq.all")
     assert len(dead) == 2
     md = requests.get(s.http + "/v1.0/metadata").json()
@@ -316,6 +321,10 @@ def test_bulk_entries_the_app_asks_to_retry_are_retried_per_policy(sidecar_facto
     assert dead == ["DROP", "RETRY"]
 
 
+@pytest.mark.skipif(
+    PUBSUB == "gcp.pubsub",
+    reason="Google's Pub/Sub emulator may keep handing messages to the streaming pull that "
+    "closed while the app was unhealthy, and holds them back (see Brokers in the README)")
 def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
     subs = json.dumps([{"pubsubname": "pubsub", "topic": "health", "route": "/h"}])
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs, "HEALTHY": "0"})
