@@ -13,6 +13,8 @@ pub mod jetstream;
 pub mod kafka;
 #[cfg(feature = "mqtt3")]
 pub mod mqtt3;
+#[cfg(feature = "pulsar")]
+pub mod pulsar;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
@@ -24,7 +26,8 @@ pub mod snssqs;
     feature = "jetstream",
     feature = "kafka",
     feature = "rabbitmq",
-    feature = "gcp"
+    feature = "gcp",
+    feature = "pulsar"
 ))]
 mod stop;
 
@@ -51,6 +54,8 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(snssqs::SnsSqsFactory));
     #[cfg(feature = "gcp")]
     registry.register_pubsub(Arc::new(gcp::GcpPubSubFactory));
+    #[cfg(feature = "pulsar")]
+    registry.register_pubsub(Arc::new(pulsar::PulsarFactory));
     // What a smaller build leaves out answers with the feature that brings it in.
     #[cfg(not(feature = "in-memory"))]
     registry.compiled_out("pubsub.in-memory", "in-memory");
@@ -68,6 +73,8 @@ pub fn builtin_registry() -> Registry {
     registry.compiled_out("pubsub.aws.snssqs", "snssqs");
     #[cfg(not(feature = "gcp"))]
     registry.compiled_out("pubsub.gcp.pubsub", "gcp");
+    #[cfg(not(feature = "pulsar"))]
+    registry.compiled_out("pubsub.pulsar", "pulsar");
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry
@@ -94,7 +101,9 @@ mod tests {
             r.resolve("pubsub.MQTT", "v1").is_ok(),
             "alias of pubsub.mqtt3"
         );
-        let e = r.resolve("pubsub.pulsar", "v1").err().unwrap();
+        #[cfg(feature = "pulsar")]
+        assert!(r.resolve("pubsub.pulsar", "v1").is_ok());
+        let e = r.resolve("pubsub.kubemq", "v1").err().unwrap();
         assert!(matches!(e, RegistryError::NotSupportedYet { .. }), "{e}");
         assert!(e.to_string().contains("not supported yet"));
         #[cfg(feature = "kafka")]

@@ -365,3 +365,49 @@ async fn gcp_conformance() {
     )
     .await;
 }
+
+/// `pubsub.pulsar` against the test broker of `daprd_testkit::pulsar` (Pulsar's binary
+/// protocol; no Apache Pulsar server can be installed here), one broker per run, in process.
+/// A refused message comes back after `redeliveryDelay`.
+#[cfg(feature = "pulsar")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulsar_conformance() {
+    let broker = Arc::new(daprd_testkit::pulsar::TestBroker::start(0).await.unwrap());
+    let connect_with = |extra: &'static [(&'static str, &'static str)]| -> Connect {
+        let url = broker.url();
+        Arc::new(move |group| {
+            let url = url.clone();
+            Box::pin(async move {
+                let mut md =
+                    metadata_with_group(&group, &[("host", &url), ("redeliveryDelay", "200ms")]);
+                for (k, v) in extra {
+                    md.insert(*k, *v);
+                }
+                daprd_components::pulsar::PulsarFactory
+                    .connect("conformance", &md)
+                    .await
+                    .unwrap()
+            })
+        })
+    };
+    // One message at a time on an exclusive subscription: in publish order.
+    conformance::ordering(&connect_with(&[
+        ("processMode", "sync"),
+        ("subscribeType", "exclusive"),
+        ("disableBatching", "true"),
+    ]))
+    .await;
+    // The producer's batching off, as `many_messages_arrive` publishes one at a time and
+    // a batch waits `batchingMaxPublishDelay` for company; the batches case is below.
+    conformance::run(
+        connect_with(&[("disableBatching", "true")]),
+        Traits {
+            redelivers_on_retry: true,
+            competing_consumers: true,
+            redelivery_wait: Duration::from_secs(5),
+            ordered: false,
+            native_ttl: false,
+        },
+    )
+    .await;
+}

@@ -519,7 +519,7 @@ mod tests {
     #[tokio::test]
     async fn every_problem_is_collected() {
         let r = resources(
-            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: a}\nspec: {type: pubsub.pulsar}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: b}\nspec: {type: pubsub.hazelcast}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: c}\nspec:\n  type: pubsub.in-memory\n  metadata:\n  - name: x\n    secretKeyRef: {name: s}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: d}\nspec: {type: pubsub.in-memory, metadata: [{name: id, value: '{podName}'}]}\n",
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: a}\nspec: {type: pubsub.kubemq}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: b}\nspec: {type: pubsub.hazelcast}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: c}\nspec:\n  type: pubsub.in-memory\n  metadata:\n  - name: x\n    secretKeyRef: {name: s}\n---\napiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: d}\nspec: {type: pubsub.in-memory, metadata: [{name: id, value: '{podName}'}]}\n",
         );
         let errs = build(&r, &daprd_components::builtin_registry(), &ctx())
             .await

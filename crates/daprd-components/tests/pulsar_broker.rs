@@ -1,0 +1,351 @@
+//! `pubsub.pulsar` against the test broker of `daprd_testkit::pulsar` (Pulsar's binary
+//! protocol): the message on the broker (payload, key, properties, delivery time), batches,
+//! redelivery after `redeliveryDelay`, delayed delivery, the subscription types, and an
+//! outage (the broker drops every connection) in the middle of a stream.
+
+#![cfg(feature = "pulsar")]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use daprd_core::pubsub::{
+    Handler, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+};
+use daprd_testkit::conformance::{metadata_with_group, random_name, success_collector};
+use daprd_testkit::pulsar::TestBroker;
+use tokio::sync::mpsc;
+
+async fn component(broker: &TestBroker, group: &str, extra: &[(&str, &str)]) -> Arc<dyn PubSub> {
+    let mut md = metadata_with_group(group, &[("host", &broker.url())]);
+    for (k, v) in extra {
+        md.insert(*k, *v);
+    }
+    daprd_components::pulsar::PulsarFactory
+        .connect("pubsub", &md)
+        .await
+        .unwrap()
+}
+
+fn request(topic: &str, data: &str, metadata: &[(&str, &str)]) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.into(),
+        data: Bytes::from(data.to_string()),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        content_type: None,
+    }
+}
+
+/// The message Go daprd sends: the payload as given, `partitionKey` as the key, every other
+/// non-empty publish metadata entry a property; on `persistent://public/default/<topic>`.
+#[tokio::test]
+async fn publish_stores_payload_key_and_properties() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(&broker, "app", &[("disableBatching", "true")]).await;
+    let topic = random_name("bytes");
+    let ce = r#"{"specversion":"1.0","id":"1","data":{"n":1}}"#;
+    c.publish(request(
+        &topic,
+        ce,
+        &[
+            ("partitionKey", "order-7"),
+            ("tenantHint", "eu"),
+            ("blank", ""),
+        ],
+    ))
+    .await
+    .unwrap();
+    let stored = broker.messages(&format!("persistent://public/default/{topic}"));
+    assert_eq!(stored.len(), 1);
+    let m = &stored[0];
+    assert_eq!(m.data, ce.as_bytes());
+    assert_eq!(m.metadata.partition_key.as_deref(), Some("order-7"));
+    let props: BTreeMap<&str, &str> = m
+        .metadata
+        .properties
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.as_str()))
+        .collect();
+    assert_eq!(props, BTreeMap::from([("tenantHint", "eu")]));
+    assert_eq!(m.metadata.num_messages_in_batch, None, "not batched");
+    assert_eq!(m.metadata.deliver_at_time, None);
+    // tenant, namespace and persistence name the topic
+    let c2 = component(
+        &broker,
+        "app",
+        &[
+            ("tenant", "acme"),
+            ("namespace", "orders"),
+            ("persistent", "false"),
+            ("disableBatching", "true"),
+        ],
+    )
+    .await;
+    c2.publish(request(&topic, "x", &[])).await.unwrap();
+    assert_eq!(
+        broker
+            .messages(&format!("non-persistent://acme/orders/{topic}"))
+            .len(),
+        1
+    );
+}
+
+/// With batching (the default), concurrent publishes share batches, and a subscriber gets
+/// every message once, with its properties as metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_publishes_arrive_once_each() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(&broker, "app", &[]).await;
+    let topic = random_name("batch");
+    let (h, mut rx) = success_collector();
+    let _sub = c
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
+        .await
+        .unwrap();
+    const N: usize = 200;
+    let publishes = (0..N).map(|i| {
+        let c = c.clone();
+        let topic = topic.clone();
+        async move {
+            c.publish(request(&topic, &i.to_string(), &[("n", &i.to_string())]))
+                .await
+                .unwrap()
+        }
+    });
+    futures::future::join_all(publishes).await;
+    let entries = broker.messages(&topic);
+    assert!(
+        entries.len() < N,
+        "{} entries for {N} concurrent publishes: no batch was made",
+        entries.len()
+    );
+    assert!(entries
+        .iter()
+        .any(|e| e.metadata.num_messages_in_batch.unwrap_or(1) > 1));
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < N {
+        let m = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {N} arrived", got.len()))
+            .unwrap();
+        let n = String::from_utf8(m.data.to_vec()).unwrap();
+        assert_eq!(m.metadata.get("n"), Some(&n), "the property travels");
+        assert!(got.insert(n.clone()), "{n} arrived twice");
+    }
+}
+
+/// A refused message comes back after `redeliveryDelay`, marked redelivered; an accepted one
+/// is not handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_comes_back_after_the_redelivery_delay() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(
+        &broker,
+        "app",
+        &[("redeliveryDelay", "700ms"), ("disableBatching", "true")],
+    )
+    .await;
+    let topic = random_name("nack");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let h: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let first = !m.redelivered;
+            let _ = tx.send((Instant::now(), m.redelivered));
+            if first {
+                Outcome::Retry
+            } else {
+                Outcome::Success
+            }
+        })
+    });
+    let _sub = c
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
+        .await
+        .unwrap();
+    c.publish(request(&topic, "again", &[])).await.unwrap();
+    let (t0, r0) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!r0);
+    let (t1, r1) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r1, "the second copy is marked redelivered");
+    assert!(
+        t1 - t0 >= Duration::from_millis(650),
+        "redelivered after {:?}, before redeliveryDelay",
+        t1 - t0
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), rx.recv())
+            .await
+            .is_err(),
+        "an accepted message came back"
+    );
+}
+
+/// `deliverAfter` sets the message's delivery time; the subscription gets it no sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_after_holds_the_message_back() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(&broker, "app", &[("disableBatching", "true")]).await;
+    let topic = random_name("later");
+    let (h, mut rx) = success_collector();
+    let _sub = c
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    c.publish(request(&topic, "later", &[("deliverAfter", "1s")]))
+        .await
+        .unwrap();
+    let at = broker.messages(&topic)[0].metadata.deliver_at_time;
+    assert!(at.is_some(), "deliver_at_time is set");
+    let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.data[..], b"later");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        sent.elapsed()
+    );
+    let bad = c
+        .publish(request(&topic, "x", &[("deliverAt", "next tuesday")]))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("deliverAt"), "{bad}");
+}
+
+/// `subscribeType: exclusive` refuses a second consumer of the subscription by name;
+/// `failover` keeps one active and hands over when it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_and_failover_subscriptions() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let topic = random_name("excl");
+    let a = component(&broker, "one", &[("subscribeType", "exclusive")]).await;
+    let b = component(&broker, "one", &[("subscribeType", "exclusive")]).await;
+    let (h, _rx) = success_collector();
+    let _sa = a
+        .subscribe(SubscribeRequest::new(topic.clone()), h.clone())
+        .await
+        .unwrap();
+    let err = b
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&topic), "{err}");
+
+    let topic = random_name("failover");
+    let md = [("subscribeType", "failover"), ("disableBatching", "true")];
+    let a = component(&broker, "two", &md).await;
+    let b = component(&broker, "two", &md).await;
+    let (ha, mut ra) = success_collector();
+    let (hb, mut rb) = success_collector();
+    let sa = a
+        .subscribe(SubscribeRequest::new(topic.clone()), ha)
+        .await
+        .unwrap();
+    let _sb = b
+        .subscribe(SubscribeRequest::new(topic.clone()), hb)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        a.publish(request(&topic, &format!("a{i}"), &[]))
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(5), ra.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(rb.try_recv().is_err(), "the standby got a message");
+    sa.stop().await;
+    a.publish(request(&topic, "after", &[])).await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), rb.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.data[..], b"after");
+}
+
+/// The broker drops every connection in the middle of a stream: publishes after it succeed
+/// (the client reconnects), and the subscription gets every message that had a 2xx, with
+/// nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_mid_stream_loses_nothing() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(
+        &broker,
+        "app",
+        &[("disableBatching", "true"), ("redeliveryDelay", "100ms")],
+    )
+    .await;
+    let topic = random_name("outage");
+    let (h, mut rx) = success_collector();
+    let _sub = c
+        .subscribe(SubscribeRequest::new(topic.clone()), h)
+        .await
+        .unwrap();
+    let mut published = BTreeSet::new();
+    for i in 0..40 {
+        if i == 20 {
+            broker.drop_connections();
+        }
+        // a publish may fail while the client reconnects; a failed one is retried, as an
+        // app (or Dapr's resiliency) would
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match c.publish(request(&topic, &i.to_string(), &[])).await {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "publish {i} kept failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        published.insert(i.to_string());
+    }
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !published.is_subset(&got) {
+        let m = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "missing after the outage: {:?}",
+                    published.difference(&got).collect::<Vec<_>>()
+                )
+            })
+            .unwrap();
+        got.insert(String::from_utf8(m.data.to_vec()).unwrap());
+    }
+}
+
+/// A host nobody listens on fails the component's start with the address named.
+#[tokio::test]
+async fn an_unreachable_broker_fails_component_init() {
+    let port = daprd_testkit::free_port();
+    let md = metadata_with_group("app", &[("host", &format!("127.0.0.1:{port}"))]);
+    let err = match daprd_components::pulsar::PulsarFactory
+        .connect("pubsub", &md)
+        .await
+    {
+        Ok(_) => panic!("connected to nothing"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
