@@ -2,7 +2,8 @@
 # Sets up everything the tests need on this machine, and is idempotent: the system packages
 # the Kafka build and tests use, Prometheus for the metrics tests, the brokers on loopback
 # (each started only when its port is closed), tansu (a Kafka-protocol broker, built from crates.io once), moto (an SNS/SQS
-# server, into .venv) and Google's Pub/Sub emulator. scripts/test.sh runs it first; run it alone to bring the brokers up.
+# server, into .venv) and Google's Pub/Sub emulator. (Pulsar's tests start the repository's own
+# test broker, target/debug/pulsar-testbroker, per test.) scripts/test.sh runs it first; run it alone to bring the brokers up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +37,8 @@ done
 # sidecar with a real Prometheus server (started by the tests themselves). buildah builds the
 # container image offline (deploy/kubernetes/image-test.sh). daprd-bench drives the sidecar with
 # C load generators too (wrk, h2load from nghttp2-client; redis-benchmark comes with Redis).
-for pkg in libssl-dev socat prometheus patch buildah wrk nghttp2-client; do
+# pubsub.pulsar's client compiles Pulsar's protocol definition with protoc (protobuf-compiler).
+for pkg in libssl-dev socat prometheus patch buildah wrk nghttp2-client protobuf-compiler; do
   if ! dpkg -s "$pkg" >/dev/null 2>&1; then
     echo "==> installing $pkg"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" >/dev/null

@@ -14,7 +14,7 @@ export const DAPRD = process.env.DAPRD_BIN ?? join(ROOT, "target", "debug", "dap
 // a broker component (scripts/test.sh runs the suites once per broker). Each test gets its own
 // slice of the shared broker (see isolateBroker), so runs never see each other's messages.
 export const PUBSUB = process.env.DAPRD_E2E_PUBSUB ?? "in-memory";
-const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub"];
+const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub", "pulsar"];
 if (!BROKERS.includes(PUBSUB)) throw new Error(`DAPRD_E2E_PUBSUB must be one of ${BROKERS}`);
 const REDIS_DB = "9"; // the e2e database, flushed before each test
 const NATS_URL = "localhost:4222";
@@ -24,6 +24,10 @@ const SNSSQS_ENDPOINT = process.env.SNSSQS_ENDPOINT ?? "http://127.0.0.1:4566";
 const PUBSUB_EMULATOR = process.env.PUBSUB_EMULATOR_HOST ?? "127.0.0.1:8085";
 let testTag = "t";
 let kafkaPort = 0;
+let pulsarUrl = "";
+// the repository's Pulsar test broker (Pulsar's binary protocol; no Apache Pulsar server can be
+// installed here): cargo build -p daprd-testkit --features pulsar --bin pulsar-testbroker
+const PULSAR_BROKER = process.env.PULSAR_TESTBROKER_BIN ?? join(ROOT, "target", "debug", "pulsar-testbroker");
 
 function brokerMetadata() {
   return {
@@ -46,6 +50,9 @@ function brokerMetadata() {
       messageVisibilityTimeout: "2",
     },
     "gcp.pubsub": { endpoint: PUBSUB_EMULATOR, projectId: `e2e-${testTag}` },
+    // a private test broker per test (isolateBroker); a refused message comes back after
+    // redeliveryDelay (Dapr's default: 30 s)
+    pulsar: { host: pulsarUrl, redeliveryDelay: "500ms" },
   }[PUBSUB];
 }
 
@@ -66,6 +73,7 @@ export async function isolateBroker() {
     if (!r.ok) throw new Error(`moto reset: ${r.status}`);
   }
   if (PUBSUB === "kafka") return startTansu();
+  if (PUBSUB === "pulsar") return startPulsarBroker();
   if (PUBSUB !== "jetstream") return async () => {};
   // Dapr's JetStream component needs streams holding the subjects: single-token topic names
   // in one stream ("*"), dead-letter topics "dlq.<x>" in another (a dead-letter republish
@@ -80,6 +88,25 @@ export async function isolateBroker() {
     await jsm.streams.delete(name);
     await jsm.streams.delete(`${name}-dlt`);
     await nc.close();
+  };
+}
+
+/** A private Pulsar test broker on a free port; returns its stop. */
+async function startPulsarBroker() {
+  const port = await freePort();
+  const proc = spawn(PULSAR_BROKER, ["--port", String(port)], { stdio: ["pipe", "pipe", "ignore"] });
+  pulsarUrl = await new Promise((res, rej) => {
+    let out = "";
+    proc.stdout.on("data", (d) => {
+      out += d;
+      if (out.includes("\n")) res(out.split("\n")[0].trim());
+    });
+    proc.on("error", rej);
+    proc.on("exit", () => rej(new Error(`${PULSAR_BROKER} exited before it listened`)));
+  });
+  return async () => {
+    proc.kill("SIGKILL");
+    await new Promise((r) => (proc.exitCode !== null || proc.signalCode !== null ? r() : proc.on("exit", r)));
   };
 }
 

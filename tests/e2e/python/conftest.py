@@ -23,7 +23,7 @@ DAPRD = Path(os.environ.get("DAPRD_BIN", ROOT / "target" / "debug" / "daprd"))
 # brokers never see each other's messages.
 PUBSUB = os.environ.get("DAPRD_E2E_PUBSUB", "in-memory")
 BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs",
-           "gcp.pubsub")
+           "gcp.pubsub", "pulsar")
 assert PUBSUB in BROKERS, f"DAPRD_E2E_PUBSUB must be one of {BROKERS}"
 REDIS_DB = "9"  # the e2e database, flushed before each test
 NATS_URL = "nats://localhost:4222"
@@ -33,6 +33,7 @@ SNSSQS_ENDPOINT = os.environ.get("SNSSQS_ENDPOINT", "http://127.0.0.1:4566")
 PUBSUB_EMULATOR = os.environ.get("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
 _test_tag = {"value": "t"}
 _kafka = {"port": None}
+_pulsar = {"url": None}
 
 COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -68,6 +69,9 @@ def broker_metadata() -> dict:
         "aws.snssqs": {"endpoint": SNSSQS_ENDPOINT, "region": "us-east-1", "accessKey": "test",
                        "secretKey": "test", "messageVisibilityTimeout": "2"},
         "gcp.pubsub": {"endpoint": PUBSUB_EMULATOR, "projectId": "e2e-" + tag},
+        # a private test broker per test (see isolated_broker); a refused message comes back
+        # after redeliveryDelay (Dapr's default: 30 s)
+        "pulsar": {"host": _pulsar["url"], "redeliveryDelay": "500ms"},
     }[PUBSUB]
 
 
@@ -80,6 +84,11 @@ SHARED_BROKERS = {"redis": ("Redis", 6379), "rabbitmq": ("RabbitMQ", 5672),
 
 def require_broker(kind):
     """Fails the test with one line when the shared broker of `kind` does not answer."""
+    if kind == "pulsar":
+        if not PULSAR_BROKER.exists():
+            pytest.fail(f"{PULSAR_BROKER} is missing: run `cargo build -p daprd-testkit "
+                        "--features pulsar --bin pulsar-testbroker`", pytrace=False)
+        return
     if kind == "kafka":
         if shutil.which("tansu") is None:
             pytest.fail("tansu (Kafka) is not installed: run `bash scripts/services.sh`",
@@ -109,6 +118,9 @@ def isolated_broker(request):
     kafka = start_tansu() if PUBSUB == "kafka" else None
     if kafka:
         _kafka["port"] = kafka.port
+    pulsar = PulsarBroker() if PUBSUB == "pulsar" else None
+    if pulsar:
+        _pulsar["url"] = pulsar.url
     stream = None
     if PUBSUB == "jetstream":
         # Dapr's JetStream component needs streams holding the subjects: the tests use
@@ -125,6 +137,8 @@ def isolated_broker(request):
     yield
     if kafka:
         kafka.stop()
+    if pulsar:
+        pulsar.stop()
     if stream:
         async def delete(js):
             await js.delete_stream(stream)
@@ -144,6 +158,31 @@ class Tansu:
             ["tansu", "broker", "--listener-url", url, "--advertised-listener-url",
              f"tcp://127.0.0.1:{advertised or port}", "--storage-engine", storage],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+PULSAR_BROKER = Path(os.environ.get("PULSAR_TESTBROKER_BIN",
+                                   ROOT / "target" / "debug" / "pulsar-testbroker"))
+
+
+class PulsarBroker:
+    """A private Pulsar test broker (the repository's own, speaking Pulsar's binary protocol:
+    no Apache Pulsar server can be installed here), in memory, on a free port."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([str(PULSAR_BROKER), "--port", str(free_port())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("pulsar://"), f"pulsar-testbroker said {self.url!r}"
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def drop_connections(self):
+        self.proc.stdin.write("drop_connections\n")
+        self.proc.stdin.flush()
 
     def stop(self):
         self.proc.kill()

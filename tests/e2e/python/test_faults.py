@@ -35,10 +35,11 @@ import uuid
 import pytest
 import requests
 
-from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, _nats, eventually, require_broker,
-                      start_tansu)
+from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, PulsarBroker, _nats, eventually,
+                      require_broker, start_tansu)
 
-BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub"]
+BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub",
+           "pulsar"]
 # SIGTERMs per run of the graceful test (the 20 is FAULT_SIGTERMS=20)
 SIGTERMS = int(os.environ.get("FAULT_SIGTERMS", "4"))
 # Most deliveries a SIGKILL may repeat: what the app had in hand, unacknowledged; for Kafka
@@ -61,6 +62,8 @@ class Broker:
         self.topic = f"fault{self.tag}"
         self.dlt = f"dlq{self.tag}"
         self.tansu = start_tansu() if kind == "kafka" and not addr else None
+        # Pulsar: a private test broker (the repository's own) per test
+        self.pulsar = PulsarBroker() if kind == "pulsar" and not addr else None
         self.nats_url = f"nats://{addr}" if addr else NATS_URL
         self.stream = None
         if kind == "jetstream":
@@ -100,6 +103,9 @@ class Broker:
             # a project per test; the shortest ack deadline Pub/Sub allows
             "gcp.pubsub": {"endpoint": PUBSUB_EMULATOR, "projectId": f"fault{self.tag}",
                            "consumerID": group, "ackDeadline": "10s"},
+            # a refused message comes back after redeliveryDelay (Dapr's default: 30 s)
+            "pulsar": {"host": self.pulsar.url if self.pulsar else "", "consumerID": group,
+                       "redeliveryDelay": "500ms"},
         }[self.kind]
         if self.addr:
             key, value = {
@@ -110,6 +116,7 @@ class Broker:
                 "kafka": ("brokers", self.addr),
                 "aws.snssqs": ("endpoint", f"http://{self.addr}"),
                 "gcp.pubsub": ("endpoint", self.addr),
+                "pulsar": ("host", f"pulsar://{self.addr}"),
             }[self.kind]
             meta[key] = value
         meta.update(extra)
@@ -160,6 +167,8 @@ class Broker:
     def cleanup(self):
         if self.tansu:
             self.tansu.stop()
+        if self.pulsar:
+            self.pulsar.stop()
         if self.stream:
             async def delete(js):
                 await js.delete_stream(self.stream)
