@@ -52,6 +52,8 @@ struct Inner {
     /// Bumped to end every connection.
     generation: watch::Sender<u64>,
     url: String,
+    /// Where lookups send clients.
+    advertised: String,
 }
 
 #[derive(Default)]
@@ -160,12 +162,19 @@ fn success(request_id: u64) -> Message {
 impl TestBroker {
     /// Starts a broker on `127.0.0.1:port` (0: any free port).
     pub async fn start(port: u16) -> std::io::Result<Self> {
+        Self::start_advertised(port, None).await
+    }
+
+    /// Starts a broker on `127.0.0.1:port` whose lookups send clients to `advertised` (a
+    /// `pulsar://` URL, such as a proxy's in front of it) instead of its own address.
+    pub async fn start_advertised(port: u16, advertised: Option<String>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let port = listener.local_addr()?.port();
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             generation: watch::channel(0).0,
             url: format!("pulsar://127.0.0.1:{port}"),
+            advertised: advertised.unwrap_or_else(|| format!("pulsar://127.0.0.1:{port}")),
         });
         let accepting = inner.clone();
         let accept = tokio::spawn(async move {
@@ -319,7 +328,7 @@ impl Inner {
                 reply(Message {
                     command: BaseCommand {
                         lookup_topic_response: Some(proto::CommandLookupTopicResponse {
-                            broker_service_url: Some(self.url.clone()),
+                            broker_service_url: Some(self.advertised.clone()),
                             response: Some(
                                 proto::command_lookup_topic_response::LookupType::Connect as i32,
                             ),

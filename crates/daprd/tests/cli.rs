@@ -91,6 +91,7 @@ fn commented_broker_examples_are_valid_when_uncommented() {
         if (name == "kafka.yaml" && !cfg!(feature = "kafka"))
             || (name == "snssqs.yaml" && !cfg!(feature = "snssqs"))
             || (name == "gcp.yaml" && !cfg!(feature = "gcp"))
+            || (name == "pulsar.yaml" && !cfg!(feature = "pulsar"))
         {
             continue;
         }
@@ -120,7 +121,8 @@ fn commented_broker_examples_are_valid_when_uncommented() {
     }
     let optional = usize::from(cfg!(feature = "kafka"))
         + usize::from(cfg!(feature = "snssqs"))
-        + usize::from(cfg!(feature = "gcp"));
+        + usize::from(cfg!(feature = "gcp"))
+        + usize::from(cfg!(feature = "pulsar"));
     assert_eq!(
         checked,
         4 + optional,

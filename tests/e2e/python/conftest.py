@@ -172,8 +172,12 @@ class PulsarBroker:
     """A private Pulsar test broker (the repository's own, speaking Pulsar's binary protocol:
     no Apache Pulsar server can be installed here), in memory, on a free port."""
 
-    def __init__(self):
-        self.proc = subprocess.Popen([str(PULSAR_BROKER), "--port", str(free_port())],
+    def __init__(self, advertised=None):
+        """`advertised`: the port lookups send clients to (a proxy in front of it)."""
+        args = [str(PULSAR_BROKER), "--port", str(free_port())]
+        if advertised:
+            args += ["--advertised-port", str(advertised)]
+        self.proc = subprocess.Popen(args,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
         self.url = self.proc.stdout.readline().strip()

@@ -8,7 +8,8 @@ message (*lost* = published with a 2xx and never delivered to the app).
   persistence saved on every change, JetStream file storage, tansu on SQLite): lost 0; no
   request sent while the broker is down is answered 2xx before it returns; publishing and
   delivery resume within 1 s of its return. SNS/SQS is left out: its test server (moto) keeps
-  everything in memory, so killing it is not a fault AWS can have.
+  everything in memory, so killing it is not a fault AWS can have; so is Pulsar, whose test
+  broker keeps no data either.
 - a 5 s and a 30 s network blackhole: a TCP proxy between the sidecars and the broker stops
   forwarding (it neither reads nor writes, and connects no new connection, so bytes wait as
   on a dropped route), then forwards again: lost 0, publishing and delivery resume within 2 s,
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import eventually, free_port, start_tansu, wait_listening
+from conftest import PulsarBroker, eventually, free_port, start_tansu, wait_listening
 from test_faults import Broker, Publisher, seqs, wait_all
 
 
@@ -272,7 +273,7 @@ BLACKHOLE_RSS_GROWTH_MIB = 32
 
 @pytest.mark.parametrize("seconds", [5, 30])
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "aws.snssqs",
-                                  "kafka"])
+                                  "kafka", "pulsar"])
 def test_network_blackhole_loses_nothing(kind, seconds, sidecar_factory, app_factory):
     # Kafka, 30 s: longer than the 10 s sessionTimeout, so the consumer rejoins its group under
     # a new member id (stock tansu 0.6 never let it in: scripts/tansu-rejoin.patch)
@@ -290,11 +291,15 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
     publishing and delivery back within 2 s, RSS bounded meanwhile."""
     extra = extra or {}
     proxy = Proxy(SHARED_PORT.get(kind))
-    tansu = None
+    private = None  # a private broker behind the proxy
     if kind == "kafka":
         # tansu sends clients to the address it advertises: the proxy's
-        tansu = start_tansu(advertised=proxy.port)
-        proxy.upstream = tansu.port
+        private = start_tansu(advertised=proxy.port)
+        proxy.upstream = private.port
+    if kind == "pulsar":
+        # the test broker's lookups send clients to the proxy too
+        private = PulsarBroker(advertised=proxy.port)
+        proxy.upstream = private.port
     broker = Broker(kind, addr=f"127.0.0.1:{proxy.port}")
     try:
         app = app_factory("http_app.py",
@@ -326,5 +331,5 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
     finally:
         broker.cleanup()
         proxy.close()
-        if tansu:
-            tansu.stop()
+        if private:
+            private.stop()

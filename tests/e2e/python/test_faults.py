@@ -1,5 +1,5 @@
 """The fault suite: the same scenarios against every component with a broker (Redis,
-RabbitMQ, MQTT, JetStream, Kafka, SNS/SQS), counting with a sequence number in every
+RabbitMQ, MQTT, JetStream, Kafka, SNS/SQS, GCP Pub/Sub, Pulsar), counting with a sequence number in every
 message. *lost* = published with a 2xx and never delivered to the app; *dup* = deliveries
 beyond the first.
 
