@@ -349,3 +349,135 @@ async fn an_unreachable_broker_fails_component_init() {
     };
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 }
+
+/// `token` is sent as Pulsar's `token` authentication on every connection.
+#[tokio::test]
+async fn the_token_authenticates_every_connection() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(&broker, "app", &[("token", "eyJhbGciOiJIUzI1NiJ9.e30.sig")]).await;
+    c.publish(request(&random_name("auth"), "x", &[]))
+        .await
+        .unwrap();
+    let auths = broker.authentications();
+    assert!(auths.len() >= 2, "{auths:?}");
+    for (method, data) in auths {
+        assert_eq!(method, "token");
+        assert_eq!(data, b"eyJhbGciOiJIUzI1NiJ9.e30.sig");
+    }
+}
+
+/// Each `compressionType` publishes compressed messages that a subscriber reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_messages_arrive() {
+    let broker = TestBroker::start(0).await.unwrap();
+    for (kind, code) in [("lz4", 1), ("zlib", 2), ("zstd", 3)] {
+        let c = component(
+            &broker,
+            "app",
+            &[("compressionType", kind), ("disableBatching", "true")],
+        )
+        .await;
+        let topic = random_name(kind);
+        let (h, mut rx) = success_collector();
+        let _sub = c
+            .subscribe(SubscribeRequest::new(topic.clone()), h)
+            .await
+            .unwrap();
+        let body = format!("{{\"codec\":\"{kind}\",\"pad\":\"{}\"}}", "x".repeat(2000));
+        c.publish(request(&topic, &body, &[])).await.unwrap();
+        let stored = broker.messages(&topic);
+        assert_eq!(stored[0].metadata.compression, Some(code), "{kind}");
+        assert!(stored[0].data.len() < body.len(), "{kind}: not compressed");
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.data, body.as_bytes(), "{kind}");
+    }
+}
+
+/// `topicsPattern` subscribes to every topic of the namespace whose name matches, and tells
+/// the app which topic each message came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topics_pattern_subscribes_to_the_matching_topics() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(&broker, "app", &[("disableBatching", "true")]).await;
+    let prefix = random_name("pat").replace('-', "");
+    let (eu, us, other) = (
+        format!("{prefix}-eu"),
+        format!("{prefix}-us"),
+        random_name("other"),
+    );
+    // the topics exist before the subscription looks for them
+    for t in [&eu, &us, &other] {
+        c.publish(request(t, "before", &[])).await.unwrap();
+    }
+    let (h, mut rx) = success_collector();
+    let mut req = SubscribeRequest::new(format!("{prefix}-.*"));
+    req.metadata
+        .insert("topicsPattern".into(), format!("{prefix}-.*"));
+    let _sub = c.subscribe(req, h).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = BTreeSet::new();
+    // publish until both matching topics delivered (the consumer's topics are found at once,
+    // but its subscriptions start at the latest message)
+    while got.len() < 2 {
+        assert!(Instant::now() < deadline, "pattern deliveries: {got:?}");
+        for t in [&eu, &us, &other] {
+            c.publish(request(t, t, &[])).await.unwrap();
+        }
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            assert_eq!(
+                m.data,
+                m.topic.as_bytes(),
+                "the message's own topic is told"
+            );
+            assert_ne!(m.topic, other, "a topic that does not match was delivered");
+            got.insert(m.topic);
+        }
+    }
+    assert_eq!(got, BTreeSet::from([eu, us]));
+}
+
+/// `key_shared`: messages of one key go to one consumer of the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_shared_keeps_a_key_on_one_consumer() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let md = [("subscribeType", "key_shared"), ("disableBatching", "true")];
+    let topic = random_name("keys");
+    let a = component(&broker, "ks", &md).await;
+    let b = component(&broker, "ks", &md).await;
+    let (ha, mut ra) = success_collector();
+    let (hb, mut rb) = success_collector();
+    let _sa = a
+        .subscribe(SubscribeRequest::new(topic.clone()), ha)
+        .await
+        .unwrap();
+    let _sb = b
+        .subscribe(SubscribeRequest::new(topic.clone()), hb)
+        .await
+        .unwrap();
+    const N: usize = 40;
+    for i in 0..N {
+        let key = format!("k{}", i % 8);
+        a.publish(request(&topic, &key, &[("partitionKey", &key)]))
+            .await
+            .unwrap();
+    }
+    let mut owner: BTreeMap<String, char> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while n < N {
+        assert!(Instant::now() < deadline, "{n} of {N} arrived");
+        let (m, who) = tokio::select! {
+            Some(m) = ra.recv() => (m, 'a'),
+            Some(m) = rb.recv() => (m, 'b'),
+            () = tokio::time::sleep_until(deadline.into()) => continue,
+        };
+        let key = String::from_utf8(m.data.to_vec()).unwrap();
+        let first = *owner.entry(key.clone()).or_insert(who);
+        assert_eq!(first, who, "key {key} went to both consumers");
+        n += 1;
+    }
+    assert_eq!(owner.len(), 8);
+}

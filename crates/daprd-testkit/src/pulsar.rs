@@ -59,6 +59,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     topics: HashMap<String, Topic>,
+    /// (auth method name, auth data) of every Connect, in order.
+    auths: Vec<(String, Vec<u8>)>,
     conns: HashMap<u64, mpsc::UnboundedSender<Message>>,
     next_conn: u64,
     next_ledger: u64,
@@ -214,6 +216,11 @@ impl TestBroker {
             .unwrap_or_default()
     }
 
+    /// The authentication (method name, data) each connection opened with, in order.
+    pub fn authentications(&self) -> Vec<(String, Vec<u8>)> {
+        lock(&self.inner.state).auths.clone()
+    }
+
     /// How many consumers `subscription` of `topic` has now.
     pub fn consumers(&self, topic: &str, subscription: &str) -> usize {
         lock(&self.inner.state)
@@ -277,11 +284,12 @@ impl Inner {
         };
         match Type::try_from(c.r#type) {
             Ok(Type::Connect) => {
-                let version = c
-                    .connect
-                    .and_then(|c| c.protocol_version)
-                    .unwrap_or(0)
-                    .min(21);
+                let connect = c.connect.unwrap_or_default();
+                lock(&self.state).auths.push((
+                    connect.auth_method_name.clone().unwrap_or_default(),
+                    connect.auth_data.clone().unwrap_or_default(),
+                ));
+                let version = connect.protocol_version.unwrap_or(0).min(21);
                 reply(Message {
                     command: BaseCommand {
                         connected: Some(proto::CommandConnected {
