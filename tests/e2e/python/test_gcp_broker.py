@@ -4,7 +4,6 @@ bytes it publishes (the envelope as the data, no attributes, the ordering key), 
 published by that client reaching the app."""
 
 import json
-import os
 import uuid
 
 import pytest
@@ -39,10 +38,18 @@ def received(app_port, path=None):
 def gcp():
     """Google's clients on the emulator, and a project of this test's own."""
     require_broker("gcp.pubsub")
-    os.environ["PUBSUB_EMULATOR_HOST"] = PUBSUB_EMULATOR
+    import grpc
     from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-    return pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient(), "bytes-" + uuid.uuid4().hex[:10]
+    # plaintext channels to the emulator, given explicitly: PUBSUB_EMULATOR_HOST set in this
+    # process would be inherited by every sidecar the later tests start
+    publisher = pubsub_v1.PublisherClient(
+        transport=PublisherGrpcTransport(channel=grpc.insecure_channel(PUBSUB_EMULATOR)))
+    subscriber = pubsub_v1.SubscriberClient(
+        transport=SubscriberGrpcTransport(channel=grpc.insecure_channel(PUBSUB_EMULATOR)))
+    return publisher, subscriber, "bytes-" + uuid.uuid4().hex[:10]
 
 
 def pull_one(subscriber, subscription):

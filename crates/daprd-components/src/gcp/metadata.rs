@@ -7,7 +7,7 @@ use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 /// Parsed `pubsub.gcp.pubsub` metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GcpMetadata {
-    /// `projectId` (alias `projectID`), required.
+    /// `projectId` (keys are matched case-insensitively, so Go's `projectID` too), required.
     pub project_id: String,
     /// `endpoint`: a Pub/Sub emulator's `host:port`; else `PUBSUB_EMULATOR_HOST` (as Go daprd,
     /// which sets that variable from `endpoint`).
@@ -62,10 +62,7 @@ impl GcpMetadata {
     /// Every bad key.
     pub fn parse(md: &Metadata, emulator_env: Option<&str>) -> Result<Self, Vec<MetadataError>> {
         let mut r = MetadataReader::new(md);
-        let project_id = match md
-            .get_non_empty("projectId")
-            .or_else(|| md.get_non_empty("projectID"))
-        {
+        let project_id = match md.get_non_empty("projectId") {
             Some(p) => p.to_string(),
             None => {
                 r.fail("projectId", "is required");
