@@ -29,6 +29,27 @@ async fn component(broker: &TestBroker, group: &str, extra: &[(&str, &str)]) -> 
         .unwrap()
 }
 
+/// A component of `group` subscribed to `topic`: the component, its subscription and what
+/// it receives.
+async fn subscriber(
+    broker: &TestBroker,
+    group: &str,
+    extra: &[(&str, &str)],
+    topic: &str,
+) -> (
+    Arc<dyn PubSub>,
+    daprd_core::pubsub::Subscription,
+    mpsc::UnboundedReceiver<daprd_core::pubsub::Message>,
+) {
+    let c = component(broker, group, extra).await;
+    let (h, rx) = success_collector();
+    let sub = c
+        .subscribe(SubscribeRequest::new(topic.to_string()), h)
+        .await
+        .unwrap();
+    (c, sub, rx)
+}
+
 fn request(topic: &str, data: &str, metadata: &[(&str, &str)]) -> PublishRequest {
     PublishRequest {
         pubsub_name: "pubsub".into(),
@@ -249,18 +270,8 @@ async fn exclusive_and_failover_subscriptions() {
 
     let topic = random_name("failover");
     let md = [("subscribeType", "failover"), ("disableBatching", "true")];
-    let a = component(&broker, "two", &md).await;
-    let b = component(&broker, "two", &md).await;
-    let (ha, mut ra) = success_collector();
-    let (hb, mut rb) = success_collector();
-    let sa = a
-        .subscribe(SubscribeRequest::new(topic.clone()), ha)
-        .await
-        .unwrap();
-    let _sb = b
-        .subscribe(SubscribeRequest::new(topic.clone()), hb)
-        .await
-        .unwrap();
+    let (a, sa, mut ra) = subscriber(&broker, "two", &md, &topic).await;
+    let (_b, _sb, mut rb) = subscriber(&broker, "two", &md, &topic).await;
     for i in 0..5 {
         a.publish(request(&topic, &format!("a{i}"), &[]))
             .await
@@ -445,18 +456,8 @@ async fn key_shared_keeps_a_key_on_one_consumer() {
     let broker = TestBroker::start(0).await.unwrap();
     let md = [("subscribeType", "key_shared"), ("disableBatching", "true")];
     let topic = random_name("keys");
-    let a = component(&broker, "ks", &md).await;
-    let b = component(&broker, "ks", &md).await;
-    let (ha, mut ra) = success_collector();
-    let (hb, mut rb) = success_collector();
-    let _sa = a
-        .subscribe(SubscribeRequest::new(topic.clone()), ha)
-        .await
-        .unwrap();
-    let _sb = b
-        .subscribe(SubscribeRequest::new(topic.clone()), hb)
-        .await
-        .unwrap();
+    let (a, _sa, mut ra) = subscriber(&broker, "ks", &md, &topic).await;
+    let (_b, _sb, mut rb) = subscriber(&broker, "ks", &md, &topic).await;
     const N: usize = 40;
     for i in 0..N {
         let key = format!("k{}", i % 8);
