@@ -107,6 +107,31 @@ async fn client(md: &PulsarMetadata) -> Result<Pulsar<TokioExecutor>, PubSubErro
     }
 }
 
+/// Go daprd's partition choice on a partitioned topic: a message with a key goes to partition
+/// `JavaStringHash(key) % partitions` (the Pulsar Go client's default router, the same as the
+/// Java client's for ASCII keys), so the messages of a key share a partition (and its order)
+/// with Go daprd's and Java producers'; one without a key goes round robin. The `pulsar`
+/// crate's default sends every message round robin, key or not.
+struct KeyHashRouting {
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Java's `String.hashCode` over the key's bytes, as the Pulsar Go client computes it.
+fn java_string_hash(key: &str) -> u32 {
+    key.bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+}
+
+impl pulsar::routing_policy::CustomRoutingPolicy for KeyHashRouting {
+    fn route(&self, message: &pulsar::producer::Message, partitions: usize) -> usize {
+        let n = partitions.max(1);
+        match message.partition_key.as_deref().filter(|k| !k.is_empty()) {
+            Some(key) => java_string_hash(key) as usize % n,
+            None => self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n,
+        }
+    }
+}
+
 type Producer = Arc<Mutex<pulsar::Producer<TokioExecutor>>>;
 
 /// A live `pubsub.pulsar` component.
@@ -149,7 +174,14 @@ impl PulsarPubSub {
         if let Some(p) = producers.get(topic) {
             return Ok(p.clone());
         }
-        let mut options = pulsar::ProducerOptions::default();
+        let mut options = pulsar::ProducerOptions {
+            routing_policy: Some(pulsar::routing_policy::RoutingPolicy::Custom(Arc::new(
+                KeyHashRouting {
+                    next: std::sync::atomic::AtomicUsize::new(0),
+                },
+            ))),
+            ..Default::default()
+        };
         if let Some(b) = self.md.batching {
             options.batch_size = Some(b.max_messages);
             options.batch_byte_size = Some(b.max_size);
@@ -247,5 +279,39 @@ impl PubSub for PulsarPubSub {
             let _ = p.lock().await.close().await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulsar::routing_policy::CustomRoutingPolicy;
+
+    fn keyed(key: &str) -> pulsar::producer::Message {
+        pulsar::producer::Message {
+            partition_key: Some(key.to_string()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keys_route_as_the_go_client_does() {
+        // Java's "hello".hashCode() is 99162322
+        assert_eq!(java_string_hash("hello"), 99_162_322);
+        let r = KeyHashRouting {
+            next: std::sync::atomic::AtomicUsize::new(0),
+        };
+        assert_eq!(r.route(&keyed("hello"), 7), 0);
+        // hashes with the top bit set stay unsigned (Go's uint32), not Java's negative int
+        assert_eq!(java_string_hash("customer-7"), 2_713_781_768);
+        assert_eq!(r.route(&keyed("customer-7"), 7), 5);
+        assert_eq!(r.route(&keyed("zzzzzzzz"), 7), 4);
+        // the same key, the same partition, every time
+        assert!((0..10).all(|_| r.route(&keyed("customer-7"), 7) == 5));
+        // no key: round robin over every partition
+        let keyless = pulsar::producer::Message::default();
+        let seen: std::collections::BTreeSet<usize> =
+            (0..6).map(|_| r.route(&keyless, 3)).collect();
+        assert_eq!(seen, (0..3).collect());
     }
 }
