@@ -91,6 +91,15 @@ pub(crate) fn sub_type(v: &str) -> Option<SubType> {
     }
 }
 
+/// `processMode` (any case): `Some(true)` for sync, `Some(false)` for async.
+pub(crate) fn process_mode_sync(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "sync" => Some(true),
+        "async" => Some(false),
+        _ => None,
+    }
+}
+
 impl PulsarMetadata {
     /// Parses and checks `md`.
     ///
@@ -155,17 +164,12 @@ impl PulsarMetadata {
                 true
             }
         };
-        let sync = match md
-            .get_non_empty("processMode")
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("async") => false,
-            Some("sync") => true,
-            Some(v) => {
+        let sync = match md.get_non_empty("processMode") {
+            None => false,
+            Some(v) => process_mode_sync(v).unwrap_or_else(|| {
                 r.fail("processMode", format!("{v:?} is not one of async, sync"));
                 false
-            }
+            }),
         };
         let handlers = r.int("maxConcurrentHandlers", 100, 0..=100_000);
         let receiver_queue_size = r.int("receiverQueueSize", 1000, 1..=1_000_000);

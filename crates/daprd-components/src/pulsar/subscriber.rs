@@ -18,7 +18,7 @@ use pulsar::message::proto::MessageIdData;
 use pulsar::{Pulsar, TokioExecutor};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::metadata::{sub_type, PulsarMetadata};
+use super::metadata::{process_mode_sync, sub_type, PulsarMetadata};
 use crate::stop::Stop;
 
 type Consumer = pulsar::Consumer<Vec<u8>, TokioExecutor>;
@@ -26,7 +26,7 @@ type Consumer = pulsar::Consumer<Vec<u8>, TokioExecutor>;
 /// What a subscription consumes: one topic or the topics a pattern matches, how.
 pub(super) struct Target {
     topic: Option<String>,
-    pattern: Option<String>,
+    pattern: Option<regex::Regex>,
     sub_type: SubType,
     sync: bool,
 }
@@ -47,37 +47,28 @@ impl Target {
                 )
             })?,
         };
-        let sync = match req
-            .metadata
-            .get("processMode")
-            .map(|v| v.to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("") => md.sync,
-            Some("sync") => true,
-            Some("async") => false,
-            Some(v) => {
-                return Err(bad(
-                    "processMode",
-                    format!("{v:?} is not one of async, sync"),
-                ))
-            }
+        let sync = match req.metadata.get("processMode").filter(|v| !v.is_empty()) {
+            None => md.sync,
+            Some(v) => process_mode_sync(v)
+                .ok_or_else(|| bad("processMode", format!("{v:?} is not one of async, sync")))?,
         };
         let pattern = match req.metadata.get("topicsPattern") {
             Some(p) => Some(p.clone()).filter(|p| !p.is_empty()),
             None => md.topics_pattern.clone(),
         };
-        if let Some(p) = &pattern {
-            regex::Regex::new(p).map_err(|e| {
+        // compiled once, on the full name the client matches topics by
+        let pattern = match pattern {
+            None => None,
+            Some(p) => Some(regex::Regex::new(&md.topic_name(&p)).map_err(|e| {
                 bad(
                     "topicsPattern",
                     format!("{p:?} is not a regular expression: {e}"),
                 )
-            })?;
-        }
+            })?),
+        };
         Ok(Self {
             topic: pattern.is_none().then(|| md.topic_name(&req.topic)),
-            pattern: pattern.map(|p| md.topic_name(&p)),
+            pattern,
             sub_type,
             sync,
         })
@@ -111,11 +102,9 @@ pub(super) async fn consumer(
         .with_unacked_message_resend_delay(None);
     builder = match (&target.topic, &target.pattern) {
         (Some(topic), _) => builder.with_topic(topic.clone()),
-        (None, Some(pattern)) => {
-            let regex = regex::Regex::new(pattern)
-                .map_err(|e| pulsar::Error::Custom(format!("topicsPattern {pattern:?}: {e}")))?;
+        (None, Some(regex)) => {
             let mut b = builder
-                .with_topic_regex(regex)
+                .with_topic_regex(regex.clone())
                 .with_lookup_namespace(format!("{}/{}", md.tenant, md.namespace));
             if let Some(period) = md.auto_discovery_period {
                 b = b.with_topic_refresh(period);
