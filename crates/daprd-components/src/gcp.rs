@@ -11,9 +11,12 @@
 //! * Subscribe: one streaming pull per subscription; `Success`/`Drop` → ack, `Retry` → nack
 //!   (deadline 0: redelivered at once). While the app works on a message its deadline is
 //!   extended every half `ackDeadline`.
-//! * This build talks to a Pub/Sub emulator (`endpoint` or `PUBSUB_EMULATOR_HOST`); Google
-//!   Cloud's OAuth credentials are refused with a clear error.
+//! * With `endpoint` (or `PUBSUB_EMULATOR_HOST`) it talks to that Pub/Sub emulator in plain
+//!   gRPC without credentials; else to `pubsub.googleapis.com:443` over TLS with Google's
+//!   credentials (see [`auth`]): the metadata's service account or Application Default
+//!   Credentials.
 
+pub mod auth;
 mod metadata;
 mod subscriber;
 
@@ -33,14 +36,15 @@ use gcloud_googleapis::pubsub::v1::subscriber_client::SubscriberClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-pub use metadata::GcpMetadata;
+pub use auth::GoogleApis;
+pub use metadata::{GcpMetadata, ServiceAccountFields};
 
 /// Builds `pubsub.gcp.pubsub` components.
 pub struct GcpPubSubFactory;
 
-fn emulator_env() -> Option<String> {
-    std::env::var("PUBSUB_EMULATOR_HOST").ok()
-}
+/// The gRPC service the clients call: a channel whose calls carry the bearer token (none to
+/// an emulator).
+type Grpc = tonic::service::interceptor::InterceptedService<Channel, auth::Bearer>;
 
 #[async_trait]
 impl PubSubFactory for GcpPubSubFactory {
@@ -49,7 +53,7 @@ impl PubSubFactory for GcpPubSubFactory {
     }
 
     fn validate(&self, metadata: &Metadata) -> Vec<MetadataError> {
-        GcpMetadata::parse(metadata, emulator_env().as_deref())
+        GcpMetadata::parse(metadata, GoogleApis::from_env().emulator_host.as_deref())
             .err()
             .unwrap_or_default()
     }
@@ -59,39 +63,104 @@ impl PubSubFactory for GcpPubSubFactory {
         name: &str,
         metadata: &Metadata,
     ) -> Result<Arc<dyn PubSub>, PubSubError> {
-        let md = GcpMetadata::parse(metadata, emulator_env().as_deref())?;
-        let endpoint = md.endpoint.clone().unwrap_or_default();
-        let uri = if endpoint.contains("://") {
-            endpoint.clone()
-        } else {
-            format!("http://{endpoint}")
+        Self::connect_to(name, metadata, &GoogleApis::from_env()).await
+    }
+}
+
+impl GcpPubSubFactory {
+    /// [`PubSubFactory::connect`] with Google's services at `apis` (tests point it at their
+    /// own servers).
+    ///
+    /// # Errors
+    /// Bad metadata, credentials that give no token, an emulator that cannot be reached.
+    pub async fn connect_to(
+        name: &str,
+        metadata: &Metadata,
+        apis: &GoogleApis,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
+        let md = GcpMetadata::parse(metadata, apis.emulator_host.as_deref())?;
+        let stop = watch::channel(false).0;
+        let (channel, bearer) = match &md.endpoint {
+            Some(endpoint) => (emulator_channel(endpoint).await?, auth::Bearer::default()),
+            None => google_channel(&md, apis, stop.subscribe()).await?,
         };
-        let channel = Channel::from_shared(uri)
-            .map_err(|e| PubSubError::Metadata(MetadataError::new("endpoint", e.to_string())))?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true);
-        // The first connection must succeed (a clear init error); later outages reconnect.
-        let channel = channel.connect().await.map_err(|e| PubSubError::Connect {
-            message: format!("connecting to the pub/sub emulator at {endpoint}"),
-            source: Some(Box::new(e)),
-        })?;
+        let grpc = Grpc::new(channel, bearer);
         Ok(Arc::new(GcpPubSub {
             name: name.to_string(),
             md: Arc::new(md),
-            publisher: PublisherClient::new(channel.clone()),
-            subscriber: SubscriberClient::new(channel),
+            publisher: PublisherClient::new(grpc.clone()),
+            subscriber: SubscriberClient::new(grpc),
             topics: Mutex::new(HashSet::new()),
-            stop: watch::channel(false).0,
+            stop,
         }))
     }
+}
+
+/// A plain channel to an emulator; the first connection must succeed (a clear init error),
+/// later outages reconnect.
+async fn emulator_channel(endpoint: &str) -> Result<Channel, PubSubError> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    Channel::from_shared(uri)
+        .map_err(|e| PubSubError::Metadata(MetadataError::new("endpoint", e.to_string())))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| PubSubError::Connect {
+            message: format!("connecting to the pub/sub emulator at {endpoint}"),
+            source: Some(Box::new(e)),
+        })
+}
+
+/// A TLS channel to Google's Pub/Sub API and the bearer token of the credentials (the
+/// metadata's service account, else Application Default Credentials); the first token is
+/// had before this returns.
+async fn google_channel(
+    md: &GcpMetadata,
+    apis: &GoogleApis,
+    stop: watch::Receiver<bool>,
+) -> Result<(Channel, auth::Bearer), PubSubError> {
+    let auth_error = |e: auth::AuthError| PubSubError::Connect {
+        message: e.to_string(),
+        source: None,
+    };
+    let http = auth::http_client(apis).map_err(auth_error)?;
+    let (credentials, first) = match &md.service_account {
+        Some(sa) => (
+            auth::Credentials::ServiceAccount(
+                auth::ServiceAccount::new(&sa.client_email, &sa.private_key_id, &sa.private_key)
+                    .map_err(|e| PubSubError::Metadata(MetadataError::new("privateKey", e)))?,
+            ),
+            None,
+        ),
+        None => auth::Credentials::find(apis, &http)
+            .await
+            .map_err(auth_error)?,
+    };
+    let bearer = auth::Bearer::start(credentials, first, apis.clone(), http, stop)
+        .await
+        .map_err(auth_error)?;
+    let tls = auth::tls_config(apis).map_err(auth_error)?;
+    let channel =
+        daprd_core::tls::grpc_channel(&apis.pubsub_host, apis.pubsub_port, tls).map_err(|e| {
+            PubSubError::Connect {
+                message: format!("the channel to {}", apis.pubsub_host),
+                source: Some(Box::new(e)),
+            }
+        })?;
+    Ok((channel, bearer))
 }
 
 /// A live `pubsub.gcp.pubsub` component.
 pub struct GcpPubSub {
     name: String,
     md: Arc<GcpMetadata>,
-    publisher: PublisherClient<Channel>,
-    subscriber: SubscriberClient<Channel>,
+    publisher: PublisherClient<Grpc>,
+    subscriber: SubscriberClient<Grpc>,
     /// Topics known to exist (created or found).
     topics: Mutex<HashSet<String>>,
     stop: watch::Sender<bool>,

@@ -110,6 +110,23 @@ impl TestCa {
         }
     }
 
+    /// A server certificate for the DNS name `host`, valid for a day.
+    ///
+    /// # Panics
+    /// rcgen cannot make it.
+    pub fn issue_dns(&self, host: &str) -> Issued {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = leaf_params("spiffe://test/server", Duration::from_secs(24 * 3600));
+        params.subject_alt_names = vec![SanType::DnsName(
+            host.to_string().try_into().expect("an ASCII DNS name"),
+        )];
+        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
+        Issued {
+            cert: cert.der().clone(),
+            key: key.serialize_der(),
+        }
+    }
+
     /// Signs a workload's CSR (PEM) for `spiffe_id`, valid for `validity`.
     ///
     /// # Errors

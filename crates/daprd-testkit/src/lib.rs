@@ -6,6 +6,8 @@ pub mod certs;
 pub mod conformance;
 #[cfg(feature = "controlplane")]
 pub mod controlplane;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 #[cfg(feature = "pulsar")]
 pub mod pulsar;
 

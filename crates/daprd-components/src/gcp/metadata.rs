@@ -14,6 +14,12 @@ pub struct GcpMetadata {
     pub endpoint: Option<String>,
     /// `consumerID` (daprd sets it to the app id): subscriptions are `<consumerID>-<topic>`.
     pub consumer_id: String,
+    /// The service account of the metadata, when `privateKeyId` is given (as Go daprd:
+    /// without it, Application Default Credentials). Its key is checked at parse time.
+    pub service_account: Option<ServiceAccountFields>,
+    /// `identityProjectId`: the service account's own project (Go daprd writes it into the
+    /// key's `project_id`, which does not take part in signing; read for compatibility).
+    pub identity_project_id: Option<String>,
     /// `disableEntityManagement`: topics and subscriptions must exist; none is created.
     pub disable_entity_management: bool,
     /// `enableMessageOrdering`: subscriptions deliver in ordering-key order, and publishes
@@ -41,19 +47,25 @@ pub struct GcpMetadata {
     pub connection_recovery: Duration,
 }
 
-/// Keys of a service account (or of Application Default Credentials) that need OAuth
-/// tokens, which this build does not fetch yet.
-const CREDENTIAL_KEYS: &[&str] = &[
-    "type",
-    "privateKeyId",
-    "privateKey",
-    "clientEmail",
-    "clientId",
-    "authUri",
-    "tokenUri",
-    "authProviderX509CertUrl",
-    "clientX509CertUrl",
-];
+/// A service account given in the metadata (the fields of its key file).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceAccountFields {
+    /// `clientEmail`.
+    pub client_email: String,
+    /// `privateKeyId`.
+    pub private_key_id: String,
+    /// `privateKey` (PEM).
+    pub private_key: String,
+}
+
+impl std::fmt::Debug for ServiceAccountFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceAccountFields")
+            .field("client_email", &self.client_email)
+            .field("private_key_id", &self.private_key_id)
+            .finish_non_exhaustive()
+    }
+}
 
 impl GcpMetadata {
     /// Parses and checks `md`; `emulator_env` is `PUBSUB_EMULATOR_HOST`, if set.
@@ -74,20 +86,8 @@ impl GcpMetadata {
             .get_non_empty("endpoint")
             .or(emulator_env.filter(|e| !e.trim().is_empty()))
             .map(|e| e.trim().to_string());
-        if endpoint.is_none() {
-            let given: Vec<&str> = CREDENTIAL_KEYS
-                .iter()
-                .copied()
-                .filter(|k| md.get_non_empty(k).is_some())
-                .collect();
-            r.fail(
-                "endpoint",
-                format!(
-                    "is required: this build talks to a Pub/Sub emulator only (Google Cloud's OAuth credentials{} are not supported yet)",
-                    if given.is_empty() { String::new() } else { format!(", given as {}", given.join(", ")) }
-                ),
-            );
-        }
+        let service_account = Self::service_account(&mut r);
+        let identity_project_id = md.get_non_empty("identityProjectId").map(str::to_string);
         let disable_entity_management = r.bool("disableEntityManagement", false);
         let enable_message_ordering = r.bool("enableMessageOrdering", false);
         let ordering_key = md.get_non_empty("orderingKey").map(str::to_string);
@@ -114,6 +114,8 @@ impl GcpMetadata {
             project_id,
             endpoint,
             consumer_id,
+            service_account,
+            identity_project_id,
             disable_entity_management,
             enable_message_ordering,
             ordering_key,
@@ -125,6 +127,41 @@ impl GcpMetadata {
             max_concurrent_connections,
             max_reconnection_attempts: u32::try_from(max_reconnection_attempts).unwrap_or(30),
             connection_recovery: Duration::from_secs(recovery.unsigned_abs()),
+        })
+    }
+
+    /// `privateKeyId` with `clientEmail` and `privateKey` (whose key must load; `type`, if
+    /// given, `service_account`). A `privateKey` without `privateKeyId` is refused: Go daprd
+    /// would ignore it and fall back to the machine's credentials.
+    fn service_account(r: &mut MetadataReader<'_>) -> Option<ServiceAccountFields> {
+        let md = r.md();
+        let Some(key_id) = md.get_non_empty("privateKeyId").map(str::to_string) else {
+            if md.get_non_empty("privateKey").is_some() {
+                r.fail(
+                    "privateKey",
+                    "is given without privateKeyId (a service account needs privateKeyId, clientEmail and privateKey)",
+                );
+            }
+            return None;
+        };
+        let kind = md.get_non_empty("type").map(str::to_string);
+        let client_email = r.required("clientEmail", " with privateKeyId");
+        let private_key = r.required("privateKey", " with privateKeyId");
+        if let Some(kind) = kind.filter(|k| k != "service_account") {
+            r.fail(
+                "type",
+                format!("is {kind}: the metadata's credential fields make a service_account key (other kinds come from GOOGLE_APPLICATION_CREDENTIALS)"),
+            );
+        }
+        if !private_key.is_empty() {
+            if let Err(e) = super::auth::ServiceAccount::new(&client_email, &key_id, &private_key) {
+                r.fail("privateKey", e);
+            }
+        }
+        Some(ServiceAccountFields {
+            client_email,
+            private_key_id: key_id,
+            private_key,
         })
     }
 
@@ -198,7 +235,6 @@ mod tests {
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
         for key in [
             "projectId",
-            "endpoint",
             "ackDeadline",
             "maxDeliveryAttempts",
             "enableMessageOrdering",
@@ -206,5 +242,61 @@ mod tests {
             assert!(text.iter().any(|t| t.contains(key)), "{key}: {text:?}");
         }
         assert!(text.iter().any(|t| t.contains("privateKey")), "{text:?}");
+    }
+
+    #[test]
+    fn a_service_account_in_the_metadata_is_checked() {
+        let key = daprd_testkit::gcp::SERVICE_ACCOUNT_KEY;
+        let base = [("projectId", "p"), ("consumerID", "a")];
+        let with = |extra: &[(&str, &str)]| {
+            let mut pairs = base.to_vec();
+            pairs.extend_from_slice(extra);
+            GcpMetadata::parse(&md(&pairs), None)
+        };
+        let m = with(&[
+            ("privateKeyId", "k1"),
+            ("clientEmail", "sa@p.iam.gserviceaccount.com"),
+            ("privateKey", key),
+            ("type", "service_account"),
+            ("identityProjectId", "ip"),
+        ])
+        .unwrap();
+        let sa = m.service_account.unwrap();
+        assert_eq!(
+            (sa.client_email.as_str(), sa.private_key_id.as_str()),
+            ("sa@p.iam.gserviceaccount.com", "k1")
+        );
+        assert_eq!(m.identity_project_id.as_deref(), Some("ip"));
+        assert!(m.endpoint.is_none());
+        // none at all: Application Default Credentials, found at connect
+        assert!(with(&[]).unwrap().service_account.is_none());
+        let text = |errs: Vec<MetadataError>| -> String {
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let bad = text(
+            with(&[
+                ("privateKeyId", "k1"),
+                (
+                    "privateKey",
+                    "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+                ),
+                ("type", "external_account"),
+            ])
+            .unwrap_err(),
+        );
+        for needle in [
+            "clientEmail",
+            "privateKey",
+            "RSA private key",
+            "type",
+            "external_account",
+        ] {
+            assert!(bad.contains(needle), "{needle}: {bad}");
+        }
+        let alone = text(with(&[("privateKey", key)]).unwrap_err());
+        assert!(alone.contains("without privateKeyId"), "{alone}");
     }
 }

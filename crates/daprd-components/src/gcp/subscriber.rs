@@ -12,14 +12,13 @@ use daprd_core::pubsub::{DrainGuard, Handler, Message, Outcome};
 use gcloud_googleapis::pubsub::v1 as api;
 use gcloud_googleapis::pubsub::v1::subscriber_client::SubscriberClient;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 
 use super::metadata::GcpMetadata;
 use crate::stop::Stop;
 
 /// One subscription's pull loop.
 pub(super) struct PullLoop {
-    pub(super) client: SubscriberClient<Channel>,
+    pub(super) client: SubscriberClient<super::Grpc>,
     pub(super) subscription: String,
     pub(super) stop: Stop,
     pub(super) component: String,
@@ -322,7 +321,7 @@ fn deadline_secs(d: Duration) -> i32 {
 }
 
 async fn modify(
-    client: &SubscriberClient<Channel>,
+    client: &SubscriberClient<super::Grpc>,
     subscription: &str,
     ack_id: &str,
     seconds: i32,
