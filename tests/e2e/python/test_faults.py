@@ -265,20 +265,6 @@ def cpu_hog():
     p.wait()
 
 
-# Google's Pub/Sub emulator keeps the messages a streaming pull had been handed when its
-# subscriber went away: a subscriber started after it gets none of them for a long while.
-# Measured with Google's own Python client (40 messages, ack deadline 10 s, a subscriber
-# taking 0.5 s a message and exiting after 1 s): the next subscriber got none of the 19 the
-# first had not handled within 40 s. A test
-# that restarts the subscribing sidecar and waits for those messages cannot pass against it.
-EMULATOR_STRANDS = "the Pub/Sub emulator strands a stopped subscriber's messages (see above)"
-
-
-def skip_restarts_on_the_emulator(broker):
-    if broker.kind == "gcp.pubsub":
-        pytest.skip(EMULATOR_STRANDS)
-
-
 def wait_all(app_port, want, timeout, what):
     missing = {}
 
@@ -294,7 +280,6 @@ def wait_all(app_port, want, timeout, what):
 
 def test_subscriber_sigterm_mid_stream_loses_and_duplicates_nothing(
         broker, sidecar_factory, app_factory, cpu_hog):
-    skip_restarts_on_the_emulator(broker)
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": broker.subscriptions()})
     requests.post(f"http://127.0.0.1:{app.port}/_mode",
                   json={"/t": {"sleep": 0.01}}, timeout=5)
@@ -460,7 +445,6 @@ def test_slow_app_gets_no_concurrent_duplicate(broker, sidecar_factory, app_fact
 
 
 def test_poison_retried_forever_survives_a_restart(broker, sidecar_factory, app_factory):
-    skip_restarts_on_the_emulator(broker)
     subs = broker.subscriptions(dead_letters=False)
     app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
     # seq 0 fails (500) until the app is told otherwise
