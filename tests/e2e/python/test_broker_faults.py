@@ -8,8 +8,8 @@ message (*lost* = published with a 2xx and never delivered to the app).
   persistence saved on every change, JetStream file storage, tansu on SQLite): lost 0; no
   request sent while the broker is down is answered 2xx before it returns; publishing and
   delivery resume within 1 s of its return. SNS/SQS is left out: its test server (moto) keeps
-  everything in memory, so killing it is not a fault AWS can have; so is Pulsar, whose test
-  broker keeps no data either.
+  everything in memory, so killing it is not a fault AWS can have; so are Pulsar, whose test
+  broker keeps no data either, and GCP Pub/Sub, whose emulator keeps everything in memory.
 - a 5 s and a 30 s network blackhole: a TCP proxy between the sidecars and the broker stops
   forwarding (it neither reads nor writes, and connects no new connection, so bytes wait as
   on a dropped route), then forwards again: lost 0, publishing and delivery resume within 2 s,
@@ -267,13 +267,13 @@ class Proxy:
 
 
 SHARED_PORT = {"redis": 6379, "rabbitmq": 5672, "mqtt3": 1883, "jetstream": 4222,
-               "aws.snssqs": 4566}
+               "aws.snssqs": 4566, "gcp.pubsub": 8085}
 BLACKHOLE_RSS_GROWTH_MIB = 32
 
 
 @pytest.mark.parametrize("seconds", [5, 30])
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "aws.snssqs",
-                                  "kafka", "pulsar"])
+                                  "kafka", "pulsar", "gcp.pubsub"])
 def test_network_blackhole_loses_nothing(kind, seconds, sidecar_factory, app_factory):
     # Kafka, 30 s: longer than the 10 s sessionTimeout, so the consumer rejoins its group under
     # a new member id (stock tansu 0.6 never let it in: scripts/tansu-rejoin.patch)
