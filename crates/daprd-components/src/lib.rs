@@ -13,6 +13,8 @@ pub mod jetstream;
 pub mod kafka;
 #[cfg(feature = "mqtt3")]
 pub mod mqtt3;
+#[cfg(feature = "oauth")]
+pub mod oauth;
 #[cfg(feature = "pulsar")]
 pub mod pulsar;
 #[cfg(feature = "rabbitmq")]

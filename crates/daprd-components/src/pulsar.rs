@@ -14,6 +14,7 @@
 //!   hands it out again). A message's properties are its metadata.
 
 mod metadata;
+mod oauth2;
 mod subscriber;
 
 use std::collections::HashMap;
@@ -57,8 +58,17 @@ impl PubSubFactory for PulsarFactory {
         // own: the client does not set TCP_NODELAY, and a publish queued behind an ack the
         // broker has not acknowledged yet waits for its delayed TCP ack (40 ms per publish,
         // measured, while a subscription was active).
-        let publisher = client(&md).await?;
-        let consumers = client(&md).await?;
+        let oauth2 = match &md.oauth2 {
+            Some(settings) => Some(oauth2::OAuth2Token::new(settings).await.map_err(|e| {
+                PubSubError::Connect {
+                    message: format!("pulsar oauth2: {e}"),
+                    source: None,
+                }
+            })?),
+            None => None,
+        };
+        let publisher = client(&md, oauth2.as_ref()).await?;
+        let consumers = client(&md, oauth2.as_ref()).await?;
         Ok(Arc::new(PulsarPubSub {
             name: name.to_string(),
             md: Arc::new(md),
@@ -75,8 +85,11 @@ impl PubSubFactory for PulsarFactory {
 /// a second consumer of an exclusive subscription instead of failing it.
 const OPERATION_RETRIES: u32 = 5;
 
-/// A client of the broker at `md.url`, connected.
-async fn client(md: &PulsarMetadata) -> Result<Pulsar<TokioExecutor>, PubSubError> {
+/// A client of the broker at `md.url`, connected (with the OAuth2 token source, if any).
+async fn client(
+    md: &PulsarMetadata,
+    oauth2: Option<&oauth2::OAuth2Token>,
+) -> Result<Pulsar<TokioExecutor>, PubSubError> {
     let mut builder = Pulsar::builder(md.url.clone(), TokioExecutor)
         .with_operation_retry_options(pulsar::OperationRetryOptions {
             operation_timeout: Duration::from_secs(30),
@@ -90,6 +103,8 @@ async fn client(md: &PulsarMetadata) -> Result<Pulsar<TokioExecutor>, PubSubErro
             name: "token".into(),
             data: token.clone().into_bytes(),
         });
+    } else if let Some(source) = oauth2 {
+        builder = builder.with_auth_provider(Box::new(source.clone()));
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, builder.build()).await {
         Ok(Ok(c)) => Ok(c),

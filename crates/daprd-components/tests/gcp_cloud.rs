@@ -85,7 +85,7 @@ async fn a_service_account_in_the_metadata_signs_its_own_tokens() {
     let c = connect(&md, &apis(&cloud, None)).await.expect("connect");
     works_with(&cloud, &c, "self-signed jwt").await;
     assert_eq!(
-        cloud.token_requests(),
+        cloud.tokens().token_requests(),
         0,
         "a service account needs no token exchange"
     );
@@ -109,30 +109,30 @@ async fn application_default_credentials_come_from_the_file_or_the_metadata_serv
         .await
         .expect("connect with a user's credentials");
     works_with(&cloud, &c, "access token").await;
-    assert_eq!(cloud.token_requests(), 1);
+    assert_eq!(cloud.tokens().token_requests(), 1);
     let _ = std::fs::remove_file(file);
     // no file: the metadata server
     let c = connect(&md, &apis(&cloud, None))
         .await
         .expect("connect with the metadata server");
     works_with(&cloud, &c, "access token").await;
-    assert_eq!(cloud.token_requests(), 2);
+    assert_eq!(cloud.tokens().token_requests(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_is_replaced_before_it_expires() {
     let cloud = GoogleTestCloud::start(&emulator()).await;
     // five minutes: the component refreshes it at once (in 10 s, its least wait)
-    cloud.set_expires_in(300);
+    cloud.tokens().set_expires_in(300);
     let c = connect(&metadata(&[]), &apis(&cloud, None))
         .await
         .expect("connect");
     daprd_testkit::eventually(Duration::from_secs(30), "a second token", || async {
-        (cloud.token_requests() >= 2).then_some(())
+        (cloud.tokens().token_requests() >= 2).then_some(())
     })
     .await;
     // only the new token is good now: calls must carry it
-    cloud.revoke_all_but_newest();
+    cloud.tokens().revoke_all_but_newest();
     let topic = random_name("refresh");
     c.publish(publish_request(&topic, b"after the refresh"))
         .await

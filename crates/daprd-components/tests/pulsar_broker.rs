@@ -377,6 +377,111 @@ async fn the_token_authenticates_every_connection() {
     }
 }
 
+/// OAuth2 (Dapr's client-credentials metadata): the token endpoint's access token is the
+/// `token` authentication of every connection; scopes and audiences go to the endpoint; a
+/// server that wants the client in the form gets it there; a refused client fails the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_client_credentials_authenticate_every_connection() {
+    use daprd_testkit::tokens::{TokenServer, CLIENT_ID, CLIENT_SECRET};
+    let broker = TestBroker::start(0).await.unwrap();
+    let tokens = TokenServer::start().await;
+    let url = tokens.token_url();
+    let oauth = |secret: &'static str| -> Vec<(&'static str, String)> {
+        vec![
+            ("oauth2TokenURL", url.clone()),
+            ("oauth2ClientID", CLIENT_ID.to_string()),
+            ("oauth2ClientSecret", secret.to_string()),
+            ("oauth2Scopes", "pulsar-produce, pulsar-consume".to_string()),
+            ("oauth2Audiences", "urn:pulsar:test".to_string()),
+        ]
+    };
+    let pairs = oauth(CLIENT_SECRET);
+    let extra: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let c = component(&broker, "app", &extra).await;
+    c.publish(request(&random_name("oauth2"), "x", &[]))
+        .await
+        .unwrap();
+    let issued = tokens.issued();
+    assert_eq!(
+        issued.len(),
+        1,
+        "one token, shared by both clients: {issued:?}"
+    );
+    let auths = broker.authentications();
+    assert!(auths.len() >= 2, "{auths:?}");
+    for (method, data) in &auths {
+        assert_eq!(method, "token");
+        assert_eq!(data, issued[0].as_bytes());
+    }
+    let grants = tokens.grants();
+    assert_eq!(grants[0].client_auth, "header");
+    assert_eq!(grants[0].scope, "pulsar-produce pulsar-consume");
+    assert_eq!(grants[0].audiences, ["urn:pulsar:test"]);
+    c.close().await.unwrap();
+
+    // a server that refuses the Basic header: the client goes in the form
+    tokens.accept_form_only();
+    let c = component(&broker, "app", &extra).await;
+    c.close().await.unwrap();
+    assert_eq!(tokens.grants().last().unwrap().client_auth, "form");
+
+    // a wrong secret: the start fails, naming the endpoint and its answer
+    let pairs = oauth("wrong");
+    let mut md = metadata_with_group("app", &[("host", &broker.url())]);
+    for (k, v) in &pairs {
+        md.insert(*k, v.as_str());
+    }
+    let err = match daprd_components::pulsar::PulsarFactory
+        .connect("pubsub", &md)
+        .await
+    {
+        Ok(_) => panic!("connected with a refused client"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&url) && err.contains("invalid_client"),
+        "{err}"
+    );
+}
+
+/// `oauth2CredentialsFile` gives the client and the token URL (`issuer_url`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth2_credentials_file_gives_client_and_endpoint() {
+    use daprd_testkit::tokens::{TokenServer, CLIENT_ID, CLIENT_SECRET};
+    let broker = TestBroker::start(0).await.unwrap();
+    let tokens = TokenServer::start().await;
+    let file = std::env::temp_dir().join(format!("{}.json", random_name("oauth2")));
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"client_id": "{CLIENT_ID}", "client_secret": "{CLIENT_SECRET}", "issuer_url": "{}"}}"#,
+            tokens.token_url()
+        ),
+    )
+    .unwrap();
+    let path = file.display().to_string();
+    let c = component(
+        &broker,
+        "app",
+        &[
+            ("oauth2CredentialsFile", path.as_str()),
+            ("oauth2Scopes", "s"),
+            ("oauth2Audiences", "a"),
+        ],
+    )
+    .await;
+    c.publish(request(&random_name("oauth2"), "x", &[]))
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let issued = tokens.issued();
+    assert_eq!(issued.len(), 1);
+    assert!(broker
+        .authentications()
+        .iter()
+        .all(|(m, d)| m == "token" && d == issued[0].as_bytes()));
+}
+
 /// Each `compressionType` publishes compressed messages that a subscriber reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_messages_arrive() {

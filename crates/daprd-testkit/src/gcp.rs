@@ -1,13 +1,11 @@
 //! Google's side of `pubsub.gcp.pubsub` on Google Cloud, for tests (no Google Cloud is
 //! reachable from our machines): a TLS front that speaks the Pub/Sub gRPC API by forwarding
 //! each call to the Pub/Sub emulator once its bearer token checks out — a service account's
-//! self-signed RS256 JWT, verified with the test key's public half, or a token this module's
-//! token server issued — and that token server, speaking HTTP/1.1 as Google's OAuth endpoint
-//! (refresh-token grant) and as the metadata server of a GCE/GKE machine.
+//! self-signed RS256 JWT, verified with the test key's public half, or a token the
+//! [`TokenServer`] issued (Google's OAuth endpoint and metadata server).
 
-use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,11 +14,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::body::Body;
 use tonic::codegen::{http, BoxFuture, Service};
 
 use crate::controlplane::{server_config, tls_incoming, TestCa};
+pub use crate::tokens::{TokenServer, CLIENT_ID, CLIENT_SECRET, REFRESH_TOKEN};
 
 /// The test service account's RSA key (PKCS #8 PEM, made for these tests only).
 pub const SERVICE_ACCOUNT_KEY: &str = include_str!("gcp/service-account-key.pem");
@@ -28,12 +26,6 @@ pub const SERVICE_ACCOUNT_KEY: &str = include_str!("gcp/service-account-key.pem"
 pub const SERVICE_ACCOUNT_EMAIL: &str = "daprd-test@daprd-rs-test.iam.gserviceaccount.com";
 /// The test service account's key id.
 pub const SERVICE_ACCOUNT_KEY_ID: &str = "0123456789abcdef0123456789abcdef01234567";
-/// The refresh token (with its client) the token server exchanges.
-pub const REFRESH_TOKEN: &str = "1//daprd-test-refresh-token";
-/// The OAuth client of [`REFRESH_TOKEN`].
-pub const CLIENT_ID: &str = "daprd-test.apps.googleusercontent.com";
-/// Its secret.
-pub const CLIENT_SECRET: &str = "daprd-test-secret";
 
 /// A service-account key file (`type` `service_account`) of the test key.
 pub fn service_account_json() -> String {
@@ -66,10 +58,8 @@ pub fn authorized_user_json(token_uri: &str) -> String {
 struct State {
     /// The service account's public key (RSAPublicKey DER).
     public_key: Vec<u8>,
-    /// Tokens the token server issued and that are still good.
-    issued: Mutex<Vec<String>>,
-    expires_in: AtomicU64,
-    token_requests: AtomicUsize,
+    /// The token server whose tokens are good.
+    tokens: TokenServer,
     refused: AtomicUsize,
     /// Method paths forwarded, with the kind of token that carried them.
     calls: Mutex<Vec<(String, &'static str)>>,
@@ -82,7 +72,7 @@ impl State {
         let token = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .ok_or("no bearer token")?;
-        if lock(&self.issued).iter().any(|t| t == token) {
+        if self.tokens.is_issued(token) {
             return Ok("access token");
         }
         self.check_jwt(token).map(|()| "self-signed jwt")
@@ -124,13 +114,6 @@ impl State {
         )
         .verify(format!("{h}.{c}").as_bytes(), &decode(sig)?)
         .map_err(|_| "the JWT's signature does not verify".to_string())
-    }
-
-    fn issue(&self) -> (String, u64) {
-        let n = self.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
-        let token = format!("ya29.daprd-test-{n}-{}", uuid::Uuid::new_v4().simple());
-        lock(&self.issued).push(token.clone());
-        (token, self.expires_in.load(Ordering::SeqCst))
     }
 }
 
@@ -185,7 +168,7 @@ impl<const SUBSCRIBER: bool> Service<http::Request<Body>> for Front<SUBSCRIBER> 
 
 /// Google Cloud for one test: the Pub/Sub API over TLS on `localhost:<pubsub_port>` (a
 /// certificate of [`Self::ca_pem`]) in front of an emulator, and the token server on
-/// `127.0.0.1:<token_port>`. Stops when dropped.
+/// `127.0.0.1:<token_port>` (OAuth endpoint `/token`, metadata server). Stops when dropped.
 pub struct GoogleTestCloud {
     /// The TLS port of the Pub/Sub API.
     pub pubsub_port: u16,
@@ -210,9 +193,7 @@ impl GoogleTestCloud {
             .connect_lazy();
         let state = Arc::new(State {
             public_key: ring::signature::KeyPair::public_key(&key).as_ref().to_vec(),
-            issued: Mutex::default(),
-            expires_in: AtomicU64::new(3600),
-            token_requests: AtomicUsize::new(0),
+            tokens: TokenServer::start().await,
             refused: AtomicUsize::new(0),
             calls: Mutex::default(),
             upstream,
@@ -222,11 +203,8 @@ impl GoogleTestCloud {
         let api = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the API port");
-        let tokens = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the token port");
         let pubsub_port = api.local_addr().expect("addr").port();
-        let token_port = tokens.local_addr().expect("addr").port();
+        let token_port = state.tokens.port;
         let (drop_tx, drop_rx) = tokio::sync::watch::channel(0u64);
         let incoming = tls_incoming(api, config, drop_rx);
         let server = tonic::transport::Server::builder()
@@ -236,18 +214,12 @@ impl GoogleTestCloud {
             let _keep = drop_tx;
             let _ = server.serve_with_incoming(incoming).await;
         });
-        let token_state = state.clone();
-        let token_server = tokio::spawn(async move {
-            while let Ok((conn, _)) = tokens.accept().await {
-                tokio::spawn(serve_token(conn, token_state.clone()));
-            }
-        });
         Self {
             pubsub_port,
             token_port,
             ca_pem: ca.pem,
             state,
-            tasks: vec![front, token_server],
+            tasks: vec![front],
         }
     }
 
@@ -262,21 +234,9 @@ impl GoogleTestCloud {
         self.state.refused.load(Ordering::SeqCst)
     }
 
-    /// Tokens the token server issued.
-    pub fn token_requests(&self) -> usize {
-        self.state.token_requests.load(Ordering::SeqCst)
-    }
-
-    /// The `expires_in` of the tokens issued from now on.
-    pub fn set_expires_in(&self, seconds: u64) {
-        self.state.expires_in.store(seconds, Ordering::SeqCst);
-    }
-
-    /// Revokes every issued token but the newest.
-    pub fn revoke_all_but_newest(&self) {
-        let mut issued = lock(&self.state.issued);
-        let keep = issued.len().saturating_sub(1);
-        issued.drain(..keep);
+    /// The token server.
+    pub fn tokens(&self) -> &TokenServer {
+        &self.state.tokens
     }
 }
 
@@ -286,107 +246,4 @@ impl Drop for GoogleTestCloud {
             t.abort();
         }
     }
-}
-
-/// One HTTP/1.1 exchange of the token server (the connection closes after it).
-async fn serve_token(mut conn: tokio::net::TcpStream, state: Arc<State>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match conn.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if buf.len() > 64 * 1024 {
-            return;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default().to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let header = |k: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    };
-    let length: usize = header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        match conn.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
-    let mut words = request_line.split(' ');
-    let (method, target) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    let form: HashSet<(String, String)> = body
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), percent_decode(v)))
-        .collect();
-    let has = |k: &str, v: &str| form.contains(&(k.to_string(), v.to_string()));
-    let (status, answer) = match (method, path) {
-        ("POST", "/token")
-            if has("grant_type", "refresh_token")
-                && has("refresh_token", REFRESH_TOKEN)
-                && has("client_id", CLIENT_ID)
-                && has("client_secret", CLIENT_SECRET) =>
-        {
-            ("200 OK", token_answer(&state))
-        }
-        ("POST", "/token") => (
-            "400 Bad Request",
-            serde_json::json!({"error": "invalid_grant"}).to_string(),
-        ),
-        ("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
-            if header("metadata-flavor") == Some("Google") =>
-        {
-            ("200 OK", token_answer(&state))
-        }
-        _ => ("404 Not Found", "{}".to_string()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-        answer.len()
-    );
-    let _ = conn.write_all(response.as_bytes()).await;
-    let _ = conn.shutdown().await;
-}
-
-fn token_answer(state: &State) -> String {
-    let (token, expires_in) = state.issue();
-    serde_json::json!({"access_token": token, "expires_in": expires_in, "token_type": "Bearer"})
-        .to_string()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.replace('+', " ").into_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&String::from_utf8_lossy(&bytes[i + 1..i + 3]), 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).to_string()
 }

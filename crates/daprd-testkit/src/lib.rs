@@ -10,6 +10,8 @@ pub mod controlplane;
 pub mod gcp;
 #[cfg(feature = "pulsar")]
 pub mod pulsar;
+#[cfg(feature = "tokens")]
+pub mod tokens;
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -23,12 +23,14 @@ use ring::signature::RsaKeyPair;
 use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
 
+use crate::oauth::{access_token, Token};
+
 /// The OAuth scopes of Pub/Sub, as Google's Go client asks for them.
 pub const SCOPES: &str =
     "https://www.googleapis.com/auth/pubsub https://www.googleapis.com/auth/cloud-platform";
 
-/// A token's life when the server does not say (a self-signed JWT's is ours to set).
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// A self-signed JWT's life.
+const TOKEN_LIFETIME: Duration = crate::oauth::DEFAULT_LIFETIME;
 /// A token is replaced this long before it expires.
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// The pause between failed refreshes.
@@ -99,13 +101,8 @@ pub enum AuthError {
         reason: String,
     },
     /// A token endpoint refused or failed.
-    #[error("google token from {url}: {reason}")]
-    Token {
-        /// The endpoint.
-        url: String,
-        /// Why.
-        reason: String,
-    },
+    #[error("google {0}")]
+    Token(#[from] crate::oauth::TokenError),
     /// The TLS configuration for the token endpoint could not be made.
     #[error("google token client: {0}")]
     Client(String),
@@ -306,7 +303,7 @@ impl Credentials {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs();
-                let jwt = sa.jwt(now).map_err(|reason| AuthError::Token {
+                let jwt = sa.jwt(now).map_err(|reason| crate::oauth::TokenError {
                     url: "(self-signed)".into(),
                     reason,
                 })?;
@@ -324,7 +321,7 @@ impl Credentials {
                     ("client_secret", client_secret),
                     ("refresh_token", refresh_token),
                 ]);
-                access_token(token_uri, request).await
+                Ok(access_token(token_uri, request).await?)
             }
             Self::MetadataServer => {
                 let url = format!(
@@ -336,39 +333,10 @@ impl Credentials {
                     .query(&[("scopes", SCOPES.replace(' ', ","))])
                     .header("Metadata-Flavor", "Google")
                     .timeout(Duration::from_secs(3));
-                access_token(&url, request).await
+                Ok(access_token(&url, request).await?)
             }
         }
     }
-}
-
-/// An access token and how long it lives.
-pub type Token = (String, Duration);
-
-/// Sends a token request and reads `{access_token, expires_in}`.
-async fn access_token(url: &str, request: reqwest::RequestBuilder) -> Result<Token, AuthError> {
-    let fail = |reason: String| AuthError::Token {
-        url: url.to_string(),
-        reason,
-    };
-    let response = request.send().await.map_err(|e| fail(e.to_string()))?;
-    let status = response.status();
-    let body = response.text().await.map_err(|e| fail(e.to_string()))?;
-    if !status.is_success() {
-        return Err(fail(format!("status {status}: {}", body.trim())));
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| fail(format!("the answer is not JSON ({e})")))?;
-    let token = v
-        .get("access_token")
-        .and_then(serde_json::Value::as_str)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| fail("the answer has no access_token".into()))?;
-    let lifetime = v
-        .get("expires_in")
-        .and_then(serde_json::Value::as_u64)
-        .map_or(TOKEN_LIFETIME, Duration::from_secs);
-    Ok((token.to_string(), lifetime))
 }
 
 /// The `authorization` header every call carries (none for the emulator), kept fresh by the
@@ -427,12 +395,12 @@ impl Bearer {
 }
 
 fn header(token: &str) -> Result<MetadataValue<Ascii>, AuthError> {
-    format!("Bearer {token}")
-        .parse()
-        .map_err(|_| AuthError::Token {
+    format!("Bearer {token}").parse().map_err(|_| {
+        AuthError::Token(crate::oauth::TokenError {
             url: "(token)".into(),
             reason: "the token is not a valid header value".into(),
         })
+    })
 }
 
 impl tonic::service::Interceptor for Bearer {
@@ -456,13 +424,7 @@ impl tonic::service::Interceptor for Bearer {
 /// # Errors
 /// The CA does not load.
 pub fn http_client(apis: &GoogleApis) -> Result<reqwest::Client, AuthError> {
-    let tls = tls_config(apis)?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| AuthError::Client(e.to_string()))
+    crate::oauth::http_client(apis.ca_pem.as_deref()).map_err(AuthError::Client)
 }
 
 /// The TLS client configuration for Google's endpoints.

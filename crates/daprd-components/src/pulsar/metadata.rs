@@ -19,6 +19,9 @@ pub struct PulsarMetadata {
     pub enable_tls: bool,
     /// `token`: a JWT sent as Pulsar's `token` authentication.
     pub token: Option<String>,
+    /// `oauth2*`, without `token`: a client-credentials grant whose access token is sent as
+    /// Pulsar's `token` authentication.
+    pub oauth2: Option<OAuth2Settings>,
     /// `tenant` ("public"), `namespace` ("default"), `persistent` (true): topic names.
     pub tenant: String,
     pub namespace: String,
@@ -50,6 +53,88 @@ pub struct PulsarMetadata {
     pub auto_discovery_period: Option<Duration>,
 }
 
+/// The `oauth2*` keys (Dapr's client-credentials metadata). Files are read at connect.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OAuth2Settings {
+    /// `oauth2TokenURL` (else the credentials file's `issuer_url`).
+    pub token_url: Option<String>,
+    /// `oauth2ClientID` (wins over the credentials file's `client_id`).
+    pub client_id: Option<String>,
+    /// `oauth2ClientSecret` (wins over both files).
+    pub client_secret: Option<String>,
+    /// `oauth2ClientSecretPath`: a file holding the secret, as plain text.
+    pub client_secret_path: Option<String>,
+    /// `oauth2CredentialsFile`: a JSON file `{client_id, client_secret, issuer_url}`.
+    pub credentials_file: Option<String>,
+    /// `oauth2Scopes` (comma-separated), required.
+    pub scopes: Vec<String>,
+    /// `oauth2Audiences` (comma-separated), required.
+    pub audiences: Vec<String>,
+    /// `oauth2TokenCAPEM`: the CA of the token endpoint (else the system's roots).
+    pub ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for OAuth2Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuth2Settings")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("credentials_file", &self.credentials_file)
+            .field("scopes", &self.scopes)
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OAuth2Settings {
+    /// The grant, with the files read: the metadata's values win over the files'.
+    ///
+    /// # Errors
+    /// A file that cannot be read or lacks a field; no token URL, client id or secret.
+    pub fn resolve(&self) -> Result<crate::oauth::ClientCredentials, String> {
+        let mut token_url = self.token_url.clone();
+        let mut client_id = self.client_id.clone();
+        let mut client_secret = self.client_secret.clone();
+        if let Some(path) = &self.credentials_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("oauth2CredentialsFile {path}: {e}"))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| format!("oauth2CredentialsFile {path}: not JSON ({e})"))?;
+            let field = |k: &str| -> Result<String, String> {
+                v.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("oauth2CredentialsFile {path}: {k} is required"))
+            };
+            let (id, secret, issuer) = (
+                field("client_id")?,
+                field("client_secret")?,
+                field("issuer_url")?,
+            );
+            client_id.get_or_insert(id);
+            client_secret.get_or_insert(secret);
+            token_url.get_or_insert(issuer);
+        }
+        if let Some(path) = &self.client_secret_path {
+            if client_secret.is_none() {
+                let secret = std::fs::read_to_string(path)
+                    .map_err(|e| format!("oauth2ClientSecretPath {path}: {e}"))?;
+                client_secret = Some(secret.trim().to_string());
+            }
+        }
+        Ok(crate::oauth::ClientCredentials {
+            token_url: token_url.ok_or("oauth2TokenURL is required")?,
+            client_id: client_id.ok_or("oauth2ClientID is required")?,
+            client_secret: client_secret
+                .filter(|s| !s.is_empty())
+                .ok_or("oauth2ClientSecret (or oauth2ClientSecretPath) is required")?,
+            scopes: self.scopes.clone(),
+            audiences: self.audiences.clone(),
+        })
+    }
+}
+
 /// Producer batching, when on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batching {
@@ -68,16 +153,6 @@ pub enum Compression {
 }
 
 /// Keys of what this build refuses with a clear error rather than ignore.
-const OAUTH2_KEYS: &[&str] = &[
-    "oauth2TokenURL",
-    "oauth2ClientID",
-    "oauth2ClientSecret",
-    "oauth2ClientSecretPath",
-    "oauth2CredentialsFile",
-    "oauth2Scopes",
-    "oauth2Audiences",
-    "oauth2TokenCAPEM",
-];
 const ENCRYPTION_KEYS: &[&str] = &["publicKey", "privateKey", "keys"];
 const SCHEMA_SUFFIXES: &[&str] = &[".jsonschema", ".avroschema", ".protoschema", ".rawschema"];
 
@@ -231,7 +306,11 @@ impl PulsarMetadata {
             );
         }
         r.unsupported(&["listenerName"], "an advertised listener name");
-        r.unsupported(OAUTH2_KEYS, "OAuth2 authentication (use token)");
+        let oauth2 = if token.is_none() {
+            Self::oauth2(&mut r)
+        } else {
+            None
+        };
         r.unsupported(ENCRYPTION_KEYS, "end-to-end message encryption");
         let schema_keys: Vec<String> = md
             .iter()
@@ -250,6 +329,7 @@ impl PulsarMetadata {
             consumer_id,
             enable_tls,
             token,
+            oauth2,
             tenant,
             namespace,
             persistent,
@@ -269,6 +349,90 @@ impl PulsarMetadata {
             topics_pattern,
             auto_discovery_period,
         })
+    }
+
+    /// The `oauth2*` keys, when `oauth2TokenURL` or `oauth2CredentialsFile` is given (as Go
+    /// daprd, which needs the token URL after reading the file); other `oauth2*` keys without
+    /// either are refused, as they would do nothing.
+    fn oauth2(r: &mut MetadataReader<'_>) -> Option<OAuth2Settings> {
+        let md = r.md();
+        let get = |k: &str| md.get_non_empty(k).map(str::to_string);
+        let list = |k: &str| -> Vec<String> {
+            md.get_non_empty(k)
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let settings = OAuth2Settings {
+            token_url: get("oauth2TokenURL"),
+            client_id: get("oauth2ClientID"),
+            client_secret: get("oauth2ClientSecret"),
+            client_secret_path: get("oauth2ClientSecretPath"),
+            credentials_file: get("oauth2CredentialsFile"),
+            scopes: list("oauth2Scopes"),
+            audiences: list("oauth2Audiences"),
+            ca_pem: get("oauth2TokenCAPEM"),
+        };
+        if settings.token_url.is_none() && settings.credentials_file.is_none() {
+            for k in [
+                "oauth2ClientID",
+                "oauth2ClientSecret",
+                "oauth2ClientSecretPath",
+                "oauth2Scopes",
+                "oauth2Audiences",
+                "oauth2TokenCAPEM",
+            ] {
+                if md.get_non_empty(k).is_some() {
+                    r.fail(
+                        k,
+                        "is given without oauth2TokenURL or oauth2CredentialsFile",
+                    );
+                }
+            }
+            return None;
+        }
+        if let Some(url) = &settings.token_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                r.fail("oauth2TokenURL", format!("{url:?} is not an http(s) URL"));
+            }
+        }
+        if settings.scopes.is_empty() {
+            r.fail("oauth2Scopes", "is required with OAuth2 (comma-separated)");
+        }
+        if settings.audiences.is_empty() {
+            r.fail(
+                "oauth2Audiences",
+                "is required with OAuth2 (comma-separated)",
+            );
+        }
+        if settings.client_secret_path.is_some() && settings.credentials_file.is_some() {
+            r.fail(
+                "oauth2ClientSecretPath",
+                "and oauth2CredentialsFile are mutually exclusive",
+            );
+        }
+        if settings.credentials_file.is_none() {
+            if settings.client_id.is_none() {
+                r.fail("oauth2ClientID", "is required with oauth2TokenURL");
+            }
+            if settings.client_secret.is_none() && settings.client_secret_path.is_none() {
+                r.fail(
+                    "oauth2ClientSecret",
+                    "(or oauth2ClientSecretPath) is required with oauth2TokenURL",
+                );
+            }
+        }
+        if let Some(pem) = &settings.ca_pem {
+            if let Err(e) = crate::oauth::http_client(Some(pem)) {
+                r.fail("oauth2TokenCAPEM", e);
+            }
+        }
+        Some(settings)
     }
 
     /// `{persistent|non-persistent}://<tenant>/<namespace>/<topic>`.
@@ -445,11 +609,76 @@ mod tests {
             "compressionType",
             "redeliveryDelay",
             "topicsPattern",
-            "oauth2TokenURL",
+            "oauth2Scopes",
+            "oauth2Audiences",
+            "oauth2ClientID",
             "publicKey",
             "orders.avroschema",
         ] {
             assert!(text.iter().any(|t| t.contains(key)), "{key}: {text:?}");
+        }
+    }
+
+    #[test]
+    fn oauth2_keys_are_read_and_checked() {
+        let base = [("host", "localhost:6650"), ("consumerID", "app")];
+        let parse = |extra: &[(&str, &str)]| {
+            let mut pairs = base.to_vec();
+            pairs.extend_from_slice(extra);
+            PulsarMetadata::parse(&md(&pairs))
+        };
+        let full = [
+            ("oauth2TokenURL", "https://idp.example/token"),
+            ("oauth2ClientID", "c"),
+            ("oauth2ClientSecret", "s"),
+            ("oauth2Scopes", "a, b"),
+            ("oauth2Audiences", "x"),
+        ];
+        let m = parse(&full).unwrap();
+        let o = m.oauth2.clone().unwrap();
+        assert_eq!(o.scopes, ["a", "b"]);
+        assert_eq!(o.audiences, ["x"]);
+        let grant = o.resolve().unwrap();
+        assert_eq!(
+            (
+                grant.token_url.as_str(),
+                grant.client_id.as_str(),
+                grant.client_secret.as_str()
+            ),
+            ("https://idp.example/token", "c", "s")
+        );
+        // a token wins, as in Go daprd
+        let mut with_token = full.to_vec();
+        with_token.push(("token", "t"));
+        assert!(parse(&with_token).unwrap().oauth2.is_none());
+        let text = |errs: Vec<MetadataError>| -> String {
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let e = text(parse(&[("oauth2ClientID", "c")]).unwrap_err());
+        assert!(
+            e.contains("oauth2ClientID") && e.contains("without oauth2TokenURL"),
+            "{e}"
+        );
+        let e = text(
+            parse(&[
+                ("oauth2TokenURL", "ftp://idp"),
+                ("oauth2ClientSecretPath", "/s"),
+                ("oauth2CredentialsFile", "/c"),
+                ("oauth2TokenCAPEM", "not pem"),
+            ])
+            .unwrap_err(),
+        );
+        for key in [
+            "oauth2TokenURL",
+            "oauth2Scopes",
+            "oauth2Audiences",
+            "mutually exclusive",
+            "oauth2TokenCAPEM",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
         }
     }
 
