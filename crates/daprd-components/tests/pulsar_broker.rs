@@ -482,6 +482,85 @@ async fn oauth2_credentials_file_gives_client_and_endpoint() {
         .all(|(m, d)| m == "token" && d == issued[0].as_bytes()));
 }
 
+/// A partitioned topic: a keyed message goes to partition `JavaStringHash(key) % n` (Go
+/// daprd's router; Java's `"a".hashCode()` is 97, `"b"` 98, `"c"` 99, `"d"` 100, `"hello"`
+/// 99162322), unkeyed ones spread over the partitions, and a subscription gets every
+/// partition's messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_topic_routes_keys_as_go_daprd_and_delivers_every_partition() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let topic = random_name("parts");
+    broker.create_partitioned_topic(&topic, 4);
+    // one message per entry, so each entry's key is the message's
+    let (c, _sub, mut rx) =
+        subscriber(&broker, "app", &[("disableBatching", "true")], &topic).await;
+    let keys = [("a", 1), ("b", 2), ("c", 3), ("d", 0), ("hello", 2)];
+    let mut sent = BTreeSet::new();
+    for round in 0..3 {
+        for (key, _) in keys {
+            let data = format!("{key}-{round}");
+            c.publish(request(&topic, &data, &[("partitionKey", key)]))
+                .await
+                .unwrap();
+            sent.insert(data);
+        }
+    }
+    for i in 0..8 {
+        let data = format!("unkeyed-{i}");
+        c.publish(request(&topic, &data, &[])).await.unwrap();
+        sent.insert(data);
+    }
+    let full = format!("persistent://public/default/{topic}");
+    let on = |partition: u32| -> Vec<(Option<String>, String)> {
+        broker
+            .messages(&format!("{full}-partition-{partition}"))
+            .iter()
+            .map(|p| {
+                (
+                    p.metadata.partition_key.clone(),
+                    String::from_utf8(p.data.clone()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        broker.messages(&full).is_empty(),
+        "nothing on the partitioned name itself"
+    );
+    let mut unkeyed_partitions = BTreeSet::new();
+    let mut keyed = 0;
+    for partition in 0..4 {
+        for (key, data) in on(partition) {
+            match key {
+                Some(key) => {
+                    keyed += 1;
+                    let want = keys.iter().find(|(k, _)| *k == key).unwrap().1;
+                    assert_eq!(
+                        partition, want,
+                        "key {key} ({data}) on partition {partition}"
+                    );
+                }
+                None => {
+                    unkeyed_partitions.insert(partition);
+                }
+            }
+        }
+    }
+    assert!(
+        unkeyed_partitions.len() >= 2,
+        "unkeyed on {unkeyed_partitions:?}"
+    );
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < sent.len() && Instant::now() < deadline {
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            got.insert(String::from_utf8(m.data.to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got, sent, "every partition's messages delivered");
+    c.close().await.unwrap();
+}
+
 /// Each `compressionType` publishes compressed messages that a subscriber reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_messages_arrive() {

@@ -4,9 +4,10 @@
 //! installs from; this broker is what the component, the SDK suites and the official Python
 //! client (`pulsar-client`, a C++ client) are tested against.
 //!
-//! What it does, as Pulsar does it: connect and ping; every topic unpartitioned
-//! (partitioned-topic metadata answers 0) and owned by this broker (lookup answers "connect
-//! here"); producers (a send is kept, then answered with a receipt carrying its message id);
+//! What it does, as Pulsar does it: connect and ping; topics unpartitioned unless a test made
+//! one partitioned ([`TestBroker::create_partitioned_topic`]: its metadata answers the number
+//! of partitions, and each partition `<topic>-partition-<i>` is a topic of its own), every topic
+//! owned by this broker (lookup answers "connect here"); producers (a send is kept, then answered with a receipt carrying its message id);
 //! subscriptions of the four types (exclusive and failover: one active consumer; shared:
 //! round robin; key_shared: by key) with a cursor per subscription that starts at the latest or
 //! the earliest message and outlives its consumers (durable) or not (non-durable); flow
@@ -16,7 +17,7 @@
 //! namespace. It keeps every message it was sent ([`TestBroker::messages`]) so a test can
 //! compare bytes, and drops every connection on request ([`TestBroker::drop_connections`]).
 //!
-//! Left out: partitioned topics, schemas, transactions, TLS, persistence across a restart.
+//! Left out: schemas, transactions, TLS, persistence across a restart.
 //! Authentication data is accepted whatever it is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -59,6 +60,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     topics: HashMap<String, Topic>,
+    /// Partitioned topics (full names) and their partition counts.
+    partitioned: HashMap<String, u32>,
     /// (auth method name, auth data) of every Connect, in order.
     auths: Vec<(String, Vec<u8>)>,
     conns: HashMap<u64, mpsc::UnboundedSender<Message>>,
@@ -216,6 +219,14 @@ impl TestBroker {
             .unwrap_or_default()
     }
 
+    /// Makes `topic` (short or full name) a partitioned topic of `partitions` partitions,
+    /// `<full name>-partition-<i>`, as `pulsar-admin topics create-partitioned-topic` does.
+    pub fn create_partitioned_topic(&self, topic: &str, partitions: u32) {
+        lock(&self.inner.state)
+            .partitioned
+            .insert(full_topic_name(topic), partitions);
+    }
+
     /// The authentication (method name, data) each connection opened with, in order.
     pub fn authentications(&self) -> Vec<(String, Vec<u8>)> {
         lock(&self.inner.state).auths.clone()
@@ -313,11 +324,16 @@ impl Inner {
                 let Some(p) = c.partition_metadata else {
                     return;
                 };
+                let partitions = lock(&self.state)
+                    .partitioned
+                    .get(&full_topic_name(&p.topic))
+                    .copied()
+                    .unwrap_or(0);
                 reply(Message {
                     command: BaseCommand {
                         partition_metadata_response: Some(
                             proto::CommandPartitionedTopicMetadataResponse {
-                                partitions: Some(0),
+                                partitions: Some(partitions),
                                 request_id: p.request_id,
                                 response: Some(
                                     proto::command_partitioned_topic_metadata_response::LookupType::Success
