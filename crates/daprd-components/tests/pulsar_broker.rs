@@ -546,6 +546,7 @@ async fn a_partitioned_topic_routes_keys_as_go_daprd_and_delivers_every_partitio
             }
         }
     }
+    assert_eq!(keyed, keys.len() * 3, "every keyed message on a partition");
     assert!(
         unkeyed_partitions.len() >= 2,
         "unkeyed on {unkeyed_partitions:?}"
