@@ -204,7 +204,7 @@ mod grpc {
     }
 
     /// A lazily connected tonic channel to `host:port` (a bracketed IPv6 literal is fine) over
-    /// TLS with `config`, HTTP/2 offered by ALPN.
+    /// TLS with `config`, HTTP/2 offered by ALPN, `TCP_NODELAY` set.
     ///
     /// # Errors
     /// `host` is not a server name, or the address does not make a URI.
@@ -225,6 +225,9 @@ mod grpc {
             let addr = addr.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                // as tonic's own channels: a small frame is not held back by Nagle's
+                // algorithm waiting for the peer's delayed ACK
+                tcp.set_nodelay(true)?;
                 let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(server_name, tcp)
                     .await?;
