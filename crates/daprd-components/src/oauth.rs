@@ -27,18 +27,25 @@ pub struct TokenError {
 /// # Errors
 /// The CA does not load.
 pub fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
-    let tls = daprd_core::tls::PemMaterial {
-        ca_cert: ca_pem.map(str::to_string),
-        ..Default::default()
-    }
-    .client_config(false)
-    .map_err(|e| e.to_string())?;
     reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
+        .use_preconfigured_tls(tls_config(ca_pem)?)
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())
+}
+
+/// A rustls client configuration trusting `ca_pem` (else the system's roots).
+///
+/// # Errors
+/// The CA does not load.
+pub fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    daprd_core::tls::PemMaterial {
+        ca_cert: ca_pem.map(str::to_string),
+        ..Default::default()
+    }
+    .client_config(false)
+    .map_err(|e| e.to_string())
 }
 
 /// Sends a token request and reads `{access_token, expires_in}`.

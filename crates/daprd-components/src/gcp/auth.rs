@@ -20,6 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::signature::RsaKeyPair;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::PrivateKeyDer;
 use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
 
@@ -132,10 +134,13 @@ impl ServiceAccount {
     /// The key is not an RSA private key in PEM.
     pub fn new(email: &str, key_id: &str, pem: &str) -> Result<Self, String> {
         let pem = pem.replace("\\n", "\n");
-        let der = pem_body(&pem)?;
-        let key = RsaKeyPair::from_pkcs8(&der)
-            .or_else(|_| RsaKeyPair::from_der(&der))
-            .map_err(|e| format!("is not an RSA private key ({e})"))?;
+        let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| format!("is not a PEM private key ({e})"))?;
+        let key = match &der {
+            PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
+            other => RsaKeyPair::from_pkcs8(other.secret_der()),
+        }
+        .map_err(|e| format!("is not an RSA private key ({e})"))?;
         Ok(Self {
             email: email.to_string(),
             key_id: key_id.to_string(),
@@ -176,26 +181,6 @@ impl ServiceAccount {
             URL_SAFE_NO_PAD.encode(signature)
         ))
     }
-}
-
-/// The DER body of the first PEM block.
-fn pem_body(pem: &str) -> Result<Vec<u8>, String> {
-    let start = pem
-        .find("-----BEGIN ")
-        .ok_or("is not PEM (no BEGIN line)")?;
-    let rest = &pem[start..];
-    let body_start = rest.find('\n').ok_or("is not PEM (nothing after BEGIN)")? + 1;
-    let end = rest.find("-----END ").ok_or("is not PEM (no END line)")?;
-    if end < body_start {
-        return Err("is not PEM".into());
-    }
-    let b64: String = rest[body_start..end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map_err(|e| format!("is not PEM ({e})"))
 }
 
 /// Where tokens come from.
@@ -432,10 +417,5 @@ pub fn http_client(apis: &GoogleApis) -> Result<reqwest::Client, AuthError> {
 /// # Errors
 /// The CA does not load.
 pub fn tls_config(apis: &GoogleApis) -> Result<rustls::ClientConfig, AuthError> {
-    daprd_core::tls::PemMaterial {
-        ca_cert: apis.ca_pem.clone(),
-        ..Default::default()
-    }
-    .client_config(false)
-    .map_err(|e| AuthError::Client(e.to_string()))
+    crate::oauth::tls_config(apis.ca_pem.as_deref()).map_err(AuthError::Client)
 }
