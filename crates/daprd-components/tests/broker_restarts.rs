@@ -75,6 +75,29 @@ async fn port_open(port: u16) {
 
 use daprd_testkit::conformance::success_collector as collector;
 
+/// Runs a test's scenario on a runtime of its own and bounds it: a scenario still running after
+/// `limit` fails the test, naming the limit, instead of hanging the suite; and a component's
+/// blocking close still running afterwards (a client library waiting on a broker that is gone)
+/// is left after 10 s rather than waited for, as a runtime dropped the usual way would.
+fn bounded(limit: Duration, scenario: impl std::future::Future<Output = ()>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async { tokio::time::timeout(limit, scenario).await })
+    }));
+    rt.shutdown_timeout(Duration::from_secs(10));
+    match outcome {
+        Err(panic) => std::panic::resume_unwind(panic),
+        Ok(finished) => assert!(
+            finished.is_ok(),
+            "the scenario did not finish within {limit:?}"
+        ),
+    }
+}
+
 fn req(topic: &str, n: u32) -> PublishRequest {
     PublishRequest {
         pubsub_name: "p".into(),
@@ -136,6 +159,7 @@ async fn restart_scenario_within(
         "the first delivery",
     )
     .await;
+    eprintln!("restart scenario ({topic}): first delivery seen; stopping the broker");
     broker.stop();
     let outage = c.clone();
     let topic_owned = topic.to_string();
@@ -149,64 +173,71 @@ async fn restart_scenario_within(
         },
     )
     .await;
+    eprintln!("restart scenario ({topic}): a publish failed during the outage; restarting");
     broker.spawn();
     port_open(port).await;
+    eprintln!("restart scenario ({topic}): the broker listens again");
     publish_until_delivered(&c, &mut rx, topic, 3, resume, "deliveries to resume").await;
+    eprintln!("restart scenario ({topic}): deliveries resumed");
 }
 
 #[cfg(feature = "mqtt3")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_reconnects_after_a_broker_restart() {
-    use daprd_core::pubsub::PubSubFactory;
-    let port = free_port();
-    let mut broker = Broker::start(vec!["mosquitto".into(), "-p".into(), port.to_string()]);
-    port_open(port).await;
-    let md = daprd_testkit::conformance::metadata_with_group(
-        &daprd_testkit::conformance::random_name("c"),
-        &[("url", &format!("tcp://127.0.0.1:{port}"))],
-    );
-    let c = daprd_components::mqtt3::MqttFactory
-        .connect("p", &md)
-        .await
-        .unwrap();
-    restart_scenario(c, "restart/topic", &mut broker, port).await;
+#[test]
+fn mqtt_reconnects_after_a_broker_restart() {
+    bounded(Duration::from_secs(120), async {
+        use daprd_core::pubsub::PubSubFactory;
+        let port = free_port();
+        let mut broker = Broker::start(vec!["mosquitto".into(), "-p".into(), port.to_string()]);
+        port_open(port).await;
+        let md = daprd_testkit::conformance::metadata_with_group(
+            &daprd_testkit::conformance::random_name("c"),
+            &[("url", &format!("tcp://127.0.0.1:{port}"))],
+        );
+        let c = daprd_components::mqtt3::MqttFactory
+            .connect("p", &md)
+            .await
+            .unwrap();
+        restart_scenario(c, "restart/topic", &mut broker, port).await;
+    });
 }
 
 #[cfg(feature = "jetstream")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_reconnects_after_a_broker_restart() {
-    use daprd_core::pubsub::PubSubFactory;
-    let port = free_port();
-    let dir = ScratchDir::new("nats");
-    let mut broker = Broker::start(vec![
-        "nats-server".into(),
-        "-a".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        port.to_string(),
-        "-js".into(),
-        "-sd".into(),
-        dir.path().to_string_lossy().into_owned(),
-    ]);
-    port_open(port).await;
-    let url = format!("nats://127.0.0.1:{port}");
-    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "restart".into(),
-        subjects: vec!["restart.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let md = daprd_testkit::conformance::metadata_with_group(
-        "unused",
-        &[("natsURL", &url), ("durableName", "restart-app")],
-    );
-    let c = daprd_components::jetstream::JetStreamFactory
-        .connect("p", &md)
+#[test]
+fn jetstream_reconnects_after_a_broker_restart() {
+    bounded(Duration::from_secs(120), async {
+        use daprd_core::pubsub::PubSubFactory;
+        let port = free_port();
+        let dir = ScratchDir::new("nats");
+        let mut broker = Broker::start(vec![
+            "nats-server".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.path().to_string_lossy().into_owned(),
+        ]);
+        port_open(port).await;
+        let url = format!("nats://127.0.0.1:{port}");
+        let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "restart".into(),
+            subjects: vec!["restart.>".into()],
+            ..Default::default()
+        })
         .await
         .unwrap();
-    restart_scenario(c, "restart.topic", &mut broker, port).await;
+        let md = daprd_testkit::conformance::metadata_with_group(
+            "unused",
+            &[("natsURL", &url), ("durableName", "restart-app")],
+        );
+        let c = daprd_components::jetstream::JetStreamFactory
+            .connect("p", &md)
+            .await
+            .unwrap();
+        restart_scenario(c, "restart.topic", &mut broker, port).await;
+    });
 }
 
 /// A private RabbitMQ node (own ports, data and log dirs) with `extra_config` in its
@@ -248,26 +279,28 @@ async fn private_rabbitmq(
 }
 
 #[cfg(feature = "rabbitmq")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_reconnects_after_a_broker_restart() {
-    use daprd_core::pubsub::PubSubFactory;
-    let dir = ScratchDir::new("rabbitmq");
-    let (mut broker, port) = private_rabbitmq(&dir, "", None).await;
-    let md = daprd_testkit::conformance::metadata_with_group(
-        &daprd_testkit::conformance::random_name("c"),
-        &[
-            (
-                "connectionString",
-                &format!("amqp://guest:guest@127.0.0.1:{port}"),
-            ),
-            ("reconnectWaitSeconds", "1"),
-        ],
-    );
-    let c = daprd_components::rabbitmq::RabbitFactory
-        .connect("p", &md)
-        .await
-        .unwrap();
-    restart_scenario(c, "restart-topic", &mut broker, port).await;
+#[test]
+fn rabbitmq_reconnects_after_a_broker_restart() {
+    bounded(Duration::from_secs(240), async {
+        use daprd_core::pubsub::PubSubFactory;
+        let dir = ScratchDir::new("rabbitmq");
+        let (mut broker, port) = private_rabbitmq(&dir, "", None).await;
+        let md = daprd_testkit::conformance::metadata_with_group(
+            &daprd_testkit::conformance::random_name("c"),
+            &[
+                (
+                    "connectionString",
+                    &format!("amqp://guest:guest@127.0.0.1:{port}"),
+                ),
+                ("reconnectWaitSeconds", "1"),
+            ],
+        );
+        let c = daprd_components::rabbitmq::RabbitFactory
+            .connect("p", &md)
+            .await
+            .unwrap();
+        restart_scenario(c, "restart-topic", &mut broker, port).await;
+    });
 }
 
 /// `amqps://` with `caCert`/`clientCert`/`clientKey` against a private node whose TLS
@@ -362,47 +395,49 @@ async fn rabbitmq_amqps_with_client_certificates() {
 }
 
 #[cfg(feature = "kafka")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_recovers_after_a_broker_restart() {
-    use daprd_core::pubsub::PubSubFactory;
-    // tansu with in-memory storage: the restarted broker has lost its topics and groups, the
-    // harder case. The component creates the topic again (autoCreateTopics) and its consumer
-    // rejoins the group by itself.
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut broker = Broker::start(vec![
-        "tansu".into(),
-        "broker".into(),
-        "--listener-url".into(),
-        url.clone(),
-        "--advertised-listener-url".into(),
-        url,
-        "--storage-engine".into(),
-        "memory://tansu/".into(),
-    ]);
-    port_open(port).await;
-    let md = daprd_testkit::conformance::metadata_with_group(
-        &daprd_testkit::conformance::random_name("restart"),
-        &[
-            ("brokers", &format!("127.0.0.1:{port}")),
-            ("authType", "none"),
-            ("initialOffset", "oldest"),
-            ("autoCreateTopics", "true"),
-            ("clientConnectionTopicMetadataRefreshInterval", "1s"),
-        ],
-    );
-    let c = daprd_components::kafka::KafkaFactory
-        .connect("p", &md)
-        .await
-        .unwrap();
-    // A group coordinator that lost its state: the consumer rejoins after its session
-    // times out and librdkafka's reconnect back-off, which takes longer than a reconnect.
-    restart_scenario_within(
-        c,
-        "restart-topic",
-        &mut broker,
-        port,
-        Duration::from_secs(60),
-    )
-    .await;
+#[test]
+fn kafka_recovers_after_a_broker_restart() {
+    bounded(Duration::from_secs(240), async {
+        use daprd_core::pubsub::PubSubFactory;
+        // tansu with in-memory storage: the restarted broker has lost its topics and groups, the
+        // harder case. The component creates the topic again (autoCreateTopics) and its consumer
+        // rejoins the group by itself.
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut broker = Broker::start(vec![
+            "tansu".into(),
+            "broker".into(),
+            "--listener-url".into(),
+            url.clone(),
+            "--advertised-listener-url".into(),
+            url,
+            "--storage-engine".into(),
+            "memory://tansu/".into(),
+        ]);
+        port_open(port).await;
+        let md = daprd_testkit::conformance::metadata_with_group(
+            &daprd_testkit::conformance::random_name("restart"),
+            &[
+                ("brokers", &format!("127.0.0.1:{port}")),
+                ("authType", "none"),
+                ("initialOffset", "oldest"),
+                ("autoCreateTopics", "true"),
+                ("clientConnectionTopicMetadataRefreshInterval", "1s"),
+            ],
+        );
+        let c = daprd_components::kafka::KafkaFactory
+            .connect("p", &md)
+            .await
+            .unwrap();
+        // A group coordinator that lost its state: the consumer rejoins after its session
+        // times out and librdkafka's reconnect back-off, which takes longer than a reconnect.
+        restart_scenario_within(
+            c,
+            "restart-topic",
+            &mut broker,
+            port,
+            Duration::from_secs(60),
+        )
+        .await;
+    });
 }
