@@ -81,11 +81,6 @@ pub fn to_vec_go<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, serde_json
 
 /// Writes `s` as a JSON string, escaped as Go's `encoding/json` escapes it.
 pub fn write_go_str(out: &mut Vec<u8>, s: &str) {
-    /// Whether a byte may need an escape: a control byte, `"`, `\`, `<`, `>`, `&`, or the
-    /// lead byte of U+2028 / U+2029.
-    fn special(b: u8) -> bool {
-        b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2)
-    }
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
@@ -144,6 +139,12 @@ pub fn write_go_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Whether a byte may need an escape: a control byte, `"`, `\\`, `<`, `>`, `&`, or the lead
+/// byte of U+2028 / U+2029.
+fn special(b: u8) -> bool {
+    b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2)
+}
+
 /// Whether one of the eight bytes of `x` is a control byte, `"`, `\\`, `<`, `>`, `&` or 0xE2
 /// (bit tricks that test all eight at once; exact, no false positive or negative).
 fn word_has_special(x: u64) -> bool {
@@ -166,7 +167,13 @@ const MAX_DEPTH: usize = 100;
 /// top, a lone surrogate, a number with an exponent, nesting deeper than 100): the caller
 /// then decodes the tree, whose answer is the reference this pass is tested against.
 pub fn reencode_go(data: &[u8], out: &mut Vec<u8>) -> bool {
-    let mut r = Reader { data, pos: 0 };
+    // The text is checked for UTF-8 once; strings are slices of it. Past an invalid byte
+    // (which may follow the first value, and is then ignored) no string is taken.
+    let text = match std::str::from_utf8(data) {
+        Ok(text) => text,
+        Err(e) => std::str::from_utf8(&data[..e.valid_up_to()]).unwrap_or_default(),
+    };
+    let mut r = Reader { text, data, pos: 0 };
     r.skip_ws();
     if !matches!(r.peek(), Some(b'{' | b'[')) {
         return false;
@@ -181,6 +188,8 @@ pub fn reencode_go(data: &[u8], out: &mut Vec<u8>) -> bool {
 
 /// A one-pass JSON reader writing Go's encoding of what it reads.
 struct Reader<'a> {
+    /// The longest UTF-8 prefix of `data`.
+    text: &'a str,
     data: &'a [u8],
     pos: usize,
 }
@@ -201,11 +210,7 @@ impl<'a> Reader<'a> {
         match self.peek()? {
             b'{' => self.object(out, depth + 1),
             b'[' => self.array(out, depth + 1),
-            b'"' => {
-                let s = self.string()?;
-                write_go_str(out, &s);
-                Some(())
-            }
+            b'"' => self.go_string(out).map(|_| ()),
             b't' => self.literal(out, b"true"),
             b'f' => self.literal(out, b"false"),
             b'n' => self.literal(out, b"null"),
@@ -257,9 +262,47 @@ impl<'a> Reader<'a> {
         Some(())
     }
 
+    /// Reads the string whose opening quote is at `pos`, writes Go's encoding of it and
+    /// returns its text. A string Go writes as it is written (no escape, no byte Go escapes)
+    /// is found in one scan and copied whole.
+    fn go_string(&mut self, out: &mut Vec<u8>) -> Option<Cow<'a, str>> {
+        if let Some(end) = self.plain_string_end() {
+            let text = self.text.get(self.pos + 1..end)?;
+            out.extend_from_slice(&self.data[self.pos..=end]);
+            self.pos = end + 1;
+            return Some(Cow::Borrowed(text));
+        }
+        let s = self.string()?;
+        write_go_str(out, &s);
+        Some(s)
+    }
+
+    /// The closing quote's index of the string opening at `pos`, when no byte before it is
+    /// special (see [`special`]); `None` otherwise.
+    fn plain_string_end(&self) -> Option<usize> {
+        let data = self.data;
+        let mut i = self.pos + 1;
+        loop {
+            if let Some(word) = data.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
+                if !word_has_special(u64::from_le_bytes(word)) {
+                    i += 8;
+                    continue;
+                }
+            }
+            let b = *data.get(i)?;
+            if b == b'"' {
+                return Some(i);
+            }
+            if special(b) {
+                return None;
+            }
+            i += 1;
+        }
+    }
+
     /// The string whose opening quote is at `pos`, unescaped (borrowed when it has no escape).
     fn string(&mut self) -> Option<Cow<'a, str>> {
-        let data = self.data;
+        let (data, text) = (self.data, self.text);
         let mut i = self.pos + 1;
         let mut owned: Option<String> = None;
         loop {
@@ -269,7 +312,7 @@ impl<'a> Reader<'a> {
             if raw.iter().any(|&b| b < 0x20) {
                 return None;
             }
-            let raw = std::str::from_utf8(raw).ok()?;
+            let raw = text.get(i..i + j)?;
             i += j;
             if data[i] == b'"' {
                 self.pos = i + 1;
@@ -337,17 +380,16 @@ impl<'a> Reader<'a> {
             if self.peek()? != b'"' {
                 return None;
             }
-            let key = self.string()?;
+            if !members.is_empty() {
+                out.push(b',');
+            }
+            let start = out.len();
+            let key = self.go_string(out)?;
             self.skip_ws();
             if self.peek()? != b':' {
                 return None;
             }
             self.pos += 1;
-            if !members.is_empty() {
-                out.push(b',');
-            }
-            let start = out.len();
-            write_go_str(out, &key);
             out.push(b':');
             self.value(out, depth)?;
             members.push((key, start, out.len()));
@@ -535,12 +577,16 @@ mod tests {
             r#"{"a":"<script>&amp;</script>","k<":"v"}"#,
             "[\"\u{2028}\u{2029}é\u{10FFFF}\"]",
             r#"[true,false,null]"#,
+            r#"{"long":"abcdefghijklmnopqrstuvwxyz0123456789","lt":"abcdefghijklmnop<qrstu","zz":"abcdefgh\nijklmnop"}"#,
+            "{\"\u{20ac}uro\":\"\u{20ac}\u{20ac}\u{20ac}\u{20ac}\u{20ac}\u{20ac}\u{20ac}\u{20ac}\",\"ctl\":\"abcdefghi\\u0001\"}",
             r#"{}"#,
             r#"[]"#,
         ]
         .iter()
         .map(|s| s.as_bytes().to_vec())
         .chain([deep(99).into_bytes(), deep(100).into_bytes()])
+        // invalid UTF-8 after the first value, which is all that is read
+        .chain([b"{\"a\":\"plain text\"} \xff\xfe".to_vec()])
         .collect();
         for data in &cases {
             let tree = by_tree(data);
