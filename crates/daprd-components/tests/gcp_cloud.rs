@@ -131,9 +131,25 @@ async fn a_token_is_replaced_before_it_expires() {
         (cloud.tokens().token_requests() >= 2).then_some(())
     })
     .await;
+    // The token server counts a token when it answers; the component takes it up when the
+    // answer has arrived: its calls carry the new token soon after (the old one still works
+    // meanwhile).
+    let topic = random_name("refresh");
+    let newest = cloud.tokens().issued().last().cloned();
+    assert!(newest.is_some(), "the token server issued tokens");
+    daprd_testkit::eventually(Duration::from_secs(10), "calls with the new token", || {
+        let (c, topic, newest) = (c.clone(), topic.clone(), newest.clone());
+        let cloud = &cloud;
+        async move {
+            c.publish(publish_request(&topic, b"around the refresh"))
+                .await
+                .ok()?;
+            (cloud.last_token() == newest).then_some(())
+        }
+    })
+    .await;
     // only the new token is good now: calls must carry it
     cloud.tokens().revoke_all_but_newest();
-    let topic = random_name("refresh");
     c.publish(publish_request(&topic, b"after the refresh"))
         .await
         .expect("publish with the refreshed token");

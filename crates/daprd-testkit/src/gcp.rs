@@ -63,6 +63,8 @@ struct State {
     refused: AtomicUsize,
     /// Method paths forwarded, with the kind of token that carried them.
     calls: Mutex<Vec<(String, &'static str)>>,
+    /// The token of the last call let through.
+    last_token: Mutex<Option<String>>,
     upstream: tonic::transport::Channel,
 }
 
@@ -154,6 +156,11 @@ impl<const SUBSCRIBER: bool> Service<http::Request<Body>> for Front<SUBSCRIBER> 
                 }
             };
             lock(&state.calls).push((request.uri().path().to_string(), kind));
+            *lock(&state.last_token) = authorization
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .map(str::to_string);
             let mut upstream = state.upstream.clone();
             if let Err(e) = std::future::poll_fn(|cx| upstream.poll_ready(cx)).await {
                 return Ok(tonic::Status::unavailable(e.to_string()).into_http());
@@ -196,6 +203,7 @@ impl GoogleTestCloud {
             tokens: TokenServer::start().await,
             refused: AtomicUsize::new(0),
             calls: Mutex::default(),
+            last_token: Mutex::default(),
             upstream,
         });
         let ca = TestCa::new(&rcgen::PKCS_ECDSA_P256_SHA256);
@@ -227,6 +235,11 @@ impl GoogleTestCloud {
     /// (`"self-signed jwt"` or `"access token"`).
     pub fn calls(&self) -> Vec<(String, &'static str)> {
         lock(&self.state.calls).clone()
+    }
+
+    /// The bearer token of the last call let through.
+    pub fn last_token(&self) -> Option<String> {
+        lock(&self.state.last_token).clone()
     }
 
     /// Calls refused for their token.
