@@ -186,9 +186,11 @@ impl PullLoop {
     /// After a stop: the stream is ended the orderly way — the request side closed, the
     /// server's end awaited (at most [`RELEASE_WAIT`]) — and every message read meanwhile is
     /// nacked, so the next subscriber gets it at once. A stream merely dropped (cancelled)
-    /// left messages it had been handed leased to nobody: on the emulator some did not come
-    /// back to the next subscriber of the group within 35 s (3 of 60 in the conformance
-    /// suite's graceful stop, about one run in five).
+    /// leaves messages it had been handed leased to nobody until their deadline; and Google's
+    /// emulator never ends a stream cancelled without the half-close: it goes on handing the
+    /// subscription's messages to it every 50 ms, so about half of them (and of each round of
+    /// redeliveries) vanish for another deadline (in the conformance suite's graceful stop, 3
+    /// of 60 did not reach the next subscriber within 35 s, about one run in five).
     async fn release(
         &self,
         stream: &mut tonic::Streaming<api::StreamingPullResponse>,
