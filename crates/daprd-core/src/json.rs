@@ -87,22 +87,11 @@ pub fn write_go_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let mut start = 0;
     let mut i = 0;
-    while i < bytes.len() {
-        // Runs without a special byte are skipped eight bytes at a time.
-        if let Some(word) = bytes
-            .get(i..i + 8)
-            .and_then(|w| <[u8; 8]>::try_from(w).ok())
-        {
-            if !word_has_special(u64::from_le_bytes(word)) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
-        if !special(b) {
-            i += 1;
-            continue;
-        }
+    loop {
+        i = next_special(bytes, i);
+        let Some(&b) = bytes.get(i) else {
+            break;
+        };
         let (escape, len): (&[u8], usize) = match b {
             b'"' => (b"\\\"", 1),
             b'\\' => (b"\\\\", 1),
@@ -143,6 +132,25 @@ pub fn write_go_str(out: &mut Vec<u8>, s: &str) {
 /// byte of U+2028 / U+2029.
 fn special(b: u8) -> bool {
     b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2)
+}
+
+/// The index of the first byte at or after `from` that [`special`] names (`bytes.len()` when
+/// there is none): runs without one are skipped eight bytes at a time.
+#[inline]
+fn next_special(bytes: &[u8], mut i: usize) -> usize {
+    while let Some(word) = bytes
+        .get(i..i + 8)
+        .and_then(|w| <[u8; 8]>::try_from(w).ok())
+    {
+        if word_has_special(u64::from_le_bytes(word)) {
+            break;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && !special(bytes[i]) {
+        i += 1;
+    }
+    i.min(bytes.len())
 }
 
 /// Whether one of the eight bytes of `x` is a control byte, `"`, `\\`, `<`, `>`, `&` or 0xE2
@@ -280,24 +288,8 @@ impl<'a> Reader<'a> {
     /// The closing quote's index of the string opening at `pos`, when no byte before it is
     /// special (see [`special`]); `None` otherwise.
     fn plain_string_end(&self) -> Option<usize> {
-        let data = self.data;
-        let mut i = self.pos + 1;
-        loop {
-            if let Some(word) = data.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
-                if !word_has_special(u64::from_le_bytes(word)) {
-                    i += 8;
-                    continue;
-                }
-            }
-            let b = *data.get(i)?;
-            if b == b'"' {
-                return Some(i);
-            }
-            if special(b) {
-                return None;
-            }
-            i += 1;
-        }
+        let i = next_special(self.data, self.pos + 1);
+        (*self.data.get(i)? == b'"').then_some(i)
     }
 
     /// The string whose opening quote is at `pos`, unescaped (borrowed when it has no escape).
