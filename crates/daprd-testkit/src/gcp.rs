@@ -69,15 +69,15 @@ struct State {
 }
 
 impl State {
-    /// Which kind of token `authorization` carries, or why it is refused.
-    fn check(&self, authorization: Option<&str>) -> Result<&'static str, String> {
+    /// The token `authorization` carries and which kind it is, or why it is refused.
+    fn check<'h>(&self, authorization: Option<&'h str>) -> Result<(&'static str, &'h str), String> {
         let token = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .ok_or("no bearer token")?;
         if self.tokens.is_issued(token) {
-            return Ok("access token");
+            return Ok(("access token", token));
         }
-        self.check_jwt(token).map(|()| "self-signed jwt")
+        self.check_jwt(token).map(|()| ("self-signed jwt", token))
     }
 
     fn check_jwt(&self, token: &str) -> Result<(), String> {
@@ -148,19 +148,16 @@ impl<const SUBSCRIBER: bool> Service<http::Request<Body>> for Front<SUBSCRIBER> 
         let state = self.0.clone();
         Box::pin(async move {
             let authorization = request.headers_mut().remove("authorization");
-            let kind = match state.check(authorization.as_ref().and_then(|v| v.to_str().ok())) {
-                Ok(kind) => kind,
-                Err(why) => {
-                    state.refused.fetch_add(1, Ordering::SeqCst);
-                    return Ok(tonic::Status::unauthenticated(why).into_http());
-                }
-            };
+            let (kind, token) =
+                match state.check(authorization.as_ref().and_then(|v| v.to_str().ok())) {
+                    Ok(checked) => checked,
+                    Err(why) => {
+                        state.refused.fetch_add(1, Ordering::SeqCst);
+                        return Ok(tonic::Status::unauthenticated(why).into_http());
+                    }
+                };
             lock(&state.calls).push((request.uri().path().to_string(), kind));
-            *lock(&state.last_token) = authorization
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .and_then(|a| a.strip_prefix("Bearer "))
-                .map(str::to_string);
+            *lock(&state.last_token) = Some(token.to_string());
             let mut upstream = state.upstream.clone();
             if let Err(e) = std::future::poll_fn(|cx| upstream.poll_ready(cx)).await {
                 return Ok(tonic::Status::unavailable(e.to_string()).into_http());
