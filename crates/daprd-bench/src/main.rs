@@ -19,6 +19,8 @@
 //!   against the direct path and the sidecar, every row a ratio to the direct one.
 //! * CloudEvent envelope (`envelope.rs`, `--envelope`): the tree path and the one-pass path,
 //!   in process, for 1 KB and 1 MB bodies.
+//! * Large messages (`large.rs`, `--large`): 1 MB and 3 MB publishes through the sidecar
+//!   against a direct `XADD` of the same envelope, and the sidecar's RSS around them.
 //! * Soak (`soak.rs`, `--soak SECS`): steady publish → deliver, RSS and fds every 10 s.
 //! * Footprint: exec → `/v1.0/healthz/outbound` 204, idle RSS, binary size (and stripped).
 //!
@@ -29,6 +31,7 @@
 mod bulk_memory;
 mod e2e;
 mod envelope;
+mod large;
 mod loadgen;
 mod observability;
 mod proc;
@@ -71,6 +74,8 @@ pub struct Opts {
     loadgen_only: bool,
     /// `--envelope`: only the envelope rows.
     envelope_only: bool,
+    /// `--large`: only the large-message rows.
+    large_only: bool,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -88,6 +93,7 @@ fn parse_args() -> Result<Opts> {
     let mut reload_only = false;
     let mut loadgen_only = false;
     let mut envelope_only = false;
+    let mut large_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -107,12 +113,13 @@ fn parse_args() -> Result<Opts> {
             "--reload" => reload_only = true,
             "--loadgen" => loadgen_only = true,
             "--envelope" => envelope_only = true,
+            "--large" => large_only = true,
             "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
             "--soak-rate" => {
                 soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
             }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload] [--loadgen] [--envelope]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload] [--loadgen] [--envelope] [--large]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -154,6 +161,7 @@ fn parse_args() -> Result<Opts> {
         reload_only,
         loadgen_only,
         envelope_only,
+        large_only,
     })
 }
 
@@ -603,6 +611,14 @@ async fn main() -> Result<()> {
         )?;
         return Ok(());
     }
+    if opts.large_only {
+        let doc = large::run(&opts).await?;
+        std::fs::write(
+            &opts.out,
+            serde_json::to_vec_pretty(&json!({"large": doc}))?,
+        )?;
+        return Ok(());
+    }
     if opts.bulk_memory_only {
         let doc = bulk_memory::run(&opts, &brokers).await?;
         std::fs::write(
@@ -712,6 +728,11 @@ async fn main() -> Result<()> {
     } else {
         (loadgen::run(&opts).await?, envelope::run(opts.quick)?)
     };
+    let large = if opts.only.is_some() || !brokers.contains(&Broker::Redis) {
+        json!(null)
+    } else {
+        large::run(&opts).await?
+    };
 
     let binary = std::fs::metadata(&opts.daprd).map(|m| m.len()).unwrap_or(0);
     let stripped_path = std::env::temp_dir().join(format!("daprd-stripped-{}", std::process::id()));
@@ -761,6 +782,7 @@ async fn main() -> Result<()> {
         "reload": reload,
         "loadgen": loadgen,
         "envelope": envelope,
+        "large": large,
         "startup_ms": {"p50": p50_start, "max": max_start, "runs": starts.len()},
         "idle_rss_kib": idle_rss,
         "rss_after_load_kib": loaded_rss,
