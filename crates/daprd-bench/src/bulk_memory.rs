@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use serde_json::json;
 
 use crate::{proc, start_sidecar, Broker, Opts};
@@ -39,37 +39,24 @@ pub async fn run(opts: &Opts, brokers: &[Broker]) -> Result<serde_json::Value> {
         let (sidecar, _) = start_sidecar(opts, &[b], None).await?;
         let pid = sidecar.child.id();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mib = |k: Option<u64>| k.unwrap_or(0) as f64 / 1024.0;
-        let idle = mib(proc::rss_kib(pid));
+        let idle = proc::rss_mib(pid);
         let mut each = Vec::new();
+        let url = format!(
+            "{}/v1.0-alpha1/publish/bulk/{}/bench.bulkmem",
+            sidecar.http,
+            b.component()
+        );
         for _ in 0..REQUESTS {
-            let r = client
-                .post(format!(
-                    "{}/v1.0-alpha1/publish/bulk/{}/bench.bulkmem",
-                    sidecar.http,
-                    b.component()
-                ))
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await?;
-            ensure!(
-                r.status().is_success(),
-                "bulk publish answered {}",
-                r.status()
-            );
-            each.push(mib(proc::rss_kib(pid)));
+            proc::post_json(&client, &url, body.clone(), "bulk publish").await?;
+            each.push(proc::rss_mib(pid));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = mib(proc::rss_kib(pid));
+        let after = proc::rss_mib(pid);
         println!(
             "{:<10} {:>10.1} {:>24} {:>10.1}",
             b.component(),
             idle,
-            each.iter()
-                .map(|m| format!("{m:.1}"))
-                .collect::<Vec<_>>()
-                .join(" / "),
+            proc::mib_list(&each),
             after
         );
         out.push(

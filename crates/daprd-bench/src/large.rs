@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use daprd_core::cloudevent::{self, EnvelopeRequest};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -57,9 +57,8 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
     let http = reqwest::Client::new();
     let topic = format!("bench.large.{}", std::process::id());
     let direct_key = format!("{topic}.direct");
-    let mib = |k: Option<u64>| k.unwrap_or(0) as f64 / 1024.0;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = mib(proc::rss_kib(pid));
+    let idle = proc::rss_mib(pid);
     let (blocks, per_block) = if opts.quick {
         (1, 3)
     } else {
@@ -100,20 +99,11 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
             }
             for _ in 0..per_block {
                 let t = Instant::now();
-                let r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(data.clone())
-                    .send()
-                    .await?;
-                ensure!(
-                    r.status().is_success(),
-                    "a {size} MiB publish answered {}",
-                    r.status()
-                );
+                let what = format!("a {size} MiB publish");
+                proc::post_json(&http, &url, data.clone(), &what).await?;
                 through.record(micros(t.elapsed()))?;
             }
-            each.push(mib(proc::rss_kib(pid)));
+            each.push(proc::rss_mib(pid));
             let _: i64 = redis::cmd("DEL")
                 .arg(&direct_key)
                 .arg(&topic)
@@ -121,7 +111,7 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
                 .await?;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = mib(proc::rss_kib(pid));
+        let after = proc::rss_mib(pid);
         let (d50, s50) = (
             direct.value_at_quantile(0.5),
             through.value_at_quantile(0.5),
@@ -134,10 +124,7 @@ pub async fn run(opts: &Opts) -> Result<serde_json::Value> {
             s50,
             ratio,
             idle,
-            each.iter()
-                .map(|m| format!("{m:.1}"))
-                .collect::<Vec<_>>()
-                .join(" / "),
+            proc::mib_list(&each),
             after
         );
         out.push(json!({
