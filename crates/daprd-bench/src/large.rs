@@ -5,10 +5,10 @@
 //! streams are deleted after it, so Redis holds at most one block of bodies.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use daprd_core::cloudevent::{self, EnvelopeRequest};
+use daprd_core::cloudevent;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -28,19 +28,7 @@ fn body(mib: usize) -> Result<Vec<u8>> {
 /// The envelope the sidecar's publisher writes for `data` (attributes of the same length).
 fn envelope(data: &[u8], topic: &str) -> Result<Vec<u8>> {
     let md = BTreeMap::new();
-    let id = "5b0c3b8e-7d3f-4d0e-9f44-2d2b8f0c1a77".to_string();
-    let req = EnvelopeRequest {
-        source: "bench",
-        topic,
-        pubsub_name: "redis",
-        data_content_type: "application/json",
-        data,
-        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        tracestate: "",
-        metadata: Some(&md),
-        new_id: &id,
-        now: SystemTime::now(),
-    };
+    let req = crate::envelope::request(topic, "application/json", data, &md);
     Ok(cloudevent::envelope_bytes(&req, false)?)
 }
 

@@ -586,45 +586,24 @@ async fn main() -> Result<()> {
             up
         })
         .collect();
-    if opts.observability_only {
-        let doc = observability::run(&opts).await?;
-        std::fs::write(
-            &opts.out,
-            serde_json::to_vec_pretty(&json!({"observability": doc}))?,
-        )?;
-        return Ok(());
-    }
-    if opts.loadgen_only || opts.envelope_only {
-        let doc = if opts.loadgen_only {
-            json!({"loadgen": loadgen::run(&opts).await?})
-        } else {
-            json!({"envelope": envelope::run(opts.quick)?})
-        };
-        std::fs::write(&opts.out, serde_json::to_vec_pretty(&doc)?)?;
-        return Ok(());
-    }
-    if opts.reload_only {
-        let doc = reload::run(&opts).await?;
-        std::fs::write(
-            &opts.out,
-            serde_json::to_vec_pretty(&json!({"reload": doc}))?,
-        )?;
-        return Ok(());
-    }
-    if opts.large_only {
-        let doc = large::run(&opts).await?;
-        std::fs::write(
-            &opts.out,
-            serde_json::to_vec_pretty(&json!({"large": doc}))?,
-        )?;
-        return Ok(());
-    }
-    if opts.bulk_memory_only {
-        let doc = bulk_memory::run(&opts, &brokers).await?;
-        std::fs::write(
-            &opts.out,
-            serde_json::to_vec_pretty(&json!({"bulk_memory": doc}))?,
-        )?;
+    // A part run alone writes its rows under its own key.
+    let part = if opts.observability_only {
+        Some(("observability", observability::run(&opts).await?))
+    } else if opts.loadgen_only {
+        Some(("loadgen", loadgen::run(&opts).await?))
+    } else if opts.envelope_only {
+        Some(("envelope", envelope::run(opts.quick)?))
+    } else if opts.reload_only {
+        Some(("reload", reload::run(&opts).await?))
+    } else if opts.large_only {
+        Some(("large", large::run(&opts).await?))
+    } else if opts.bulk_memory_only {
+        Some(("bulk_memory", bulk_memory::run(&opts, &brokers).await?))
+    } else {
+        None
+    };
+    if let Some((key, doc)) = part {
+        std::fs::write(&opts.out, serde_json::to_vec_pretty(&json!({ key: doc }))?)?;
         return Ok(());
     }
     let event = json!({"orderId": 1, "pad": "x".repeat(1000)});
