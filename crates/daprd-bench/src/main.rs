@@ -64,18 +64,8 @@ pub struct Opts {
     soak: Option<u64>,
     /// `--soak-rate N`: messages per second of the soak (default 200).
     soak_rate: u64,
-    /// `--bulk-memory`: only the bulk publish memory rows.
-    bulk_memory_only: bool,
-    /// `--observability`: only the cost rows of metrics.
-    observability_only: bool,
-    /// `--reload`: only the hot reload cost rows.
-    reload_only: bool,
-    /// `--loadgen`: only the C load-generator rows.
-    loadgen_only: bool,
-    /// `--envelope`: only the envelope rows.
-    envelope_only: bool,
-    /// `--large`: only the large-message rows.
-    large_only: bool,
+    /// One part run alone (its flag), instead of the full run.
+    part: Option<Part>,
 }
 
 fn parse_args() -> Result<Opts> {
@@ -88,12 +78,7 @@ fn parse_args() -> Result<Opts> {
     let mut only = None;
     let mut soak = None;
     let mut soak_rate = 200;
-    let mut bulk_memory_only = false;
-    let mut observability_only = false;
-    let mut reload_only = false;
-    let mut loadgen_only = false;
-    let mut envelope_only = false;
-    let mut large_only = false;
+    let mut part = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -108,18 +93,19 @@ fn parse_args() -> Result<Opts> {
                 ))
             }
             "--only" => only = Some(args.next().context("--only needs a row name part")?),
-            "--bulk-memory" => bulk_memory_only = true,
-            "--observability" => observability_only = true,
-            "--reload" => reload_only = true,
-            "--loadgen" => loadgen_only = true,
-            "--envelope" => envelope_only = true,
-            "--large" => large_only = true,
+            "--bulk-memory" => part = Some(Part::BulkMemory),
+            "--observability" => part = Some(Part::Observability),
+            "--reload" => part = Some(Part::Reload),
+            "--loadgen" => part = Some(Part::Loadgen),
+            "--envelope" => part = Some(Part::Envelope),
+            "--large" => part = Some(Part::Large),
+            "--e2e" => part = Some(Part::E2e),
             "--soak" => soak = Some(args.next().context("--soak needs seconds")?.parse()?),
             "--soak-rate" => {
                 soak_rate = args.next().context("--soak-rate needs a rate")?.parse()?
             }
             "-h" | "--help" => {
-                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload] [--loadgen] [--envelope] [--large]");
+                println!("daprd-bench [--quick] [--daprd PATH] [--out FILE] [--redis HOST:PORT] [--blocks N] [--block-secs S] [--only ROW-PART] [--soak SECS [--soak-rate N]] [--bulk-memory] [--observability] [--reload] [--loadgen] [--envelope] [--large] [--e2e]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -156,13 +142,27 @@ fn parse_args() -> Result<Opts> {
         only,
         soak,
         soak_rate,
-        bulk_memory_only,
-        observability_only,
-        reload_only,
-        loadgen_only,
-        envelope_only,
-        large_only,
+        part,
     })
+}
+
+/// A part of the full run that a flag runs alone; its rows go under its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// `--bulk-memory`: the bulk publish memory rows.
+    BulkMemory,
+    /// `--observability`: the cost rows of metrics.
+    Observability,
+    /// `--reload`: the hot reload cost rows.
+    Reload,
+    /// `--loadgen`: the C load-generator rows.
+    Loadgen,
+    /// `--envelope`: the envelope rows.
+    Envelope,
+    /// `--large`: the large-message rows.
+    Large,
+    /// `--e2e`: the end-to-end rows (open loop, closed loop, slow handler) and the idle footprint.
+    E2e,
 }
 
 /// The brokers the harness knows; rows run for those whose port answers.
@@ -587,20 +587,15 @@ async fn main() -> Result<()> {
         })
         .collect();
     // A part run alone writes its rows under its own key.
-    let part = if opts.observability_only {
-        Some(("observability", observability::run(&opts).await?))
-    } else if opts.loadgen_only {
-        Some(("loadgen", loadgen::run(&opts).await?))
-    } else if opts.envelope_only {
-        Some(("envelope", envelope::run(opts.quick)?))
-    } else if opts.reload_only {
-        Some(("reload", reload::run(&opts).await?))
-    } else if opts.large_only {
-        Some(("large", large::run(&opts).await?))
-    } else if opts.bulk_memory_only {
-        Some(("bulk_memory", bulk_memory::run(&opts, &brokers).await?))
-    } else {
-        None
+    let part = match opts.part {
+        Some(Part::Observability) => Some(("observability", observability::run(&opts).await?)),
+        Some(Part::Loadgen) => Some(("loadgen", loadgen::run(&opts).await?)),
+        Some(Part::Envelope) => Some(("envelope", envelope::run(opts.quick)?)),
+        Some(Part::Reload) => Some(("reload", reload::run(&opts).await?)),
+        Some(Part::Large) => Some(("large", large::run(&opts).await?)),
+        Some(Part::BulkMemory) => Some(("bulk_memory", bulk_memory::run(&opts, &brokers).await?)),
+        Some(Part::E2e) => Some(("e2e", e2e::run(&opts).await?)),
+        None => None,
     };
     if let Some((key, doc)) = part {
         std::fs::write(&opts.out, serde_json::to_vec_pretty(&json!({ key: doc }))?)?;
