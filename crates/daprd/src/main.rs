@@ -19,8 +19,8 @@ fn print_problems(problems: &[String]) {
 }
 
 /// With `--features mimalloc`: the glibc allocator spends about 9 % of the sidecar's CPU under
-/// publish load (malloc, free, consolidation); mimalloc trades that for ~1.7 MB more RSS
-/// (docs/BENCHMARKS.md).
+/// publish load (malloc, free, consolidation); mimalloc trades that for ~1 MB more idle RSS
+/// and about twice the RSS after 1 MB bodies, whose pages it keeps (docs/BENCHMARKS.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

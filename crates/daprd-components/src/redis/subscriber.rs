@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daprd_core::pubsub::{DrainGuard, Handler, Message, Outcome};
-use redis::streams::{StreamId, StreamReadReply};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
 
@@ -70,26 +69,85 @@ pub(super) async fn create_group(
     }
 }
 
-/// The message of a stream entry: read new (`redelivered` false) or claimed from the pending
-/// list (true).
-fn to_message(topic: &str, entry: &StreamId, redelivered: bool) -> Message {
-    let field = |name: &str| -> Option<Vec<u8>> {
-        match entry.map.get(name)? {
-            Value::BulkString(b) => Some(b.clone()),
-            Value::SimpleString(s) => Some(s.clone().into_bytes()),
-            _ => None,
-        }
+/// A stream reply from Redis that does not have the shape of `XREADGROUP` or `XCLAIM`.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected {0} in a redis stream reply")]
+pub(super) struct ReplyShape(&'static str);
+
+/// The entries of an `XREADGROUP` reply (nil when the read timed out): per stream, as an
+/// array of `[key, entries]` (RESP2) or a map of key to entries (RESP3). Taken apart by
+/// value, so the entries' field bytes move into the messages instead of being copied.
+fn read_entries(reply: Value) -> Result<Vec<Value>, ReplyShape> {
+    let streams = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Array(mut kv) if kv.len() == 2 => Ok(kv.swap_remove(1)),
+                _ => Err(ReplyShape("stream item")),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(ReplyShape("read reply")),
     };
-    let metadata: BTreeMap<String, String> = field("metadata")
-        .and_then(|m| serde_json::from_slice(&m).ok())
-        .unwrap_or_default();
-    Message {
+    let mut entries = Vec::new();
+    for stream in streams {
+        match stream {
+            Value::Array(items) => entries.extend(items),
+            Value::Nil => {}
+            _ => return Err(ReplyShape("entry list")),
+        }
+    }
+    Ok(entries)
+}
+
+/// The id and message of one stream entry, `[id, [field, value, ...]]`: read new
+/// (`redelivered` false) or claimed from the pending list (true). `None` for an entry
+/// deleted from the stream while pending (its fields are nil).
+fn entry_message(
+    topic: &str,
+    entry: Value,
+    redelivered: bool,
+) -> Result<Option<(String, Message)>, ReplyShape> {
+    let Value::Array(parts) = entry else {
+        return Err(ReplyShape("entry"));
+    };
+    let mut parts = parts.into_iter();
+    let id = match parts.next() {
+        Some(Value::BulkString(b)) => String::from_utf8(b).map_err(|_| ReplyShape("entry id"))?,
+        Some(Value::SimpleString(s)) => s,
+        _ => return Err(ReplyShape("entry id")),
+    };
+    let fields = match parts.next() {
+        Some(Value::Array(f)) => f,
+        Some(Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        Some(Value::Nil) | None => return Ok(None),
+        _ => return Err(ReplyShape("entry fields")),
+    };
+    let (mut data, mut metadata) = (Vec::new(), BTreeMap::new());
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        let value = match value {
+            Value::BulkString(b) => b,
+            Value::SimpleString(s) => s.into_bytes(),
+            _ => continue,
+        };
+        match name {
+            Value::BulkString(n) if n == b"data" => data = value,
+            Value::BulkString(n) if n == b"metadata" => {
+                metadata = serde_json::from_slice(&value).unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+    let message = Message {
         topic: topic.to_string(),
-        data: Bytes::from(field("data").unwrap_or_default()),
+        data: Bytes::from(data),
         metadata,
         content_type: None,
         redelivered,
-    }
+    };
+    Ok(Some((id, message)))
 }
 
 /// Starts the tasks of one subscription; they end once `stop_rx` turns true (workers after
@@ -293,7 +351,7 @@ async fn reader(
         // brings is queued and delivered; a read still blocked then is ended at once with
         // `CLIENT UNBLOCK` (as a timeout: nothing handed over), so a quiet stream does not hold
         // the quiesce for the whole BLOCK time.
-        let read: Result<Option<StreamReadReply>, RedisError> = {
+        let read: Result<Value, RedisError> = {
             let read_in_flight = cmd.query_async(c);
             tokio::pin!(read_in_flight);
             let mut unblocked = false;
@@ -315,18 +373,27 @@ async fn reader(
             }
         };
         match read {
-            Ok(Some(reply)) => {
-                for key in reply.keys {
-                    for entry in key.ids {
-                        let msg = to_message(&ctx.topic, &entry, false);
-                        ctx.hold(&entry.id);
-                        if tx.send((entry.id.clone(), msg)).await.is_err() {
-                            return;
+            Ok(reply) => {
+                let entries = read_entries(reply).unwrap_or_else(|e| {
+                    // left pending: the reclaim loop takes them over after processingTimeout
+                    tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %e, "unreadable XREADGROUP reply");
+                    Vec::new()
+                });
+                for entry in entries {
+                    match entry_message(&ctx.topic, entry, false) {
+                        Ok(Some((id, msg))) => {
+                            ctx.hold(&id);
+                            if tx.send((id, msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %e, "unreadable stream entry")
                         }
                     }
                 }
             }
-            Ok(None) => {}
             Err(e) => {
                 if e.code() == Some("NOGROUP") {
                     tracing::warn!(component = %ctx.component, topic = %ctx.topic, "consumer group missing; recreating it");
@@ -392,7 +459,7 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
     if ids.is_empty() {
         return;
     }
-    let claimed: Result<redis::streams::StreamClaimReply, RedisError> = redis::cmd("XCLAIM")
+    let claimed: Result<Value, RedisError> = redis::cmd("XCLAIM")
         .arg(&ctx.topic)
         .arg(&ctx.md.consumer_id)
         .arg(&ctx.md.consumer_id)
@@ -402,8 +469,27 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
         .await;
     match claimed {
         Ok(reply) => {
-            let found: std::collections::HashSet<&str> =
-                reply.ids.iter().map(|e| e.id.as_str()).collect();
+            let entries = match reply {
+                Value::Array(entries) => entries,
+                Value::Nil => Vec::new(),
+                _ => {
+                    tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %ReplyShape("claim reply"), "unreadable XCLAIM reply");
+                    return;
+                }
+            };
+            let mut claimed = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match entry_message(&ctx.topic, entry, true) {
+                    Ok(Some(m)) => claimed.push(m),
+                    // deleted while pending (nil fields; Redis 7 leaves it out instead)
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %e, "unreadable claimed entry");
+                        return;
+                    }
+                }
+            }
+            let found: HashSet<&str> = claimed.iter().map(|(id, _)| id.as_str()).collect();
             for gone in ids.iter().filter(|id| !found.contains(id.as_str())) {
                 let _: Result<i64, RedisError> = redis::cmd("XACK")
                     .arg(&ctx.topic)
@@ -412,17 +498,13 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
                     .query_async(&mut conn)
                     .await;
             }
-            for entry in &reply.ids {
-                if !ctx.hold(&entry.id) {
+            for (id, msg) in claimed {
+                if !ctx.hold(&id) {
                     // Read again by this subscription since the XPENDING: already queued.
                     continue;
                 }
-                tracing::debug!(component = %ctx.component, topic = %ctx.topic, id = %entry.id, "redelivering a pending message");
-                if tx
-                    .send((entry.id.clone(), to_message(&ctx.topic, entry, true)))
-                    .await
-                    .is_err()
-                {
+                tracing::debug!(component = %ctx.component, topic = %ctx.topic, %id, "redelivering a pending message");
+                if tx.send((id, msg)).await.is_err() {
                     return;
                 }
             }
@@ -430,5 +512,78 @@ async fn reclaim_once(ctx: &Context, tx: &mpsc::Sender<(String, Message)>) {
         Err(e) => {
             tracing::warn!(component = %ctx.component, topic = %ctx.topic, error = %e, "XCLAIM failed")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, data: &str) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(vec![
+                bulk("data"),
+                bulk(data),
+                bulk("metadata"),
+                bulk(r#"{"traceparent":"00-ab"}"#),
+            ]),
+        ])
+    }
+
+    fn messages(entries: Vec<Value>) -> Vec<(String, Message)> {
+        entries
+            .into_iter()
+            .filter_map(|e| entry_message("orders", e, false).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn resp2_and_resp3_read_replies_give_the_same_messages() {
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("orders"),
+            Value::Array(vec![entry("1-0", "a"), entry("2-0", "b")]),
+        ])]);
+        let resp3 = Value::Map(vec![(
+            bulk("orders"),
+            Value::Array(vec![entry("1-0", "a"), entry("2-0", "b")]),
+        )]);
+        for reply in [resp2, resp3] {
+            let got = messages(read_entries(reply).unwrap());
+            let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids, ["1-0", "2-0"]);
+            assert_eq!(&got[1].1.data[..], b"b");
+            assert_eq!(got[0].1.metadata["traceparent"], "00-ab");
+            assert!(!got[0].1.redelivered);
+        }
+        assert!(read_entries(Value::Nil).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_deleted_pending_entry_is_none_and_a_bad_shape_an_error() {
+        let deleted = Value::Array(vec![bulk("3-0"), Value::Nil]);
+        assert!(entry_message("orders", deleted, true).unwrap().is_none());
+        let err = read_entries(Value::Int(3)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unexpected read reply in a redis stream reply"
+        );
+        assert!(entry_message("orders", Value::Array(vec![Value::Int(1)]), true).is_err());
+        assert!(read_entries(Value::Array(vec![bulk("orders")])).is_err());
+    }
+
+    #[test]
+    fn fields_other_than_data_and_metadata_are_ignored() {
+        let e = Value::Array(vec![
+            bulk("4-0"),
+            Value::Array(vec![bulk("x"), bulk("y"), bulk("data"), bulk("z")]),
+        ]);
+        let (id, msg) = entry_message("orders", e, true).unwrap().unwrap();
+        assert_eq!((id.as_str(), &msg.data[..]), ("4-0", &b"z"[..]));
+        assert!(msg.metadata.is_empty() && msg.redelivered);
     }
 }

@@ -47,7 +47,13 @@ pub struct HttpChannel {
     concurrency: Concurrency,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     reach: Reach,
+    /// The URL of each route delivered to, parsed once (the parse and its IDNA host check
+    /// were a per-delivery cost); bounded, a route past the bound is parsed per call.
+    urls: std::sync::RwLock<HashMap<String, reqwest::Url>>,
 }
+
+/// Routes whose URL [`HttpChannel`] keeps parsed.
+const URL_CACHE: usize = 256;
 
 impl HttpChannel {
     /// A channel to `http://address:port` (`h2c` uses HTTP/2 with prior knowledge,
@@ -88,6 +94,7 @@ impl HttpChannel {
             concurrency: Concurrency::new(max_concurrency),
             metrics: None,
             reach: Reach::new(address, port, HOLD, None),
+            urls: std::sync::RwLock::default(),
         })
     }
 
@@ -131,13 +138,45 @@ impl HttpChannel {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self
-            .client
-            .request(method, format!("{}{}", self.base, path));
+        self.authorized(
+            self.client
+                .request(method, format!("{}{}", self.base, path)),
+        )
+    }
+
+    fn authorized(&self, mut r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         if let Some(t) = &self.token {
             r = r.header("dapr-api-token", t);
         }
         r
+    }
+
+    /// A `POST` of an event to the app's `path` (already cleaned by [`app_path`]).
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let cached = self
+            .urls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(path)
+            .cloned();
+        let url = match cached {
+            Some(url) => url,
+            None => match reqwest::Url::parse(&format!("{}{}", self.base, path)) {
+                Ok(url) => {
+                    let mut urls = self
+                        .urls
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if urls.len() < URL_CACHE {
+                        urls.insert(path.to_string(), url.clone());
+                    }
+                    url
+                }
+                // reqwest reports the bad URL when the request is sent
+                Err(_) => return self.request(reqwest::Method::POST, path),
+            },
+        };
+        self.authorized(self.client.post(url))
     }
 }
 
@@ -190,8 +229,9 @@ impl AppChannel for HttpChannel {
             return AppReply::Retry(why, None);
         }
         let _permit = self.concurrency.acquire().await;
+        let path = app_path(&d.path);
         let mut req = self
-            .request(reqwest::Method::POST, &app_path(&d.path))
+            .post(&path)
             .header("content-type", "application/cloudevents+json")
             .header("traceparent", &d.traceparent);
         if !d.tracestate.is_empty() {
@@ -220,17 +260,11 @@ impl AppChannel for HttpChannel {
         };
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
-        self.record(
-            &app_path(&d.path),
-            status.as_u16(),
-            d.body.len(),
-            body.len(),
-            started,
-        );
+        self.record(&path, status.as_u16(), d.body.len(), body.len(), started);
         if status == reqwest::StatusCode::NOT_FOUND {
             return AppReply::Drop {
                 dead_letter: true,
-                reason: format!("app returned 404 for {}", app_path(&d.path)),
+                reason: format!("app returned 404 for {path}"),
             };
         }
         if !status.is_success() {
@@ -249,7 +283,7 @@ impl AppChannel for HttpChannel {
         let _permit = self.concurrency.acquire().await;
         let body = daprd_core::json::to_vec_go(&http_body(b)).unwrap_or_default();
         let mut req = self
-            .request(reqwest::Method::POST, &app_path(&b.path))
+            .post(&app_path(&b.path))
             .header("content-type", "application/json");
         if let Some(first) = b.entries.first() {
             req = req.header("traceparent", &first.delivery.traceparent);
@@ -388,6 +422,28 @@ pub fn http_body(b: &BulkDelivery) -> Json {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_posts_reuse_the_route_url_and_carry_the_token() {
+        let ch = HttpChannel::new(
+            "localhost",
+            3000,
+            AppProtocol::Http,
+            "app",
+            Some("t0k".into()),
+            -1,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let req = ch.post(&app_path("orders/new")).build().unwrap();
+            assert_eq!(req.url().as_str(), "http://localhost:3000/orders/new");
+            assert_eq!(req.headers()["dapr-api-token"], "t0k");
+        }
+        assert_eq!(ch.urls.read().unwrap().len(), 1);
+        // a route with characters a URL escapes is sent as reqwest would parse it
+        let req = ch.post("/a b?x=1").build().unwrap();
+        assert_eq!(req.url().as_str(), "http://localhost:3000/a%20b?x=1");
+    }
 
     #[test]
     fn http_2xx_body_table() {
