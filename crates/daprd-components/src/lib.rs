@@ -22,6 +22,8 @@ pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod secretstores;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 #[cfg(feature = "snssqs")]
 pub mod snssqs;
 #[cfg(any(
@@ -29,7 +31,8 @@ pub mod snssqs;
     feature = "kafka",
     feature = "rabbitmq",
     feature = "gcp",
-    feature = "pulsar"
+    feature = "pulsar",
+    feature = "servicebus"
 ))]
 mod stop;
 
@@ -58,6 +61,10 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(gcp::GcpPubSubFactory));
     #[cfg(feature = "pulsar")]
     registry.register_pubsub(Arc::new(pulsar::PulsarFactory));
+    #[cfg(feature = "servicebus")]
+    registry.register_pubsub(Arc::new(servicebus::ServiceBusFactory::TOPICS));
+    #[cfg(feature = "servicebus")]
+    registry.register_pubsub(Arc::new(servicebus::ServiceBusFactory::QUEUES));
     // What a smaller build leaves out answers with the feature that brings it in.
     #[cfg(not(feature = "in-memory"))]
     registry.compiled_out("pubsub.in-memory", "in-memory");
@@ -77,6 +84,13 @@ pub fn builtin_registry() -> Registry {
     registry.compiled_out("pubsub.gcp.pubsub", "gcp");
     #[cfg(not(feature = "pulsar"))]
     registry.compiled_out("pubsub.pulsar", "pulsar");
+    #[cfg(not(feature = "servicebus"))]
+    for t in [
+        "pubsub.azure.servicebus.topics",
+        "pubsub.azure.servicebus.queues",
+    ] {
+        registry.compiled_out(t, "servicebus");
+    }
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry
@@ -105,6 +119,15 @@ mod tests {
         );
         #[cfg(feature = "pulsar")]
         assert!(r.resolve("pubsub.pulsar", "v1").is_ok());
+        #[cfg(feature = "servicebus")]
+        for t in [
+            "pubsub.azure.servicebus.topics",
+            "pubsub.azure.servicebus",
+            "pubsub.azure.servicebus.queues",
+            "pubsub.azure.servicebusqueues",
+        ] {
+            assert!(r.resolve(t, "v1").is_ok(), "{t}");
+        }
         let e = r.resolve("pubsub.kubemq", "v1").err().unwrap();
         assert!(matches!(e, RegistryError::NotSupportedYet { .. }), "{e}");
         assert!(e.to_string().contains("not supported yet"));

@@ -10,6 +10,8 @@ pub mod controlplane;
 pub mod gcp;
 #[cfg(feature = "pulsar")]
 pub mod pulsar;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 #[cfg(feature = "tokens")]
 pub mod tokens;
 

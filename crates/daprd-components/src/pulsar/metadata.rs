@@ -471,7 +471,7 @@ impl PulsarMetadata {
             match k.as_str() {
                 "partitionKey" => m.partition_key = Some(v.clone()),
                 "deliverAt" => {
-                    let ms = rfc3339_ms(v).ok_or_else(|| {
+                    let ms = daprd_core::gocompat::parse_rfc3339_ms(v).ok_or_else(|| {
                         format!(
                             "deliverAt {v:?} is not an RFC 3339 time such as 2026-01-02T15:04:05Z"
                         )
@@ -493,31 +493,6 @@ impl PulsarMetadata {
         }
         Ok(m)
     }
-}
-
-/// Milliseconds since the epoch of an RFC 3339 time (`Z` or a `±hh:mm` offset, as Go's
-/// `time.RFC3339` reads it).
-fn rfc3339_ms(v: &str) -> Option<i64> {
-    let v = v.trim();
-    if v.len() < 20 || v.as_bytes().get(10) != Some(&b'T') {
-        return None;
-    }
-    let (base, offset_s) = if let Some(b) = v.strip_suffix('Z').or_else(|| v.strip_suffix('z')) {
-        (b.to_string(), 0i64)
-    } else {
-        let (b, off) = v.split_at(v.len().checked_sub(6)?);
-        let sign = match off.as_bytes().first()? {
-            b'+' => 1,
-            b'-' => -1,
-            _ => return None,
-        };
-        let (h, m) = off[1..].split_once(':')?;
-        let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
-        (b.to_string(), sign * (h * 3600 + m * 60))
-    };
-    let t = humantime::parse_rfc3339(&format!("{base}Z")).ok()?;
-    let ms = i64::try_from(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()?;
-    Some(ms - offset_s * 1000)
 }
 
 /// `host` with `pulsar://` added when it has none of Pulsar's schemes.

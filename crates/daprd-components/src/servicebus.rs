@@ -1,0 +1,401 @@
+//! `pubsub.azure.servicebus.topics` (alias `pubsub.azure.servicebus`) and
+//! `pubsub.azure.servicebus.queues`: Azure Service Bus over AMQP 1.0 (`fe2o3-amqp`), as Dapr's
+//! components use it.
+//!
+//! * Auth: the namespace's `connectionString` (a shared access key signs a SAS token per
+//!   entity, put on the `$cbs` node before the entity's links attach, and put again before
+//!   it expires).
+//! * Topics: a publish goes to the topic; a subscription receives from
+//!   `<topic>/Subscriptions/<consumerID>`. Queues: both use the queue named as the topic.
+//! * Publish: the payload as one data section; Service Bus's keys in the metadata
+//!   (`MessageId`, `CorrelationId`, `SessionId`, `PartitionKey`, `Label`, `To`, `ReplyTo`,
+//!   `ContentType`, `ScheduledEnqueueTimeUtc`, `ttlInSeconds`) become the message's properties,
+//!   every other entry an application property — the message Go daprd sends. A publish returns
+//!   once the broker accepted the message; a transient failure is retried
+//!   (`publishMaxRetries`, from `publishInitialRetryIntervalInMs`, doubling) on a new connection.
+//!   Bulk publish sends every entry on the link at once and reports each refused entry.
+//! * Subscribe: peek-lock. At most `maxActiveMessages` messages taken and not settled,
+//!   `maxConcurrentHandlers` in the app's hands; complete (`accepted`) after the app accepted,
+//!   abandon (`modified`) otherwise or after `handlerTimeoutInSec`; the locks of messages in
+//!   the app's hands are renewed every `lockRenewalInSec` on the entity's `$management` node.
+//!   A lost connection is reopened (`minConnectionRecoveryInSec` growing to
+//!   `maxConnectionRecoveryInSec`); what the app still had is redelivered by the broker when
+//!   its lock expires.
+
+mod amqp;
+mod metadata;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use daprd_core::metadata::{Metadata, MetadataError};
+use daprd_core::pubsub::{
+    BulkPublishRequest, ErrorKind, FailedEntry, Feature, Handler, PubSub, PubSubError,
+    PubSubFactory, PublishRequest, SubscribeRequest, Subscription,
+};
+use fe2o3_amqp::link::Sender;
+use fe2o3_amqp::types::messaging::{Data, Message, Outcome};
+use tokio::sync::{watch, Mutex};
+
+pub use metadata::{
+    ConnectionString, EntityProperties, Mode, ServiceBusMetadata, SubscribeOptions,
+};
+
+use amqp::{AmqpError, Conn};
+
+/// Builds `pubsub.azure.servicebus.topics` or `.queues` components.
+pub struct ServiceBusFactory {
+    mode: Mode,
+}
+
+impl ServiceBusFactory {
+    /// The topics component.
+    pub const TOPICS: Self = Self { mode: Mode::Topics };
+    /// The queues component.
+    pub const QUEUES: Self = Self { mode: Mode::Queues };
+}
+
+#[async_trait]
+impl PubSubFactory for ServiceBusFactory {
+    fn component_type(&self) -> &'static str {
+        match self.mode {
+            Mode::Topics => "pubsub.azure.servicebus.topics",
+            Mode::Queues => "pubsub.azure.servicebus.queues",
+        }
+    }
+
+    fn aliases(&self) -> &'static [&'static str] {
+        match self.mode {
+            Mode::Topics => &["pubsub.azure.servicebus"],
+            Mode::Queues => &["pubsub.azure.servicebusqueues"],
+        }
+    }
+
+    fn validate(&self, metadata: &Metadata) -> Vec<MetadataError> {
+        ServiceBusMetadata::parse(metadata, self.mode)
+            .err()
+            .unwrap_or_default()
+    }
+
+    async fn connect(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+    ) -> Result<Arc<dyn PubSub>, PubSubError> {
+        let md = ServiceBusMetadata::parse(metadata, self.mode)?;
+        // The first connection must work (a clear error at start-up); later ones are opened
+        // when needed.
+        let conn =
+            Conn::open(&md.connection, md.timeout)
+                .await
+                .map_err(|e| PubSubError::Connect {
+                    message: format!("azure service bus: {e}"),
+                    source: None,
+                })?;
+        Ok(Arc::new(ServiceBusPubSub {
+            name: name.to_string(),
+            mode: self.mode,
+            md: Arc::new(md),
+            publisher: Mutex::new(Publisher {
+                conn: Some(conn),
+                senders: HashMap::new(),
+            }),
+            stop: watch::channel(false).0,
+        }))
+    }
+}
+
+type SharedSender = Arc<Mutex<Sender>>;
+
+/// The publishing connection and its sender link per entity, made on first use.
+struct Publisher {
+    conn: Option<Conn>,
+    senders: HashMap<String, (SharedSender, std::time::Instant)>,
+}
+
+/// A token is put again after this long (it is valid for [`amqp::TOKEN_LIFETIME`]).
+const TOKEN_REFRESH: Duration = Duration::from_secs(45 * 60);
+
+/// A live Service Bus component.
+pub struct ServiceBusPubSub {
+    name: String,
+    mode: Mode,
+    md: Arc<ServiceBusMetadata>,
+    publisher: Mutex<Publisher>,
+    stop: watch::Sender<bool>,
+}
+
+/// Service Bus enforces a message's time to live itself; bulk publish is native.
+const FEATURES: &[Feature] = &[Feature::MessageTtl, Feature::BulkPublish];
+
+fn component_error(e: AmqpError) -> PubSubError {
+    let kind = if e.is_transient() {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Permanent
+    };
+    PubSubError::broker(kind, format!("azure service bus: {e}"))
+}
+
+impl ServiceBusPubSub {
+    /// The sender of `entity`, attached (with its token) on the publishing connection, which
+    /// is opened again if it was dropped.
+    async fn sender(&self, entity: &str) -> Result<SharedSender, AmqpError> {
+        let mut guard = self.publisher.lock().await;
+        let p = &mut *guard;
+        if p.conn.as_ref().is_some_and(Conn::is_closed) {
+            p.senders.clear();
+            if let Some(conn) = p.conn.take() {
+                tokio::spawn(conn.close());
+            }
+        }
+        if let Some((s, authorized)) = p.senders.get(entity) {
+            if authorized.elapsed() < TOKEN_REFRESH {
+                return Ok(s.clone());
+            }
+        }
+        let conn = match p.conn.as_mut() {
+            Some(c) => c,
+            None => p
+                .conn
+                .insert(Conn::open(&self.md.connection, self.md.timeout).await?),
+        };
+        conn.authorize(entity).await?;
+        if let Some((s, authorized)) = p.senders.get_mut(entity) {
+            *authorized = std::time::Instant::now();
+            return Ok(s.clone());
+        }
+        let sender = Arc::new(Mutex::new(conn.sender(entity).await?));
+        p.senders.insert(
+            entity.to_string(),
+            (sender.clone(), std::time::Instant::now()),
+        );
+        Ok(sender)
+    }
+
+    /// Forgets the publishing connection after a failure: the next publish opens a new one.
+    async fn reset(&self) {
+        let mut p = self.publisher.lock().await;
+        p.senders.clear();
+        if let Some(conn) = p.conn.take() {
+            tokio::spawn(conn.close());
+        }
+    }
+
+    /// Sends `messages` to `entity` at once and waits for each outcome.
+    async fn send_all(
+        &self,
+        entity: &str,
+        messages: Vec<Message<Data>>,
+    ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
+        let sender = self.sender(entity).await?;
+        let what = format!("publishing to {entity}");
+        let pending = amqp::within(self.md.timeout, &what, async {
+            let mut s = sender.lock().await;
+            let mut pending = Vec::with_capacity(messages.len());
+            for m in messages {
+                pending.push(s.send_batchable(m).await.map_err(|e| AmqpError::Link {
+                    what: what.clone(),
+                    message: e.to_string(),
+                })?);
+            }
+            Ok(pending)
+        })
+        .await?;
+        // A connection that dies with transfers in flight does not answer them: the wait
+        // ends when it is seen closed (checked every 100 ms), not at the timeout.
+        let outcomes = amqp::within(self.md.timeout, &what, async {
+            let all = futures::future::join_all(pending);
+            tokio::pin!(all);
+            loop {
+                tokio::select! {
+                    outcomes = &mut all => return Ok(outcomes),
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        let p = self.publisher.lock().await;
+                        if p.conn.as_ref().is_none_or(Conn::is_closed) {
+                            return Err(AmqpError::Link {
+                                what: what.clone(),
+                                message: "the connection closed before the broker answered".into(),
+                            });
+                        }
+                    }
+                }
+            }
+        })
+        .await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok(Outcome::Accepted(_)) => Ok(()),
+                Ok(Outcome::Rejected(r)) => Err(AmqpError::Refused {
+                    what: what.clone(),
+                    reason: r
+                        .error
+                        .map(|e| {
+                            format!("{:?}: {}", e.condition, e.description.unwrap_or_default())
+                        })
+                        .unwrap_or_else(|| "rejected".into()),
+                }),
+                Ok(other) => Err(AmqpError::Refused {
+                    what: what.clone(),
+                    reason: format!("{other:?}"),
+                }),
+                Err(e) => Err(AmqpError::Link {
+                    what: what.clone(),
+                    message: e.to_string(),
+                }),
+            })
+            .collect())
+    }
+
+    /// Publishes one message with Go daprd's retries: a transient failure is tried again on a
+    /// new connection after a pause that doubles from `publishInitialRetryIntervalInMs`.
+    async fn publish_one(&self, entity: &str, message: Message<Data>) -> Result<(), AmqpError> {
+        let mut pause = self.md.publish_initial_retry;
+        let mut attempt = 0;
+        loop {
+            let result = match self.send_all(entity, vec![message.clone()]).await {
+                Ok(mut outcomes) => outcomes.pop().unwrap_or(Ok(())),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && attempt < self.md.publish_max_retries => {
+                    tracing::warn!(component = %self.name, entity, error = %e, "azure service bus: publish failed; retrying");
+                    self.reset().await;
+                    attempt += 1;
+                    tokio::time::sleep(pause).await;
+                    pause = pause.saturating_mul(2).min(Duration::from_secs(60));
+                }
+                Err(e) => {
+                    if e.is_transient() {
+                        self.reset().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl PubSub for ServiceBusPubSub {
+    fn features(&self) -> &[Feature] {
+        FEATURES
+    }
+
+    async fn publish(&self, request: PublishRequest) -> Result<(), PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::Closed);
+        }
+        let message =
+            amqp::outgoing(&request.data, &request.metadata, None).map_err(component_error)?;
+        self.publish_one(&request.topic, message)
+            .await
+            .map_err(component_error)
+    }
+
+    async fn bulk_publish(
+        &self,
+        request: BulkPublishRequest,
+    ) -> Result<Vec<FailedEntry>, PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::Closed);
+        }
+        let mut failed = Vec::new();
+        let mut ids = Vec::new();
+        let mut messages = Vec::new();
+        for entry in &request.entries {
+            let mut md = request.metadata.clone();
+            md.extend(entry.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+            match amqp::outgoing(&entry.data, &md, Some(&entry.content_type)) {
+                Ok(m) => {
+                    ids.push(entry.entry_id.clone());
+                    messages.push(m);
+                }
+                Err(e) => failed.push(FailedEntry {
+                    entry_id: entry.entry_id.clone(),
+                    error: e.to_string(),
+                }),
+            }
+        }
+        if messages.is_empty() {
+            return Ok(failed);
+        }
+        match self.send_all(&request.topic, messages).await {
+            Ok(outcomes) => {
+                for (id, outcome) in ids.into_iter().zip(outcomes) {
+                    if let Err(e) = outcome {
+                        failed.push(FailedEntry {
+                            entry_id: id,
+                            error: format!("azure service bus: {e}"),
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                if e.is_transient() {
+                    self.reset().await;
+                }
+                let error = format!("azure service bus: {e}");
+                failed.extend(ids.into_iter().map(|entry_id| FailedEntry {
+                    entry_id,
+                    error: error.clone(),
+                }));
+            }
+        }
+        Ok(failed)
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequest,
+        handler: Handler,
+    ) -> Result<Subscription, PubSubError> {
+        if *self.stop.borrow() {
+            return Err(PubSubError::Closed);
+        }
+        let options = SubscribeOptions::parse(&request.metadata)?;
+        if options.require_sessions {
+            return Err(PubSubError::Metadata(MetadataError::new(
+                "requireSessions",
+                "sessions are not supported yet by daprd-rs",
+            )));
+        }
+        let address = match self.mode {
+            Mode::Topics => format!("{}/Subscriptions/{}", request.topic, self.md.consumer_id),
+            Mode::Queues => request.topic.clone(),
+        };
+        // The first attach must work (a clear error); later outages reconnect.
+        let first = subscriber::Link::open(&self.md, &address)
+            .await
+            .map_err(component_error)?;
+        let (stop, guard, handle) = crate::stop::subscription(self.stop.subscribe());
+        tokio::spawn(
+            subscriber::ConsumeLoop {
+                md: self.md.clone(),
+                address,
+                stop,
+                component: self.name.clone(),
+                topic: request.topic.clone(),
+                handler,
+                guard,
+            }
+            .run(first),
+        );
+        Ok(handle)
+    }
+
+    async fn close(&self) -> Result<(), PubSubError> {
+        let _ = self.stop.send(true);
+        let mut p = self.publisher.lock().await;
+        p.senders.clear();
+        if let Some(conn) = p.conn.take() {
+            conn.close().await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,863 @@
+//! The AMQP 1.0 side of the Service Bus components: a connection to the namespace (TLS, or
+//! plain for the development emulator), claims-based security (a SAS token put on `$cbs` for
+//! each entity before its links attach), request/response on an entity's `$management` node
+//! (lock renewal), and the mapping between Dapr's messages and Service Bus's AMQP messages as
+//! Go daprd (through Azure's Go SDK) reads and writes them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::messaging::{
+    annotations::OwnedKey, ApplicationProperties, Body, Data, Header, Message, MessageAnnotations,
+    MessageId, Outcome, Properties,
+};
+use fe2o3_amqp::types::primitives::{
+    Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Uuid, Value,
+};
+use fe2o3_amqp::{Connection, Session};
+use tokio::net::TcpStream;
+
+use super::metadata::ConnectionString;
+
+/// What went wrong talking to the namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// The connection could not be opened.
+    #[error("connecting to {endpoint}: {message}")]
+    Connect {
+        /// `host:port`.
+        endpoint: String,
+        /// Why.
+        message: String,
+    },
+    /// A link, a session or a transfer failed (the connection is not to be trusted).
+    #[error("{what}: {message}")]
+    Link {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        message: String,
+    },
+    /// A management request was answered with an error status.
+    #[error("{what}: the broker answered {status}{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Status {
+        /// The request.
+        what: String,
+        /// The status code.
+        status: i64,
+        /// The status description, if any.
+        description: Option<String>,
+    },
+    /// The broker refused a message (a `rejected` outcome).
+    #[error("{what}: the broker refused the message: {reason}")]
+    Refused {
+        /// What was sent.
+        what: String,
+        /// The broker's error.
+        reason: String,
+    },
+    /// A bad publish request (metadata the message cannot carry).
+    #[error("{0}")]
+    BadMessage(String),
+    /// No answer in time.
+    #[error("{what}: no answer in {timeout:?}")]
+    Timeout {
+        /// What was being done.
+        what: String,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+impl AmqpError {
+    fn link(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self::Link {
+            what: what.into(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Whether retrying on a fresh connection may help.
+    pub(super) fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Link { .. } | Self::Timeout { .. } => true,
+            Self::Status { status, .. } => *status >= 500 || *status == 408,
+            Self::Refused { reason, .. } => {
+                reason.contains("server-busy") || reason.contains("timeout")
+            }
+            Self::BadMessage(_) => false,
+        }
+    }
+}
+
+/// `fut`, or [`AmqpError::Timeout`] after `limit`.
+pub(super) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, AmqpError>>,
+) -> Result<T, AmqpError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(AmqpError::Timeout {
+            what: what.to_string(),
+            timeout: limit,
+        }),
+    }
+}
+
+/// How long a SAS token is valid; tokens are put again well before.
+pub(super) const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A SAS token for `resource` valid until `expiry` (seconds since the epoch), signed with the
+/// key's text as Azure does: `sr` and `sig` query-escaped as Go's `url.QueryEscape`.
+pub(super) fn sas_token(resource: &str, key_name: &str, key: &str, expiry: u64) -> String {
+    let sr = daprd_core::gocompat::query_escape(resource);
+    let hmac_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    let sig = ring::hmac::sign(&hmac_key, format!("{sr}\n{expiry}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(sig.as_ref());
+    format!(
+        "SharedAccessSignature sr={sr}&sig={}&se={expiry}&skn={key_name}",
+        daprd_core::gocompat::query_escape(&sig)
+    )
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One AMQP connection to the namespace with one session, and its `$cbs` node.
+pub(super) struct Conn {
+    connection: ConnectionHandle<()>,
+    session: SessionHandle<()>,
+    cbs: Rpc,
+    cs: ConnectionString,
+    timeout: Duration,
+}
+
+impl Conn {
+    /// Connects (TCP, TLS unless the emulator's plain AMQP, SASL ANONYMOUS as Azure expects
+    /// with CBS), begins a session and attaches `$cbs`.
+    pub(super) async fn open(cs: &ConnectionString, timeout: Duration) -> Result<Self, AmqpError> {
+        let endpoint = format!("{}:{}", cs.host, cs.port);
+        let fail = |message: String| AmqpError::Connect {
+            endpoint: endpoint.clone(),
+            message,
+        };
+        within(timeout, &format!("connecting to {endpoint}"), async {
+            let tcp = TcpStream::connect((cs.host.as_str(), cs.port))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            let builder = Connection::builder()
+                .container_id(format!("daprd-{}", uuid::Uuid::new_v4()))
+                .hostname(cs.host.as_str())
+                .sasl_profile(SaslProfile::Anonymous)
+                .max_frame_size(65_536u32);
+            let mut connection = if cs.tls {
+                let config = daprd_core::tls::PemMaterial::default()
+                    .client_config(false)
+                    .map_err(|e| fail(e.to_string()))?;
+                let name = rustls::pki_types::ServerName::try_from(cs.host.clone())
+                    .map_err(|e| fail(format!("host name: {e}")))?;
+                let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| fail(format!("tls: {e}")))?;
+                builder.open_with_stream(stream).await
+            } else {
+                builder.open_with_stream(tcp).await
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            let mut session = match Session::begin(&mut connection).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = connection.close().await;
+                    return Err(fail(format!("beginning a session: {e}")));
+                }
+            };
+            let cbs = Rpc::attach(&mut session, "$cbs").await?;
+            Ok(Self {
+                connection,
+                session,
+                cbs,
+                cs: cs.clone(),
+                timeout,
+            })
+        })
+        .await
+    }
+
+    /// Puts a token for `entity` on `$cbs` (the key's own token, or the connection string's
+    /// signature as it is).
+    pub(super) async fn authorize(&mut self, entity: &str) -> Result<(), AmqpError> {
+        let audience = format!("amqps://{}/{entity}", self.cs.host);
+        let token = match (&self.cs.signature, &self.cs.key_name, &self.cs.key) {
+            (Some(sig), _, _) => sig.clone(),
+            (None, Some(name), Some(key)) => {
+                sas_token(&audience, name, key, now_secs() + TOKEN_LIFETIME.as_secs())
+            }
+            _ => String::new(),
+        };
+        let mut props = OrderedMap::new();
+        props.insert(
+            "operation".to_string(),
+            SimpleValue::String("put-token".into()),
+        );
+        props.insert(
+            "type".to_string(),
+            SimpleValue::String("servicebus.windows.net:sastoken".into()),
+        );
+        props.insert("name".to_string(), SimpleValue::String(audience));
+        props.insert(
+            "expiration".to_string(),
+            SimpleValue::String((now_secs() + TOKEN_LIFETIME.as_secs()).to_string()),
+        );
+        let what = format!("authorizing {entity} (put-token on $cbs)");
+        within(
+            self.timeout,
+            &what,
+            self.cbs.call(&what, props, Value::String(token)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A sender link to `entity`.
+    pub(super) async fn sender(&mut self, entity: &str) -> Result<Sender, AmqpError> {
+        let what = format!("attaching a sender to {entity}");
+        within(self.timeout, &what, async {
+            Sender::attach(
+                &mut self.session,
+                format!("{entity}-sender-{}", uuid::Uuid::new_v4()),
+                entity,
+            )
+            .await
+            .map_err(|e| AmqpError::link(&what, e))
+        })
+        .await
+    }
+
+    /// A peek-lock receiver link from `address` (`<topic>/Subscriptions/<name>` or a queue),
+    /// given `credit` to begin with; deliveries are settled, and credit given again, by the
+    /// caller (a message taken counts until it is settled, as `maxActiveMessages` means).
+    pub(super) async fn receiver(
+        &mut self,
+        address: &str,
+        credit: u32,
+    ) -> Result<Receiver, AmqpError> {
+        let what = format!("attaching a receiver to {address}");
+        within(self.timeout, &what, async {
+            let mut receiver = Receiver::builder()
+                .name(format!("{address}-receiver-{}", uuid::Uuid::new_v4()))
+                .source(address)
+                .target(format!("daprd-{}", uuid::Uuid::new_v4()))
+                .receiver_settle_mode(fe2o3_amqp::types::definitions::ReceiverSettleMode::First)
+                .sender_settle_mode(fe2o3_amqp::types::definitions::SenderSettleMode::Unsettled)
+                .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
+                .auto_accept(false)
+                .attach(&mut self.session)
+                .await
+                .map_err(|e| AmqpError::link(&what, e))?;
+            receiver
+                .set_credit(credit)
+                .await
+                .map_err(|e| AmqpError::link(&what, e))?;
+            Ok(receiver)
+        })
+        .await
+    }
+
+    /// The `$management` node of `entity`.
+    pub(super) async fn management(&mut self, entity: &str) -> Result<Rpc, AmqpError> {
+        let node = format!("{entity}/$management");
+        within(
+            self.timeout,
+            &format!("attaching {node}"),
+            Rpc::attach(&mut self.session, &node),
+        )
+        .await
+    }
+
+    /// Whether the connection or its session has stopped (the peer went away).
+    pub(super) fn is_closed(&self) -> bool {
+        self.connection.is_closed() || self.session.is_ended()
+    }
+
+    /// Ends the session and closes the connection (errors only logged: it is going away).
+    pub(super) async fn close(mut self) {
+        let _ = self.cbs.close().await;
+        let _ = self.session.end().await;
+        let _ = self.connection.close().await;
+    }
+}
+
+/// Request/response on a management node: a sender to it, a receiver of its answers.
+pub(super) struct Rpc {
+    node: String,
+    sender: Sender,
+    receiver: Receiver,
+    reply_to: String,
+}
+
+impl Rpc {
+    async fn attach(session: &mut SessionHandle<()>, node: &str) -> Result<Self, AmqpError> {
+        let id = uuid::Uuid::new_v4();
+        let reply_to = format!("{node}-reply-{id}");
+        let sender = Sender::attach(session, format!("{node}-sender-{id}"), node)
+            .await
+            .map_err(|e| AmqpError::link(format!("attaching a sender to {node}"), e))?;
+        let receiver = Receiver::builder()
+            .name(format!("{node}-receiver-{id}"))
+            .source(node)
+            .target(reply_to.as_str())
+            .attach(session)
+            .await
+            .map_err(|e| AmqpError::link(format!("attaching a receiver to {node}"), e))?;
+        Ok(Self {
+            node: node.to_string(),
+            sender,
+            receiver,
+            reply_to,
+        })
+    }
+
+    /// Sends a request and waits for its answer (the message whose correlation id is the
+    /// request's id); a status other than 200/202/204 is an error. Returns the answer's body.
+    pub(super) async fn call(
+        &mut self,
+        what: &str,
+        properties: OrderedMap<String, SimpleValue>,
+        body: Value,
+    ) -> Result<Value, AmqpError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let request = Message::builder()
+            .properties(Properties {
+                message_id: Some(MessageId::String(id.clone())),
+                reply_to: Some(self.reply_to.clone()),
+                ..Default::default()
+            })
+            .application_properties(ApplicationProperties(properties))
+            .value(body)
+            .build();
+        let outcome = self
+            .sender
+            .send(request)
+            .await
+            .map_err(|e| AmqpError::link(format!("{what}: sending to {}", self.node), e))?;
+        if !matches!(outcome, Outcome::Accepted(_)) {
+            return Err(AmqpError::Refused {
+                what: what.to_string(),
+                reason: format!("{outcome:?}"),
+            });
+        }
+        loop {
+            let delivery = self
+                .receiver
+                .recv::<Body<Value>>()
+                .await
+                .map_err(|e| AmqpError::link(format!("{what}: reading {}", self.node), e))?;
+            let _ = self.receiver.accept(&delivery).await;
+            let message = delivery.into_message();
+            let correlated = message
+                .properties
+                .as_ref()
+                .and_then(|p| p.correlation_id.as_ref())
+                .is_some_and(|c| message_id_text(c) == id);
+            if !correlated {
+                continue;
+            }
+            let props = message.application_properties.map(|a| a.0);
+            let get = |k: &str| props.as_ref().and_then(|p| p.get(k));
+            let status = get("statusCode")
+                .or_else(|| get("status-code"))
+                .and_then(simple_int)
+                .unwrap_or(0);
+            if ![200, 202, 204].contains(&status) {
+                let description = get("statusDescription")
+                    .or_else(|| get("status-description"))
+                    .map(simple_text);
+                return Err(AmqpError::Status {
+                    what: what.to_string(),
+                    status,
+                    description,
+                });
+            }
+            return Ok(match message.body {
+                Body::Value(v) => v.0,
+                _ => Value::Null,
+            });
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), AmqpError> {
+        Ok(())
+    }
+}
+
+fn simple_int(v: &SimpleValue) -> Option<i64> {
+    match v {
+        SimpleValue::Int(i) => Some(i64::from(*i)),
+        SimpleValue::Long(i) => Some(*i),
+        SimpleValue::Uint(i) => Some(i64::from(*i)),
+        SimpleValue::Short(i) => Some(i64::from(*i)),
+        SimpleValue::Ulong(i) => i64::try_from(*i).ok(),
+        SimpleValue::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A value as Go's `cast.ToString` writes it (what daprd puts into a message's metadata).
+pub(super) fn simple_text(v: &SimpleValue) -> String {
+    match v {
+        SimpleValue::Null => String::new(),
+        SimpleValue::Bool(b) => b.to_string(),
+        SimpleValue::Ubyte(n) => n.to_string(),
+        SimpleValue::Ushort(n) => n.to_string(),
+        SimpleValue::Uint(n) => n.to_string(),
+        SimpleValue::Ulong(n) => n.to_string(),
+        SimpleValue::Byte(n) => n.to_string(),
+        SimpleValue::Short(n) => n.to_string(),
+        SimpleValue::Int(n) => n.to_string(),
+        SimpleValue::Long(n) => n.to_string(),
+        SimpleValue::Float(n) => n.to_string(),
+        SimpleValue::Double(n) => n.to_string(),
+        SimpleValue::Char(c) => c.to_string(),
+        SimpleValue::Timestamp(t) => daprd_core::gocompat::format_http_date_ms(t.milliseconds()),
+        SimpleValue::Uuid(u) => uuid::Uuid::from_bytes(*u.as_inner()).to_string(),
+        SimpleValue::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+        SimpleValue::String(s) => s.clone(),
+        SimpleValue::Symbol(s) => s.0.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A message id as text: a string as it is, a UUID in its usual form, a number in decimal.
+pub(super) fn message_id_text(id: &MessageId) -> String {
+    match id {
+        MessageId::String(s) => s.clone(),
+        MessageId::Uuid(u) => uuid::Uuid::from_bytes(*u.as_inner()).to_string(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+    }
+}
+
+/// The lock-renewal request for `tokens` on an entity's `$management` node.
+pub(super) fn renew_lock_request(link_name: &str) -> OrderedMap<String, SimpleValue> {
+    let mut props = OrderedMap::new();
+    props.insert(
+        "operation".to_string(),
+        SimpleValue::String("com.microsoft:renew-lock".into()),
+    );
+    props.insert(
+        "associated-link-name".to_string(),
+        SimpleValue::String(link_name.to_string()),
+    );
+    props
+}
+
+/// The body of a renew-lock request: `{"lock-tokens": [uuid...]}`.
+pub(super) fn lock_tokens_body(tokens: &[[u8; 16]]) -> Value {
+    let mut map = OrderedMap::new();
+    map.insert(
+        Value::String("lock-tokens".into()),
+        Value::Array(Array(
+            tokens.iter().map(|t| Value::Uuid(Uuid::from(*t))).collect(),
+        )),
+    );
+    Value::Map(map)
+}
+
+// ---- messages ------------------------------------------------------------------------
+
+/// Service Bus's message keys in Dapr's metadata (read and write, as Go daprd names them).
+pub(super) mod keys {
+    pub const MESSAGE_ID: &str = "MessageId";
+    pub const MESSAGE_ID_ALIAS: &str = "id";
+    pub const CORRELATION_ID: &str = "CorrelationId";
+    pub const CORRELATION_ID_ALIAS: &str = "correlationID";
+    pub const SESSION_ID: &str = "SessionId";
+    pub const LABEL: &str = "Label";
+    pub const REPLY_TO: &str = "ReplyTo";
+    pub const TO: &str = "To";
+    pub const PARTITION_KEY: &str = "PartitionKey";
+    pub const CONTENT_TYPE: &str = "ContentType";
+    pub const DELIVERY_COUNT: &str = "DeliveryCount";
+    pub const LOCKED_UNTIL: &str = "LockedUntilUtc";
+    pub const LOCK_TOKEN: &str = "LockToken";
+    pub const ENQUEUED_TIME: &str = "EnqueuedTimeUtc";
+    pub const SEQUENCE_NUMBER: &str = "SequenceNumber";
+    pub const SCHEDULED_ENQUEUE_TIME: &str = "ScheduledEnqueueTimeUtc";
+}
+
+/// Service Bus's message annotations.
+mod annotation {
+    pub const PARTITION_KEY: &str = "x-opt-partition-key";
+    pub const SCHEDULED_ENQUEUE_TIME: &str = "x-opt-scheduled-enqueue-time";
+    pub const ENQUEUED_TIME: &str = "x-opt-enqueued-time";
+    pub const SEQUENCE_NUMBER: &str = "x-opt-sequence-number";
+    pub const LOCKED_UNTIL: &str = "x-opt-locked-until";
+    pub const LOCK_TOKEN: &str = "x-opt-lock-token";
+}
+
+/// The AMQP message Go daprd sends for a publish of `data` with `metadata`: Service Bus's
+/// keys become the message's properties and annotations, `ttl`/`ttlInSeconds` its time to
+/// live, every other non-empty entry an application property (a string).
+///
+/// # Errors
+/// A `ScheduledEnqueueTimeUtc` that is neither an HTTP date nor RFC 3339, a `PartitionKey`
+/// that differs from `SessionId`.
+pub(super) fn outgoing(
+    data: &[u8],
+    metadata: &BTreeMap<String, String>,
+    content_type: Option<&str>,
+) -> Result<Message<Data>, AmqpError> {
+    let mut props = Properties::default();
+    let mut annotations: OrderedMap<OwnedKey, Value> = OrderedMap::new();
+    let mut app: OrderedMap<String, SimpleValue> = OrderedMap::new();
+    let mut header = None;
+    let mut partition_key = None;
+    for (k, v) in metadata {
+        if v.is_empty() && k != keys::SESSION_ID {
+            continue;
+        }
+        match k.as_str() {
+            "ttl" | "ttlInSeconds" => {
+                if let Some(ttl) = daprd_core::cloudevent::ttl_from_metadata(metadata) {
+                    header = Some(Header {
+                        ttl: Some(u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX)),
+                        ..Default::default()
+                    });
+                }
+            }
+            keys::MESSAGE_ID | keys::MESSAGE_ID_ALIAS => {
+                if props.message_id.is_none() {
+                    props.message_id = Some(MessageId::String(v.clone()));
+                }
+            }
+            keys::CORRELATION_ID | keys::CORRELATION_ID_ALIAS => {
+                if props.correlation_id.is_none() {
+                    props.correlation_id = Some(MessageId::String(v.clone()));
+                }
+            }
+            keys::SESSION_ID => props.group_id = Some(v.clone()),
+            keys::LABEL => props.subject = Some(v.clone()),
+            keys::REPLY_TO => props.reply_to = Some(v.clone()),
+            keys::TO => props.to = Some(v.clone()),
+            keys::PARTITION_KEY => {
+                partition_key = Some(v.clone());
+                annotations.insert(
+                    OwnedKey::Symbol(Symbol::from(annotation::PARTITION_KEY)),
+                    Value::String(v.clone()),
+                );
+            }
+            keys::CONTENT_TYPE => props.content_type = Some(Symbol::from(v.as_str())),
+            keys::SCHEDULED_ENQUEUE_TIME => {
+                let ms = daprd_core::gocompat::parse_http_date_ms(v)
+                    .or_else(|| daprd_core::gocompat::parse_rfc3339_ms(v))
+                    .ok_or_else(|| {
+                        AmqpError::BadMessage(format!(
+                            "invalid time format for {k}; expected HTTP time format or RFC3339"
+                        ))
+                    })?;
+                annotations.insert(
+                    OwnedKey::Symbol(Symbol::from(annotation::SCHEDULED_ENQUEUE_TIME)),
+                    Value::Timestamp(Timestamp::from_milliseconds(ms)),
+                );
+            }
+            _ => {
+                app.insert(k.clone(), SimpleValue::String(v.clone()));
+            }
+        }
+    }
+    if let (Some(pk), Some(session)) = (&partition_key, &props.group_id) {
+        if pk != session {
+            return Err(AmqpError::BadMessage(format!(
+                "session id {session} and partition key {pk} should be equal when both present"
+            )));
+        }
+    }
+    if props.content_type.is_none() {
+        props.content_type = content_type.filter(|c| !c.is_empty()).map(Symbol::from);
+    }
+    let message = Message::builder()
+        .header(header)
+        .message_annotations((!annotations.is_empty()).then_some(MessageAnnotations(annotations)))
+        .properties(props)
+        .application_properties((!app.is_empty()).then_some(ApplicationProperties(app)))
+        .data(Binary::from(data.to_vec()))
+        .build();
+    Ok(message)
+}
+
+/// A received message's body: its data sections joined (an `amqp-value` string or binary
+/// as its bytes).
+pub(super) fn body_bytes(body: Body<Value>) -> Bytes {
+    match body {
+        Body::Data(batch) => {
+            let mut sections = batch.into_iter();
+            match (sections.next(), sections.next()) {
+                (None, _) => Bytes::new(),
+                (Some(only), None) => Bytes::from(only.0.into_vec()),
+                (Some(first), Some(second)) => {
+                    let mut all = first.0.into_vec();
+                    all.extend_from_slice(&second.0);
+                    for s in sections {
+                        all.extend_from_slice(&s.0);
+                    }
+                    Bytes::from(all)
+                }
+            }
+        }
+        Body::Value(v) => match v.0 {
+            Value::String(s) => Bytes::from(s),
+            Value::Binary(b) => Bytes::from(b.into_vec()),
+            Value::Null => Bytes::new(),
+            other => Bytes::from(format!("{other:?}")),
+        },
+        _ => Bytes::new(),
+    }
+}
+
+/// A received message's lock token: the `x-opt-lock-token` annotation, else its 16-byte
+/// delivery tag (Service Bus sends the lock token as the tag).
+pub(super) fn lock_token(
+    annotations: Option<&MessageAnnotations>,
+    delivery_tag: &[u8],
+) -> Option<[u8; 16]> {
+    annotations
+        .and_then(|a| {
+            a.0.get(&OwnedKey::Symbol(Symbol::from(annotation::LOCK_TOKEN)))
+        })
+        .and_then(|v| match v {
+            Value::Uuid(u) => Some(*u.as_inner()),
+            _ => None,
+        })
+        .or_else(|| <[u8; 16]>::try_from(delivery_tag).ok())
+}
+
+/// The metadata Go daprd gives a received message: each application property and each of
+/// Service Bus's properties as `metadata.<key>`.
+pub(super) fn incoming_metadata(
+    message: &Message<Body<Value>>,
+    lock_token: Option<[u8; 16]>,
+) -> BTreeMap<String, String> {
+    let mut md = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        md.insert(format!("metadata.{k}"), v);
+    };
+    if let Some(app) = &message.application_properties {
+        for (k, v) in app.0.iter() {
+            put(k, simple_text(v));
+        }
+    }
+    let props = message.properties.as_ref();
+    if let Some(id) = props.and_then(|p| p.message_id.as_ref()) {
+        let id = message_id_text(id);
+        if !id.is_empty() {
+            put(keys::MESSAGE_ID, id);
+        }
+    }
+    if let Some(s) = props.and_then(|p| p.group_id.as_ref()) {
+        put(keys::SESSION_ID, s.clone());
+    }
+    let non_empty = |s: Option<&String>| s.filter(|s| !s.is_empty()).cloned();
+    if let Some(c) = props.and_then(|p| p.correlation_id.as_ref()) {
+        let c = message_id_text(c);
+        if !c.is_empty() {
+            put(keys::CORRELATION_ID, c);
+        }
+    }
+    if let Some(s) = non_empty(props.and_then(|p| p.subject.as_ref())) {
+        put(keys::LABEL, s);
+    }
+    if let Some(s) = non_empty(props.and_then(|p| p.reply_to.as_ref())) {
+        put(keys::REPLY_TO, s);
+    }
+    if let Some(s) = non_empty(props.and_then(|p| p.to.as_ref())) {
+        put(keys::TO, s);
+    }
+    if let Some(s) = props
+        .and_then(|p| p.content_type.as_ref())
+        .map(|c| c.0.clone())
+        .filter(|c| !c.is_empty())
+    {
+        put(keys::CONTENT_TYPE, s);
+    }
+    if let Some(t) = lock_token {
+        put(
+            keys::LOCK_TOKEN,
+            base64::engine::general_purpose::STANDARD.encode(t),
+        );
+    }
+    let count = message.header.as_ref().map_or(0, |h| h.delivery_count);
+    put(keys::DELIVERY_COUNT, (u64::from(count) + 1).to_string());
+    let ann = |name: &str| {
+        message
+            .message_annotations
+            .as_ref()
+            .and_then(|a| a.0.get(&OwnedKey::Symbol(Symbol::from(name))))
+    };
+    let time = |v: &Value| match v {
+        Value::Timestamp(t) => Some(daprd_core::gocompat::format_http_date_ms(t.milliseconds())),
+        _ => None,
+    };
+    if let Some(t) = ann(annotation::ENQUEUED_TIME).and_then(time) {
+        put(keys::ENQUEUED_TIME, t);
+    }
+    if let Some(Value::Long(n)) = ann(annotation::SEQUENCE_NUMBER) {
+        put(keys::SEQUENCE_NUMBER, n.to_string());
+    }
+    if let Some(t) = ann(annotation::SCHEDULED_ENQUEUE_TIME).and_then(time) {
+        put(keys::SCHEDULED_ENQUEUE_TIME, t);
+    }
+    if let Some(Value::String(k)) = ann(annotation::PARTITION_KEY) {
+        put(keys::PARTITION_KEY, k.clone());
+    }
+    if let Some(t) = ann(annotation::LOCKED_UNTIL).and_then(time) {
+        put(keys::LOCKED_UNTIL, t);
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn sas_tokens_sign_the_escaped_resource_and_expiry() {
+        let t = sas_token("amqps://ns.example/topic", "Root", "key", 1_700_000_000);
+        assert!(t.starts_with("SharedAccessSignature sr=amqps%3A%2F%2Fns.example%2Ftopic&sig="));
+        assert!(t.ends_with("&se=1700000000&skn=Root"), "{t}");
+        // HMAC-SHA256("key", "amqps%3A%2F%2Fns.example%2Ftopic\n1700000000"), base64
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"key");
+        let sig = ring::hmac::sign(&key, b"amqps%3A%2F%2Fns.example%2Ftopic\n1700000000");
+        let sig = base64::engine::general_purpose::STANDARD.encode(sig.as_ref());
+        assert!(t.contains(&format!(
+            "sig={}&",
+            daprd_core::gocompat::query_escape(&sig)
+        )));
+    }
+
+    #[test]
+    fn publish_metadata_maps_as_go_daprd_does() {
+        let m = outgoing(
+            b"{}",
+            &md(&[
+                ("MessageId", "m1"),
+                ("id", "ignored"),
+                ("correlationID", "c1"),
+                ("SessionId", "s1"),
+                ("PartitionKey", "s1"),
+                ("Label", "lbl"),
+                ("To", "to"),
+                ("ReplyTo", "rt"),
+                ("ContentType", "text/plain"),
+                ("ScheduledEnqueueTimeUtc", "Tue, 10 Nov 2009 23:00:00 GMT"),
+                ("ttlInSeconds", "30"),
+                ("custom", "v"),
+                ("blank", ""),
+            ]),
+            None,
+        )
+        .unwrap();
+        let p = m.properties.as_ref().unwrap();
+        assert_eq!(p.message_id, Some(MessageId::String("m1".into())));
+        assert_eq!(p.correlation_id, Some(MessageId::String("c1".into())));
+        assert_eq!(p.group_id.as_deref(), Some("s1"));
+        assert_eq!(p.subject.as_deref(), Some("lbl"));
+        assert_eq!(p.to.as_deref(), Some("to"));
+        assert_eq!(p.reply_to.as_deref(), Some("rt"));
+        assert_eq!(p.content_type, Some(Symbol::from("text/plain")));
+        assert_eq!(m.header.as_ref().unwrap().ttl, Some(30_000));
+        let a = &m.message_annotations.as_ref().unwrap().0;
+        assert_eq!(
+            a.get(&OwnedKey::Symbol(Symbol::from(
+                "x-opt-scheduled-enqueue-time"
+            ))),
+            Some(&Value::Timestamp(Timestamp::from_milliseconds(
+                1_257_894_000_000
+            )))
+        );
+        let app = &m.application_properties.as_ref().unwrap().0;
+        assert_eq!(app.get("custom"), Some(&SimpleValue::String("v".into())));
+        assert_eq!(
+            app.len(),
+            1,
+            "Service Bus keys and blanks stay out: {app:?}"
+        );
+        assert_eq!(m.body.0.as_slice(), b"{}");
+    }
+
+    #[test]
+    fn bad_publish_metadata_is_refused() {
+        let e = outgoing(b"", &md(&[("ScheduledEnqueueTimeUtc", "soon")]), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected HTTP time format or RFC3339"),
+            "{e}"
+        );
+        assert!(!e.is_transient());
+        let e = outgoing(b"", &md(&[("SessionId", "a"), ("PartitionKey", "b")]), None).unwrap_err();
+        assert!(e.to_string().contains("should be equal"), "{e}");
+    }
+
+    #[test]
+    fn received_messages_carry_go_daprd_metadata() {
+        let mut ann = OrderedMap::new();
+        ann.insert(
+            OwnedKey::Symbol(Symbol::from("x-opt-enqueued-time")),
+            Value::Timestamp(Timestamp::from_milliseconds(1_257_894_000_000)),
+        );
+        ann.insert(
+            OwnedKey::Symbol(Symbol::from("x-opt-sequence-number")),
+            Value::Long(42),
+        );
+        let mut app = OrderedMap::new();
+        app.insert("n".to_string(), SimpleValue::Int(7));
+        let m: Message<Body<Value>> = Message {
+            header: Some(Header {
+                delivery_count: 2,
+                ..Default::default()
+            }),
+            delivery_annotations: None,
+            message_annotations: Some(MessageAnnotations(ann)),
+            properties: Some(Properties {
+                message_id: Some(MessageId::String("m1".into())),
+                subject: Some("lbl".into()),
+                ..Default::default()
+            }),
+            application_properties: Some(ApplicationProperties(app)),
+            body: Body::Empty,
+            footer: None,
+        };
+        let md = incoming_metadata(&m, Some([1; 16]));
+        assert_eq!(md["metadata.MessageId"], "m1");
+        assert_eq!(md["metadata.Label"], "lbl");
+        assert_eq!(md["metadata.n"], "7");
+        assert_eq!(md["metadata.DeliveryCount"], "3");
+        assert_eq!(md["metadata.SequenceNumber"], "42");
+        assert_eq!(
+            md["metadata.EnqueuedTimeUtc"],
+            "Tue, 10 Nov 2009 23:00:00 GMT"
+        );
+        assert_eq!(md["metadata.LockToken"], "AQEBAQEBAQEBAQEBAQEBAQ==");
+        assert!(!md.contains_key("metadata.SessionId"));
+    }
+}

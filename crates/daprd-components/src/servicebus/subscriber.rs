@@ -1,0 +1,363 @@
+//! The consume loop of one Service Bus subscription (or queue): takes a message when a handler
+//! slot is free, hands it to the app in a task of its own, completes or abandons it by the
+//! outcome, renews the locks of what the app still has, and reopens its connection when it is
+//! lost. The loop owns the receiver link, so every settlement goes through it; at a stop it
+//! takes no more messages, settles what the app still has, abandons what the client had read
+//! ahead, then closes the link.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use daprd_core::pubsub::{DrainGuard, Handler, Message, Outcome};
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::{Receiver, RecvError};
+use fe2o3_amqp::types::messaging::{Body, Modified};
+use fe2o3_amqp::types::primitives::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use super::amqp::{self, AmqpError, Conn, Rpc};
+use super::metadata::ServiceBusMetadata;
+use super::TOKEN_REFRESH;
+use crate::stop::Stop;
+
+/// A subscription's connection: its receiver link and the entity's `$management` node.
+pub(super) struct Link {
+    conn: Conn,
+    receiver: Receiver,
+    management: Option<Rpc>,
+    authorized: Instant,
+}
+
+impl Link {
+    /// Connects, puts the entity's token and attaches the receiver of `address` (and its
+    /// `$management` node when locks are renewed).
+    pub(super) async fn open(md: &ServiceBusMetadata, address: &str) -> Result<Self, AmqpError> {
+        let mut conn = Conn::open(&md.connection, md.timeout).await?;
+        let attached = async {
+            conn.authorize(address).await?;
+            let receiver = conn.receiver(address, md.max_active_messages).await?;
+            let management = match md.lock_renewal {
+                Some(_) => Some(conn.management(address).await?),
+                None => None,
+            };
+            Ok::<_, AmqpError>((receiver, management))
+        }
+        .await;
+        match attached {
+            Ok((receiver, management)) => Ok(Self {
+                conn,
+                receiver,
+                management,
+                authorized: Instant::now(),
+            }),
+            Err(e) => {
+                conn.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.receiver.close().await;
+        self.conn.close().await;
+    }
+}
+
+/// What a delivery asks of the loop once the app answered.
+struct Settle {
+    /// The connection the message came on (a later one cannot settle it).
+    generation: u64,
+    id: u64,
+    info: DeliveryInfo,
+    complete: bool,
+}
+
+/// One subscription's consume loop.
+pub(super) struct ConsumeLoop {
+    pub(super) md: Arc<ServiceBusMetadata>,
+    /// The receiving entity: `<topic>/Subscriptions/<consumerID>` or the queue.
+    pub(super) address: String,
+    pub(super) stop: Stop,
+    pub(super) component: String,
+    /// The subscription's topic as the app knows it.
+    pub(super) topic: String,
+    pub(super) handler: Handler,
+    /// Held until every message taken is settled and the link is closed.
+    pub(super) guard: DrainGuard,
+}
+
+enum Event {
+    Settled(Settle),
+    Stopped,
+    Slot(OwnedSemaphorePermit),
+    Renew,
+    Reauthorize,
+    Next(Result<Box<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>, RecvError>),
+}
+
+impl ConsumeLoop {
+    pub(super) async fn run(mut self, first: Link) {
+        let slots =
+            Arc::new(Semaphore::new(self.md.max_concurrent_handlers.unwrap_or(
+                usize::try_from(self.md.max_active_messages).unwrap_or(1000),
+            )));
+        let (settle_tx, mut settled) = mpsc::unbounded_channel::<Settle>();
+        let mut outstanding = 0usize;
+        // lock tokens of the messages the app has, by delivery number, for renewal
+        let mut locks: HashMap<u64, [u8; 16]> = HashMap::new();
+        let mut next_id = 0u64;
+        let mut generation = 0u64;
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        let renewal = self.md.lock_renewal.unwrap_or(Duration::from_secs(86_400));
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renewal, renewal);
+        let mut link = Some(first);
+        let mut pause = self.md.min_recovery;
+        // Credit: the link may hand out `credit` more messages; it is topped up to
+        // `maxActiveMessages` minus what is taken and unsettled once a few were settled.
+        let max_active = self.md.max_active_messages;
+        let top_up_at = (max_active / 8).max(1);
+        let mut credit: u32;
+        let mut unsettled: u32;
+        'connection: loop {
+            let mut l = match link.take() {
+                Some(l) => l,
+                None => {
+                    if self.stop.sleep(pause).await {
+                        break 'connection;
+                    }
+                    // at least 100 ms apart when failing, however low the minimum is set
+                    pause = pause
+                        .saturating_mul(2)
+                        .max(Duration::from_millis(100))
+                        .min(self.md.max_recovery.max(Duration::from_millis(100)));
+                    match Link::open(&self.md, &self.address).await {
+                        Ok(l) => {
+                            tracing::info!(component = %self.component, topic = %self.topic, "azure service bus: receiver reconnected");
+                            pause = self.md.min_recovery;
+                            l
+                        }
+                        Err(e) => {
+                            tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: reconnecting the receiver failed");
+                            continue 'connection;
+                        }
+                    }
+                }
+            };
+            generation += 1;
+            locks.clear();
+            credit = max_active;
+            unsettled = 0;
+            loop {
+                let reauthorize = tokio::time::Instant::from_std(l.authorized + TOKEN_REFRESH);
+                let event = if slot.is_some() {
+                    tokio::select! {
+                        biased;
+                        Some(s) = settled.recv() => Event::Settled(s),
+                        () = self.stop.wait() => Event::Stopped,
+                        _ = renew.tick(), if self.md.lock_renewal.is_some() => Event::Renew,
+                        () = tokio::time::sleep_until(reauthorize) => Event::Reauthorize,
+                        d = l.receiver.recv::<Body<Value>>() => Event::Next(d.map(Box::new)),
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        Some(s) = settled.recv() => Event::Settled(s),
+                        () = self.stop.wait() => Event::Stopped,
+                        _ = renew.tick(), if self.md.lock_renewal.is_some() => Event::Renew,
+                        () = tokio::time::sleep_until(reauthorize) => Event::Reauthorize,
+                        p = slots.clone().acquire_owned() => match p {
+                            Ok(p) => Event::Slot(p),
+                            Err(_) => Event::Stopped,
+                        },
+                    }
+                };
+                match event {
+                    Event::Settled(s) => {
+                        outstanding -= 1;
+                        if s.generation == generation {
+                            locks.remove(&s.id);
+                            unsettled = unsettled.saturating_sub(1);
+                            if let Err(e) = settle(&l.receiver, s).await {
+                                tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: settling failed; the broker hands the message out again");
+                            }
+                            let wanted = max_active.saturating_sub(unsettled);
+                            if wanted.saturating_sub(credit) >= top_up_at {
+                                match l.receiver.set_credit(wanted).await {
+                                    Ok(()) => credit = wanted,
+                                    Err(e) => {
+                                        tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: the receiver link failed; reconnecting");
+                                        tokio::spawn(l.close());
+                                        continue 'connection;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Event::Stopped => {
+                        link = Some(l);
+                        break 'connection;
+                    }
+                    Event::Slot(p) => slot = Some(p),
+                    Event::Renew => {
+                        if let Err(e) = self.renew(&mut l, &locks).await {
+                            tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: renewing message locks failed");
+                        }
+                    }
+                    Event::Reauthorize => match l.conn.authorize(&self.address).await {
+                        Ok(()) => l.authorized = Instant::now(),
+                        Err(e) => {
+                            tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: renewing the token failed; reconnecting");
+                            tokio::spawn(l.close());
+                            continue 'connection;
+                        }
+                    },
+                    Event::Next(Ok(d)) => {
+                        let Some(p) = slot.take() else { continue };
+                        next_id += 1;
+                        outstanding += 1;
+                        unsettled += 1;
+                        credit = credit.saturating_sub(1);
+                        let (info, message) = (*d).into_parts();
+                        let token = amqp::lock_token(
+                            message.message_annotations.as_ref(),
+                            info.delivery_tag(),
+                        );
+                        if let Some(t) = token {
+                            locks.insert(next_id, t);
+                        }
+                        self.deliver(message, token, info, generation, next_id, p, &settle_tx);
+                    }
+                    Event::Next(Err(e)) => {
+                        tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: the receiver link failed; reconnecting");
+                        tokio::spawn(l.close());
+                        continue 'connection;
+                    }
+                }
+            }
+        }
+        // Stopped: settle what the app still has, then close (the rest goes back).
+        while outstanding > 0 {
+            let Some(s) = settled.recv().await else { break };
+            outstanding -= 1;
+            if let Some(l) = &link {
+                if s.generation == generation {
+                    let _ = settle(&l.receiver, s).await;
+                }
+            }
+        }
+        if let Some(mut l) = link {
+            // What the client read ahead and the app never saw is abandoned, so it is
+            // available at once instead of when its lock expires.
+            let _ = l.receiver.set_credit(0).await;
+            while let Ok(Ok(d)) =
+                tokio::time::timeout(Duration::ZERO, l.receiver.recv::<Body<Value>>()).await
+            {
+                let (info, _) = d.into_parts();
+                let abandon = Settle {
+                    generation,
+                    id: 0,
+                    info,
+                    complete: false,
+                };
+                let _ = settle(&l.receiver, abandon).await;
+            }
+            l.close().await;
+        }
+        drop(self.guard);
+    }
+
+    /// Renews the locks of the messages the app has.
+    async fn renew(&self, l: &mut Link, locks: &HashMap<u64, [u8; 16]>) -> Result<(), AmqpError> {
+        if locks.is_empty() {
+            return Ok(());
+        }
+        let Some(management) = l.management.as_mut() else {
+            return Ok(());
+        };
+        let tokens: Vec<[u8; 16]> = locks.values().copied().collect();
+        let what = format!(
+            "renewing {} message locks on {}",
+            tokens.len(),
+            self.address
+        );
+        amqp::within(
+            self.md.timeout,
+            &what,
+            management.call(
+                &what,
+                amqp::renew_lock_request(l.receiver.name()),
+                amqp::lock_tokens_body(&tokens),
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &self,
+        m: fe2o3_amqp::types::messaging::Message<Body<Value>>,
+        token: Option<[u8; 16]>,
+        info: DeliveryInfo,
+        generation: u64,
+        id: u64,
+        slot: OwnedSemaphorePermit,
+        settle: &mpsc::UnboundedSender<Settle>,
+    ) {
+        let metadata = amqp::incoming_metadata(&m, token);
+        let redelivered = m.header.as_ref().is_some_and(|h| h.delivery_count > 0);
+        let message = Message {
+            topic: self.topic.clone(),
+            data: amqp::body_bytes(m.body),
+            metadata,
+            content_type: None,
+            redelivered,
+        };
+        let handler = self.handler.clone();
+        let stop = self.stop.clone();
+        let limit = self.md.handler_timeout;
+        let settle = settle.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            // No delivery starts after the stop: the message goes back.
+            let complete = !stop.is_set() && {
+                let outcome = match limit {
+                    Some(limit) => tokio::time::timeout(limit, handler(message))
+                        .await
+                        .unwrap_or(Outcome::Retry),
+                    None => handler(message).await,
+                };
+                matches!(outcome, Outcome::Success | Outcome::Drop)
+            };
+            let _ = settle.send(Settle {
+                generation,
+                id,
+                info,
+                complete,
+            });
+        });
+    }
+}
+
+/// Completes (`accepted`) or abandons (`modified`, as Azure's SDKs abandon) a message.
+async fn settle(receiver: &Receiver, s: Settle) -> Result<(), AmqpError> {
+    let done = if s.complete {
+        receiver.accept(s.info).await
+    } else {
+        receiver
+            .modify(
+                s.info,
+                Modified {
+                    delivery_failed: None,
+                    undeliverable_here: None,
+                    message_annotations: None,
+                },
+            )
+            .await
+    };
+    done.map_err(|e| AmqpError::Link {
+        what: "settling a message".into(),
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,386 @@
+//! `pubsub.azure.servicebus.topics` and `.queues` against the test broker of
+//! `daprd_testkit::servicebus` (AMQP 1.0 with Service Bus's CBS, addressing and peek-lock):
+//! the message on the wire and the metadata a received one carries, the SAS token, lock
+//! renewal while the app works, abandon and dead-lettering, and an outage (the broker cuts
+//! every connection) in the middle of a stream.
+
+#![cfg(feature = "servicebus")]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use daprd_components::servicebus::ServiceBusFactory;
+use daprd_core::pubsub::{
+    Handler, Message, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+};
+use daprd_testkit::conformance::{metadata_with_group, random_name, success_collector};
+use daprd_testkit::servicebus::TestBroker;
+use fe2o3_amqp::types::messaging::{annotations::OwnedKey, Body, MessageId};
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
+use tokio::sync::mpsc;
+
+async fn component(
+    factory: ServiceBusFactory,
+    connection_string: &str,
+    group: &str,
+    extra: &[(&str, &str)],
+) -> Arc<dyn PubSub> {
+    let mut md = metadata_with_group(group, &[("connectionString", connection_string)]);
+    for (k, v) in extra {
+        md.insert(*k, *v);
+    }
+    factory.connect("pubsub", &md).await.unwrap()
+}
+
+fn request(topic: &str, data: &str, metadata: &[(&str, &str)]) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.into(),
+        data: Bytes::from(data.to_string()),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        content_type: None,
+    }
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Message>, within: Duration) -> Option<Message> {
+    tokio::time::timeout(within, rx.recv()).await.ok().flatten()
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_puts_go_daprds_message_on_the_wire() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &broker.connection_string(),
+        "app",
+        &[],
+    )
+    .await;
+    let topic = random_name("orders");
+    c.publish(request(
+        &topic,
+        r#"{"specversion":"1.0","data":{"n":1}}"#,
+        &[
+            ("MessageId", "m-1"),
+            ("CorrelationId", "c-1"),
+            ("Label", "created"),
+            ("PartitionKey", "p-1"),
+            ("ScheduledEnqueueTimeUtc", "2009-11-10T23:00:00Z"),
+            ("ttlInSeconds", "120"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ],
+    ))
+    .await
+    .unwrap();
+    let sent = broker.published(&topic);
+    assert_eq!(sent.len(), 1);
+    let m = &sent[0];
+    match &m.body {
+        Body::Data(batch) => {
+            let sections: Vec<&[u8]> = batch.iter().map(|d| d.0.as_slice()).collect();
+            assert_eq!(
+                sections,
+                vec![br#"{"specversion":"1.0","data":{"n":1}}"#.as_slice()],
+                "one data section, the payload's bytes"
+            );
+        }
+        other => panic!("body {other:?}"),
+    }
+    let p = m.properties.as_ref().unwrap();
+    assert_eq!(p.message_id, Some(MessageId::String("m-1".into())));
+    assert_eq!(p.correlation_id, Some(MessageId::String("c-1".into())));
+    assert_eq!(p.subject.as_deref(), Some("created"));
+    assert_eq!(m.header.as_ref().unwrap().ttl, Some(120_000));
+    let ann = &m.message_annotations.as_ref().unwrap().0;
+    assert_eq!(
+        ann.get(&OwnedKey::Symbol(Symbol::from("x-opt-partition-key"))),
+        Some(&Value::String("p-1".into()))
+    );
+    assert!(ann.contains_key(&OwnedKey::Symbol(Symbol::from(
+        "x-opt-scheduled-enqueue-time"
+    ))));
+    let app = &m.application_properties.as_ref().unwrap().0;
+    assert_eq!(
+        app.get("traceparent"),
+        Some(&SimpleValue::String(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()
+        ))
+    );
+    assert!(app.get("MessageId").is_none() && app.get("ttlInSeconds").is_none());
+    // the token was put for the topic before its link attached
+    assert!(
+        broker
+            .tokens()
+            .contains(&format!("amqps://127.0.0.1/{topic}")),
+        "{:?}",
+        broker.tokens()
+    );
+    // a message the broker cannot carry is refused before it is sent
+    let e = c
+        .publish(request(
+            &topic,
+            "x",
+            &[("SessionId", "a"), ("PartitionKey", "b")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), daprd_core::pubsub::ErrorKind::Permanent, "{e}");
+    assert_eq!(broker.published(&topic).len(), 1);
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_message_carries_service_bus_metadata() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let topic = random_name("orders");
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &broker.connection_string(),
+        "app",
+        &[],
+    )
+    .await;
+    let (h, mut rx) = success_collector();
+    let _sub = c.subscribe(SubscribeRequest::new(&topic), h).await.unwrap();
+    c.publish(request(
+        &topic,
+        "hello",
+        &[
+            ("MessageId", "m-7"),
+            ("Label", "greeting"),
+            ("customer", "42"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let m = next(&mut rx, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(m.data, Bytes::from("hello"));
+    assert_eq!(m.topic, topic);
+    let md = &m.metadata;
+    assert_eq!(md["metadata.MessageId"], "m-7");
+    assert_eq!(md["metadata.Label"], "greeting");
+    assert_eq!(md["metadata.customer"], "42");
+    assert_eq!(md["metadata.DeliveryCount"], "1");
+    assert!(!m.redelivered);
+    for key in [
+        "metadata.SequenceNumber",
+        "metadata.LockToken",
+        "metadata.EnqueuedTimeUtc",
+        "metadata.LockedUntilUtc",
+    ] {
+        assert!(md.contains_key(key), "{key} in {md:?}");
+    }
+    assert!(md["metadata.EnqueuedTimeUtc"].ends_with(" GMT"));
+    // completed: nothing left in the subscription
+    let address = format!("{topic}/Subscriptions/app");
+    assert!(
+        eventually(Duration::from_secs(5), || broker.counts(&address)
+            == (0, 0, 0))
+        .await
+    );
+    c.close().await.unwrap();
+}
+
+/// The app takes 3 s over a message whose lock lasts 1 s: renewed every second, the lock
+/// holds and the message is delivered once; with renewal off it is handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_are_renewed_while_the_app_works() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.configure(Duration::from_millis(1500), 10);
+    for renewal in ["1", "0"] {
+        let topic = random_name("slow");
+        let c = component(
+            ServiceBusFactory::QUEUES,
+            &broker.connection_string(),
+            "app",
+            &[("lockRenewalInSec", renewal)],
+        )
+        .await;
+        let deliveries = Arc::new(AtomicUsize::new(0));
+        let d = deliveries.clone();
+        let handler: Handler = Arc::new(move |_m| {
+            let d = d.clone();
+            Box::pin(async move {
+                d.fetch_add(1, Ordering::SeqCst);
+                // the app at work
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Outcome::Success
+            })
+        });
+        let renewals_before = broker.renewals();
+        let _sub = c
+            .subscribe(SubscribeRequest::new(&topic), handler)
+            .await
+            .unwrap();
+        c.publish(request(&topic, "slow", &[])).await.unwrap();
+        if renewal == "1" {
+            // completed once the app answered, the lock having held all along
+            assert!(
+                eventually(Duration::from_secs(15), || broker.counts(&topic)
+                    == (0, 0, 0)
+                    && deliveries.load(Ordering::SeqCst) >= 1)
+                .await,
+                "{:?}",
+                broker.counts(&topic)
+            );
+            assert_eq!(deliveries.load(Ordering::SeqCst), 1, "delivered once");
+            assert!(
+                broker.renewals() >= renewals_before + 2,
+                "locks were renewed"
+            );
+        } else {
+            // the lock lapses while the app works: handed out again
+            assert!(
+                eventually(Duration::from_secs(10), || deliveries
+                    .load(Ordering::SeqCst)
+                    >= 2)
+                .await
+            );
+        }
+        c.close().await.unwrap();
+    }
+}
+
+/// A message the app refuses is abandoned (delivered again, its delivery count rising) until
+/// the entity's maximum delivery count dead-letters it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_abandoned_until_it_is_dead_lettered() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.configure(Duration::from_secs(30), 3);
+    let topic = random_name("poison");
+    let c = component(
+        ServiceBusFactory::QUEUES,
+        &broker.connection_string(),
+        "app",
+        &[],
+    )
+    .await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Retry
+        })
+    });
+    let _sub = c
+        .subscribe(SubscribeRequest::new(&topic), handler)
+        .await
+        .unwrap();
+    c.publish(request(&topic, "poison", &[])).await.unwrap();
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let m = next(&mut rx, Duration::from_secs(10)).await.unwrap();
+        counts.push(m.metadata["metadata.DeliveryCount"].clone());
+    }
+    assert_eq!(counts, ["1", "2", "3"]);
+    assert!(
+        eventually(Duration::from_secs(5), || broker.counts(&topic)
+            == (0, 0, 1))
+        .await
+    );
+    assert!(next(&mut rx, Duration::from_millis(500)).await.is_none());
+    c.close().await.unwrap();
+}
+
+/// The broker cuts every connection twice while messages flow: publishes are retried on a
+/// new connection, the receiver reconnects, and every message arrives (lost 0); none is
+/// left on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_mid_stream_loses_nothing() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.configure(Duration::from_secs(2), 100);
+    let topic = random_name("outage");
+    let cs = broker.connection_string();
+    let extra = [
+        ("minConnectionRecoveryInSec", "0"),
+        ("publishInitialRetryIntervalInMs", "50"),
+    ];
+    let sub_c = component(ServiceBusFactory::TOPICS, &cs, "app", &extra).await;
+    let pub_c = component(ServiceBusFactory::TOPICS, &cs, "app", &extra).await;
+    let (h, mut rx) = success_collector();
+    let _sub = sub_c
+        .subscribe(SubscribeRequest::new(&topic), h)
+        .await
+        .unwrap();
+    const N: usize = 60;
+    let mut got = BTreeSet::new();
+    for i in 0..N {
+        if i == 20 || i == 40 {
+            broker.drop_connections();
+        }
+        pub_c
+            .publish(request(&topic, &format!("m{i}"), &[]))
+            .await
+            .unwrap_or_else(|e| panic!("publish {i}: {e}"));
+        while let Ok(m) = rx.try_recv() {
+            got.insert(String::from_utf8_lossy(&m.data).into_owned());
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < N && tokio::time::Instant::now() < deadline {
+        if let Some(m) = next(&mut rx, Duration::from_millis(200)).await {
+            got.insert(String::from_utf8_lossy(&m.data).into_owned());
+        }
+    }
+    assert_eq!(got.len(), N, "every message arrives");
+    let address = format!("{topic}/Subscriptions/app");
+    assert!(
+        eventually(Duration::from_secs(10), || broker.counts(&address)
+            == (0, 0, 0))
+        .await
+    );
+    for c in [sub_c, pub_c] {
+        c.close().await.unwrap();
+    }
+}
+
+/// A key the namespace does not know: the token is refused, and the subscribe and the
+/// publish say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_is_refused_with_a_clear_error() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let cs = broker
+        .connection_string()
+        .replace(daprd_testkit::servicebus::KEY, "d3Jvbmcta2V5");
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &cs,
+        "app",
+        &[("publishMaxRetries", "0")],
+    )
+    .await;
+    let (h, _rx) = success_collector();
+    let e = c
+        .subscribe(SubscribeRequest::new("orders"), h)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("put-token") && e.contains("401"), "{e}");
+    let e = c.publish(request("orders", "x", &[])).await.unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    assert!(broker.published("orders").is_empty());
+    assert!(broker.tokens().is_empty());
+}

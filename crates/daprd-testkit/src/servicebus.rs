@@ -1,0 +1,801 @@
+//! An Azure Service Bus test broker: AMQP 1.0 over TCP (`fe2o3-amqp`'s acceptor side) with
+//! Service Bus's addressing and management nodes, for the tests of
+//! `pubsub.azure.servicebus.topics` and `.queues`. Microsoft's Service Bus emulator is a
+//! container image, which cannot run here; this broker is what the components and the SDK
+//! suites are tested against.
+//!
+//! What it does, as Service Bus does it: SASL ANONYMOUS, then claims-based security — a
+//! `put-token` on `$cbs` with a SAS token, checked (HMAC-SHA256 with the namespace key, expiry,
+//! audience) and answered with `status-code`; a link to an entity without a token for it is
+//! detached with `amqp:unauthorized-access`. Entities: a publish to a topic is copied to each
+//! of its subscriptions (`<topic>/Subscriptions/<name>`), a publish to anything else goes to
+//! the queue of that name; an entity comes into being when a link first names it (as the
+//! component's entity management would have made it). Receivers get messages in peek-lock:
+//! each carries a lock token (`x-opt-lock-token`), `x-opt-locked-until`,
+//! `x-opt-sequence-number`, `x-opt-enqueued-time` and its delivery count; `accepted`
+//! completes, `modified`/`released` abandon (back, delivery count + 1; past the maximum
+//! delivery count to the dead-letter list), `rejected` dead-letters; a lock that expires
+//! makes the message available again. `com.microsoft:renew-lock` on
+//! `<entity>/$management` extends locks. A message's time to live and
+//! `x-opt-scheduled-enqueue-time` are honoured. It keeps every message it was sent
+//! ([`TestBroker::published`]) so a test can compare what the component put on the wire,
+//! and cuts every TCP connection on request ([`TestBroker::drop_connections`]).
+//!
+//! Left out: sessions, transactions, TLS, the ATOM management API, persistence across a
+//! restart.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SaslAnonymousMechanism, SessionAcceptor,
+};
+use fe2o3_amqp::link::{Receiver, Sender};
+use fe2o3_amqp::types::definitions::{self, AmqpError};
+use fe2o3_amqp::types::messaging::{
+    annotations::OwnedKey, ApplicationProperties, Body, Header, Message, MessageAnnotations,
+    MessageId, Outcome, Properties,
+};
+use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// The shared access key name of the test namespace.
+pub const KEY_NAME: &str = "RootManageSharedAccessKey";
+/// The shared access key of the test namespace.
+pub const KEY: &str = "dGVzdC1icm9rZXIta2V5LW5vdC1hLXNlY3JldA==";
+
+/// One AMQP message as the broker holds it.
+pub type AmqpMessage = Message<Body<Value>>;
+
+/// A running test broker; it stops when dropped.
+pub struct TestBroker {
+    port: u16,
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.drop_connections();
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Woken when a message becomes available anywhere.
+    available: Notify,
+    /// Bumped to cut every connection.
+    generation: watch::Sender<u64>,
+}
+
+struct State {
+    /// Topics (lowercase name) and their subscriptions' full addresses.
+    topics: HashMap<String, HashSet<String>>,
+    /// Queues and subscriptions by lowercase address.
+    queues: HashMap<String, Queue>,
+    /// Every message received, with the entity it was sent to.
+    published: Vec<(String, AmqpMessage)>,
+    /// Audiences of accepted `put-token`s, in order.
+    tokens: Vec<String>,
+    /// Locks renewed so far.
+    renewals: usize,
+    lock_duration: Duration,
+    max_delivery_count: u32,
+    next_sequence: i64,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Available messages by sequence number.
+    ready: BTreeMap<i64, Stored>,
+    /// Messages in a receiver's hands by lock token.
+    locked: HashMap<[u8; 16], (Stored, i64)>,
+    dead: Vec<Stored>,
+}
+
+#[derive(Clone)]
+struct Stored {
+    message: AmqpMessage,
+    sequence: i64,
+    enqueued_ms: i64,
+    delivery_count: u32,
+    expires_ms: Option<i64>,
+    visible_ms: i64,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn symbol_key(name: &str) -> OwnedKey {
+    OwnedKey::Symbol(Symbol::from(name))
+}
+
+impl TestBroker {
+    /// Starts a broker on 127.0.0.1:`port` (0: a free port).
+    ///
+    /// # Errors
+    /// The port cannot be bound.
+    pub async fn start(port: u16) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = listener.local_addr()?.port();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                topics: HashMap::new(),
+                queues: HashMap::new(),
+                published: Vec::new(),
+                tokens: Vec::new(),
+                renewals: 0,
+                lock_duration: Duration::from_secs(60),
+                max_delivery_count: 10,
+                next_sequence: 1,
+            }),
+            available: Notify::new(),
+            generation: watch::channel(0).0,
+        });
+        let accept = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(serve(inner.clone(), tcp));
+                }
+            })
+        };
+        // expired locks make their messages available again
+        let sweep = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if inner.expire_locks() {
+                        inner.available.notify_waiters();
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            port,
+            inner,
+            tasks: vec![accept, sweep],
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection string for this broker (the emulator's form: plain AMQP).
+    pub fn connection_string(&self) -> String {
+        format!(
+            "Endpoint=sb://127.0.0.1:{};SharedAccessKeyName={KEY_NAME};SharedAccessKey={KEY};UseDevelopmentEmulator=true",
+            self.port
+        )
+    }
+
+    /// Cuts every client connection (TCP, without a close frame); what was sent stays, what
+    /// was locked becomes available when its lock expires.
+    pub fn drop_connections(&self) {
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Sets how long a lock lasts (60 s by default) and how often a message may be delivered
+    /// before it is dead-lettered (10).
+    pub fn configure(&self, lock_duration: Duration, max_delivery_count: u32) {
+        let mut s = lock(&self.inner.state);
+        s.lock_duration = lock_duration;
+        s.max_delivery_count = max_delivery_count;
+    }
+
+    /// Every message sent to `entity` (a topic or queue name), as it arrived.
+    pub fn published(&self, entity: &str) -> Vec<AmqpMessage> {
+        lock(&self.inner.state)
+            .published
+            .iter()
+            .filter(|(e, _)| e.eq_ignore_ascii_case(entity))
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// The audiences of the tokens put on `$cbs`.
+    pub fn tokens(&self) -> Vec<String> {
+        lock(&self.inner.state).tokens.clone()
+    }
+
+    /// How many locks were renewed.
+    pub fn renewals(&self) -> usize {
+        lock(&self.inner.state).renewals
+    }
+
+    /// (available, locked, dead-lettered) messages of a queue or subscription address.
+    pub fn counts(&self, address: &str) -> (usize, usize, usize) {
+        let s = lock(&self.inner.state);
+        s.queues
+            .get(&address.to_ascii_lowercase())
+            .map_or((0, 0, 0), |q| (q.ready.len(), q.locked.len(), q.dead.len()))
+    }
+}
+
+impl Inner {
+    /// Returns expired locks' messages to their queues; whether any was.
+    fn expire_locks(&self) -> bool {
+        let now = now_ms();
+        let mut s = lock(&self.state);
+        let max = s.max_delivery_count;
+        let mut any = false;
+        for q in s.queues.values_mut() {
+            let expired: Vec<[u8; 16]> = q
+                .locked
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for t in expired {
+                if let Some((m, _)) = q.locked.remove(&t) {
+                    q.give_back(m, max);
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+
+    /// Stores a message sent to `entity`: to each subscription of a topic, else the queue.
+    fn store(&self, entity: &str, message: AmqpMessage) {
+        let now = now_ms();
+        let mut s = lock(&self.state);
+        s.published.push((entity.to_string(), message.clone()));
+        let ttl = message
+            .header
+            .as_ref()
+            .and_then(|h| h.ttl)
+            .map(|ms| now + i64::from(ms));
+        let visible = message
+            .message_annotations
+            .as_ref()
+            .and_then(|a| a.0.get(&symbol_key("x-opt-scheduled-enqueue-time")))
+            .and_then(|v| match v {
+                Value::Timestamp(t) => Some(t.milliseconds()),
+                _ => None,
+            })
+            .unwrap_or(now);
+        let key = entity.to_ascii_lowercase();
+        let targets: Vec<String> = match s.topics.get(&key) {
+            Some(subs) => subs.iter().cloned().collect(),
+            None => vec![key],
+        };
+        for t in targets {
+            let sequence = s.next_sequence;
+            s.next_sequence += 1;
+            s.queues.entry(t).or_default().ready.insert(
+                sequence,
+                Stored {
+                    message: message.clone(),
+                    sequence,
+                    enqueued_ms: now,
+                    delivery_count: 0,
+                    expires_ms: ttl,
+                    visible_ms: visible,
+                },
+            );
+        }
+        drop(s);
+        self.available.notify_waiters();
+    }
+
+    /// Makes `address` exist (a subscription also makes its topic).
+    fn ensure(&self, address: &str) {
+        let key = address.to_ascii_lowercase();
+        let mut s = lock(&self.state);
+        if let Some((topic, _)) = key.split_once("/subscriptions/") {
+            s.topics
+                .entry(topic.to_string())
+                .or_default()
+                .insert(key.clone());
+        }
+        s.queues.entry(key).or_default();
+    }
+
+    /// Takes the next available message of `address` and locks it.
+    fn take(&self, address: &str) -> Option<(AmqpMessage, [u8; 16])> {
+        let now = now_ms();
+        let mut s = lock(&self.state);
+        let duration = i64::try_from(s.lock_duration.as_millis()).unwrap_or(i64::MAX);
+        let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
+        q.ready.retain(|_, m| m.expires_ms.is_none_or(|e| e > now));
+        let sequence = *q
+            .ready
+            .iter()
+            .find(|(_, m)| m.visible_ms <= now)
+            .map(|(k, _)| k)?;
+        let m = q.ready.remove(&sequence)?;
+        let token = *uuid::Uuid::new_v4().as_bytes();
+        let until = now + duration;
+        let mut out = m.message.clone();
+        let header = out.header.get_or_insert_with(Header::default);
+        header.delivery_count = m.delivery_count;
+        let annotations = out
+            .message_annotations
+            .get_or_insert_with(|| MessageAnnotations(OrderedMap::new()));
+        annotations.0.insert(
+            symbol_key("x-opt-lock-token"),
+            Value::Uuid(fe2o3_amqp::types::primitives::Uuid::from(token)),
+        );
+        annotations.0.insert(
+            symbol_key("x-opt-locked-until"),
+            Value::Timestamp(Timestamp::from_milliseconds(until)),
+        );
+        annotations
+            .0
+            .insert(symbol_key("x-opt-sequence-number"), Value::Long(m.sequence));
+        annotations.0.insert(
+            symbol_key("x-opt-enqueued-time"),
+            Value::Timestamp(Timestamp::from_milliseconds(m.enqueued_ms)),
+        );
+        q.locked.insert(token, (m, until));
+        Some((out, token))
+    }
+
+    /// Settles the message locked with `token` by the receiver's outcome.
+    fn settle(&self, address: &str, token: [u8; 16], outcome: Option<&Outcome>) {
+        let mut s = lock(&self.state);
+        let max = s.max_delivery_count;
+        let Some(q) = s.queues.get_mut(&address.to_ascii_lowercase()) else {
+            return;
+        };
+        // a lock that expired meanwhile: the message is already available again
+        let Some((m, _)) = q.locked.remove(&token) else {
+            return;
+        };
+        match outcome {
+            Some(Outcome::Accepted(_)) => {}
+            Some(Outcome::Rejected(_)) => q.dead.push(m),
+            Some(_) => q.give_back(m, max),
+            // no outcome (the link went away): locked until the lock expires
+            None => {
+                let until = now_ms() + i64::try_from(s.lock_duration.as_millis()).unwrap_or(0);
+                if let Some(q) = s.queues.get_mut(&address.to_ascii_lowercase()) {
+                    q.locked.insert(token, (m, until));
+                }
+                return;
+            }
+        }
+        drop(s);
+        self.available.notify_waiters();
+    }
+
+    /// Extends the locks of `tokens` on `address`; their new expiry, or `None` for a lock
+    /// that is gone.
+    fn renew(&self, address: &str, tokens: &[[u8; 16]]) -> Vec<Option<i64>> {
+        let mut s = lock(&self.state);
+        let until = now_ms() + i64::try_from(s.lock_duration.as_millis()).unwrap_or(0);
+        let mut renewed = 0;
+        let out = match s.queues.get_mut(&address.to_ascii_lowercase()) {
+            None => vec![None; tokens.len()],
+            Some(q) => tokens
+                .iter()
+                .map(|t| {
+                    q.locked.get_mut(t).map(|(_, u)| {
+                        *u = until;
+                        renewed += 1;
+                        until
+                    })
+                })
+                .collect(),
+        };
+        s.renewals += renewed;
+        out
+    }
+}
+
+/// When the message locked with `token` expires (its time to live).
+fn message_expiry(inner: &Inner, address: &str, token: [u8; 16]) -> Option<i64> {
+    let s = lock(&inner.state);
+    s.queues
+        .get(&address.to_ascii_lowercase())
+        .and_then(|q| q.locked.get(&token))
+        .and_then(|(m, _)| m.expires_ms)
+}
+
+impl Inner {
+    /// Drops the message locked with `token` (it expired before it could be sent).
+    fn discard(&self, address: &str, token: [u8; 16]) {
+        let mut s = lock(&self.state);
+        if let Some(q) = s.queues.get_mut(&address.to_ascii_lowercase()) {
+            q.locked.remove(&token);
+        }
+    }
+}
+
+impl Queue {
+    /// An abandoned or expired message: available again, or dead-lettered after the maximum
+    /// delivery count.
+    fn give_back(&mut self, mut m: Stored, max_delivery_count: u32) {
+        m.delivery_count += 1;
+        if m.delivery_count >= max_delivery_count {
+            self.dead.push(m);
+        } else {
+            self.ready.insert(m.sequence, m);
+        }
+    }
+}
+
+/// What one client connection shares between its links.
+#[derive(Default)]
+struct ConnState {
+    /// Audiences authorized on this connection.
+    authorized: HashSet<String>,
+    /// Reply links by the client's reply address.
+    replies: HashMap<String, mpsc::UnboundedSender<AmqpMessage>>,
+}
+
+type Shared = Arc<Mutex<ConnState>>;
+
+fn conn_lock(c: &Shared) -> MutexGuard<'_, ConnState> {
+    c.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves one TCP connection: the AMQP engine runs on one end of an in-memory pipe whose other
+/// end is shuttled to the socket, so a drop cuts the socket without a close frame.
+async fn serve(inner: Arc<Inner>, mut tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let mut generation = inner.generation.subscribe();
+    let (engine_side, mut pipe) = tokio::io::duplex(256 * 1024);
+    let amqp = tokio::spawn(run_connection(inner.clone(), engine_side));
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut tcp, &mut pipe) => {}
+        _ = generation.changed() => {}
+    }
+    amqp.abort();
+    drop(tcp);
+}
+
+async fn run_connection(inner: Arc<Inner>, io: tokio::io::DuplexStream) {
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id("servicebus-testbroker")
+        .sasl_acceptor(SaslAnonymousMechanism::new())
+        .build();
+    let Ok(mut connection) = acceptor.accept(io).await else {
+        return;
+    };
+    let shared: Shared = Arc::default();
+    let sessions = SessionAcceptor::new();
+    let mut tasks = Vec::new();
+    while let Ok(session) = sessions.accept(&mut connection).await {
+        tasks.push(tokio::spawn(run_session(
+            inner.clone(),
+            shared.clone(),
+            session,
+        )));
+    }
+    for t in tasks {
+        t.abort();
+    }
+}
+
+async fn run_session(
+    inner: Arc<Inner>,
+    shared: Shared,
+    mut session: fe2o3_amqp::acceptor::ListenerSessionHandle,
+) {
+    let links = LinkAcceptor::new();
+    let mut tasks = Vec::new();
+    while let Ok(link) = links.accept(&mut session).await {
+        let (inner, shared) = (inner.clone(), shared.clone());
+        tasks.push(tokio::spawn(async move {
+            match link {
+                LinkEndpoint::Receiver(r) => incoming(inner, shared, r).await,
+                LinkEndpoint::Sender(s) => outgoing(inner, shared, s).await,
+            }
+        }));
+    }
+    for t in tasks {
+        t.abort();
+    }
+}
+
+fn target_address(r: &Receiver) -> String {
+    r.target()
+        .as_ref()
+        .and_then(|t| t.address.clone())
+        .unwrap_or_default()
+}
+
+fn source_address(s: &Sender) -> String {
+    s.source()
+        .as_ref()
+        .and_then(|t| t.address.clone())
+        .unwrap_or_default()
+}
+
+/// Whether a token for `address` (or an entity containing it) was put on this connection.
+fn authorized(shared: &Shared, address: &str) -> bool {
+    let address = address.to_ascii_lowercase();
+    conn_lock(shared).authorized.iter().any(|aud| {
+        let path = aud.split_once("://").map_or(aud.as_str(), |(_, r)| r);
+        let path = path
+            .split_once('/')
+            .map_or("", |(_, p)| p)
+            .to_ascii_lowercase();
+        address == path || address.starts_with(&format!("{path}/"))
+    })
+}
+
+fn unauthorized(address: &str) -> definitions::Error {
+    definitions::Error::new(
+        AmqpError::UnauthorizedAccess,
+        Some(format!("no token was put on $cbs for {address}")),
+        None,
+    )
+}
+
+/// A link on which the client sends: `$cbs` and `$management` requests, or messages.
+async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
+    let address = target_address(&r);
+    if address == "$cbs" {
+        while let Ok(d) = r.recv::<Body<Value>>().await {
+            let _ = r.accept(&d).await;
+            let request = d.into_message();
+            let (status, description) = put_token(&inner, &shared, &request);
+            let mut props = OrderedMap::new();
+            props.insert("status-code".to_string(), SimpleValue::Int(status));
+            props.insert(
+                "status-description".to_string(),
+                SimpleValue::String(description),
+            );
+            reply(&shared, &request, props, Value::Null);
+        }
+        return;
+    }
+    if let Some(entity) = address.strip_suffix("/$management") {
+        if !authorized(&shared, entity) {
+            let _ = r.close_with_error(unauthorized(&address)).await;
+            return;
+        }
+        while let Ok(d) = r.recv::<Body<Value>>().await {
+            let _ = r.accept(&d).await;
+            let request = d.into_message();
+            let (status, body) = management(&inner, entity, &request);
+            let mut props = OrderedMap::new();
+            props.insert("statusCode".to_string(), SimpleValue::Int(status));
+            reply(&shared, &request, props, body);
+        }
+        return;
+    }
+    if !authorized(&shared, &address) {
+        let _ = r.close_with_error(unauthorized(&address)).await;
+        return;
+    }
+    while let Ok(d) = r.recv::<Body<Value>>().await {
+        // stored before the client hears it was accepted
+        inner.store(&address, d.message().clone());
+        let _ = r.accept(&d).await;
+    }
+}
+
+/// Checks a `put-token` request; (status, description).
+fn put_token(inner: &Inner, shared: &Shared, request: &AmqpMessage) -> (i32, String) {
+    let prop = |k: &str| {
+        request
+            .application_properties
+            .as_ref()
+            .and_then(|a| a.0.get(k))
+            .and_then(|v| match v {
+                SimpleValue::String(s) => Some(s.clone()),
+                _ => None,
+            })
+    };
+    if prop("operation").as_deref() != Some("put-token") {
+        return (400, "unknown operation".into());
+    }
+    let Some(audience) = prop("name") else {
+        return (400, "no name".into());
+    };
+    let token = match &request.body {
+        Body::Value(v) => match &v.0 {
+            Value::String(s) => s.clone(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    match check_sas(&token, &audience) {
+        Ok(()) => {
+            conn_lock(shared).authorized.insert(audience.clone());
+            lock(&inner.state).tokens.push(audience);
+            (200, "OK".into())
+        }
+        Err(why) => (401, why),
+    }
+}
+
+/// Verifies a SAS token for `audience` against the namespace key.
+fn check_sas(token: &str, audience: &str) -> Result<(), String> {
+    let fields = token
+        .strip_prefix("SharedAccessSignature ")
+        .ok_or("not a SharedAccessSignature")?;
+    let mut parts = HashMap::new();
+    for kv in fields.split('&') {
+        let (k, v) = kv.split_once('=').ok_or("malformed token")?;
+        parts.insert(k, v);
+    }
+    let (sr, sig, se, skn) = match (
+        parts.get("sr"),
+        parts.get("sig"),
+        parts.get("se"),
+        parts.get("skn"),
+    ) {
+        (Some(a), Some(b), Some(c), Some(d)) => (*a, *b, *c, *d),
+        _ => return Err("token lacks sr, sig, se or skn".into()),
+    };
+    if skn != KEY_NAME {
+        return Err(format!("unknown key name {skn}"));
+    }
+    let expiry: i64 = se.parse().map_err(|_| "bad se")?;
+    if expiry * 1000 <= now_ms() {
+        return Err("token expired".into());
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY.as_bytes());
+    let signature = daprd_core::gocompat::query_unescape(sig).ok_or("bad sig escape")?;
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(signature)
+        .map_err(|_| "sig is not base64")?;
+    ring::hmac::verify(&key, format!("{sr}\n{se}").as_bytes(), &signature)
+        .map_err(|_| "signature mismatch")?;
+    let resource = daprd_core::gocompat::query_unescape(sr).ok_or("bad sr escape")?;
+    let strip = |s: &str| {
+        s.split_once("://")
+            .map_or(s, |(_, r)| r)
+            .to_ascii_lowercase()
+    };
+    if !strip(audience).starts_with(&strip(&resource)) {
+        return Err(format!("token for {resource} does not cover {audience}"));
+    }
+    Ok(())
+}
+
+/// Answers a request to an entity's `$management` node: (statusCode, body).
+fn management(inner: &Inner, entity: &str, request: &AmqpMessage) -> (i32, Value) {
+    let operation = request
+        .application_properties
+        .as_ref()
+        .and_then(|a| a.0.get("operation"))
+        .and_then(|v| match v {
+            SimpleValue::String(s) => Some(s.as_str()),
+            _ => None,
+        });
+    if operation != Some("com.microsoft:renew-lock") {
+        return (501, Value::Null);
+    }
+    let tokens: Vec<[u8; 16]> = match &request.body {
+        Body::Value(v) => match &v.0 {
+            Value::Map(m) => match m.get(&Value::String("lock-tokens".into())) {
+                Some(Value::Array(a)) => {
+                    a.0.iter()
+                        .filter_map(|t| match t {
+                            Value::Uuid(u) => Some(*u.as_inner()),
+                            _ => None,
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    let renewed = inner.renew(entity, &tokens);
+    if renewed.iter().any(Option::is_none) {
+        // Service Bus: 410 Gone, com.microsoft:message-lock-lost
+        return (410, Value::Null);
+    }
+    let mut body = OrderedMap::new();
+    body.insert(
+        Value::String("expirations".into()),
+        Value::Array(Array(
+            renewed
+                .into_iter()
+                .map(|t| Value::Timestamp(Timestamp::from_milliseconds(t.unwrap_or(0))))
+                .collect(),
+        )),
+    );
+    (200, Value::Map(body))
+}
+
+/// Sends the answer to `request` on the client's reply link.
+fn reply(
+    shared: &Shared,
+    request: &AmqpMessage,
+    props: OrderedMap<String, SimpleValue>,
+    body: Value,
+) {
+    let Some(p) = request.properties.as_ref() else {
+        return;
+    };
+    let Some(to) = p.reply_to.clone() else { return };
+    let answer = Message::builder()
+        .properties(Properties {
+            correlation_id: p.message_id.clone().or(Some(MessageId::Ulong(0))),
+            ..Default::default()
+        })
+        .application_properties(ApplicationProperties(props))
+        .body(Body::Value(fe2o3_amqp::types::messaging::AmqpValue(body)))
+        .build();
+    if let Some(tx) = conn_lock(shared).replies.get(&to) {
+        let _ = tx.send(answer);
+    }
+}
+
+/// A link on which the client receives: a reply link of `$cbs`/`$management`, or an entity
+/// in peek-lock.
+async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
+    let address = source_address(&s);
+    if address == "$cbs" || address.ends_with("/$management") {
+        let reply_to = s
+            .target()
+            .as_ref()
+            .and_then(|t| t.address.clone())
+            .unwrap_or_default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        conn_lock(&shared).replies.insert(reply_to, tx);
+        while let Some(m) = rx.recv().await {
+            if s.send(m).await.is_err() {
+                break;
+            }
+        }
+        return;
+    }
+    if !authorized(&shared, &address) {
+        let _ = s.close_with_error(unauthorized(&address)).await;
+        return;
+    }
+    inner.ensure(&address);
+    loop {
+        let notified = inner.available.notified();
+        let Some((message, token)) = inner.take(&address) else {
+            // woken by a new message, or a scheduled one's time coming
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            continue;
+        };
+        let expires = message_expiry(&inner, &address, token);
+        // waiting for credit: a message that expires meanwhile is not sent (and is gone)
+        let sent = match expires {
+            Some(at) => {
+                let wait = Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0));
+                match tokio::time::timeout(wait, s.send_batchable(message)).await {
+                    Ok(sent) => sent,
+                    Err(_) => {
+                        inner.discard(&address, token);
+                        continue;
+                    }
+                }
+            }
+            None => s.send_batchable(message).await,
+        };
+        match sent {
+            Ok(fut) => {
+                let (inner, address) = (inner.clone(), address.clone());
+                tokio::spawn(async move {
+                    let outcome = fut.await.ok();
+                    inner.settle(&address, token, outcome.as_ref());
+                });
+            }
+            Err(_) => {
+                inner.settle(&address, token, None);
+                return;
+            }
+        }
+    }
+}
