@@ -23,6 +23,7 @@ cargo build --locked -p daprd --features full
 cargo build --locked -p daprd-testkit --features controlplane --bin test-controlplane
 # the Pulsar test broker the pubsub.pulsar SDK tests start (target/debug/pulsar-testbroker)
 cargo build --locked -p daprd-testkit --features pulsar --bin pulsar-testbroker
+cargo build --locked -p daprd-testkit --features servicebus --bin servicebus-testbroker
 cargo test --locked --workspace --features daprd/full
 
 echo "==> Python SDK end-to-end tests"
@@ -42,7 +43,7 @@ echo "==> JavaScript SDK end-to-end tests"
 # The broker matrix: the same SDK suites again with each broker component in place of
 # pubsub.in-memory (DAPRD_E2E_PUBSUB). The brokers are those scripts/services.sh started.
 # E2E_BROKERS="" skips it; E2E_BROKERS="redis" runs one.
-for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs gcp.pubsub pulsar}; do
+for broker in ${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs gcp.pubsub pulsar azure.servicebus.topics azure.servicebus.queues}; do
   echo "==> SDK end-to-end tests against pubsub.$broker"
   (cd tests/e2e/python && DAPRD_E2E_PUBSUB=$broker ../../../.venv/bin/python -m pytest -q -p no:cacheprovider \
     test_publish_sdk.py test_subscribe.py test_streaming.py)

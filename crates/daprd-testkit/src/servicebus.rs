@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, SaslAnonymousMechanism, SessionAcceptor,
+    SupportedReceiverSettleModes,
 };
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp::types::definitions::{self, AmqpError};
@@ -438,7 +439,8 @@ impl Queue {
 struct ConnState {
     /// Audiences authorized on this connection.
     authorized: HashSet<String>,
-    /// Reply links by the client's reply address.
+    /// Reply links by the client's reply address, and by `node:<node>` for requests that
+    /// name none (Azure's Python SDK sends none: the answer goes to the node's other link).
     replies: HashMap<String, mpsc::UnboundedSender<AmqpMessage>>,
 }
 
@@ -491,9 +493,22 @@ async fn run_session(
     shared: Shared,
     mut session: fe2o3_amqp::acceptor::ListenerSessionHandle,
 ) {
-    let links = LinkAcceptor::new();
+    // Where the client sends, the broker settles at once (rcv-settle-mode first, as Service
+    // Bus answers a sender that asks for second); where it receives, either mode.
+    let to_clients = LinkAcceptor::new();
+    let from_clients = LinkAcceptor::builder()
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(definitions::ReceiverSettleMode::First)
+        .build();
     let mut tasks = Vec::new();
-    while let Ok(link) = links.accept(&mut session).await {
+    while let Some(attach) = session.next_incoming_attach().await {
+        let acceptor = match attach.role {
+            definitions::Role::Sender => &from_clients,
+            definitions::Role::Receiver => &to_clients,
+        };
+        let Ok(link) = acceptor.accept_incoming_attach(attach, &mut session).await else {
+            continue;
+        };
         let (inner, shared) = (inner.clone(), shared.clone());
         tasks.push(tokio::spawn(async move {
             match link {
@@ -507,18 +522,31 @@ async fn run_session(
     }
 }
 
+/// An entity's path in a link address: Azure's SDKs name entities by their full URI
+/// (`amqps://<host>/<path>`), the Go SDK by the path alone; Service Bus takes both.
+fn entity_path(address: &str) -> String {
+    match address.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map_or("", |(_, p)| p).to_string(),
+        None => address.to_string(),
+    }
+}
+
 fn target_address(r: &Receiver) -> String {
-    r.target()
-        .as_ref()
-        .and_then(|t| t.address.clone())
-        .unwrap_or_default()
+    entity_path(
+        &r.target()
+            .as_ref()
+            .and_then(|t| t.address.clone())
+            .unwrap_or_default(),
+    )
 }
 
 fn source_address(s: &Sender) -> String {
-    s.source()
-        .as_ref()
-        .and_then(|t| t.address.clone())
-        .unwrap_or_default()
+    entity_path(
+        &s.source()
+            .as_ref()
+            .and_then(|t| t.address.clone())
+            .unwrap_or_default(),
+    )
 }
 
 /// Whether a token for `address` (or an entity containing it) was put on this connection.
@@ -556,7 +584,7 @@ async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
                 "status-description".to_string(),
                 SimpleValue::String(description),
             );
-            reply(&shared, &request, props, Value::Null);
+            reply(&shared, "$cbs", &request, props, Value::Null);
         }
         return;
     }
@@ -571,7 +599,7 @@ async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
             let (status, body) = management(&inner, entity, &request);
             let mut props = OrderedMap::new();
             props.insert("statusCode".to_string(), SimpleValue::Int(status));
-            reply(&shared, &request, props, body);
+            reply(&shared, &address, &request, props, body);
         }
         return;
     }
@@ -714,9 +742,10 @@ fn management(inner: &Inner, entity: &str, request: &AmqpMessage) -> (i32, Value
     (200, Value::Map(body))
 }
 
-/// Sends the answer to `request` on the client's reply link.
+/// Sends the answer to a request to `node` on the client's reply link.
 fn reply(
     shared: &Shared,
+    node: &str,
     request: &AmqpMessage,
     props: OrderedMap<String, SimpleValue>,
     body: Value,
@@ -724,7 +753,7 @@ fn reply(
     let Some(p) = request.properties.as_ref() else {
         return;
     };
-    let Some(to) = p.reply_to.clone() else { return };
+    let to = p.reply_to.clone().unwrap_or_else(|| format!("node:{node}"));
     let answer = Message::builder()
         .properties(Properties {
             correlation_id: p.message_id.clone().or(Some(MessageId::Ulong(0))),
@@ -749,7 +778,11 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
             .and_then(|t| t.address.clone())
             .unwrap_or_default();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        conn_lock(&shared).replies.insert(reply_to, tx);
+        {
+            let mut c = conn_lock(&shared);
+            c.replies.insert(format!("node:{address}"), tx.clone());
+            c.replies.insert(reply_to, tx);
+        }
         while let Some(m) = rx.recv().await {
             if s.send(m).await.is_err() {
                 break;

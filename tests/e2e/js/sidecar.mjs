@@ -14,7 +14,8 @@ export const DAPRD = process.env.DAPRD_BIN ?? join(ROOT, "target", "debug", "dap
 // a broker component (scripts/test.sh runs the suites once per broker). Each test gets its own
 // slice of the shared broker (see isolateBroker), so runs never see each other's messages.
 export const PUBSUB = process.env.DAPRD_E2E_PUBSUB ?? "in-memory";
-const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub", "pulsar"];
+const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub", "pulsar",
+  "azure.servicebus.topics", "azure.servicebus.queues"];
 if (!BROKERS.includes(PUBSUB)) throw new Error(`DAPRD_E2E_PUBSUB must be one of ${BROKERS}`);
 const REDIS_DB = "9"; // the e2e database, flushed before each test
 const NATS_URL = "localhost:4222";
@@ -25,9 +26,13 @@ const PUBSUB_EMULATOR = process.env.PUBSUB_EMULATOR_HOST ?? "127.0.0.1:8085";
 let testTag = "t";
 let kafkaPort = 0;
 let pulsarUrl = "";
+let serviceBusConnection = "";
 // the repository's Pulsar test broker (Pulsar's binary protocol; no Apache Pulsar server can be
 // installed here): cargo build -p daprd-testkit --features pulsar --bin pulsar-testbroker
 const PULSAR_BROKER = process.env.PULSAR_TESTBROKER_BIN ?? join(ROOT, "target", "debug", "pulsar-testbroker");
+// the repository's Service Bus test broker (AMQP 1.0 with CBS and peek-lock; Microsoft's emulator
+// is a container image): cargo build -p daprd-testkit --features servicebus --bin servicebus-testbroker
+const SERVICEBUS_BROKER = process.env.SERVICEBUS_TESTBROKER_BIN ?? join(ROOT, "target", "debug", "servicebus-testbroker");
 
 function brokerMetadata() {
   return {
@@ -53,6 +58,9 @@ function brokerMetadata() {
     // a private test broker per test (isolateBroker); a refused message comes back after
     // redeliveryDelay (Dapr's default: 30 s)
     pulsar: { host: pulsarUrl, redeliveryDelay: "500ms" },
+    // a private Service Bus test broker per test (isolateBroker)
+    "azure.servicebus.topics": { connectionString: serviceBusConnection },
+    "azure.servicebus.queues": { connectionString: serviceBusConnection },
   }[PUBSUB];
 }
 
@@ -73,7 +81,16 @@ export async function isolateBroker() {
     if (!r.ok) throw new Error(`moto reset: ${r.status}`);
   }
   if (PUBSUB === "kafka") return startTansu();
-  if (PUBSUB === "pulsar") return startPulsarBroker();
+  if (PUBSUB === "pulsar") {
+    const { first, stop } = await startOwnBroker(PULSAR_BROKER);
+    pulsarUrl = first;
+    return stop;
+  }
+  if (PUBSUB.startsWith("azure.servicebus.")) {
+    const { first, stop } = await startOwnBroker(SERVICEBUS_BROKER);
+    serviceBusConnection = first;
+    return stop;
+  }
   if (PUBSUB !== "jetstream") return async () => {};
   // Dapr's JetStream component needs streams holding the subjects: single-token topic names
   // in one stream ("*"), dead-letter topics "dlq.<x>" in another (a dead-letter republish
@@ -91,23 +108,25 @@ export async function isolateBroker() {
   };
 }
 
-/** A private Pulsar test broker on a free port; returns its stop. */
-async function startPulsarBroker() {
+/** One of the repository's own test brokers on a free port: its first line of output (how to
+ * reach it) and its stop. */
+async function startOwnBroker(binary) {
   const port = await freePort();
-  const proc = spawn(PULSAR_BROKER, ["--port", String(port)], { stdio: ["pipe", "pipe", "ignore"] });
-  pulsarUrl = await new Promise((res, rej) => {
+  const proc = spawn(binary, ["--port", String(port)], { stdio: ["pipe", "pipe", "ignore"] });
+  const first = await new Promise((res, rej) => {
     let out = "";
     proc.stdout.on("data", (d) => {
       out += d;
       if (out.includes("\n")) res(out.split("\n")[0].trim());
     });
     proc.on("error", rej);
-    proc.on("exit", () => rej(new Error(`${PULSAR_BROKER} exited before it listened`)));
+    proc.on("exit", () => rej(new Error(`${binary} exited before it listened`)));
   });
-  return async () => {
+  const stop = async () => {
     proc.kill("SIGKILL");
     await new Promise((r) => (proc.exitCode !== null || proc.signalCode !== null ? r() : proc.on("exit", r)));
   };
+  return { first, stop };
 }
 
 /** A private Kafka-protocol broker (tansu, in-memory storage) on a free port; returns its stop. */

@@ -23,7 +23,8 @@ DAPRD = Path(os.environ.get("DAPRD_BIN", ROOT / "target" / "debug" / "daprd"))
 # brokers never see each other's messages.
 PUBSUB = os.environ.get("DAPRD_E2E_PUBSUB", "in-memory")
 BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs",
-           "gcp.pubsub", "pulsar")
+           "gcp.pubsub", "pulsar", "azure.servicebus.topics", "azure.servicebus.queues")
+SERVICEBUS = ("azure.servicebus.topics", "azure.servicebus.queues")
 assert PUBSUB in BROKERS, f"DAPRD_E2E_PUBSUB must be one of {BROKERS}"
 REDIS_DB = "9"  # the e2e database, flushed before each test
 NATS_URL = "nats://localhost:4222"
@@ -34,6 +35,7 @@ PUBSUB_EMULATOR = os.environ.get("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
 _test_tag = {"value": "t"}
 _kafka = {"port": None}
 _pulsar = {"url": None}
+_servicebus = {"cs": None}
 
 COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -72,6 +74,9 @@ def broker_metadata() -> dict:
         # a private test broker per test (see isolated_broker); a refused message comes back
         # after redeliveryDelay (Dapr's default: 30 s)
         "pulsar": {"host": _pulsar["url"], "redeliveryDelay": "500ms"},
+        # a private Service Bus test broker per test (see isolated_broker)
+        "azure.servicebus.topics": {"connectionString": _servicebus["cs"]},
+        "azure.servicebus.queues": {"connectionString": _servicebus["cs"]},
     }[PUBSUB]
 
 
@@ -84,10 +89,12 @@ SHARED_BROKERS = {"redis": ("Redis", 6379), "rabbitmq": ("RabbitMQ", 5672),
 
 def require_broker(kind):
     """Fails the test with one line when the shared broker of `kind` does not answer."""
-    if kind == "pulsar":
-        if not PULSAR_BROKER.exists():
-            pytest.fail(f"{PULSAR_BROKER} is missing: run `cargo build -p daprd-testkit "
-                        "--features pulsar --bin pulsar-testbroker`", pytrace=False)
+    if kind in ("pulsar",) + SERVICEBUS:
+        feature, binary = (("pulsar", PULSAR_BROKER) if kind == "pulsar"
+                           else ("servicebus", SERVICEBUS_BROKER))
+        if not binary.exists():
+            pytest.fail(f"{binary} is missing: run `cargo build -p daprd-testkit "
+                        f"--features {feature} --bin {binary.name}`", pytrace=False)
         return
     if kind == "kafka":
         if shutil.which("tansu") is None:
@@ -118,9 +125,13 @@ def isolated_broker(request):
     kafka = start_tansu() if PUBSUB == "kafka" else None
     if kafka:
         _kafka["port"] = kafka.port
-    pulsar = PulsarBroker() if PUBSUB == "pulsar" else None
-    if pulsar:
-        _pulsar["url"] = pulsar.url
+    own = None  # the repository's own test broker, if the broker under test is one
+    if PUBSUB == "pulsar":
+        own = PulsarBroker()
+        _pulsar["url"] = own.url
+    if PUBSUB in SERVICEBUS:
+        own = ServiceBusBroker()
+        _servicebus["cs"] = own.url
     stream = None
     if PUBSUB == "jetstream":
         # Dapr's JetStream component needs streams holding the subjects: the tests use
@@ -137,8 +148,8 @@ def isolated_broker(request):
     yield
     if kafka:
         kafka.stop()
-    if pulsar:
-        pulsar.stop()
+    if own:
+        own.stop()
     if stream:
         async def delete(js):
             await js.delete_stream(stream)
@@ -166,23 +177,21 @@ class Tansu:
 
 PULSAR_BROKER = Path(os.environ.get("PULSAR_TESTBROKER_BIN",
                                    ROOT / "target" / "debug" / "pulsar-testbroker"))
+SERVICEBUS_BROKER = Path(os.environ.get("SERVICEBUS_TESTBROKER_BIN",
+                                       ROOT / "target" / "debug" / "servicebus-testbroker"))
 
 
-class PulsarBroker:
-    """A private Pulsar test broker (the repository's own, speaking Pulsar's binary protocol:
-    no Apache Pulsar server can be installed here), in memory, on a free port."""
+class RepoBroker:
+    """One of the repository's own test brokers (a process speaking a broker's real wire
+    protocol, where no server can be installed here), in memory, on a free port: its first
+    line of output is how to reach it; `drop_connections` on its input cuts every client."""
 
-    def __init__(self, advertised=None):
-        """`advertised`: the port lookups send clients to (a proxy in front of it)."""
-        args = [str(PULSAR_BROKER), "--port", str(free_port())]
-        if advertised:
-            args += ["--advertised-port", str(advertised)]
-        self.proc = subprocess.Popen(args,
+    def __init__(self, binary, expect, args=()):
+        self.proc = subprocess.Popen([str(binary), "--port", str(free_port()), *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
         self.url = self.proc.stdout.readline().strip()
-        assert self.url.startswith("pulsar://"), f"pulsar-testbroker said {self.url!r}"
-        self.port = int(self.url.rsplit(":", 1)[1])
+        assert self.url.startswith(expect), f"{binary.name} said {self.url!r}"
 
     def drop_connections(self):
         self.proc.stdin.write("drop_connections\n")
@@ -191,6 +200,25 @@ class PulsarBroker:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+
+class PulsarBroker(RepoBroker):
+    """The Pulsar test broker (Pulsar's binary protocol: no Apache Pulsar server can be
+    installed here)."""
+
+    def __init__(self, advertised=None):
+        """`advertised`: the port lookups send clients to (a proxy in front of it)."""
+        super().__init__(PULSAR_BROKER, "pulsar://",
+                         ["--advertised-port", str(advertised)] if advertised else [])
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+
+class ServiceBusBroker(RepoBroker):
+    """The Azure Service Bus test broker (AMQP 1.0 with Service Bus's CBS, addressing and
+    peek-lock: Microsoft's emulator is a container image); `url` is its connection string."""
+
+    def __init__(self):
+        super().__init__(SERVICEBUS_BROKER, "Endpoint=sb://")
 
 
 def wait_listening(port, timeout=10, what="a broker"):

@@ -350,14 +350,18 @@ def test_subscriptions_follow_app_health(sidecar_factory, app_factory):
     # that arrives while no subscription wants it is held unacknowledged and handed to the
     # subscription that comes back. A durable Pulsar subscription keeps its cursor without
     # consumers: it keeps it too, as does a GCP subscription (it lives on the server, and the
-    # stream that stopped ended the orderly way, handing back what it held).
+    # stream that stopped ended the orderly way, handing back what it held). A Service Bus
+    # subscription or queue is an entity of its own on the server: it keeps it too.
     expected = {"redis": [1, 2, 3], "jetstream": [1, 1, 2, 3], "kafka": [1, 2, 3],
                 "aws.snssqs": [1, 2, 3], "mqtt3": [1, 2, 3], "pulsar": [1, 2, 3],
-                "gcp.pubsub": [1, 2, 3]}.get(PUBSUB, [1, 3])
+                "gcp.pubsub": [1, 2, 3], "azure.servicebus.topics": [1, 2, 3],
+                "azure.servicebus.queues": [1, 2, 3]}.get(PUBSUB, [1, 3])
     numbers = lambda: [json.loads(r["body"])["data"]["n"] for r in received(app.port, "/h")]
-    if PUBSUB in ("aws.snssqs", "pulsar", "gcp.pubsub"):
+    if PUBSUB in ("aws.snssqs", "pulsar", "gcp.pubsub", "azure.servicebus.topics",
+                  "azure.servicebus.queues"):
         # a standard SQS queue promises no order: 2 and 3 may come in one receive, in parallel
-        # (as Pulsar's async processMode and a GCP streaming pull hand 2 and 3 to the app at once)
+        # (as Pulsar's async processMode, a GCP streaming pull and a Service Bus receiver's
+        # credit hand 2 and 3 to the app at once)
         unordered = numbers
         numbers = lambda: sorted(unordered())
     eventually(lambda: numbers() == expected, 10, f"deliveries {expected} after recovery")
