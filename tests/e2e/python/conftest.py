@@ -217,8 +217,11 @@ class ServiceBusBroker(RepoBroker):
     """The Azure Service Bus test broker (AMQP 1.0 with Service Bus's CBS, addressing and
     peek-lock: Microsoft's emulator is a container image); `url` is its connection string."""
 
-    def __init__(self):
-        super().__init__(SERVICEBUS_BROKER, "Endpoint=sb://")
+    def __init__(self, max_delivery_count=10):
+        """`max_delivery_count`: deliveries before a message is dead-lettered (Service Bus's
+        default: 10)."""
+        super().__init__(SERVICEBUS_BROKER, "Endpoint=sb://",
+                         ["--max-delivery-count", str(max_delivery_count)])
 
 
 def wait_listening(port, timeout=10, what="a broker"):

@@ -35,11 +35,11 @@ import uuid
 import pytest
 import requests
 
-from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, PulsarBroker, _nats, eventually,
-                      require_broker, start_tansu)
+from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, PulsarBroker, ServiceBusBroker,
+                      _nats, eventually, require_broker, start_tansu)
 
 BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub",
-           "pulsar"]
+           "pulsar", "azure.servicebus.topics"]
 # SIGTERMs per run of the graceful test (the 20 is FAULT_SIGTERMS=20)
 SIGTERMS = int(os.environ.get("FAULT_SIGTERMS", "4"))
 # Most deliveries a SIGKILL may repeat: what the app had in hand, unacknowledged; for Kafka
@@ -73,6 +73,11 @@ class Broker:
         self.tansu = start_tansu() if kind == "kafka" and not addr else None
         # Pulsar: a private test broker (the repository's own) per test
         self.pulsar = PulsarBroker() if kind == "pulsar" and not addr else None
+        # Service Bus: a private test broker (the repository's own) per test; no maximum
+        # delivery count to speak of (Service Bus's 10 would dead-letter the poison message
+        # the suite retries forever)
+        self.servicebus = (ServiceBusBroker(max_delivery_count=1_000_000)
+                           if kind == "azure.servicebus.topics" and not addr else None)
         self.nats_url = f"nats://{addr}" if addr else NATS_URL
         self.stream = None
         if kind == "jetstream":
@@ -115,6 +120,11 @@ class Broker:
             # a refused message comes back after redeliveryDelay (Dapr's default: 30 s)
             "pulsar": {"host": self.pulsar.url if self.pulsar else "", "consumerID": group,
                        "redeliveryDelay": "500ms"},
+            # the subscription is `consumerID`; a message whose receiver died comes back when
+            # its lock (60 s on the test broker) expires
+            "azure.servicebus.topics": {
+                "connectionString": self.servicebus.url if self.servicebus else "",
+                "consumerID": group},
         }[self.kind]
         if self.addr:
             key, value = {
@@ -178,6 +188,8 @@ class Broker:
             self.tansu.stop()
         if self.pulsar:
             self.pulsar.stop()
+        if self.servicebus:
+            self.servicebus.stop()
         if self.stream:
             async def delete(js):
                 await js.delete_stream(self.stream)
