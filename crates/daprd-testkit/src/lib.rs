@@ -20,6 +20,59 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The value of the command-line flag `name` (`--port 5`), if given.
+///
+/// # Errors
+/// The flag without a value, or a value that does not parse.
+#[cfg(any(feature = "pulsar", feature = "servicebus"))]
+pub fn flag<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| format!("{name} needs a value"))?;
+            v.parse()
+                .map(Some)
+                .map_err(|_| format!("{name} {v:?} is not valid"))
+        }
+    }
+}
+
+/// The command loop of a test broker process (`pulsar-testbroker`, `servicebus-testbroker`):
+/// reads commands from its input, one per line, until the input closes or SIGTERM comes;
+/// `drop_connections` calls `drop_connections`.
+///
+/// # Errors
+/// SIGTERM cannot be listened for.
+#[cfg(any(feature = "pulsar", feature = "servicebus"))]
+pub async fn broker_commands(name: &str, drop_connections: impl Fn()) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            line = lines.recv() => match line.as_deref().map(str::trim) {
+                None => break,
+                Some("drop_connections") => drop_connections(),
+                Some("") => {}
+                Some(other) => eprintln!("{name}: unknown command {other:?}"),
+            },
+            _ = term.recv() => break,
+        }
+    }
+    Ok(())
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
