@@ -92,6 +92,7 @@ fn commented_broker_examples_are_valid_when_uncommented() {
             || (name == "snssqs.yaml" && !cfg!(feature = "snssqs"))
             || (name == "gcp.yaml" && !cfg!(feature = "gcp"))
             || (name == "pulsar.yaml" && !cfg!(feature = "pulsar"))
+            || (name == "servicebus.yaml" && !cfg!(feature = "servicebus"))
         {
             continue;
         }
@@ -122,7 +123,8 @@ fn commented_broker_examples_are_valid_when_uncommented() {
     let optional = usize::from(cfg!(feature = "kafka"))
         + usize::from(cfg!(feature = "snssqs"))
         + usize::from(cfg!(feature = "gcp"))
-        + usize::from(cfg!(feature = "pulsar"));
+        + usize::from(cfg!(feature = "pulsar"))
+        + usize::from(cfg!(feature = "servicebus"));
     assert_eq!(
         checked,
         4 + optional,
