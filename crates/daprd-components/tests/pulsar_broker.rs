@@ -10,11 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use daprd_core::pubsub::{
-    Handler, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+use daprd_core::pubsub::{Handler, Outcome, PubSub, PubSubFactory, SubscribeRequest};
+use daprd_testkit::conformance::{
+    metadata_with_group, publish_request_with as request, random_name, success_collector,
 };
-use daprd_testkit::conformance::{metadata_with_group, random_name, success_collector};
 use daprd_testkit::pulsar::TestBroker;
 use tokio::sync::mpsc;
 
@@ -48,19 +47,6 @@ async fn subscriber(
         .await
         .unwrap();
     (c, sub, rx)
-}
-
-fn request(topic: &str, data: &str, metadata: &[(&str, &str)]) -> PublishRequest {
-    PublishRequest {
-        pubsub_name: "pubsub".into(),
-        topic: topic.into(),
-        data: Bytes::from(data.to_string()),
-        metadata: metadata
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        content_type: None,
-    }
 }
 
 /// The message Go daprd sends: the payload as given, `partitionKey` as the key, every other

@@ -598,6 +598,20 @@ pub fn publish_request(topic: &str, data: &'static [u8]) -> PublishRequest {
     }
 }
 
+/// A publish of `data` to `topic` on the component `pubsub` carrying `metadata`.
+pub fn publish_request_with(topic: &str, data: &str, metadata: &[(&str, &str)]) -> PublishRequest {
+    PublishRequest {
+        pubsub_name: "pubsub".into(),
+        topic: topic.into(),
+        data: Bytes::from(data.to_string()),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        content_type: None,
+    }
+}
+
 /// Subscribes to `topic` on `c` (every message answered `Success`), publishes `data` and waits
 /// up to 10 s for it: the smallest proof that a connection works both ways. Returns the live
 /// subscription and the receiver of any further messages.

@@ -266,6 +266,13 @@ def eventually(check, timeout, what):
     raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
 
 
+def received(app_port, path=None):
+    """What the test app apps/http_app.py has been handed, oldest first: every
+    delivery, or only those to `path`."""
+    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
+    return [r for r in got if path is None or r["path"] == path]
+
+
 def _server_ports() -> tuple[int, int]:
     """Ports for the tests' servers: the 12,000 below the kernel's first ephemeral port.
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import eventually
+from conftest import eventually, received
 
 BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream"]
 
@@ -76,11 +76,6 @@ def broker(request):
     t = Topics(request.param)
     yield t
     t.cleanup()
-
-
-def received(app_port, path):
-    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
-    return [r for r in got if r["path"] == path]
 
 
 def test_http_app_exact_cloudevent_and_dead_letter(broker, sidecar_factory, app_factory):

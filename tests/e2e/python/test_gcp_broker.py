@@ -9,7 +9,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import PUBSUB_EMULATOR, eventually, require_broker
+from conftest import PUBSUB_EMULATOR, eventually, received, require_broker
 
 COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -27,11 +27,6 @@ spec:
 def component(project, **extra):
     items = "".join(f'  - {{name: {k}, value: "{v}"}}\n' for k, v in extra.items())
     return COMPONENT.format(project=project, endpoint=PUBSUB_EMULATOR) + items
-
-
-def received(app_port, path=None):
-    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
-    return [r for r in got if path is None or r["path"] == path]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import SNSSQS_ENDPOINT, eventually, start_tansu
+from conftest import SNSSQS_ENDPOINT, eventually, received, start_tansu
 
 KAFKA_COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -44,11 +44,6 @@ spec:
   - {{name: secretKey, value: test}}
   - {{name: messageVisibilityTimeout, value: "2"}}
 """
-
-
-def received(app_port, path=None):
-    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
-    return [r for r in got if path is None or r["path"] == path]
 
 
 def lower_headers(record):

@@ -8,9 +8,8 @@ connection."""
 import json
 
 import pytest
-import requests
 
-from conftest import PulsarBroker, eventually, require_broker
+from conftest import PulsarBroker, eventually, received, require_broker
 
 COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -23,11 +22,6 @@ spec:
   - {{name: host, value: "{host}"}}
   - {{name: redeliveryDelay, value: "500ms"}}
 """
-
-
-def received(app_port, path):
-    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
-    return [r for r in got if r["path"] == path]
 
 
 @pytest.fixture

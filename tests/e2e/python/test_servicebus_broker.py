@@ -11,9 +11,8 @@ receive-and-delete mode.)"""
 import json
 
 import pytest
-import requests
 
-from conftest import ServiceBusBroker, eventually, require_broker
+from conftest import ServiceBusBroker, eventually, received, require_broker
 
 COMPONENT = """apiVersion: dapr.io/v1alpha1
 kind: Component
@@ -25,11 +24,6 @@ spec:
   metadata:
   - {{name: connectionString, value: "{cs}"}}
 """
-
-
-def received(app_port, path):
-    got = requests.get(f"http://127.0.0.1:{app_port}/_received", timeout=5).json()
-    return [r for r in got if r["path"] == path]
 
 
 @pytest.fixture
