@@ -7,6 +7,9 @@
 //!   it expires).
 //! * Topics: a publish goes to the topic; a subscription receives from
 //!   `<topic>/Subscriptions/<consumerID>`. Queues: both use the queue named as the topic.
+//! * Entities: unless `disableEntityManagement` is set, the topic or queue is made through
+//!   the management API before the first send to it, and the topic with its subscription (or
+//!   the queue) before subscribing, with the component's entity properties ([`admin`]).
 //! * Publish: the payload as one data section; Service Bus's keys in the metadata
 //!   (`MessageId`, `CorrelationId`, `SessionId`, `PartitionKey`, `Label`, `To`, `ReplyTo`,
 //!   `ContentType`, `ScheduledEnqueueTimeUtc`, `ttlInSeconds`) become the message's properties,
@@ -22,15 +25,17 @@
 //!   `maxConnectionRecoveryInSec`); what the app still had is redelivered by the broker when
 //!   its lock expires.
 
+mod admin;
 mod amqp;
 mod metadata;
 mod subscriber;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use daprd_core::backoff::Backoff;
 use daprd_core::metadata::{Metadata, MetadataError};
 use daprd_core::pubsub::{
     BulkPublishRequest, ErrorKind, FailedEntry, Feature, Handler, PubSub, PubSubError,
@@ -44,6 +49,7 @@ pub use metadata::{
     ConnectionString, EntityProperties, Mode, ServiceBusMetadata, SubscribeOptions,
 };
 
+use admin::Admin;
 use amqp::{AmqpError, Conn};
 
 /// Builds `pubsub.azure.servicebus.topics` or `.queues` components.
@@ -95,13 +101,25 @@ impl PubSubFactory for ServiceBusFactory {
                     message: format!("azure service bus: {e}"),
                     source: None,
                 })?;
+        let admin = if md.disable_entity_management {
+            None
+        } else {
+            Some(
+                Admin::new(&md.connection, md.timeout).map_err(|e| PubSubError::Connect {
+                    message: format!("azure service bus: {e}"),
+                    source: None,
+                })?,
+            )
+        };
         Ok(Arc::new(ServiceBusPubSub {
             name: name.to_string(),
             mode: self.mode,
             md: Arc::new(md),
+            admin,
             publisher: Mutex::new(Publisher {
                 conn: Some(conn),
                 senders: HashMap::new(),
+                ensured: HashSet::new(),
             }),
             stop: watch::channel(false).0,
         }))
@@ -114,6 +132,8 @@ type SharedSender = Arc<Mutex<Sender>>;
 struct Publisher {
     conn: Option<Conn>,
     senders: HashMap<String, (SharedSender, std::time::Instant)>,
+    /// Entities already looked up (and made if missing) through the management API.
+    ensured: HashSet<String>,
 }
 
 /// A token is put again after this long (it is valid for [`amqp::TOKEN_LIFETIME`]).
@@ -124,6 +144,8 @@ pub struct ServiceBusPubSub {
     name: String,
     mode: Mode,
     md: Arc<ServiceBusMetadata>,
+    /// The management API client, unless `disableEntityManagement` is set.
+    admin: Option<Admin>,
     publisher: Mutex<Publisher>,
     stop: watch::Sender<bool>,
 }
@@ -155,6 +177,15 @@ impl ServiceBusPubSub {
         if let Some((s, authorized)) = p.senders.get(entity) {
             if authorized.elapsed() < TOKEN_REFRESH {
                 return Ok(s.clone());
+            }
+        }
+        if let Some(admin) = &self.admin {
+            if !p.ensured.contains(entity) {
+                match self.mode {
+                    Mode::Topics => admin.ensure_topic(entity).await?,
+                    Mode::Queues => admin.ensure_queue(entity, &self.md.entity).await?,
+                }
+                p.ensured.insert(entity.to_string());
             }
         }
         let conn = match p.conn.as_mut() {
@@ -254,7 +285,7 @@ impl ServiceBusPubSub {
     /// Publishes one message with Go daprd's retries: a transient failure is tried again on a
     /// new connection after a pause that doubles from `publishInitialRetryIntervalInMs`.
     async fn publish_one(&self, entity: &str, message: Message<Data>) -> Result<(), AmqpError> {
-        let mut pause = self.md.publish_initial_retry;
+        let mut pause = Backoff::new(self.md.publish_initial_retry, Duration::from_secs(60));
         let mut attempt = 0;
         loop {
             let result = match self.send_all(entity, vec![message.clone()]).await {
@@ -267,8 +298,7 @@ impl ServiceBusPubSub {
                     tracing::warn!(component = %self.name, entity, error = %e, "azure service bus: publish failed; retrying");
                     self.reset().await;
                     attempt += 1;
-                    tokio::time::sleep(pause).await;
-                    pause = pause.saturating_mul(2).min(Duration::from_secs(60));
+                    tokio::time::sleep(pause.next_pause()).await;
                 }
                 Err(e) => {
                     if e.is_transient() {
@@ -369,6 +399,17 @@ impl PubSub for ServiceBusPubSub {
             Mode::Topics => format!("{}/Subscriptions/{}", request.topic, self.md.consumer_id),
             Mode::Queues => request.topic.clone(),
         };
+        if let Some(admin) = &self.admin {
+            let made = match self.mode {
+                Mode::Topics => {
+                    admin
+                        .ensure_subscription(&request.topic, &self.md.consumer_id, &self.md.entity)
+                        .await
+                }
+                Mode::Queues => admin.ensure_queue(&request.topic, &self.md.entity).await,
+            };
+            made.map_err(|e| component_error(e.into()))?;
+        }
         // The first attach must work (a clear error); later outages reconnect.
         let first = subscriber::Link::open(&self.md, &address)
             .await

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use daprd_components::servicebus::ServiceBusFactory;
-use daprd_core::pubsub::{
-    Handler, Message, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
+use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PubSubFactory, SubscribeRequest};
+use daprd_testkit::conformance::{
+    metadata_with_group, publish_request_with as request, random_name, success_collector,
 };
-use daprd_testkit::conformance::{metadata_with_group, random_name, success_collector};
+use daprd_testkit::eventually;
 use daprd_testkit::servicebus::TestBroker;
 use fe2o3_amqp::types::messaging::{annotations::OwnedKey, Body, MessageId};
 use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
@@ -36,33 +37,8 @@ async fn component(
     factory.connect("pubsub", &md).await.unwrap()
 }
 
-fn request(topic: &str, data: &str, metadata: &[(&str, &str)]) -> PublishRequest {
-    PublishRequest {
-        pubsub_name: "pubsub".into(),
-        topic: topic.into(),
-        data: Bytes::from(data.to_string()),
-        metadata: metadata
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        content_type: None,
-    }
-}
-
 async fn next(rx: &mut mpsc::UnboundedReceiver<Message>, within: Duration) -> Option<Message> {
     tokio::time::timeout(within, rx.recv()).await.ok().flatten()
-}
-
-/// Polls `cond` every 20 ms until it holds or `within` passes.
-async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,11 +171,11 @@ async fn a_received_message_carries_service_bus_metadata() {
     assert!(md["metadata.EnqueuedTimeUtc"].ends_with(" GMT"));
     // completed: nothing left in the subscription
     let address = format!("{topic}/Subscriptions/app");
-    assert!(
-        eventually(Duration::from_secs(5), || broker.counts(&address)
-            == (0, 0, 0))
-        .await
-    );
+    eventually(Duration::from_secs(5), "the subscription emptied", || {
+        let empty = broker.counts(&address) == (0, 0, 0);
+        async move { empty.then_some(()) }
+    })
+    .await;
     c.close().await.unwrap();
 }
 
@@ -237,14 +213,12 @@ async fn locks_are_renewed_while_the_app_works() {
         c.publish(request(&topic, "slow", &[])).await.unwrap();
         if renewal == "1" {
             // completed once the app answered, the lock having held all along
-            assert!(
-                eventually(Duration::from_secs(15), || broker.counts(&topic)
-                    == (0, 0, 0)
-                    && deliveries.load(Ordering::SeqCst) >= 1)
-                .await,
-                "{:?}",
-                broker.counts(&topic)
-            );
+            eventually(Duration::from_secs(15), "the message completed", || {
+                let done =
+                    broker.counts(&topic) == (0, 0, 0) && deliveries.load(Ordering::SeqCst) >= 1;
+                async move { done.then_some(()) }
+            })
+            .await;
             assert_eq!(deliveries.load(Ordering::SeqCst), 1, "delivered once");
             assert!(
                 broker.renewals() >= renewals_before + 2,
@@ -252,12 +226,11 @@ async fn locks_are_renewed_while_the_app_works() {
             );
         } else {
             // the lock lapses while the app works: handed out again
-            assert!(
-                eventually(Duration::from_secs(10), || deliveries
-                    .load(Ordering::SeqCst)
-                    >= 2)
-                .await
-            );
+            eventually(Duration::from_secs(10), "a second delivery", || {
+                let again = deliveries.load(Ordering::SeqCst) >= 2;
+                async move { again.then_some(()) }
+            })
+            .await;
         }
         c.close().await.unwrap();
     }
@@ -296,11 +269,11 @@ async fn a_refused_message_is_abandoned_until_it_is_dead_lettered() {
         counts.push(m.metadata["metadata.DeliveryCount"].clone());
     }
     assert_eq!(counts, ["1", "2", "3"]);
-    assert!(
-        eventually(Duration::from_secs(5), || broker.counts(&topic)
-            == (0, 0, 1))
-        .await
-    );
+    eventually(Duration::from_secs(5), "the message dead-lettered", || {
+        let dead = broker.counts(&topic) == (0, 0, 1);
+        async move { dead.then_some(()) }
+    })
+    .await;
     assert!(next(&mut rx, Duration::from_millis(500)).await.is_none());
     c.close().await.unwrap();
 }
@@ -347,11 +320,11 @@ async fn an_outage_mid_stream_loses_nothing() {
     }
     assert_eq!(got.len(), N, "every message arrives");
     let address = format!("{topic}/Subscriptions/app");
-    assert!(
-        eventually(Duration::from_secs(10), || broker.counts(&address)
-            == (0, 0, 0))
-        .await
-    );
+    eventually(Duration::from_secs(10), "the subscription emptied", || {
+        let empty = broker.counts(&address) == (0, 0, 0);
+        async move { empty.then_some(()) }
+    })
+    .await;
     for c in [sub_c, pub_c] {
         c.close().await.unwrap();
     }
@@ -365,11 +338,15 @@ async fn a_wrong_key_is_refused_with_a_clear_error() {
     let cs = broker
         .connection_string()
         .replace(daprd_testkit::servicebus::KEY, "d3Jvbmcta2V5");
+    // entity management off: the AMQP side's refusal (the management side's is tested below)
     let c = component(
         ServiceBusFactory::TOPICS,
         &cs,
         "app",
-        &[("publishMaxRetries", "0")],
+        &[
+            ("publishMaxRetries", "0"),
+            ("disableEntityManagement", "true"),
+        ],
     )
     .await;
     let (h, _rx) = success_collector();
@@ -383,4 +360,149 @@ async fn a_wrong_key_is_refused_with_a_clear_error() {
     assert!(e.to_string().contains("401"), "{e}");
     assert!(broker.published("orders").is_empty());
     assert!(broker.tokens().is_empty());
+}
+
+/// Entity management (Go daprd's default): on a namespace where nothing exists, subscribing
+/// creates the topic and the `consumerID` subscription with the component's properties
+/// through the management API, and they take effect (the subscription dead-letters at the
+/// `maxDeliveryCount` it was created with); a publish to a new topic creates it; a queue is
+/// created with its properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_entities_are_created_with_the_components_properties() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.require_existing_entities();
+    let topic = random_name("managed");
+    let props = [
+        ("maxDeliveryCount", "2"),
+        ("lockDurationInSec", "30"),
+        ("defaultMessageTimeToLiveInSec", "86400"),
+    ];
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &broker.connection_string(),
+        "app",
+        &props,
+    )
+    .await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |m| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(m);
+            Outcome::Retry
+        })
+    });
+    let _sub = c
+        .subscribe(SubscribeRequest::new(&topic), handler)
+        .await
+        .unwrap();
+    assert!(broker
+        .description(&topic)
+        .unwrap()
+        .starts_with("<TopicDescription"));
+    let address = format!("{topic}/Subscriptions/app");
+    let sub = broker.description(&address).unwrap();
+    assert!(sub.starts_with("<SubscriptionDescription"), "{sub}");
+    assert!(
+        sub.contains("<LockDuration>PT30S</LockDuration><DefaultMessageTimeToLive>P1D</DefaultMessageTimeToLive><MaxDeliveryCount>2</MaxDeliveryCount>"),
+        "{sub}"
+    );
+    c.publish(request(&topic, "poison", &[])).await.unwrap();
+    for expected in ["1", "2"] {
+        let m = next(&mut rx, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(m.metadata["metadata.DeliveryCount"], expected);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "dead-lettered at the created maximum",
+        || {
+            let dead = broker.counts(&address) == (0, 0, 1);
+            async move { dead.then_some(()) }
+        },
+    )
+    .await;
+
+    // a publish to a topic nobody subscribed to yet creates it (and a subscriber made later
+    // is created empty, as on Service Bus)
+    let fresh = random_name("fresh");
+    c.publish(request(&fresh, "first", &[])).await.unwrap();
+    assert!(broker
+        .description(&fresh)
+        .unwrap()
+        .starts_with("<TopicDescription"));
+    c.close().await.unwrap();
+
+    let queue = random_name("managed-queue");
+    let q = component(
+        ServiceBusFactory::QUEUES,
+        &broker.connection_string(),
+        "app",
+        &[("maxDeliveryCount", "4"), ("autoDeleteOnIdleInSec", "3600")],
+    )
+    .await;
+    let (h, mut rx) = success_collector();
+    let _sub = q.subscribe(SubscribeRequest::new(&queue), h).await.unwrap();
+    let d = broker.description(&queue).unwrap();
+    assert!(
+        d.starts_with("<QueueDescription")
+            && d.contains(
+                "<MaxDeliveryCount>4</MaxDeliveryCount><AutoDeleteOnIdle>PT1H</AutoDeleteOnIdle>"
+            ),
+        "{d}"
+    );
+    q.publish(request(&queue, "hello", &[])).await.unwrap();
+    assert_eq!(
+        next(&mut rx, Duration::from_secs(10)).await.unwrap().data,
+        Bytes::from("hello")
+    );
+    q.close().await.unwrap();
+}
+
+/// With `disableEntityManagement: true` nothing is created: a publish to a topic that does
+/// not exist fails, naming it (a subscription to one keeps reattaching, as Go daprd's does);
+/// with entity management on, a wrong key is refused by the management API with a clear
+/// error before anything is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_entity_management_a_missing_entity_is_a_clear_error() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.require_existing_entities();
+    let topic = random_name("unmanaged");
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &broker.connection_string(),
+        "app",
+        &[
+            ("disableEntityManagement", "true"),
+            ("publishMaxRetries", "0"),
+        ],
+    )
+    .await;
+    let e = c
+        .publish(request(&topic, "x", &[]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("could not be found") && e.contains(&topic),
+        "{e}"
+    );
+    assert!(broker.published(&topic).is_empty());
+    assert!(broker.description(&topic).is_none());
+    c.close().await.unwrap();
+
+    let wrong = broker
+        .connection_string()
+        .replace(daprd_testkit::servicebus::KEY, "d3Jvbmcta2V5");
+    let c = component(ServiceBusFactory::TOPICS, &wrong, "app", &[]).await;
+    let (h, _rx) = success_collector();
+    let e = c
+        .subscribe(SubscribeRequest::new(&topic), h)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("getting topic {topic}")) && e.contains("401"),
+        "{e}"
+    );
+    assert!(broker.description(&topic).is_none());
 }

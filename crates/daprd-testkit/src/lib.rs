@@ -8,6 +8,8 @@ pub mod conformance;
 pub mod controlplane;
 #[cfg(feature = "gcp")]
 pub mod gcp;
+#[cfg(any(feature = "tokens", feature = "servicebus"))]
+pub mod http1;
 #[cfg(feature = "pulsar")]
 pub mod pulsar;
 #[cfg(feature = "servicebus")]

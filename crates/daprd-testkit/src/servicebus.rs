@@ -21,8 +21,17 @@
 //! ([`TestBroker::published`]) so a test can compare what the component put on the wire,
 //! and cuts every TCP connection on request ([`TestBroker::drop_connections`]).
 //!
-//! Left out: sessions, transactions, TLS, the ATOM management API, persistence across a
-//! restart.
+//! The ATOM management API answers on the same port (a connection whose first byte is not the
+//! `A` of AMQP's header is read as HTTP/1.1, as Azure's SDKs address the emulator's API with
+//! plain HTTP): `GET /<entity>` answers an Atom entry, or Service Bus's empty feed when there
+//! is none; `PUT /<entity>` with a `TopicDescription`, `QueueDescription` or
+//! `SubscriptionDescription` creates it (409 when it exists, 404 for a subscription of a
+//! missing topic), a queue's or subscription's `MaxDeliveryCount` and `LockDuration` taking
+//! effect; every request needs a SAS token for its URL in `Authorization`. After
+//! [`TestBroker::require_existing_entities`] a link to an entity nobody created is refused
+//! with `amqp:not-found`, as Service Bus refuses it.
+//!
+//! Left out: sessions, transactions, TLS, persistence across a restart.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -86,6 +95,10 @@ struct State {
     tokens: Vec<String>,
     /// Locks renewed so far.
     renewals: usize,
+    /// Entities must be made through the management API before a link names them.
+    strict: bool,
+    /// The description each entity was created with (lowercase path → its XML element).
+    descriptions: HashMap<String, String>,
     lock_duration: Duration,
     max_delivery_count: u32,
     next_sequence: i64,
@@ -98,6 +111,10 @@ struct Queue {
     /// Messages in a receiver's hands by lock token.
     locked: HashMap<[u8; 16], (Stored, i64)>,
     dead: Vec<Stored>,
+    /// The entity's own `MaxDeliveryCount` (else the broker's).
+    max_delivery_count: Option<u32>,
+    /// The entity's own `LockDuration` (else the broker's).
+    lock_duration: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -140,6 +157,8 @@ impl TestBroker {
                 published: Vec::new(),
                 tokens: Vec::new(),
                 renewals: 0,
+                strict: false,
+                descriptions: HashMap::new(),
                 lock_duration: Duration::from_secs(60),
                 max_delivery_count: 10,
                 next_sequence: 1,
@@ -216,6 +235,21 @@ impl TestBroker {
         lock(&self.inner.state).tokens.clone()
     }
 
+    /// From now on a link to an entity that was not created through the management API is
+    /// refused (`amqp:not-found`), as Service Bus refuses it.
+    pub fn require_existing_entities(&self) {
+        lock(&self.inner.state).strict = true;
+    }
+
+    /// The description element (`<QueueDescription ...>...`) `path` was created with through
+    /// the management API.
+    pub fn description(&self, path: &str) -> Option<String> {
+        lock(&self.inner.state)
+            .descriptions
+            .get(&path.to_ascii_lowercase())
+            .cloned()
+    }
+
     /// How many locks were renewed.
     pub fn renewals(&self) -> usize {
         lock(&self.inner.state).renewals
@@ -244,6 +278,7 @@ impl Inner {
                 .filter(|(_, (_, until))| *until <= now)
                 .map(|(t, _)| *t)
                 .collect();
+            let max = q.max_delivery_count.unwrap_or(max);
             for t in expired {
                 if let Some((m, _)) = q.locked.remove(&t) {
                     q.give_back(m, max);
@@ -297,6 +332,14 @@ impl Inner {
         self.available.notify_waiters();
     }
 
+    /// Whether a link may name `address`: it exists, or entities come into being on first
+    /// use (the broker is not strict).
+    fn may_link(&self, address: &str) -> bool {
+        let key = address.to_ascii_lowercase();
+        let s = lock(&self.state);
+        !s.strict || s.topics.contains_key(&key) || s.queues.contains_key(&key)
+    }
+
     /// Makes `address` exist (a subscription also makes its topic).
     fn ensure(&self, address: &str) {
         let key = address.to_ascii_lowercase();
@@ -314,8 +357,10 @@ impl Inner {
     fn take(&self, address: &str) -> Option<(AmqpMessage, [u8; 16])> {
         let now = now_ms();
         let mut s = lock(&self.state);
-        let duration = i64::try_from(s.lock_duration.as_millis()).unwrap_or(i64::MAX);
+        let default_duration = s.lock_duration;
         let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
+        let duration = i64::try_from(q.lock_duration.unwrap_or(default_duration).as_millis())
+            .unwrap_or(i64::MAX);
         q.ready.retain(|_, m| m.expires_ms.is_none_or(|e| e > now));
         let sequence = *q
             .ready
@@ -364,7 +409,10 @@ impl Inner {
         match outcome {
             Some(Outcome::Accepted(_)) => {}
             Some(Outcome::Rejected(_)) => q.dead.push(m),
-            Some(_) => q.give_back(m, max),
+            Some(_) => {
+                let max = q.max_delivery_count.unwrap_or(max);
+                q.give_back(m, max);
+            }
             // no outcome (the link went away): locked until the lock expires
             None => {
                 let until = now_ms() + i64::try_from(s.lock_duration.as_millis()).unwrap_or(0);
@@ -454,6 +502,13 @@ fn conn_lock(c: &Shared) -> MutexGuard<'_, ConnState> {
 /// end is shuttled to the socket, so a drop cuts the socket without a close frame.
 async fn serve(inner: Arc<Inner>, mut tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
+    // AMQP's protocol header starts with `A`; no HTTP method does
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(1) if first[0] != b'A' => return serve_http(&inner, tcp).await,
+        Ok(1) => {}
+        _ => return,
+    }
     let mut generation = inner.generation.subscribe();
     let (engine_side, mut pipe) = tokio::io::duplex(256 * 1024);
     let amqp = tokio::spawn(run_connection(inner.clone(), engine_side));
@@ -562,6 +617,14 @@ fn authorized(shared: &Shared, address: &str) -> bool {
     })
 }
 
+fn not_found(address: &str) -> definitions::Error {
+    definitions::Error::new(
+        AmqpError::NotFound,
+        Some(format!("the messaging entity {address} could not be found")),
+        None,
+    )
+}
+
 fn unauthorized(address: &str) -> definitions::Error {
     definitions::Error::new(
         AmqpError::UnauthorizedAccess,
@@ -605,6 +668,10 @@ async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
     }
     if !authorized(&shared, &address) {
         let _ = r.close_with_error(unauthorized(&address)).await;
+        return;
+    }
+    if !inner.may_link(&address) {
+        let _ = r.close_with_error(not_found(&address)).await;
         return;
     }
     while let Ok(d) = r.recv::<Body<Value>>().await {
@@ -794,6 +861,10 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
         let _ = s.close_with_error(unauthorized(&address)).await;
         return;
     }
+    if !inner.may_link(&address) {
+        let _ = s.close_with_error(not_found(&address)).await;
+        return;
+    }
     inner.ensure(&address);
     loop {
         let notified = inner.available.notified();
@@ -831,4 +902,147 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
             }
         }
     }
+}
+
+/// One request to the ATOM management API (the connection closes after it).
+async fn serve_http(inner: &Inner, mut tcp: TcpStream) {
+    let Some(request) = crate::http1::read_request(&mut tcp).await else {
+        return;
+    };
+    let (status, body) = manage(inner, &request);
+    crate::http1::respond(
+        &mut tcp,
+        status,
+        "application/atom+xml;type=entry;charset=utf-8",
+        &body,
+    )
+    .await;
+}
+
+const ATOM_ERROR: &str = "<Error><Code>{code}</Code><Detail>{detail}</Detail></Error>";
+
+fn atom_error(status: &'static str, detail: &str) -> (&'static str, String) {
+    let code = status.split(' ').next().unwrap_or_default();
+    (
+        status,
+        ATOM_ERROR
+            .replace("{code}", code)
+            .replace("{detail}", detail),
+    )
+}
+
+/// Answers a management request: (status line, body).
+fn manage(inner: &Inner, request: &crate::http1::Request) -> (&'static str, String) {
+    let host = request.header("host").unwrap_or_default();
+    let audience = format!("http://{host}{}", request.path);
+    if let Err(why) = check_sas(
+        request.header("authorization").unwrap_or_default(),
+        &audience,
+    ) {
+        return atom_error("401 Unauthorized", &why);
+    }
+    let path = request.path.trim_start_matches('/').to_ascii_lowercase();
+    if path.is_empty() {
+        return atom_error("400 Bad Request", "no entity path");
+    }
+    let mut s = lock(&inner.state);
+    let exists = s.topics.contains_key(&path) || s.queues.contains_key(&path);
+    match request.method.as_str() {
+        "GET" if exists => {
+            let description = s.descriptions.get(&path).cloned().unwrap_or_default();
+            ("200 OK", atom_entry(&path, &description))
+        }
+        // Service Bus answers a missing entity with a feed of nothing
+        "GET" => (
+            "200 OK",
+            format!("<feed xmlns=\"http://www.w3.org/2005/Atom\"><title type=\"text\">Publicly Listed Services</title><id>uuid:{}</id><updated>1970-01-01T00:00:00Z</updated></feed>", uuid::Uuid::new_v4()),
+        ),
+        "PUT" if exists => atom_error("409 Conflict", &format!("entity {path} already exists")),
+        "PUT" => {
+            let kind = ["SubscriptionDescription", "QueueDescription", "TopicDescription"]
+                .into_iter()
+                .find(|k| request.body.contains(&format!("<{k} ")) || request.body.contains(&format!("<{k}>")));
+            let Some(kind) = kind else {
+                return atom_error("400 Bad Request", "the entry holds no entity description");
+            };
+            let Some(description) = element(&request.body, kind) else {
+                return atom_error("400 Bad Request", &format!("{kind} is not closed"));
+            };
+            let subscription = path.split_once("/subscriptions/");
+            match (kind, subscription) {
+                ("SubscriptionDescription", Some((topic, _))) => {
+                    let Some(subs) = s.topics.get_mut(topic) else {
+                        return atom_error("404 Not Found", &format!("topic {topic} does not exist"));
+                    };
+                    subs.insert(path.clone());
+                }
+                ("SubscriptionDescription", None) | (_, Some(_)) => {
+                    return atom_error("400 Bad Request", &format!("{kind} does not fit path {path}"));
+                }
+                ("TopicDescription", None) => {
+                    s.topics.insert(path.clone(), HashSet::new());
+                }
+                _ => {}
+            }
+            if kind != "TopicDescription" {
+                let queue = Queue {
+                    max_delivery_count: value(&description, "MaxDeliveryCount")
+                        .and_then(|v| v.parse().ok()),
+                    lock_duration: value(&description, "LockDuration")
+                        .and_then(|v| iso_seconds(&v))
+                        .map(Duration::from_secs),
+                    ..Queue::default()
+                };
+                s.queues.insert(path.clone(), queue);
+            }
+            s.descriptions.insert(path.clone(), description.clone());
+            ("201 Created", atom_entry(&path, &description))
+        }
+        _ => atom_error("405 Method Not Allowed", &request.method),
+    }
+}
+
+fn atom_entry(path: &str, description: &str) -> String {
+    format!(
+        "<entry xmlns=\"http://www.w3.org/2005/Atom\"><id>https://testbroker/{path}</id><title type=\"text\">{path}</title><content type=\"application/xml\">{description}</content></entry>"
+    )
+}
+
+/// The element `name` of `xml` (its start tag to its end tag), if closed.
+fn element(xml: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<{name}"))?;
+    let end_tag = format!("</{name}>");
+    let end = xml[start..].find(&end_tag)? + start + end_tag.len();
+    Some(xml[start..end].to_string())
+}
+
+/// The text of child element `name` in `xml`.
+fn value(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{name}>"))? + start;
+    Some(xml[start..end].to_string())
+}
+
+/// Seconds of an ISO 8601 duration of days, hours, minutes and seconds (`P1DT2H3M4S`).
+fn iso_seconds(v: &str) -> Option<u64> {
+    let rest = v.strip_prefix('P')?;
+    let (days, time) = rest.split_once('T').unwrap_or((rest, ""));
+    let mut total = 0u64;
+    let mut number = String::new();
+    for (part, units) in [
+        (days, &[('D', 86_400)][..]),
+        (time, &[('H', 3600), ('M', 60), ('S', 1)][..]),
+    ] {
+        for c in part.chars() {
+            if c.is_ascii_digit() {
+                number.push(c);
+            } else {
+                let size = units.iter().find(|(u, _)| *u == c)?.1;
+                total += number.parse::<u64>().ok()? * size;
+                number.clear();
+            }
+        }
+    }
+    number.is_empty().then_some(total)
 }

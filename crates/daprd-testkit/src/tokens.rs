@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The refresh token (with its client) the server exchanges.
 pub const REFRESH_TOKEN: &str = "1//daprd-test-refresh-token";
@@ -201,55 +200,17 @@ impl State {
 
 /// One HTTP/1.1 exchange (the connection closes after it).
 async fn serve(mut conn: tokio::net::TcpStream, state: Arc<State>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match conn.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        if buf.len() > 64 * 1024 {
-            return;
-        }
+    let Some(request) = crate::http1::read_request(&mut conn).await else {
+        return;
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default().to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let header = |k: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
-    };
-    let length: usize = header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        match conn.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
-    let mut words = request_line.split(' ');
-    let (method, target) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    let form: Vec<(String, String)> = body
+    let form: Vec<(String, String)> = request
+        .body
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (percent_decode(k), percent_decode(v)))
         .collect();
-    let basic = header("authorization")
+    let basic = request
+        .header("authorization")
         .and_then(|a| a.strip_prefix("Basic "))
         .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
         .and_then(|b| String::from_utf8(b).ok())
@@ -257,21 +218,16 @@ async fn serve(mut conn: tokio::net::TcpStream, state: Arc<State>) {
             s.split_once(':')
                 .map(|(i, p)| (percent_decode(i), percent_decode(p)))
         });
-    let (status, answer) = match (method, path) {
+    let (status, answer) = match (request.method.as_str(), request.path.as_str()) {
         ("POST", "/token") => state.token(&form, basic),
         ("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
-            if header("metadata-flavor") == Some("Google") =>
+            if request.header("metadata-flavor") == Some("Google") =>
         {
             ("200 OK", state.issue())
         }
         _ => ("404 Not Found", "{}".to_string()),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-        answer.len()
-    );
-    let _ = conn.write_all(response.as_bytes()).await;
-    let _ = conn.shutdown().await;
+    crate::http1::respond(&mut conn, status, "application/json", &answer).await;
 }
 
 /// A form value or Basic-auth part, `+` and `%XX` decoded.

@@ -66,6 +66,9 @@ pub enum AmqpError {
     /// A bad publish request (metadata the message cannot carry).
     #[error("{0}")]
     BadMessage(String),
+    /// Looking up or creating an entity through the management API failed.
+    #[error(transparent)]
+    Management(#[from] super::admin::AdminError),
     /// No answer in time.
     #[error("{what}: no answer in {timeout:?}")]
     Timeout {
@@ -93,6 +96,7 @@ impl AmqpError {
                 reason.contains("server-busy") || reason.contains("timeout")
             }
             Self::BadMessage(_) => false,
+            Self::Management(e) => e.is_transient(),
         }
     }
 }
@@ -295,7 +299,7 @@ impl Conn {
 
     /// Ends the session and closes the connection (errors only logged: it is going away).
     pub(super) async fn close(mut self) {
-        let _ = self.cbs.close().await;
+        self.cbs.close().await;
         let _ = self.session.end().await;
         let _ = self.connection.close().await;
     }
@@ -399,8 +403,10 @@ impl Rpc {
         }
     }
 
-    async fn close(&mut self) -> Result<(), AmqpError> {
-        Ok(())
+    /// Detaches both links (errors ignored: the connection is going away).
+    async fn close(self) {
+        let _ = self.sender.close().await;
+        let _ = self.receiver.close().await;
     }
 }
 

@@ -83,6 +83,8 @@ pub struct ConnectionString {
     pub signature: Option<String>,
     /// `EntityPath`: the one entity the key is for (a queue or topic).
     pub entity_path: Option<String>,
+    /// The port the endpoint named, if any (the emulator's management API is addressed by it).
+    pub endpoint_port: Option<u16>,
 }
 
 impl std::fmt::Debug for ConnectionString {
@@ -93,6 +95,7 @@ impl std::fmt::Debug for ConnectionString {
             .field("tls", &self.tls)
             .field("key_name", &self.key_name)
             .field("entity_path", &self.entity_path)
+            .field("endpoint_port", &self.endpoint_port)
             .finish_non_exhaustive()
     }
 }
@@ -112,6 +115,7 @@ impl ConnectionString {
             key: None,
             signature: None,
             entity_path: None,
+            endpoint_port: None,
         };
         let mut emulator = false;
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -153,12 +157,26 @@ impl ConnectionString {
         out.host = host.to_string();
         out.tls = !emulator;
         out.port = port.unwrap_or(if emulator { 5672 } else { 5671 });
+        out.endpoint_port = port;
         if out.signature.is_none() && (out.key_name.is_none() || out.key.is_none()) {
             return Err(
                 "needs SharedAccessKeyName and SharedAccessKey, or SharedAccessSignature".into(),
             );
         }
         Ok(out)
+    }
+}
+
+impl ConnectionString {
+    /// The base URL of the namespace's ATOM management API: `https://<host>` (Azure serves
+    /// it on 443 whatever the AMQP port), or with `UseDevelopmentEmulator=true`
+    /// `http://<host>[:<endpoint port>]`, as Azure's SDKs address the emulator.
+    pub fn management_endpoint(&self) -> String {
+        match (self.tls, self.endpoint_port) {
+            (true, _) => format!("https://{}", self.host),
+            (false, Some(port)) => format!("http://{}:{port}", self.host),
+            (false, None) => format!("http://{}", self.host),
+        }
     }
 }
 
@@ -275,6 +293,7 @@ impl ServiceBusMetadata {
                 key: None,
                 signature: None,
                 entity_path: None,
+                endpoint_port: None,
             }),
             consumer_id,
             timeout,

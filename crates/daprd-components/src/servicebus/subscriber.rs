@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use daprd_core::backoff::Backoff;
 use daprd_core::pubsub::{DrainGuard, Handler, Message, Outcome};
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{Receiver, RecvError};
@@ -112,7 +113,12 @@ impl ConsumeLoop {
         let renewal = self.md.lock_renewal.unwrap_or(Duration::from_secs(86_400));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renewal, renewal);
         let mut link = Some(first);
-        let mut pause = self.md.min_recovery;
+        // at least 100 ms apart when failing, however low the minimum is set
+        let floor = Duration::from_millis(100);
+        let mut pause = Backoff::new(
+            self.md.min_recovery.max(floor),
+            self.md.max_recovery.max(floor),
+        );
         // Credit: the link may hand out `credit` more messages; it is topped up to
         // `maxActiveMessages` minus what is taken and unsettled once a few were settled.
         let max_active = self.md.max_active_messages;
@@ -123,18 +129,13 @@ impl ConsumeLoop {
             let mut l = match link.take() {
                 Some(l) => l,
                 None => {
-                    if self.stop.sleep(pause).await {
+                    if self.stop.sleep(pause.next_pause()).await {
                         break 'connection;
                     }
-                    // at least 100 ms apart when failing, however low the minimum is set
-                    pause = pause
-                        .saturating_mul(2)
-                        .max(Duration::from_millis(100))
-                        .min(self.md.max_recovery.max(Duration::from_millis(100)));
                     match Link::open(&self.md, &self.address).await {
                         Ok(l) => {
                             tracing::info!(component = %self.component, topic = %self.topic, "azure service bus: receiver reconnected");
-                            pause = self.md.min_recovery;
+                            pause.reset();
                             l
                         }
                         Err(e) => {
