@@ -426,6 +426,18 @@ impl Inner {
         self.available.notify_waiters();
     }
 
+    /// Puts back the message locked with `token` that was never sent.
+    fn unsend(&self, address: &str, token: [u8; 16]) {
+        let mut s = lock(&self.state);
+        if let Some(q) = s.queues.get_mut(&address.to_ascii_lowercase()) {
+            if let Some((m, _)) = q.locked.remove(&token) {
+                q.ready.insert(m.sequence, m);
+            }
+        }
+        drop(s);
+        self.available.notify_waiters();
+    }
+
     /// Extends the locks of `tokens` on `address`; their new expiry, or `None` for a lock
     /// that is gone.
     fn renew(&self, address: &str, tokens: &[[u8; 16]]) -> Vec<Option<i64>> {
@@ -487,9 +499,41 @@ impl Queue {
 struct ConnState {
     /// Audiences authorized on this connection.
     authorized: HashSet<String>,
-    /// Reply links by the client's reply address, and by `node:<node>` for requests that
-    /// name none (Azure's Python SDK sends none: the answer goes to the node's other link).
-    replies: HashMap<String, mpsc::UnboundedSender<AmqpMessage>>,
+    /// Answers by the client's reply address, and by `node:<node>` for requests that name
+    /// none (Azure's Python SDK sends none: the answer goes to the node's other link). The
+    /// channel is made by whichever comes first — an answer can be ready before the task of
+    /// the client's reply link has run — and its receiver is taken by that task.
+    replies: HashMap<String, ReplyChannel>,
+}
+
+type ReplyChannel = (
+    mpsc::UnboundedSender<AmqpMessage>,
+    Option<mpsc::UnboundedReceiver<AmqpMessage>>,
+);
+
+impl ConnState {
+    fn reply_sender(&mut self, to: &str) -> mpsc::UnboundedSender<AmqpMessage> {
+        self.replies
+            .entry(to.to_string())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (tx, Some(rx))
+            })
+            .0
+            .clone()
+    }
+
+    /// The answers to `to` (what was answered before the reply link came included).
+    fn reply_receiver(&mut self, to: &str) -> mpsc::UnboundedReceiver<AmqpMessage> {
+        let _ = self.reply_sender(to);
+        let entry = self.replies.get_mut(to).and_then(|(_, rx)| rx.take());
+        entry.unwrap_or_else(|| {
+            // a second reply link for the same address: it gets the answers from now on
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.replies.insert(to.to_string(), (tx, None));
+            rx
+        })
+    }
 }
 
 type Shared = Arc<Mutex<ConnState>>;
@@ -829,9 +873,8 @@ fn reply(
         .application_properties(ApplicationProperties(props))
         .body(Body::Value(fe2o3_amqp::types::messaging::AmqpValue(body)))
         .build();
-    if let Some(tx) = conn_lock(shared).replies.get(&to) {
-        let _ = tx.send(answer);
-    }
+    let tx = conn_lock(shared).reply_sender(&to);
+    let _ = tx.send(answer);
 }
 
 /// A link on which the client receives: a reply link of `$cbs`/`$management`, or an entity
@@ -844,14 +887,20 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
             .as_ref()
             .and_then(|t| t.address.clone())
             .unwrap_or_default();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        {
+        let (mut by_node, mut by_address) = {
             let mut c = conn_lock(&shared);
-            c.replies.insert(format!("node:{address}"), tx.clone());
-            c.replies.insert(reply_to, tx);
-        }
-        while let Some(m) = rx.recv().await {
-            if s.send(m).await.is_err() {
+            (
+                c.reply_receiver(&format!("node:{address}")),
+                c.reply_receiver(&reply_to),
+            )
+        };
+        loop {
+            let answer = tokio::select! {
+                Some(m) = by_node.recv() => m,
+                Some(m) = by_address.recv() => m,
+                else => break,
+            };
+            if s.send(answer).await.is_err() {
                 break;
             }
         }
@@ -897,7 +946,9 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
                 });
             }
             Err(_) => {
-                inner.settle(&address, token, None);
+                // never sent (the link went away while it waited for credit): available again
+                // at once, its delivery count as it was
+                inner.unsend(&address, token);
                 return;
             }
         }
