@@ -506,3 +506,52 @@ async fn without_entity_management_a_missing_entity_is_a_clear_error() {
     );
     assert!(broker.description(&topic).is_none());
 }
+
+/// A subscription stopped while a message the app refuses goes round and round (abandoned,
+/// handed straight back) leaves nothing locked: what the app had and what was on its way are
+/// abandoned, so the message is available at once, not when its lock (60 s) expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_subscription_leaves_nothing_locked() {
+    let broker = TestBroker::start(0).await.unwrap();
+    // no maximum delivery count to speak of: the message keeps going round
+    broker.configure(Duration::from_secs(60), 1_000_000);
+    let queue = random_name("stop");
+    let c = component(
+        ServiceBusFactory::QUEUES,
+        &broker.connection_string(),
+        "app",
+        &[],
+    )
+    .await;
+    for round in 0..5 {
+        let deliveries = Arc::new(AtomicUsize::new(0));
+        let seen = deliveries.clone();
+        let handler: Handler = Arc::new(move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Outcome::Retry })
+        });
+        let sub = c
+            .subscribe(SubscribeRequest::new(&queue), handler)
+            .await
+            .unwrap();
+        if round == 0 {
+            c.publish(request(&queue, "poison", &[])).await.unwrap();
+        }
+        eventually(Duration::from_secs(10), "the message going round", || {
+            let n = deliveries.load(Ordering::SeqCst);
+            async move { (n >= 20).then_some(()) }
+        })
+        .await;
+        sub.stop().await;
+        eventually(
+            Duration::from_secs(5),
+            "the message available again",
+            || {
+                let available = broker.counts(&queue) == (1, 0, 0);
+                async move { available.then_some(()) }
+            },
+        )
+        .await;
+    }
+    c.close().await.unwrap();
+}

@@ -403,10 +403,12 @@ impl Rpc {
         }
     }
 
-    /// Detaches both links (errors ignored: the connection is going away).
+    /// Detaches both links (errors ignored: the connection is going away), waiting at most
+    /// a second for each answer.
     async fn close(self) {
-        let _ = self.sender.close().await;
-        let _ = self.receiver.close().await;
+        let limit = Duration::from_secs(1);
+        let _ = tokio::time::timeout(limit, self.sender.close()).await;
+        let _ = tokio::time::timeout(limit, self.receiver.close()).await;
     }
 }
 

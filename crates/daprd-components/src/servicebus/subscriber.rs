@@ -22,6 +22,10 @@ use super::metadata::ServiceBusMetadata;
 use super::TOKEN_REFRESH;
 use crate::stop::Stop;
 
+/// How long a stopping receiver waits for messages still on their way after it drained its
+/// link (each is abandoned, not left locked).
+const STRAGGLERS: Duration = Duration::from_millis(100);
+
 /// A subscription's connection: its receiver link and the entity's `$management` node.
 pub(super) struct Link {
     conn: Conn,
@@ -237,7 +241,13 @@ impl ConsumeLoop {
                 }
             }
         }
-        // Stopped: settle what the app still has, then close (the rest goes back).
+        // Stopped. A drain first: the broker uses up the link credit and sends nothing more
+        // (a transfer already on its way still fits the credit; withdrawing the credit
+        // instead would make the client refuse it, leaving it locked on the broker).
+        if let Some(l) = link.as_mut() {
+            let _ = l.receiver.drain().await;
+        }
+        // Settle what the app still has.
         while outstanding > 0 {
             let Some(s) = settled.recv().await else { break };
             outstanding -= 1;
@@ -248,11 +258,11 @@ impl ConsumeLoop {
             }
         }
         if let Some(mut l) = link {
-            // What the client read ahead and the app never saw is abandoned, so it is
-            // available at once instead of when its lock expires.
-            let _ = l.receiver.set_credit(0).await;
+            // What the client read ahead and the app never saw, and what was on its way when
+            // the drain reached the broker, is abandoned — available at once instead of when
+            // its lock expires — until nothing more comes for STRAGGLERS.
             while let Ok(Ok(d)) =
-                tokio::time::timeout(Duration::ZERO, l.receiver.recv::<Body<Value>>()).await
+                tokio::time::timeout(STRAGGLERS, l.receiver.recv::<Body<Value>>()).await
             {
                 let (info, _) = d.into_parts();
                 let abandon = Settle {
