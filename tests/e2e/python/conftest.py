@@ -222,6 +222,12 @@ class ServiceBusBroker(RepoBroker):
         default: 10)."""
         super().__init__(SERVICEBUS_BROKER, "Endpoint=sb://",
                          ["--max-delivery-count", str(max_delivery_count)])
+        self.port = int(self.url.split("sb://", 1)[1].split(";", 1)[0].rsplit(":", 1)[1])
+
+    def url_at(self, addr):
+        """The connection string with `addr` ("host:port", a proxy in front of it) as the
+        endpoint."""
+        return self.url.replace(f"127.0.0.1:{self.port}", addr, 1)
 
 
 def wait_listening(port, timeout=10, what="a broker"):

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PulsarBroker, eventually, free_port, start_tansu, wait_listening
+from conftest import (PulsarBroker, ServiceBusBroker, eventually, free_port, start_tansu,
+                      wait_listening)
 from test_faults import Broker, Publisher, seqs, wait_all
 
 
@@ -273,7 +274,7 @@ BLACKHOLE_RSS_GROWTH_MIB = 32
 
 @pytest.mark.parametrize("seconds", [5, 30])
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "aws.snssqs",
-                                  "kafka", "pulsar", "gcp.pubsub"])
+                                  "kafka", "pulsar", "gcp.pubsub", "azure.servicebus.topics"])
 def test_network_blackhole_loses_nothing(kind, seconds, sidecar_factory, app_factory):
     # Kafka, 30 s: longer than the 10 s sessionTimeout, so the consumer rejoins its group under
     # a new member id (stock tansu 0.6 never let it in: scripts/tansu-rejoin.patch)
@@ -300,7 +301,11 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
         # the test broker's lookups send clients to the proxy too
         private = PulsarBroker(advertised=proxy.port)
         proxy.upstream = private.port
-    broker = Broker(kind, addr=f"127.0.0.1:{proxy.port}")
+    if kind == "azure.servicebus.topics":
+        # the test broker (AMQP and its management API on one port), no maximum delivery count
+        private = ServiceBusBroker(max_delivery_count=1_000_000)
+        proxy.upstream = private.port
+    broker = Broker(kind, addr=f"127.0.0.1:{proxy.port}", private=private)
     try:
         app = app_factory("http_app.py",
                           env={"SUBSCRIPTIONS": broker.subscriptions(dead_letters=False)})

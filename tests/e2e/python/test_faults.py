@@ -39,7 +39,7 @@ from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, PulsarBroker, 
                       _nats, eventually, require_broker, start_tansu)
 
 BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub",
-           "pulsar", "azure.servicebus.topics"]
+           "pulsar", "azure.servicebus.topics", "azure.servicebus.queues"]
 # SIGTERMs per run of the graceful test (the issue's 20 is FAULT_SIGTERMS=20)
 SIGTERMS = int(os.environ.get("FAULT_SIGTERMS", "4"))
 # Most deliveries a SIGKILL may repeat: what the app had in hand, unacknowledged; for Kafka
@@ -61,9 +61,10 @@ REDELIVERY_AFTER_KILL = {"gcp.pubsub": 240}
 class Broker:
     """Component metadata with durable, per-test names for one broker kind."""
 
-    def __init__(self, kind, addr=None):
+    def __init__(self, kind, addr=None, private=None):
         """`addr` ("127.0.0.1:port"): the broker to use instead of the shared one (a private
-        broker, or a proxy in front of one); without it Kafka gets a private tansu."""
+        broker, or a proxy in front of one); without it Kafka gets a private tansu.
+        `private`: the repository's test broker that `addr` leads to (its keys)."""
         self.kind = kind
         self.addr = addr
         require_broker(kind)
@@ -77,7 +78,8 @@ class Broker:
         # delivery count to speak of (Service Bus's 10 would dead-letter the poison message
         # the suite retries forever)
         self.servicebus = (ServiceBusBroker(max_delivery_count=1_000_000)
-                           if kind == "azure.servicebus.topics" and not addr else None)
+                           if kind.startswith("azure.servicebus.") and not addr else None)
+        self.private = private
         self.nats_url = f"nats://{addr}" if addr else NATS_URL
         self.stream = None
         if kind == "jetstream":
@@ -125,6 +127,9 @@ class Broker:
             "azure.servicebus.topics": {
                 "connectionString": self.servicebus.url if self.servicebus else "",
                 "consumerID": group},
+            # the queue is the topic's name: every receiver of it competes
+            "azure.servicebus.queues": {
+                "connectionString": self.servicebus.url if self.servicebus else ""},
         }[self.kind]
         if self.addr:
             key, value = {
@@ -136,6 +141,8 @@ class Broker:
                 "aws.snssqs": ("endpoint", f"http://{self.addr}"),
                 "gcp.pubsub": ("endpoint", self.addr),
                 "pulsar": ("host", f"pulsar://{self.addr}"),
+                "azure.servicebus.topics": ("connectionString",
+                                            self.private.url_at(self.addr) if self.private else ""),
             }[self.kind]
             meta[key] = value
         meta.update(extra)
