@@ -131,7 +131,9 @@ class Broker:
             "azure.servicebus.queues": {
                 "connectionString": self.servicebus.url if self.servicebus else ""},
         }[self.kind]
-        if self.addr:
+        if self.addr and self.kind.startswith("azure.servicebus."):
+            meta["connectionString"] = self.private.url_at(self.addr)
+        elif self.addr:
             key, value = {
                 "redis": ("redisHost", self.addr),
                 "rabbitmq": ("connectionString", f"amqp://guest:guest@{self.addr}"),
@@ -141,8 +143,6 @@ class Broker:
                 "aws.snssqs": ("endpoint", f"http://{self.addr}"),
                 "gcp.pubsub": ("endpoint", self.addr),
                 "pulsar": ("host", f"pulsar://{self.addr}"),
-                "azure.servicebus.topics": ("connectionString",
-                                            self.private.url_at(self.addr) if self.private else ""),
             }[self.kind]
             meta[key] = value
         meta.update(extra)
