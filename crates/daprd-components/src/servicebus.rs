@@ -119,8 +119,8 @@ impl PubSubFactory for ServiceBusFactory {
             publisher: Mutex::new(Publisher {
                 conn: Some(conn),
                 senders: HashMap::new(),
-                ensured: HashSet::new(),
             }),
+            ensured: std::sync::Mutex::default(),
             stop: watch::channel(false).0,
         }))
     }
@@ -132,8 +132,6 @@ type SharedSender = Arc<Mutex<Sender>>;
 struct Publisher {
     conn: Option<Conn>,
     senders: HashMap<String, (SharedSender, std::time::Instant)>,
-    /// Entities already looked up (and made if missing) through the management API.
-    ensured: HashSet<String>,
 }
 
 /// A token is put again after this long (it is valid for [`amqp::TOKEN_LIFETIME`]).
@@ -146,6 +144,8 @@ pub struct ServiceBusPubSub {
     md: Arc<ServiceBusMetadata>,
     /// The management API client, unless `disableEntityManagement` is set.
     admin: Option<Admin>,
+    /// Entities already looked up (and made if missing) for publishing.
+    ensured: std::sync::Mutex<HashSet<String>>,
     publisher: Mutex<Publisher>,
     stop: watch::Sender<bool>,
 }
@@ -166,6 +166,8 @@ impl ServiceBusPubSub {
     /// The sender of `entity`, attached (with its token) on the publishing connection, which
     /// is opened again if it was dropped.
     async fn sender(&self, entity: &str) -> Result<SharedSender, AmqpError> {
+        // Before the lock: publishes to other entities do not wait for the management API.
+        self.ensure(entity).await?;
         let mut guard = self.publisher.lock().await;
         let p = &mut *guard;
         if p.conn.as_ref().is_some_and(Conn::is_closed) {
@@ -177,15 +179,6 @@ impl ServiceBusPubSub {
         if let Some((s, authorized)) = p.senders.get(entity) {
             if authorized.elapsed() < TOKEN_REFRESH {
                 return Ok(s.clone());
-            }
-        }
-        if let Some(admin) = &self.admin {
-            if !p.ensured.contains(entity) {
-                match self.mode {
-                    Mode::Topics => admin.ensure_topic(entity).await?,
-                    Mode::Queues => admin.ensure_queue(entity, &self.md.entity).await?,
-                }
-                p.ensured.insert(entity.to_string());
             }
         }
         let conn = match p.conn.as_mut() {
@@ -205,6 +198,29 @@ impl ServiceBusPubSub {
             (sender.clone(), std::time::Instant::now()),
         );
         Ok(sender)
+    }
+
+    /// Looks `entity` up through the management API and makes it if missing, once per
+    /// entity (two publishes racing both look; a create that loses the race is no error).
+    async fn ensure(&self, entity: &str) -> Result<(), AmqpError> {
+        let Some(admin) = &self.admin else {
+            return Ok(());
+        };
+        if self.ensured_set().contains(entity) {
+            return Ok(());
+        }
+        match self.mode {
+            Mode::Topics => admin.ensure_topic(entity).await?,
+            Mode::Queues => admin.ensure_queue(entity, &self.md.entity).await?,
+        }
+        self.ensured_set().insert(entity.to_string());
+        Ok(())
+    }
+
+    fn ensured_set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.ensured
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forgets the publishing connection after a failure: the next publish opens a new one.

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use daprd_components::servicebus::ServiceBusFactory;
 use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PubSubFactory, SubscribeRequest};
 use daprd_testkit::conformance::{
-    metadata_with_group, publish_request_with as request, random_name, success_collector,
+    collector, metadata_with_group, publish_request_with as request, random_name, success_collector,
 };
 use daprd_testkit::eventually;
 use daprd_testkit::servicebus::TestBroker;
@@ -250,14 +250,7 @@ async fn a_refused_message_is_abandoned_until_it_is_dead_lettered() {
         &[],
     )
     .await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let handler: Handler = Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            Outcome::Retry
-        })
-    });
+    let (handler, mut rx) = collector(|_, _| Outcome::Retry);
     let _sub = c
         .subscribe(SubscribeRequest::new(&topic), handler)
         .await
@@ -384,14 +377,7 @@ async fn missing_entities_are_created_with_the_components_properties() {
         &props,
     )
     .await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let handler: Handler = Arc::new(move |m| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.send(m);
-            Outcome::Retry
-        })
-    });
+    let (handler, mut rx) = collector(|_, _| Outcome::Retry);
     let _sub = c
         .subscribe(SubscribeRequest::new(&topic), handler)
         .await

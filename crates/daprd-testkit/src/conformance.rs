@@ -66,7 +66,9 @@ fn number(m: &Message) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-fn collector(
+/// A handler answering `outcome(message, attempt)` (attempt counts deliveries of the same
+/// `{"n":i}` payload from 1), and the receiver of every message it got.
+pub fn collector(
     outcome: impl Fn(&Message, usize) -> Outcome + Send + Sync + 'static,
 ) -> (Handler, mpsc::UnboundedReceiver<Message>) {
     let (tx, rx) = mpsc::unbounded_channel();

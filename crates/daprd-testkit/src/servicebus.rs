@@ -997,60 +997,73 @@ fn manage(inner: &Inner, request: &crate::http1::Request) -> (&'static str, Stri
         return atom_error("400 Bad Request", "no entity path");
     }
     let mut s = lock(&inner.state);
-    let exists = s.topics.contains_key(&path) || s.queues.contains_key(&path);
     match request.method.as_str() {
-        "GET" if exists => {
-            let description = s.descriptions.get(&path).cloned().unwrap_or_default();
-            ("200 OK", atom_entry(&path, &description))
-        }
-        // Service Bus answers a missing entity with a feed of nothing
-        "GET" => (
-            "200 OK",
-            format!("<feed xmlns=\"http://www.w3.org/2005/Atom\"><title type=\"text\">Publicly Listed Services</title><id>uuid:{}</id><updated>1970-01-01T00:00:00Z</updated></feed>", uuid::Uuid::new_v4()),
-        ),
-        "PUT" if exists => atom_error("409 Conflict", &format!("entity {path} already exists")),
-        "PUT" => {
-            let kind = ["SubscriptionDescription", "QueueDescription", "TopicDescription"]
-                .into_iter()
-                .find(|k| request.body.contains(&format!("<{k} ")) || request.body.contains(&format!("<{k}>")));
-            let Some(kind) = kind else {
-                return atom_error("400 Bad Request", "the entry holds no entity description");
-            };
-            let Some(description) = element(&request.body, kind) else {
-                return atom_error("400 Bad Request", &format!("{kind} is not closed"));
-            };
-            let subscription = path.split_once("/subscriptions/");
-            match (kind, subscription) {
-                ("SubscriptionDescription", Some((topic, _))) => {
-                    let Some(subs) = s.topics.get_mut(topic) else {
-                        return atom_error("404 Not Found", &format!("topic {topic} does not exist"));
-                    };
-                    subs.insert(path.clone());
-                }
-                ("SubscriptionDescription", None) | (_, Some(_)) => {
-                    return atom_error("400 Bad Request", &format!("{kind} does not fit path {path}"));
-                }
-                ("TopicDescription", None) => {
-                    s.topics.insert(path.clone(), HashSet::new());
-                }
-                _ => {}
-            }
-            if kind != "TopicDescription" {
-                let queue = Queue {
-                    max_delivery_count: value(&description, "MaxDeliveryCount")
-                        .and_then(|v| v.parse().ok()),
-                    lock_duration: value(&description, "LockDuration")
-                        .and_then(|v| iso_seconds(&v))
-                        .map(Duration::from_secs),
-                    ..Queue::default()
-                };
-                s.queues.insert(path.clone(), queue);
-            }
-            s.descriptions.insert(path.clone(), description.clone());
-            ("201 Created", atom_entry(&path, &description))
-        }
+        "GET" => get_entity(&s, &path),
+        "PUT" => create_entity(&mut s, &path, &request.body),
         _ => atom_error("405 Method Not Allowed", &request.method),
     }
+}
+
+fn entity_exists(s: &State, path: &str) -> bool {
+    s.topics.contains_key(path) || s.queues.contains_key(path)
+}
+
+/// `GET <path>`: the entity's entry, or (as Service Bus answers a missing entity) a feed of
+/// nothing.
+fn get_entity(s: &State, path: &str) -> (&'static str, String) {
+    if entity_exists(s, path) {
+        let description = s.descriptions.get(path).cloned().unwrap_or_default();
+        return ("200 OK", atom_entry(path, &description));
+    }
+    (
+        "200 OK",
+        format!("<feed xmlns=\"http://www.w3.org/2005/Atom\"><title type=\"text\">Publicly Listed Services</title><id>uuid:{}</id><updated>1970-01-01T00:00:00Z</updated></feed>", uuid::Uuid::new_v4()),
+    )
+}
+
+/// `PUT <path>` with an entry holding a topic, subscription or queue description: creates
+/// it with the description's MaxDeliveryCount and LockDuration.
+fn create_entity(s: &mut State, path: &str, body: &str) -> (&'static str, String) {
+    if entity_exists(s, path) {
+        return atom_error("409 Conflict", &format!("entity {path} already exists"));
+    }
+    let kind = ["SubscriptionDescription", "QueueDescription", "TopicDescription"]
+        .into_iter()
+        .find(|k| body.contains(&format!("<{k} ")) || body.contains(&format!("<{k}>")));
+    let Some(kind) = kind else {
+        return atom_error("400 Bad Request", "the entry holds no entity description");
+    };
+    let Some(description) = element(body, kind) else {
+        return atom_error("400 Bad Request", &format!("{kind} is not closed"));
+    };
+    match (kind, path.split_once("/subscriptions/")) {
+        ("SubscriptionDescription", Some((topic, _))) => {
+            let Some(subs) = s.topics.get_mut(topic) else {
+                return atom_error("404 Not Found", &format!("topic {topic} does not exist"));
+            };
+            subs.insert(path.to_string());
+        }
+        ("SubscriptionDescription", None) | (_, Some(_)) => {
+            return atom_error("400 Bad Request", &format!("{kind} does not fit path {path}"));
+        }
+        ("TopicDescription", None) => {
+            s.topics.insert(path.to_string(), HashSet::new());
+        }
+        _ => {}
+    }
+    if kind != "TopicDescription" {
+        let queue = Queue {
+            max_delivery_count: value(&description, "MaxDeliveryCount")
+                .and_then(|v| v.parse().ok()),
+            lock_duration: value(&description, "LockDuration")
+                .and_then(|v| iso_seconds(&v))
+                .map(Duration::from_secs),
+            ..Queue::default()
+        };
+        s.queues.insert(path.to_string(), queue);
+    }
+    s.descriptions.insert(path.to_string(), description.clone());
+    ("201 Created", atom_entry(path, &description))
 }
 
 fn atom_entry(path: &str, description: &str) -> String {

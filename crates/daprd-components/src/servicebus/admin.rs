@@ -66,7 +66,6 @@ impl AdminError {
 /// A client of the namespace's management API.
 pub(super) struct Admin {
     http: reqwest::Client,
-    base: String,
     cs: ConnectionString,
     timeout: Duration,
 }
@@ -83,7 +82,6 @@ impl Admin {
         })?;
         Ok(Self {
             http,
-            base: cs.management_endpoint(),
             cs: cs.clone(),
             timeout,
         })
@@ -193,7 +191,7 @@ impl Admin {
         body: Option<String>,
         what: &str,
     ) -> Result<(u16, String), AdminError> {
-        let url = format!("{}/{path}", self.base);
+        let url = format!("{}/{path}", self.cs.management_endpoint());
         let http_error = |e: reqwest::Error| AdminError::Http {
             what: what.to_string(),
             message: e.to_string(),
