@@ -12,6 +12,7 @@ pub mod gcp;
 pub mod http1;
 #[cfg(feature = "pulsar")]
 pub mod pulsar;
+pub mod rabbitmq;
 #[cfg(feature = "servicebus")]
 pub mod servicebus;
 #[cfg(feature = "tokens")]

@@ -524,7 +524,7 @@ mod annotation {
 /// # Errors
 /// A `ScheduledEnqueueTimeUtc` that is neither an HTTP date nor RFC 3339, a `PartitionKey`
 /// that differs from `SessionId`.
-pub(super) fn outgoing(
+pub fn outgoing(
     data: &[u8],
     metadata: &BTreeMap<String, String>,
     content_type: Option<&str>,
@@ -609,7 +609,7 @@ pub(super) fn outgoing(
 
 /// A received message's body: its data sections joined (an `amqp-value` string or binary
 /// as its bytes).
-pub(super) fn body_bytes(body: Body<Value>) -> Bytes {
+pub fn body_bytes(body: Body<Value>) -> Bytes {
     match body {
         Body::Data(batch) => {
             let mut sections = batch.into_iter();
@@ -638,7 +638,7 @@ pub(super) fn body_bytes(body: Body<Value>) -> Bytes {
 
 /// A received message's lock token: the `x-opt-lock-token` annotation, else its 16-byte
 /// delivery tag (Service Bus sends the lock token as the tag).
-pub(super) fn lock_token(
+pub fn lock_token(
     annotations: Option<&MessageAnnotations>,
     delivery_tag: &[u8],
 ) -> Option<[u8; 16]> {
@@ -655,7 +655,7 @@ pub(super) fn lock_token(
 
 /// The metadata Go daprd gives a received message: each application property and each of
 /// Service Bus's properties as `metadata.<key>`.
-pub(super) fn incoming_metadata(
+pub fn incoming_metadata(
     message: &Message<Body<Value>>,
     lock_token: Option<[u8; 16]>,
 ) -> BTreeMap<String, String> {
