@@ -58,6 +58,14 @@ def resumed(publisher, app_port, what):
     return first_ok, first_delivery
 
 
+def warnings(sidecar, name, most=40):
+    """The last `most` warning and error lines of a sidecar's log, for a failure's message
+    (where a lost message went is often in them)."""
+    marks = (" WARN ", " ERROR ", '"level":"warning"', '"level":"error"')
+    lines = [line for line in sidecar.output().splitlines() if any(m in line for m in marks)]
+    return f"{name} sidecar's last warnings:\n" + "\n".join(lines[-most:])
+
+
 def rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -186,6 +194,7 @@ def test_broker_sigkill_for_5s_loses_nothing(kind, sidecar_factory, app_factory)
         time.sleep(5)  # the outage the scenario asks for, not synchronisation
         restarting = time.monotonic()
         pb.start()
+        listening = time.monotonic()
         first_ok, first_delivery = resumed(publisher, app.port, "the broker's return")
         during = [a - down for s, a, _, good in publisher.log
                   if good and s > down and a < restarting]
@@ -194,7 +203,11 @@ def test_broker_sigkill_for_5s_loses_nothing(kind, sidecar_factory, app_factory)
               f"after the broker's return; {publisher.failed} publishes refused")
         assert first_ok <= 1.0, f"publishing resumed {first_ok:.2f} s after the broker"
         assert first_delivery <= 1.0, f"delivery resumed {first_delivery:.2f} s after the broker"
-        wait_all(app.port, publisher.ok, 60, "every publish answered 2xx")
+        try:
+            wait_all(app.port, publisher.ok, 60, "every publish answered 2xx", publisher,
+                     {"killed": down, "restarted": restarting, "listening": listening})
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{warnings(pub, 'pub')}\n{warnings(sub, 'sub')}") from None
     finally:
         broker.cleanup()
         pb.stop()
@@ -318,12 +331,14 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
         before = {s.proc.pid: rss_mib(s.proc.pid) for s in (pub, sub)}
         peak = dict(before)
         proxy.blackhole()
-        end = time.monotonic() + seconds
+        cut = time.monotonic()
+        end = cut + seconds
         while time.monotonic() < end:  # the outage the scenario asks for, sampled
             for pid in peak:
                 peak[pid] = max(peak[pid], rss_mib(pid))
             time.sleep(0.5)
         proxy.restore()
+        restored = time.monotonic()
         first_ok, first_delivery = resumed(publisher, app.port, "the blackhole")
         growth = {pid: peak[pid] - before[pid] for pid in peak}
         print(f"{kind} {seconds} s: publish resumed {first_ok:.2f} s, delivery "
@@ -332,7 +347,11 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
         assert first_ok <= 2.0, f"publishing resumed {first_ok:.2f} s after the blackhole"
         assert first_delivery <= 2.0, f"delivery resumed {first_delivery:.2f} s after"
         assert max(growth.values()) <= BLACKHOLE_RSS_GROWTH_MIB, f"RSS grew {growth} MiB"
-        wait_all(app.port, publisher.ok, 60, "every publish answered 2xx")
+        try:
+            wait_all(app.port, publisher.ok, 60, "every publish answered 2xx", publisher,
+                     {"cut": cut, "restored": restored})
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{warnings(pub, 'pub')}\n{warnings(sub, 'sub')}") from None
     finally:
         broker.cleanup()
         proxy.close()

@@ -293,7 +293,10 @@ def cpu_hog():
     p.wait()
 
 
-def wait_all(app_port, want, timeout, what):
+def wait_all(app_port, want, timeout, what, publisher=None, moments=None):
+    """Waits until the app has every seq in `want`. On failure it says where the missing ones
+    went, and, given the `publisher` and named `moments` (monotonic seconds: "killed",
+    "restarted"...), when each was sent and answered relative to them."""
     missing = {}
 
     def done():
@@ -310,7 +313,23 @@ def wait_all(app_port, want, timeout, what):
         raise AssertionError(
             f"{e}: {len(lost)} lost, e.g. {lost[:20]}; of these begun by the app: "
             f"{sorted(started.intersection(lost))[:20]}, on the dead-letter topic: "
-            f"{sorted(dead.intersection(lost))[:20]}") from None
+            f"{sorted(dead.intersection(lost))[:20]}{timeline(publisher, moments, lost)}"
+        ) from None
+
+
+def timeline(publisher, moments, lost):
+    """When the first lost seqs were sent and answered, relative to `moments`."""
+    if publisher is None or not moments:
+        return ""
+    when = {seq: (sent, answered) for sent, answered, seq, good in publisher.log if good}
+    out = []
+    for seq in lost[:5]:
+        if seq in when:
+            sent, answered = when[seq]
+            rel = ", ".join(f"{name} {sent - at:+.3f}/{answered - at:+.3f} s"
+                            for name, at in moments.items())
+            out.append(f"seq {seq} sent/answered: {rel}")
+    return "; " + "; ".join(out) if out else ""
 
 
 def test_subscriber_sigterm_mid_stream_loses_and_duplicates_nothing(
