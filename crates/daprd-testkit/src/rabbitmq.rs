@@ -30,7 +30,10 @@ impl Node {
             for sub in ["mnesia", "log"] {
                 std::fs::create_dir_all(dir.join(sub))?;
             }
-            std::fs::write(dir.join("enabled_plugins"), format!("[{}].", plugins.join(",")))?;
+            std::fs::write(
+                dir.join("enabled_plugins"),
+                format!("[{}].", plugins.join(",")),
+            )?;
             std::fs::write(dir.join("rabbitmq.conf"), "")?;
             std::fs::write(dir.join("env.conf"), "ERL_EPMD_ADDRESS=127.0.0.1\n")?;
             // the Debian script drops to the rabbitmq user: its files must be its to write
@@ -40,7 +43,10 @@ impl Node {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
         };
         if let Err(e) = files(&dir) {
-            panic!("preparing the rabbitmq node's directory {}: {e}", dir.display());
+            panic!(
+                "preparing the rabbitmq node's directory {}: {e}",
+                dir.display()
+            );
         }
         let path = |name: &str| dir.join(name).display().to_string();
         let mut command = Command::new("rabbitmq-server");

@@ -1027,9 +1027,13 @@ fn create_entity(s: &mut State, path: &str, body: &str) -> (&'static str, String
     if entity_exists(s, path) {
         return atom_error("409 Conflict", &format!("entity {path} already exists"));
     }
-    let kind = ["SubscriptionDescription", "QueueDescription", "TopicDescription"]
-        .into_iter()
-        .find(|k| body.contains(&format!("<{k} ")) || body.contains(&format!("<{k}>")));
+    let kind = [
+        "SubscriptionDescription",
+        "QueueDescription",
+        "TopicDescription",
+    ]
+    .into_iter()
+    .find(|k| body.contains(&format!("<{k} ")) || body.contains(&format!("<{k}>")));
     let Some(kind) = kind else {
         return atom_error("400 Bad Request", "the entry holds no entity description");
     };
@@ -1044,7 +1048,10 @@ fn create_entity(s: &mut State, path: &str, body: &str) -> (&'static str, String
             subs.insert(path.to_string());
         }
         ("SubscriptionDescription", None) | (_, Some(_)) => {
-            return atom_error("400 Bad Request", &format!("{kind} does not fit path {path}"));
+            return atom_error(
+                "400 Bad Request",
+                &format!("{kind} does not fit path {path}"),
+            );
         }
         ("TopicDescription", None) => {
             s.topics.insert(path.to_string(), HashSet::new());
