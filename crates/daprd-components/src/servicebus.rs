@@ -50,15 +50,15 @@ pub use metadata::{
 };
 
 use admin::Admin;
+use amqp::{AmqpError, Conn};
 
 /// How the component turns a publish into an AMQP message and a received one back into the
 /// app's data and metadata; public for the check of the framing against a real AMQP 1.0
 /// broker (RabbitMQ's plugin), not an API.
 #[doc(hidden)]
 pub mod wire {
-    pub use super::amqp::{body_bytes, incoming_metadata, lock_token, outgoing};
+    pub use super::amqp::{body_bytes, incoming_metadata, outgoing};
 }
-use amqp::{AmqpError, Conn};
 
 /// Builds `pubsub.azure.servicebus.topics` or `.queues` components.
 pub struct ServiceBusFactory {

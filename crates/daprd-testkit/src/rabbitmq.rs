@@ -3,7 +3,6 @@
 //! a plugin (the AMQP 1.0 one) without touching the machine's shared broker. Killed (with its
 //! process group) and its directory removed on drop.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use std::time::Duration;
 pub struct Node {
     /// The node's client port on 127.0.0.1 (AMQP 0-9-1, and AMQP 1.0 with its plugin).
     pub port: u16,
-    dir: PathBuf,
+    dir: crate::ScratchDir,
     child: Child,
 }
 
@@ -24,31 +23,29 @@ impl Node {
     /// in time.
     pub async fn start(plugins: &[&str]) -> Self {
         let port = crate::free_port();
-        let dir = std::env::temp_dir().join(format!("daprd-rabbitmq-{}", uuid::Uuid::new_v4()));
-        let files = |dir: &PathBuf| -> std::io::Result<()> {
+        let dir = crate::ScratchDir::new("rabbitmq");
+        dir.write("enabled_plugins", &format!("[{}].", plugins.join(",")));
+        dir.write("rabbitmq.conf", "");
+        dir.write("env.conf", "ERL_EPMD_ADDRESS=127.0.0.1\n");
+        // the Debian script drops to the rabbitmq user: its files must be its to write
+        let open_up = || -> std::io::Result<()> {
             use std::os::unix::fs::PermissionsExt;
+            let everyone = || std::fs::Permissions::from_mode(0o777);
             for sub in ["mnesia", "log"] {
-                std::fs::create_dir_all(dir.join(sub))?;
+                std::fs::create_dir_all(dir.path().join(sub))?;
             }
-            std::fs::write(
-                dir.join("enabled_plugins"),
-                format!("[{}].", plugins.join(",")),
-            )?;
-            std::fs::write(dir.join("rabbitmq.conf"), "")?;
-            std::fs::write(dir.join("env.conf"), "ERL_EPMD_ADDRESS=127.0.0.1\n")?;
-            // the Debian script drops to the rabbitmq user: its files must be its to write
-            for entry in std::fs::read_dir(dir)? {
-                std::fs::set_permissions(entry?.path(), std::fs::Permissions::from_mode(0o777))?;
+            for entry in std::fs::read_dir(dir.path())? {
+                std::fs::set_permissions(entry?.path(), everyone())?;
             }
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+            std::fs::set_permissions(dir.path(), everyone())
         };
-        if let Err(e) = files(&dir) {
+        if let Err(e) = open_up() {
             panic!(
                 "preparing the rabbitmq node's directory {}: {e}",
-                dir.display()
+                dir.path().display()
             );
         }
-        let path = |name: &str| dir.join(name).display().to_string();
+        let path = |name: &str| dir.path().join(name).display().to_string();
         let mut command = Command::new("rabbitmq-server");
         command
             .env("RABBITMQ_CONF_ENV_FILE", path("env.conf"))
@@ -91,7 +88,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         // The node runs as the rabbitmq user in a process group of its own: it wrote its
         // process id.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("pid")) {
             if let Some(group) = group_of(pid.trim()) {
                 let _ = Command::new("kill")
                     .args(["-KILL", "--", &format!("-{group}")])
@@ -102,7 +99,7 @@ impl Drop for Node {
             .args(["-KILL", "--", &format!("-{}", self.child.id())])
             .status();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // the directory goes with `dir`, after the node
     }
 }
 

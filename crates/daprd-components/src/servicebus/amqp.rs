@@ -638,7 +638,7 @@ pub fn body_bytes(body: Body<Value>) -> Bytes {
 
 /// A received message's lock token: the `x-opt-lock-token` annotation, else its 16-byte
 /// delivery tag (Service Bus sends the lock token as the tag).
-pub fn lock_token(
+pub(super) fn lock_token(
     annotations: Option<&MessageAnnotations>,
     delivery_tag: &[u8],
 ) -> Option<[u8; 16]> {
