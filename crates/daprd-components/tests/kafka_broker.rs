@@ -16,7 +16,7 @@ use daprd_core::metadata::Metadata;
 use daprd_core::pubsub::{
     Handler, Message, Outcome, PubSub, PubSubFactory, PublishRequest, SubscribeRequest,
 };
-use daprd_testkit::conformance::{metadata_with_group, random_name};
+use daprd_testkit::conformance::{in_flight_gate, metadata_with_group, random_name};
 use tokio::sync::mpsc;
 
 fn brokers() -> String {
@@ -283,33 +283,6 @@ async fn a_revocation_waits_for_the_message_in_flight() {
     );
     first.close().await.unwrap();
     second.close().await.unwrap();
-}
-
-type Counter = Arc<std::sync::atomic::AtomicUsize>;
-
-/// Handler that counts calls in flight and answers once `n` are in flight together (or
-/// after 10 s); returns the largest number seen in flight and the number answered.
-fn in_flight_gate(n: usize) -> (Handler, Counter, Counter) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let now = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let (now2, most2, answered2) = (now.clone(), most.clone(), answered.clone());
-    let h: Handler = Arc::new(move |_m| {
-        let (now, most, answered) = (now2.clone(), most2.clone(), answered2.clone());
-        Box::pin(async move {
-            let mine = now.fetch_add(1, Ordering::SeqCst) + 1;
-            most.fetch_max(mine, Ordering::SeqCst);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while most.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            now.fetch_sub(1, Ordering::SeqCst);
-            answered.fetch_add(1, Ordering::SeqCst);
-            Outcome::Success
-        })
-    });
-    (h, most, answered)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,33 @@ pub fn collector(
     (handler, rx)
 }
 
+/// A shared count.
+pub type Counter = Arc<AtomicUsize>;
+
+/// Handler that counts calls in flight and answers once `n` are in flight together (or
+/// after 10 s); returns the largest number seen in flight and the number answered.
+pub fn in_flight_gate(n: usize) -> (Handler, Counter, Counter) {
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (now2, most2, answered2) = (now.clone(), most.clone(), answered.clone());
+    let h: Handler = Arc::new(move |_m| {
+        let (now, most, answered) = (now2.clone(), most2.clone(), answered2.clone());
+        Box::pin(async move {
+            let mine = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(mine, Ordering::SeqCst);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while most.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            answered.fetch_add(1, Ordering::SeqCst);
+            Outcome::Success
+        })
+    });
+    (h, most, answered)
+}
+
 /// A handler answering `Success` to every message, and the receiver of what it got.
 pub fn success_collector() -> (Handler, mpsc::UnboundedReceiver<Message>) {
     let (tx, rx) = mpsc::unbounded_channel();
