@@ -18,7 +18,8 @@
 //!   (`publishMaxRetries`, from `publishInitialRetryIntervalInMs`, doubling) on a new connection.
 //!   Bulk publish sends every entry on the link at once and reports each refused entry.
 //! * Subscribe: peek-lock. At most `maxActiveMessages` messages taken and not settled,
-//!   `maxConcurrentHandlers` in the app's hands; complete (`accepted`) after the app accepted,
+//!   `maxConcurrentHandlers` in the app's hands (a bulk subscription's handler call is a
+//!   batch, so it may have up to its batch size times as many); complete (`accepted`) after the app accepted,
 //!   abandon (`modified`) otherwise or after `handlerTimeoutInSec`; the locks of messages in
 //!   the app's hands are renewed every `lockRenewalInSec` on the entity's `$management` node.
 //!   A lost connection is reopened (`minConnectionRecoveryInSec` growing to
@@ -447,6 +448,7 @@ impl PubSub for ServiceBusPubSub {
                 component: self.name.clone(),
                 topic: request.topic.clone(),
                 handler,
+                bulk: request.bulk,
                 guard,
             }
             .run(first),

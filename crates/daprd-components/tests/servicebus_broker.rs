@@ -7,7 +7,7 @@
 #![cfg(feature = "servicebus")]
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,8 @@ use bytes::Bytes;
 use daprd_components::servicebus::ServiceBusFactory;
 use daprd_core::pubsub::{Handler, Message, Outcome, PubSub, PubSubFactory, SubscribeRequest};
 use daprd_testkit::conformance::{
-    collector, metadata_with_group, publish_request_with as request, random_name, success_collector,
+    collector, in_flight_gate, metadata_with_group, publish_request_with as request, random_name,
+    success_collector,
 };
 use daprd_testkit::eventually;
 use daprd_testkit::servicebus::TestBroker;
@@ -539,5 +540,65 @@ async fn a_stopped_subscription_leaves_nothing_locked() {
         )
         .await;
     }
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_subscription_gets_a_batch_per_handler() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let queue = random_name("bulk");
+    let c = component(
+        ServiceBusFactory::QUEUES,
+        &broker.connection_string(),
+        "app",
+        &[("maxConcurrentHandlers", "1")],
+    )
+    .await;
+    let publish_ten = || async {
+        for n in 0..10 {
+            c.publish(request(&queue, &format!("{{\"n\":{n}}}"), &[]))
+                .await
+                .unwrap();
+        }
+    };
+    publish_ten().await;
+    // one handler, ten messages waiting: a bulk subscription of 10 has them all in the app's
+    // hands at once (one batch, as Go daprd's bulk receive); a plain one handles them one by one
+    let (h, most, answered) = in_flight_gate(10);
+    let sub = c
+        .subscribe(
+            SubscribeRequest {
+                topic: queue.clone(),
+                metadata: BTreeMap::new(),
+                bulk: Some(10),
+            },
+            h,
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "ten messages answered", || {
+        let n = answered.load(Ordering::SeqCst);
+        async move { (n == 10).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        10,
+        "the batch in the app's hands at once"
+    );
+    sub.stop().await;
+    publish_ten().await;
+    let (h, most, answered) = in_flight_gate(1);
+    let _sub = c.subscribe(SubscribeRequest::new(&queue), h).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "ten more messages answered",
+        || {
+            let n = answered.load(Ordering::SeqCst);
+            async move { (n == 10).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(most.load(Ordering::SeqCst), 1, "one at a time without bulk");
     c.close().await.unwrap();
 }

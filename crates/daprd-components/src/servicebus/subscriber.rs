@@ -69,6 +69,21 @@ impl Link {
     }
 }
 
+/// How many messages the app may have at once: `maxConcurrentHandlers` handler calls (else
+/// `maxActiveMessages` messages). A bulk subscription's handler call is a batch of up to its
+/// batch size (at most `maxActiveMessages`, as Go daprd's `maxBulkSubCount`), so the app may
+/// have that many times as many messages: the runtime batches what the loop hands over.
+fn handler_slots(md: &ServiceBusMetadata, bulk: Option<usize>) -> usize {
+    let active = usize::try_from(md.max_active_messages).unwrap_or(1000);
+    match md.max_concurrent_handlers {
+        None => active,
+        Some(handlers) => handlers
+            .saturating_mul(bulk.unwrap_or(1).max(1))
+            .min(active)
+            .max(handlers),
+    }
+}
+
 /// What a delivery asks of the loop once the app answered.
 struct Settle {
     /// The connection the message came on (a later one cannot settle it).
@@ -88,6 +103,8 @@ pub(super) struct ConsumeLoop {
     /// The subscription's topic as the app knows it.
     pub(super) topic: String,
     pub(super) handler: Handler,
+    /// A bulk subscription's batch size ([`daprd_core::pubsub::SubscribeRequest::bulk`]).
+    pub(super) bulk: Option<usize>,
     /// Held until every message taken is settled and the link is closed.
     pub(super) guard: DrainGuard,
 }
@@ -103,10 +120,7 @@ enum Event {
 
 impl ConsumeLoop {
     pub(super) async fn run(mut self, first: Link) {
-        let slots =
-            Arc::new(Semaphore::new(self.md.max_concurrent_handlers.unwrap_or(
-                usize::try_from(self.md.max_active_messages).unwrap_or(1000),
-            )));
+        let slots = Arc::new(Semaphore::new(handler_slots(&self.md, self.bulk)));
         let (settle_tx, mut settled) = mpsc::unbounded_channel::<Settle>();
         let mut outstanding = 0usize;
         // lock tokens of the messages the app has, by delivery number, for renewal
