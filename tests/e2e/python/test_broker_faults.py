@@ -287,7 +287,8 @@ BLACKHOLE_RSS_GROWTH_MIB = 32
 
 @pytest.mark.parametrize("seconds", [5, 30])
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "aws.snssqs",
-                                  "kafka", "pulsar", "gcp.pubsub", "azure.servicebus.topics"])
+                                  "kafka", "pulsar", "gcp.pubsub", "azure.servicebus.topics",
+                                  "azure.servicebus.queues"])
 def test_network_blackhole_loses_nothing(kind, seconds, sidecar_factory, app_factory):
     # Kafka, 30 s: longer than the 10 s sessionTimeout, so the consumer rejoins its group under
     # a new member id (stock tansu 0.6 never let it in: scripts/tansu-rejoin.patch)
@@ -314,7 +315,7 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
         # the test broker's lookups send clients to the proxy too
         private = PulsarBroker(advertised=proxy.port)
         proxy.upstream = private.port
-    if kind == "azure.servicebus.topics":
+    if kind.startswith("azure.servicebus."):
         # the test broker (AMQP and its management API on one port), no maximum delivery count
         private = ServiceBusBroker(max_delivery_count=1_000_000)
         proxy.upstream = private.port
