@@ -74,13 +74,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         if validate {
             return run_validate(&config).await;
         }
         run(config).await
-    })
+    });
+    // The shutdown sequence has had its grace period; work still running on the blocking pool
+    // is abandoned, as Go daprd's exit does (dropping the runtime would wait for it: a Kafka
+    // consumer's close, for one, waits for a group coordinator as long as the broker is gone).
+    runtime.shutdown_timeout(EXIT_WAIT);
+    code
 }
+
+/// How long the exit waits for blocking work left after the shutdown sequence.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn run_validate(config: &RuntimeConfig) -> ExitCode {
     if config.resources_paths.is_empty() && config.config_files.is_empty() {

@@ -169,6 +169,28 @@ def test_kafka_commits_only_after_success(sidecar_factory, app_factory, tansu):
     assert ms == [2, 3], ms
 
 
+def test_kafka_sidecar_exits_within_its_grace_period_with_the_broker_gone(
+        sidecar_factory, app_factory, tansu):
+    """SIGTERM while a refused message is retried and the broker is gone: the sidecar exits
+    within its grace period (1 s here) for the drain plus as much for closing the components,
+    as Go daprd does; it does not wait for the Kafka consumer's close, which waits for a group
+    coordinator as long as the broker stays away."""
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "work", "route": "/work"}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([KAFKA_COMPONENT.format(port=tansu.port, partitions=1)],
+                        app_port=app.port, extra_args=["--dapr-graceful-shutdown-seconds", "1"])
+    s.wait_ready()
+    s.publish("work", '{"m":1}')
+    eventually(lambda: received(app.port, "/work"), 15, "m1")
+    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/work": {"status": 500}}).raise_for_status()
+    s.publish("work", '{"m":2}')
+    eventually(lambda: len(received(app.port, "/work")) >= 3, 15, "m2 retried in place")
+    tansu.stop()
+    s.proc.terminate()
+    exited = eventually(lambda: s.proc.poll() is not None, 6, "the sidecar's exit after SIGTERM")
+    assert exited and s.proc.returncode == 0, s.output()[-3000:]
+
+
 def test_kafka_poison_message_goes_to_the_dead_letter_topic_and_unblocks(
         sidecar_factory, app_factory, tansu):
     rules = {"rules": [{"match": 'event.data.kind == "poison"', "path": "/poison"}], "default": "/ok"}
