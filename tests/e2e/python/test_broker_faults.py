@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import (PulsarBroker, ServiceBusBroker, eventually, free_port, start_tansu,
-                      wait_listening)
+from conftest import (SHARED_BROKERS, PulsarBroker, ServiceBusBroker, eventually, free_port,
+                      start_tansu, wait_listening)
 from test_faults import Broker, Publisher, seqs, wait_all
 
 
@@ -280,8 +280,7 @@ class Proxy:
                 s.close()
 
 
-SHARED_PORT = {"redis": 6379, "rabbitmq": 5672, "mqtt3": 1883, "jetstream": 4222,
-               "aws.snssqs": 4566, "gcp.pubsub": 8085}
+SHARED_PORT = {kind: port for kind, (_, port) in SHARED_BROKERS.items()}
 BLACKHOLE_RSS_GROWTH_MIB = 32
 
 
