@@ -144,21 +144,29 @@ def test_kafka_records_reach_the_app_with_their_metadata(sidecar_factory, app_fa
     assert h["trace-note"] == "abc"
 
 
-def test_kafka_commits_only_after_success(sidecar_factory, app_factory, tansu):
-    """m1 is accepted, m2 is refused (retried in place): a second sidecar of the same app
-    (same consumer group) starts at m2, not at m1 and not after m2."""
-    subs = json.dumps([{"pubsubname": "pubsub", "topic": "work", "route": "/work"}])
-    comp = KAFKA_COMPONENT.format(port=tansu.port, partitions=1)
-    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
-    s = sidecar_factory([comp], app_port=app.port)
+WORK_SUBSCRIPTION = json.dumps([{"pubsubname": "pubsub", "topic": "work", "route": "/work"}])
+
+
+def m1_accepted_m2_retried(sidecar_factory, app_factory, comp, extra_args=()):
+    """The sidecar of an app that accepted m1 and refuses m2, which is retried in place."""
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": WORK_SUBSCRIPTION})
+    s = sidecar_factory([comp], app_port=app.port, extra_args=extra_args)
     s.wait_ready()
     s.publish("work", '{"m":1}')
     eventually(lambda: received(app.port, "/work"), 15, "m1")
     requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/work": {"status": 500}}).raise_for_status()
     s.publish("work", '{"m":2}')
     eventually(lambda: len(received(app.port, "/work")) >= 3, 15, "m2 retried in place")
+    return s
+
+
+def test_kafka_commits_only_after_success(sidecar_factory, app_factory, tansu):
+    """m1 is accepted, m2 is refused (retried in place): a second sidecar of the same app
+    (same consumer group) starts at m2, not at m1 and not after m2."""
+    comp = KAFKA_COMPONENT.format(port=tansu.port, partitions=1)
+    s = m1_accepted_m2_retried(sidecar_factory, app_factory, comp)
     s.stop()
-    app2 = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    app2 = app_factory("http_app.py", env={"SUBSCRIPTIONS": WORK_SUBSCRIPTION})
     s2 = sidecar_factory([comp], app_port=app2.port)
     s2.wait_ready()
     got = eventually(lambda: received(app2.port, "/work"), 20, "redelivery to the new sidecar")
@@ -175,16 +183,9 @@ def test_kafka_sidecar_exits_within_its_grace_period_with_the_broker_gone(
     within its grace period (1 s here) for the drain plus as much for closing the components,
     as Go daprd does; it does not wait for the Kafka consumer's close, which waits for a group
     coordinator as long as the broker stays away."""
-    subs = json.dumps([{"pubsubname": "pubsub", "topic": "work", "route": "/work"}])
-    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
-    s = sidecar_factory([KAFKA_COMPONENT.format(port=tansu.port, partitions=1)],
-                        app_port=app.port, extra_args=["--dapr-graceful-shutdown-seconds", "1"])
-    s.wait_ready()
-    s.publish("work", '{"m":1}')
-    eventually(lambda: received(app.port, "/work"), 15, "m1")
-    requests.post(f"http://127.0.0.1:{app.port}/_mode", json={"/work": {"status": 500}}).raise_for_status()
-    s.publish("work", '{"m":2}')
-    eventually(lambda: len(received(app.port, "/work")) >= 3, 15, "m2 retried in place")
+    s = m1_accepted_m2_retried(sidecar_factory, app_factory,
+                               KAFKA_COMPONENT.format(port=tansu.port, partitions=1),
+                               extra_args=["--dapr-graceful-shutdown-seconds", "1"])
     tansu.stop()
     s.proc.terminate()
     exited = eventually(lambda: s.proc.poll() is not None, 6, "the sidecar's exit after SIGTERM")
