@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for SECONDS (default 20) each (`--build-only`: builds them), on top of the corpus
+# Runs every cargo-fuzz target in fuzz/ for SECONDS (default 20) each, on top of the corpus
 # in fuzz/corpus/<target> (kept between runs on one machine, not committed). Needs a nightly
 # toolchain (`cargo +nightly`); installs cargo-fuzz from crates.io when it is missing.
 # A crash, a timeout or an allocation over 512 MiB fails the run and leaves the input in
@@ -14,8 +14,6 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
 fi
 command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
 cargo +nightly fuzz build
-# `--build-only`: only the build (CI runs it in the background while the tests run)
-[ "$seconds" != "--build-only" ] || exit 0
 for target in $(cargo +nightly fuzz list); do
   mkdir -p "corpus/$target"
   if [ -d "seeds/$target" ]; then
