@@ -20,8 +20,9 @@
 //! * Subscribe: peek-lock. At most `maxActiveMessages` messages taken and not settled,
 //!   `maxConcurrentHandlers` in the app's hands (a bulk subscription's handler call is a
 //!   batch, so it may have up to its batch size times as many); complete (`accepted`) after
-//!   the app accepted, abandon (`modified`) otherwise or after `handlerTimeoutInSec`; the locks of messages in
-//!   the app's hands are renewed every `lockRenewalInSec` on the entity's `$management` node.
+//!   the app accepted, abandon (`modified`) otherwise or after `handlerTimeoutInSec`; the
+//!   locks of messages in the app's hands are renewed every `lockRenewalInSec` on the entity's
+//!   `$management` node.
 //!   A lost connection is reopened (`minConnectionRecoveryInSec` growing to
 //!   `maxConnectionRecoveryInSec`); what the app still had is redelivered by the broker when
 //!   its lock expires.
