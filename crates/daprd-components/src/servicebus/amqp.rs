@@ -297,11 +297,15 @@ impl Conn {
         self.connection.is_closed() || self.session.is_ended()
     }
 
-    /// Ends the session and closes the connection (errors only logged: it is going away).
+    /// Ends the session and closes the connection (errors ignored: it is going away), waiting
+    /// at most a second for each answer. The bound matters: fe2o3-amqp's session engine, once
+    /// it has sent its End, waits for the peer's without limit (spinning on a closed channel
+    /// meanwhile), and a peer that never answers would hold a shutdown forever.
     pub(super) async fn close(mut self) {
+        let limit = Duration::from_secs(1);
         self.cbs.close().await;
-        let _ = self.session.end().await;
-        let _ = self.connection.close().await;
+        let _ = tokio::time::timeout(limit, self.session.end()).await;
+        let _ = tokio::time::timeout(limit, self.connection.close()).await;
     }
 }
 

@@ -63,8 +63,10 @@ impl Link {
         }
     }
 
+    /// Detaches the receiver (waiting at most a second for the broker's answer) and closes the
+    /// connection.
     async fn close(self) {
-        let _ = self.receiver.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.receiver.close()).await;
         self.conn.close().await;
     }
 }
