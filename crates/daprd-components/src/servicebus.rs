@@ -26,6 +26,15 @@
 //!   A lost connection is reopened (`minConnectionRecoveryInSec` growing to
 //!   `maxConnectionRecoveryInSec`); what the app still had is redelivered by the broker when
 //!   its lock expires.
+//! * Sessions (a topic subscription's metadata `requireSessions`, as Go daprd; refused on
+//!   queues, which Go's component never asks for them on): the subscription is made (or must
+//!   exist) requiring sessions; `maxConcurrentSessions` (8) slots, each with its own
+//!   connection, accept the next free session (Service Bus's session filter left empty) and
+//!   hand its messages to the app one at a time, in order — one link credit at a time, so a
+//!   message the app refused comes back before the next is read (Go daprd's issue
+//!   components-contrib#3868: it may hand one session's messages out in parallel). The
+//!   session's lock is renewed every `lockRenewalInSec`; a session with nothing for
+//!   `sessionIdleTimeoutInSec` (60) is let go and the slot takes the next one.
 
 mod admin;
 mod amqp;
@@ -221,7 +230,7 @@ impl ServiceBusPubSub {
         }
         match self.mode {
             Mode::Topics => admin.ensure_topic(entity).await?,
-            Mode::Queues => admin.ensure_queue(entity, &self.md.entity).await?,
+            Mode::Queues => admin.ensure_queue(entity, &self.md.entity, false).await?,
         }
         self.ensured_set().insert(entity.to_string());
         Ok(())
@@ -415,10 +424,11 @@ impl PubSub for ServiceBusPubSub {
             return Err(PubSubError::Closed);
         }
         let options = SubscribeOptions::parse(&request.metadata)?;
-        if options.require_sessions {
+        if options.require_sessions && self.mode == Mode::Queues {
+            // Go daprd's queues component never asks for sessions either (it ignores the key)
             return Err(PubSubError::Metadata(MetadataError::new(
                 "requireSessions",
-                "sessions are not supported yet by daprd-rs",
+                "sessions are supported on topic subscriptions (pubsub.azure.servicebus.topics), not on queues",
             )));
         }
         let address = match self.mode {
@@ -429,31 +439,52 @@ impl PubSub for ServiceBusPubSub {
             let made = match self.mode {
                 Mode::Topics => {
                     admin
-                        .ensure_subscription(&request.topic, &self.md.consumer_id, &self.md.entity)
+                        .ensure_subscription(
+                            &request.topic,
+                            &self.md.consumer_id,
+                            &self.md.entity,
+                            options.require_sessions,
+                        )
                         .await
                 }
-                Mode::Queues => admin.ensure_queue(&request.topic, &self.md.entity).await,
+                Mode::Queues => {
+                    admin
+                        .ensure_queue(&request.topic, &self.md.entity, false)
+                        .await
+                }
             };
             made.map_err(|e| component_error(e.into()))?;
         }
-        // The first attach must work (a clear error); later outages reconnect.
-        let first = subscriber::Link::open(&self.md, &address)
-            .await
-            .map_err(component_error)?;
         let (stop, guard, handle) = crate::stop::subscription(self.stop.subscribe());
-        tokio::spawn(
-            subscriber::ConsumeLoop {
-                md: self.md.clone(),
-                address,
-                stop,
-                component: self.name.clone(),
-                topic: request.topic.clone(),
-                handler,
-                bulk: request.bulk,
-                guard,
+        let consume = |session_idle| subscriber::ConsumeLoop {
+            md: self.md.clone(),
+            address: address.clone(),
+            stop: stop.clone(),
+            component: self.name.clone(),
+            topic: request.topic.clone(),
+            handler: handler.clone(),
+            bulk: request.bulk,
+            guard: guard.clone(),
+            session_idle,
+        };
+        if options.require_sessions {
+            // `maxConcurrentSessions` slots, each holding one session at a time. The first
+            // connection must work (a clear error); a session comes when the broker has one.
+            let first = subscriber::Link::connect(&self.md, &address)
+                .await
+                .map_err(component_error)?;
+            let mut first = Some(first);
+            for _ in 0..options.max_concurrent_sessions {
+                let slot = consume(Some(options.session_idle_timeout));
+                tokio::spawn(slot.run(None, first.take()));
             }
-            .run(first),
-        );
+        } else {
+            // The first attach must work (a clear error); later outages reconnect.
+            let first = subscriber::Link::open(&self.md, &address)
+                .await
+                .map_err(component_error)?;
+            tokio::spawn(consume(None).run(Some(first), None));
+        }
         Ok(handle)
     }
 

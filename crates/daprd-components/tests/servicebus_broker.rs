@@ -602,3 +602,211 @@ async fn a_bulk_subscription_gets_a_batch_per_handler() {
     assert_eq!(most.load(Ordering::SeqCst), 1, "one at a time without bulk");
     c.close().await.unwrap();
 }
+
+fn session_request(topic: &str, extra: &[(&str, &str)]) -> SubscribeRequest {
+    let mut metadata: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    metadata.insert("requireSessions".into(), "true".into());
+    SubscribeRequest {
+        topic: topic.to_string(),
+        metadata,
+        bulk: None,
+    }
+}
+
+/// What a session test's app saw: every delivery in order (session, number), and how many
+/// deliveries were in its hands at once, per session and in all.
+#[derive(Default)]
+struct SessionLog {
+    deliveries: Vec<(String, usize)>,
+    busy: BTreeMap<String, usize>,
+    most_per_session: usize,
+    most_sessions: usize,
+}
+
+/// Sessions `a`, `b` and `c` (five messages each, interleaved) on a subscription with two
+/// session slots: each session's messages reach the app one at a time and in order — the
+/// third, refused once, comes again before the fourth — two sessions at once, and the third
+/// session once a slot let its idle session go. The subscription was made requiring sessions,
+/// and every message carries its session id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_delivered_in_order_two_at_once() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let topic = random_name("sessions");
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &broker.connection_string(),
+        "app",
+        &[],
+    )
+    .await;
+    let log = Arc::new(std::sync::Mutex::new(SessionLog::default()));
+    let seen = log.clone();
+    let handler: Handler = Arc::new(move |m: Message| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            let body = String::from_utf8_lossy(&m.data).into_owned();
+            let (session, n) = body.split_once('-').unwrap();
+            let (session, n) = (session.to_string(), n.parse::<usize>().unwrap());
+            assert_eq!(m.metadata["metadata.SessionId"], session);
+            let first = {
+                let mut l = seen.lock().unwrap();
+                let first = !l.deliveries.contains(&(session.clone(), n));
+                l.deliveries.push((session.clone(), n));
+                let busy = l.busy.entry(session.clone()).or_default();
+                *busy += 1;
+                let here = *busy;
+                let sessions = l.busy.values().filter(|b| **b > 0).count();
+                l.most_per_session = l.most_per_session.max(here);
+                l.most_sessions = l.most_sessions.max(sessions);
+                first
+            };
+            // the app at work, long enough for the other slot's session to overlap
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            *seen.lock().unwrap().busy.get_mut(&session).unwrap() -= 1;
+            if n == 2 && first {
+                Outcome::Retry
+            } else {
+                Outcome::Success
+            }
+        })
+    });
+    let _sub = c
+        .subscribe(
+            session_request(
+                &topic,
+                &[
+                    ("maxConcurrentSessions", "2"),
+                    ("sessionIdleTimeoutInSec", "1"),
+                ],
+            ),
+            handler,
+        )
+        .await
+        .unwrap();
+    let description = broker
+        .description(&format!("{topic}/Subscriptions/app"))
+        .unwrap();
+    assert!(
+        description.contains("<RequiresSession>true</RequiresSession>"),
+        "{description}"
+    );
+    for n in 0..5 {
+        for session in ["a", "b", "c"] {
+            c.publish(request(
+                &topic,
+                &format!("{session}-{n}"),
+                &[("SessionId", session)],
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    eventually(Duration::from_secs(30), "18 deliveries", || {
+        let n = log.lock().unwrap().deliveries.len();
+        async move { (n >= 18).then_some(()) }
+    })
+    .await;
+    {
+        let l = log.lock().unwrap();
+        for session in ["a", "b", "c"] {
+            let order: Vec<usize> = l
+                .deliveries
+                .iter()
+                .filter(|(s, _)| s == session)
+                .map(|(_, n)| *n)
+                .collect();
+            assert_eq!(order, [0, 1, 2, 2, 3, 4], "session {session}");
+        }
+        assert_eq!(l.most_per_session, 1, "one message of a session at a time");
+        assert_eq!(l.most_sessions, 2, "two sessions at once, no more");
+    }
+    let address = format!("{topic}/Subscriptions/app");
+    eventually(Duration::from_secs(10), "the subscription emptied", || {
+        let empty = broker.counts(&address) == (0, 0, 0);
+        async move { empty.then_some(()) }
+    })
+    .await;
+    c.close().await.unwrap();
+}
+
+/// The session lock is renewed while the app works (the broker's lock lasts 1.5 s, the app
+/// takes 3 s): the message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lock_is_renewed_while_the_app_works() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.configure(Duration::from_millis(1500), 10);
+    let topic = random_name("slow-session");
+    let c = component(
+        ServiceBusFactory::TOPICS,
+        &broker.connection_string(),
+        "app",
+        &[("lockRenewalInSec", "1")],
+    )
+    .await;
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let d = deliveries.clone();
+    let handler: Handler = Arc::new(move |_m| {
+        let d = d.clone();
+        Box::pin(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+            // the app at work
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Outcome::Success
+        })
+    });
+    let renewals_before = broker.renewals();
+    let _sub = c
+        .subscribe(session_request(&topic, &[]), handler)
+        .await
+        .unwrap();
+    c.publish(request(&topic, "slow", &[("SessionId", "s")]))
+        .await
+        .unwrap();
+    let address = format!("{topic}/Subscriptions/app");
+    eventually(Duration::from_secs(15), "the message completed", || {
+        let done = broker.counts(&address) == (0, 0, 0) && deliveries.load(Ordering::SeqCst) >= 1;
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert_eq!(deliveries.load(Ordering::SeqCst), 1, "delivered once");
+    assert!(
+        broker.renewals() >= renewals_before + 2,
+        "the session lock was renewed"
+    );
+    c.close().await.unwrap();
+}
+
+/// Sessions asked of a subscription that exists without them, or of a queue, are a clear
+/// error at subscribe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_where_they_cannot_be_are_a_clear_error() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let topic = random_name("plain");
+    let cs = broker.connection_string();
+    let c = component(ServiceBusFactory::TOPICS, &cs, "app", &[]).await;
+    let (h, _rx) = success_collector();
+    let sub = c
+        .subscribe(SubscribeRequest::new(&topic), h.clone())
+        .await
+        .unwrap();
+    sub.stop().await;
+    let e = c
+        .subscribe(session_request(&topic, &[]), h.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("asks for sessions") && e.contains(&topic), "{e}");
+    let q = component(ServiceBusFactory::QUEUES, &cs, "app", &[]).await;
+    let e = q
+        .subscribe(session_request(&random_name("queue"), &[]), h)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("requireSessions") && e.contains("queues"), "{e}");
+    for c in [c, q] {
+        c.close().await.unwrap();
+    }
+}

@@ -31,7 +31,19 @@
 //! [`TestBroker::require_existing_entities`] a link to an entity nobody created is refused
 //! with `amqp:not-found`, as Service Bus refuses it.
 //!
-//! Left out: sessions, transactions, TLS, persistence across a restart.
+//! Sessions, as Service Bus keeps them on an entity that requires them (`RequiresSession` in
+//! its description, or made by a session receiver's link): a receiver whose source carries the
+//! session filter (`com.microsoft:session-filter`) left empty is given the first free session
+//! that has a message, its id in the filter of the source the broker answers with, and that
+//! session is locked to the link; when none is free within [`SESSION_WAIT`] the attach is
+//! answered with no source and detached with `com.microsoft:timeout`. The link gets only its
+//! session's messages, in order, one at a time (the next once the last is settled, so an
+//! abandoned one comes back first); the session lock
+//! (`com.microsoft:renew-session-lock` on `$management` extends it) covers its messages; the
+//! session is free again when the link goes (what it left unsettled is abandoned) or its lock
+//! expires (the link is then detached with `com.microsoft:session-lock-lost`).
+//!
+//! Left out: session state, transactions, TLS, persistence across a restart.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -51,6 +63,14 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
+
+/// How long a session receiver's attach waits for a free session before it is refused with
+/// `com.microsoft:timeout` (Service Bus waits longer; the component asks again either way).
+pub const SESSION_WAIT: Duration = Duration::from_secs(1);
+
+/// Service Bus's session filter on a receiver's source, and its descriptor.
+const SESSION_FILTER: &str = "com.microsoft:session-filter";
+const SESSION_FILTER_CODE: u64 = 0x0000_0137_0000_000C;
 
 /// The shared access key name of the test namespace.
 pub const KEY_NAME: &str = "RootManageSharedAccessKey";
@@ -115,6 +135,18 @@ struct Queue {
     max_delivery_count: Option<u32>,
     /// The entity's own `LockDuration` (else the broker's).
     lock_duration: Option<Duration>,
+    /// Whether it requires sessions.
+    requires_session: bool,
+    /// Locked sessions: id → locked until (ms since the epoch).
+    sessions: HashMap<String, i64>,
+}
+
+/// A locked message's lock expiry when its session's lock covers it instead.
+const SESSION_LOCKED: i64 = i64::MAX;
+
+/// The session (group id) of a stored message.
+fn group_of(m: &Stored) -> Option<&str> {
+    m.message.properties.as_ref()?.group_id.as_deref()
 }
 
 #[derive(Clone)]
@@ -285,6 +317,16 @@ impl Inner {
                     any = true;
                 }
             }
+            let lapsed: Vec<String> = q
+                .sessions
+                .iter()
+                .filter(|(_, until)| **until <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in lapsed {
+                q.release_session(&id, max);
+                any = true;
+            }
         }
         any
     }
@@ -332,6 +374,14 @@ impl Inner {
         self.available.notify_waiters();
     }
 
+    /// Whether `address` requires sessions.
+    fn requires_session(&self, address: &str) -> bool {
+        let s = lock(&self.state);
+        s.queues
+            .get(&address.to_ascii_lowercase())
+            .is_some_and(|q| q.requires_session)
+    }
+
     /// Whether a link may name `address`: it exists, or entities come into being on first
     /// use (the broker is not strict).
     fn may_link(&self, address: &str) -> bool {
@@ -353,8 +403,8 @@ impl Inner {
         s.queues.entry(key).or_default();
     }
 
-    /// Takes the next available message of `address` and locks it.
-    fn take(&self, address: &str) -> Option<(AmqpMessage, [u8; 16])> {
+    /// Takes the next available message of `address` (of its session `session`) and locks it.
+    fn take(&self, address: &str, session: Option<&str>) -> Option<(AmqpMessage, [u8; 16])> {
         let now = now_ms();
         let mut s = lock(&self.state);
         let default_duration = s.lock_duration;
@@ -365,11 +415,15 @@ impl Inner {
         let sequence = *q
             .ready
             .iter()
-            .find(|(_, m)| m.visible_ms <= now)
+            .find(|(_, m)| m.visible_ms <= now && session.is_none_or(|id| group_of(m) == Some(id)))
             .map(|(k, _)| k)?;
         let m = q.ready.remove(&sequence)?;
         let token = *uuid::Uuid::new_v4().as_bytes();
-        let until = now + duration;
+        // a session's lock covers its messages
+        let (until, lock) = match session.and_then(|id| q.sessions.get(id)) {
+            Some(session_until) => (*session_until, SESSION_LOCKED),
+            None => (now + duration, now + duration),
+        };
         let mut out = m.message.clone();
         let header = out.header.get_or_insert_with(Header::default);
         header.delivery_count = m.delivery_count;
@@ -391,8 +445,93 @@ impl Inner {
             symbol_key("x-opt-enqueued-time"),
             Value::Timestamp(Timestamp::from_milliseconds(m.enqueued_ms)),
         );
-        q.locked.insert(token, (m, until));
+        q.locked.insert(token, (m, lock));
         Some((out, token))
+    }
+
+    /// Makes `address` ready for a session receiver: an entity that comes into being here
+    /// requires sessions; an existing one must.
+    fn session_entity(&self, address: &str) -> Result<(), definitions::Error> {
+        self.ensure(address);
+        let mut s = lock(&self.state);
+        let key = address.to_ascii_lowercase();
+        let described = s.descriptions.contains_key(&key);
+        let Some(q) = s.queues.get_mut(&key) else {
+            return Err(not_found(address));
+        };
+        let fresh = q.ready.is_empty() && q.locked.is_empty() && q.dead.is_empty();
+        if !q.requires_session && fresh && !described {
+            q.requires_session = true;
+        }
+        if q.requires_session {
+            Ok(())
+        } else {
+            Err(definitions::Error::new(
+                AmqpError::NotAllowed,
+                Some(format!(
+                    "the entity {address} does not require sessions: a session receiver cannot read it"
+                )),
+                None,
+            ))
+        }
+    }
+
+    /// Locks the first free session of `address` that has a message available; its id.
+    fn lock_next_session(&self, address: &str) -> Option<String> {
+        let now = now_ms();
+        let mut s = lock(&self.state);
+        let default_duration = s.lock_duration;
+        let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
+        let duration = i64::try_from(q.lock_duration.unwrap_or(default_duration).as_millis())
+            .unwrap_or(i64::MAX);
+        q.ready.retain(|_, m| m.expires_ms.is_none_or(|e| e > now));
+        let id = q
+            .ready
+            .values()
+            .filter(|m| m.visible_ms <= now)
+            .filter_map(group_of)
+            .find(|g| !q.sessions.contains_key(*g))?
+            .to_string();
+        q.sessions.insert(id.clone(), now + duration);
+        Some(id)
+    }
+
+    /// Whether session `id` of `address` is still locked.
+    fn holds_session(&self, address: &str, id: &str) -> bool {
+        let now = now_ms();
+        let s = lock(&self.state);
+        s.queues
+            .get(&address.to_ascii_lowercase())
+            .and_then(|q| q.sessions.get(id))
+            .is_some_and(|until| *until > now)
+    }
+
+    /// Frees session `id` of `address` (its link went): what it left unsettled is abandoned.
+    fn release_session(&self, address: &str, id: &str) {
+        let mut s = lock(&self.state);
+        let max = s.max_delivery_count;
+        if let Some(q) = s.queues.get_mut(&address.to_ascii_lowercase()) {
+            let max = q.max_delivery_count.unwrap_or(max);
+            q.release_session(id, max);
+        }
+        drop(s);
+        self.available.notify_waiters();
+    }
+
+    /// Extends the lock of session `id` of `address`; its new expiry, or `None` when the
+    /// session is not locked.
+    fn renew_session(&self, address: &str, id: &str) -> Option<i64> {
+        let now = now_ms();
+        let mut s = lock(&self.state);
+        let default_duration = s.lock_duration;
+        let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
+        let duration = i64::try_from(q.lock_duration.unwrap_or(default_duration).as_millis())
+            .unwrap_or(i64::MAX);
+        let until = q.sessions.get_mut(id).filter(|u| **u > now)?;
+        *until = now + duration;
+        let until = *until;
+        s.renewals += 1;
+        Some(until)
     }
 
     /// Settles the message locked with `token` by the receiver's outcome.
@@ -403,7 +542,7 @@ impl Inner {
             return;
         };
         // a lock that expired meanwhile: the message is already available again
-        let Some((m, _)) = q.locked.remove(&token) else {
+        let Some((m, until)) = q.locked.remove(&token) else {
             return;
         };
         match outcome {
@@ -413,7 +552,12 @@ impl Inner {
                 let max = q.max_delivery_count.unwrap_or(max);
                 q.give_back(m, max);
             }
-            // no outcome (the link went away): locked until the lock expires
+            // no outcome, the link went away: a session's message is free with its session
+            None if until == SESSION_LOCKED => {
+                let max = q.max_delivery_count.unwrap_or(max);
+                q.give_back(m, max);
+            }
+            // otherwise locked until the lock expires
             None => {
                 let until = now_ms() + i64::try_from(s.lock_duration.as_millis()).unwrap_or(0);
                 if let Some(q) = s.queues.get_mut(&address.to_ascii_lowercase()) {
@@ -449,11 +593,16 @@ impl Inner {
             Some(q) => tokens
                 .iter()
                 .map(|t| {
-                    q.locked.get_mut(t).map(|(_, u)| {
-                        *u = until;
-                        renewed += 1;
-                        until
-                    })
+                    // a session's message has no lock of its own to renew (its session's
+                    // lock is renewed instead)
+                    q.locked
+                        .get_mut(t)
+                        .filter(|(_, u)| *u != SESSION_LOCKED)
+                        .map(|(_, u)| {
+                            *u = until;
+                            renewed += 1;
+                            until
+                        })
                 })
                 .collect(),
         };
@@ -482,6 +631,22 @@ impl Inner {
 }
 
 impl Queue {
+    /// Frees session `id`; the messages it had locked are abandoned.
+    fn release_session(&mut self, id: &str, max_delivery_count: u32) {
+        self.sessions.remove(id);
+        let held: Vec<[u8; 16]> = self
+            .locked
+            .iter()
+            .filter(|(_, (m, until))| *until == SESSION_LOCKED && group_of(m) == Some(id))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in held {
+            if let Some((m, _)) = self.locked.remove(&t) {
+                self.give_back(m, max_delivery_count);
+            }
+        }
+    }
+
     /// An abandoned or expired message: available again, or dead-lettered after the maximum
     /// delivery count.
     fn give_back(&mut self, mut m: Stored, max_delivery_count: u32) {
@@ -600,24 +765,112 @@ async fn run_session(
         .fallback_receiver_settle_mode(definitions::ReceiverSettleMode::First)
         .build();
     let mut tasks = Vec::new();
-    while let Some(attach) = session.next_incoming_attach().await {
+    while let Some(mut attach) = session.next_incoming_attach().await {
         let acceptor = match attach.role {
             definitions::Role::Sender => &from_clients,
             definitions::Role::Receiver => &to_clients,
+        };
+        // a session receiver waits here for its session (this session's other attaches wait
+        // behind it, as they would behind Service Bus's answer)
+        let choice = match attach.role {
+            definitions::Role::Receiver if wants_session(&attach) => {
+                Some(choose_session(&inner, &shared, &mut attach).await)
+            }
+            _ => None,
         };
         let Ok(link) = acceptor.accept_incoming_attach(attach, &mut session).await else {
             continue;
         };
         let (inner, shared) = (inner.clone(), shared.clone());
         tasks.push(tokio::spawn(async move {
-            match link {
-                LinkEndpoint::Receiver(r) => incoming(inner, shared, r).await,
-                LinkEndpoint::Sender(s) => outgoing(inner, shared, s).await,
+            match (link, choice) {
+                (LinkEndpoint::Receiver(r), _) => incoming(inner, shared, r).await,
+                (LinkEndpoint::Sender(s), None) => outgoing(inner, shared, s, None).await,
+                (LinkEndpoint::Sender(s), Some(Choice::Held(id))) => {
+                    let address = source_address(&s);
+                    outgoing(inner.clone(), shared, s, Some(&id)).await;
+                    inner.release_session(&address, &id);
+                }
+                (LinkEndpoint::Sender(s), Some(Choice::Refused(e))) => {
+                    let _ = s.close_with_error(e).await;
+                }
             }
         }));
     }
     for t in tasks {
         t.abort();
+    }
+}
+
+/// What a session receiver's attach gets.
+enum Choice {
+    /// This session, locked to the link.
+    Held(String),
+    /// Detached at once with this error (no session free in time, or the link may not read).
+    Refused(definitions::Error),
+}
+
+/// Whether a receiver's attach carries Service Bus's session filter.
+fn wants_session(attach: &fe2o3_amqp::types::performatives::Attach) -> bool {
+    attach
+        .source
+        .as_ref()
+        .and_then(|s| s.filter.as_ref())
+        .is_some_and(|f| f.contains_key(&Symbol::from(SESSION_FILTER)))
+}
+
+/// Finds a session for a session receiver's attach, waiting up to [`SESSION_WAIT`], and writes
+/// its id into the source the broker answers with; with none, the answer has no source.
+async fn choose_session(
+    inner: &Inner,
+    shared: &Shared,
+    attach: &mut fe2o3_amqp::types::performatives::Attach,
+) -> Choice {
+    let address = entity_path(
+        &attach
+            .source
+            .as_ref()
+            .and_then(|s| s.address.clone())
+            .unwrap_or_default(),
+    );
+    let refused = |attach: &mut fe2o3_amqp::types::performatives::Attach, e| {
+        attach.source = None;
+        Choice::Refused(e)
+    };
+    if !authorized(shared, &address) {
+        return refused(attach, unauthorized(&address));
+    }
+    if !inner.may_link(&address) {
+        return refused(attach, not_found(&address));
+    }
+    if let Err(e) = inner.session_entity(&address) {
+        return refused(attach, e);
+    }
+    let deadline = tokio::time::Instant::now() + SESSION_WAIT;
+    loop {
+        let notified = inner.available.notified();
+        if let Some(id) = inner.lock_next_session(&address) {
+            if let Some(filter) = attach.source.as_mut().and_then(|s| s.filter.as_mut()) {
+                filter.insert(
+                    Symbol::from(SESSION_FILTER),
+                    Value::Described(Box::new(serde_amqp::described::Described {
+                        descriptor: serde_amqp::descriptor::Descriptor::Code(SESSION_FILTER_CODE),
+                        value: Value::String(id.clone()),
+                    })),
+                );
+            }
+            return Choice::Held(id);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let e = definitions::Error::new(
+                definitions::ErrorCondition::Custom(Symbol::from("com.microsoft:timeout")),
+                Some(format!("no session of {address} is available")),
+                None,
+            );
+            return refused(attach, e);
+        }
+        // woken by a new message, or a scheduled one's time coming
+        let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
     }
 }
 
@@ -815,6 +1068,28 @@ fn management(inner: &Inner, entity: &str, request: &AmqpMessage) -> (i32, Value
             SimpleValue::String(s) => Some(s.as_str()),
             _ => None,
         });
+    if operation == Some("com.microsoft:renew-session-lock") {
+        let session = match &request.body {
+            Body::Value(v) => match &v.0 {
+                Value::Map(m) => match m.get(&Value::String("session-id".into())) {
+                    Some(Value::String(id)) => Some(id.clone()),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(until) = session.and_then(|id| inner.renew_session(entity, &id)) else {
+            // Service Bus: 410 Gone, com.microsoft:session-lock-lost
+            return (410, Value::Null);
+        };
+        let mut body = OrderedMap::new();
+        body.insert(
+            Value::String("expiration".into()),
+            Value::Timestamp(Timestamp::from_milliseconds(until)),
+        );
+        return (200, Value::Map(body));
+    }
     if operation != Some("com.microsoft:renew-lock") {
         return (501, Value::Null);
     }
@@ -878,8 +1153,8 @@ fn reply(
 }
 
 /// A link on which the client receives: a reply link of `$cbs`/`$management`, or an entity
-/// in peek-lock.
-async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
+/// in peek-lock (only the messages of `session`, when the link holds one).
+async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender, session: Option<&str>) {
     let address = source_address(&s);
     if address == "$cbs" || address.ends_with("/$management") {
         let reply_to = s
@@ -915,11 +1190,43 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
         return;
     }
     inner.ensure(&address);
+    if session.is_none() && inner.requires_session(&address) {
+        let e = definitions::Error::new(
+            AmqpError::NotAllowed,
+            Some(format!(
+                "the entity {address} requires sessions: a receiver without a session filter cannot read it"
+            )),
+            None,
+        );
+        let _ = s.close_with_error(e).await;
+        return;
+    }
     loop {
+        if let Some(id) = session {
+            if !inner.holds_session(&address, id) {
+                let e = definitions::Error::new(
+                    definitions::ErrorCondition::Custom(Symbol::from(
+                        "com.microsoft:session-lock-lost",
+                    )),
+                    Some(format!("the lock of session {id} expired")),
+                    None,
+                );
+                let _ = s.close_with_error(e).await;
+                return;
+            }
+        }
         let notified = inner.available.notified();
-        let Some((message, token)) = inner.take(&address) else {
-            // woken by a new message, or a scheduled one's time coming
-            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        let Some((message, token)) = inner.take(&address, session) else {
+            // woken by a new message, or a scheduled one's time coming; a session link also
+            // by its client letting it go
+            if session.is_some() {
+                tokio::select! {
+                    _ = tokio::time::timeout(Duration::from_millis(100), notified) => {}
+                    _ = s.on_detach() => return,
+                }
+            } else {
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
             continue;
         };
         let expires = message_expiry(&inner, &address, token);
@@ -938,6 +1245,12 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender) {
             None => s.send_batchable(message).await,
         };
         match sent {
+            // a session's next message is taken once this one is settled: an abandoned
+            // message goes back ahead of the rest of its session
+            Ok(fut) if session.is_some() => {
+                let outcome = fut.await.ok();
+                inner.settle(&address, token, outcome.as_ref());
+            }
             Ok(fut) => {
                 let (inner, address) = (inner.clone(), address.clone());
                 tokio::spawn(async move {
@@ -1065,6 +1378,7 @@ fn create_entity(s: &mut State, path: &str, body: &str) -> (&'static str, String
             lock_duration: value(&description, "LockDuration")
                 .and_then(|v| iso_seconds(&v))
                 .map(Duration::from_secs),
+            requires_session: value(&description, "RequiresSession").as_deref() == Some("true"),
             ..Queue::default()
         };
         s.queues.insert(path.to_string(), queue);

@@ -86,3 +86,35 @@ def test_a_message_from_azures_client_reaches_the_app(sidecar_factory, app_facto
     assert headers["metadata.origin"] == "azure"
     assert headers["metadata.deliverycount"] == "1"
     assert headers["metadata.enqueuedtimeutc"].endswith(" GMT")
+
+
+def test_sessions_from_azures_client_reach_the_app_in_order(sidecar_factory, app_factory,
+                                                            broker, client):
+    """A subscription with `requireSessions` (its metadata in the app's subscription, as Dapr
+    passes it): the sidecar creates the subscription requiring sessions, and the messages that
+    Azure's client sends with a session id reach the app in order within each session, with
+    `metadata.SessionId`."""
+    from azure.servicebus import ServiceBusMessage
+
+    subs = json.dumps([{"pubsubname": "pubsub", "topic": "orders", "route": "/orders",
+                        "metadata": {"requireSessions": "true", "maxConcurrentSessions": "2",
+                                     "sessionIdleTimeoutInSec": "1"}}])
+    app = app_factory("http_app.py", env={"SUBSCRIPTIONS": subs})
+    s = sidecar_factory([COMPONENT.format(kind="topics", cs=broker.url)], app_port=app.port)
+    s.wait_ready()
+    with client.get_topic_sender("orders") as sender:
+        for n in range(4):
+            for session in ("s1", "s2", "s3"):
+                event = {"specversion": "1.0", "id": f"{session}-{n}", "source": "azure",
+                         "type": "t", "datacontenttype": "application/json",
+                         "data": {"session": session, "n": n}}
+                sender.send_messages(ServiceBusMessage(json.dumps(event), session_id=session))
+    got = eventually(lambda: (r := received(app.port, "/orders")) and len(r) >= 12 and r,
+                     30, "twelve messages at the app")
+    by_session = {}
+    for r in got:
+        data = json.loads(r["body"])["data"]
+        headers = {k.lower(): v for k, v in r["headers"].items()}
+        assert headers["metadata.sessionid"] == data["session"]
+        by_session.setdefault(data["session"], []).append(data["n"])
+    assert by_session == {"s1": [0, 1, 2, 3], "s2": [0, 1, 2, 3], "s3": [0, 1, 2, 3]}

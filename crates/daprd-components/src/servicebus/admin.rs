@@ -106,38 +106,47 @@ impl Admin {
     }
 
     /// Creates `topic` and its subscription `name` if they do not exist; an existing
-    /// subscription must not require sessions (this component does not ask for them).
+    /// subscription must require sessions exactly when this one asks for them (Go daprd's
+    /// check: a session receiver cannot read a plain subscription, nor a plain one a session
+    /// subscription).
     pub(super) async fn ensure_subscription(
         &self,
         topic: &str,
         name: &str,
         props: &EntityProperties,
+        sessions: bool,
     ) -> Result<(), AdminError> {
         self.ensure_topic(topic).await?;
         let path = format!("{topic}/Subscriptions/{name}");
         let what = format!("getting subscription {name} of topic {topic}");
         match self.get(&path, &what).await? {
-            Some(existing) if existing.contains("<RequiresSession>true</RequiresSession>") => {
+            Some(existing) if requires_session(&existing) != sessions => {
                 Err(AdminError::Mismatch {
                     topic: topic.to_string(),
                     subscription: name.to_string(),
-                    why: "it requires sessions and this subscription does not ask for them",
+                    why: if sessions {
+                        "this subscription asks for sessions and the existing one does not require them"
+                    } else {
+                        "it requires sessions and this subscription does not ask for them"
+                    },
                 })
             }
             Some(_) => Ok(()),
             None => {
                 let what = format!("creating subscription {name} of topic {topic}");
-                self.create(&path, "SubscriptionDescription", description(props), &what)
+                let body = description(props, sessions);
+                self.create(&path, "SubscriptionDescription", body, &what)
                     .await
             }
         }
     }
 
-    /// Creates `queue` if it does not exist.
+    /// Creates `queue` (requiring sessions when `sessions`) if it does not exist.
     pub(super) async fn ensure_queue(
         &self,
         queue: &str,
         props: &EntityProperties,
+        sessions: bool,
     ) -> Result<(), AdminError> {
         if self
             .get(queue, &format!("getting queue {queue}"))
@@ -145,8 +154,8 @@ impl Admin {
             .is_none()
         {
             let what = format!("creating queue {queue}");
-            self.create(queue, "QueueDescription", description(props), &what)
-                .await?;
+            let body = description(props, sessions);
+            self.create(queue, "QueueDescription", body, &what).await?;
         }
         Ok(())
     }
@@ -239,10 +248,15 @@ fn status_error(what: &str, status: u16, body: &str) -> AdminError {
     }
 }
 
+/// Whether an entity's Atom entry says it requires sessions.
+fn requires_session(entry: &str) -> bool {
+    entry.contains("<RequiresSession>true</RequiresSession>")
+}
+
 /// A queue's or subscription's description elements, in the order Service Bus requires
-/// (LockDuration, DefaultMessageTimeToLive, MaxDeliveryCount, AutoDeleteOnIdle); absent
-/// properties keep the server's defaults.
-fn description(p: &EntityProperties) -> String {
+/// (LockDuration, RequiresSession, DefaultMessageTimeToLive, MaxDeliveryCount,
+/// AutoDeleteOnIdle); absent properties keep the server's defaults.
+fn description(p: &EntityProperties, sessions: bool) -> String {
     let mut out = String::new();
     let mut element = |name: &str, value: Option<String>| {
         if let Some(v) = value {
@@ -250,6 +264,7 @@ fn description(p: &EntityProperties) -> String {
         }
     };
     element("LockDuration", p.lock_duration_secs.map(iso_duration));
+    element("RequiresSession", sessions.then(|| "true".to_string()));
     element(
         "DefaultMessageTimeToLive",
         p.default_ttl_secs.map(iso_duration),
@@ -315,13 +330,16 @@ mod tests {
             auto_delete_on_idle_secs: Some(600),
         };
         assert_eq!(
-            description(&all),
-            "<LockDuration>PT30S</LockDuration><DefaultMessageTimeToLive>P1D</DefaultMessageTimeToLive><MaxDeliveryCount>3</MaxDeliveryCount><AutoDeleteOnIdle>PT10M</AutoDeleteOnIdle>"
+            description(&all, true),
+            "<LockDuration>PT30S</LockDuration><RequiresSession>true</RequiresSession><DefaultMessageTimeToLive>P1D</DefaultMessageTimeToLive><MaxDeliveryCount>3</MaxDeliveryCount><AutoDeleteOnIdle>PT10M</AutoDeleteOnIdle>"
         );
         let some = EntityProperties {
             max_delivery_count: Some(7),
             ..EntityProperties::default()
         };
-        assert_eq!(description(&some), "<MaxDeliveryCount>7</MaxDeliveryCount>");
+        assert_eq!(
+            description(&some, false),
+            "<MaxDeliveryCount>7</MaxDeliveryCount>"
+        );
     }
 }

@@ -77,6 +77,12 @@ pub enum AmqpError {
         /// The limit.
         timeout: Duration,
     },
+    /// No session of the entity was free to lock (the broker waited for one, then said so).
+    #[error("no session of {address} is available")]
+    NoSession {
+        /// The entity.
+        address: String,
+    },
 }
 
 impl AmqpError {
@@ -95,7 +101,7 @@ impl AmqpError {
             Self::Refused { reason, .. } => {
                 reason.contains("server-busy") || reason.contains("timeout")
             }
-            Self::BadMessage(_) => false,
+            Self::BadMessage(_) | Self::NoSession { .. } => false,
             Self::Management(e) => e.is_transient(),
         }
     }
@@ -279,6 +285,57 @@ impl Conn {
             Ok(receiver)
         })
         .await
+    }
+
+    /// A peek-lock receiver of the next free session of `address`, and that session's id:
+    /// the receiver asks with Service Bus's session filter left empty and the broker answers
+    /// with the session it locked for this link ([`AmqpError::NoSession`] when it had none).
+    /// Given one credit: a session's messages come one at a time, so a message that is
+    /// abandoned comes back before the next one is read.
+    pub(super) async fn session_receiver(
+        &mut self,
+        address: &str,
+    ) -> Result<(Receiver, String), AmqpError> {
+        let what = format!("accepting a session of {address}");
+        let attached = within(self.timeout, &what, async {
+            Receiver::builder()
+                .name(format!("{address}-session-{}", uuid::Uuid::new_v4()))
+                .source(
+                    fe2o3_amqp::types::messaging::Source::builder()
+                        .address(address)
+                        .filter(session_filter(None))
+                        .build(),
+                )
+                .target(format!("daprd-{}", uuid::Uuid::new_v4()))
+                .receiver_settle_mode(fe2o3_amqp::types::definitions::ReceiverSettleMode::First)
+                .sender_settle_mode(fe2o3_amqp::types::definitions::SenderSettleMode::Unsettled)
+                .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
+                .auto_accept(false)
+                .attach(&mut self.session)
+                .await
+                .map_err(|e| {
+                    if no_session_available(&e) {
+                        AmqpError::NoSession {
+                            address: address.to_string(),
+                        }
+                    } else {
+                        AmqpError::link(&what, e)
+                    }
+                })
+        })
+        .await?;
+        let mut receiver = attached;
+        let Some(id) = locked_session(&receiver) else {
+            let _ = tokio::time::timeout(Duration::from_secs(1), receiver.close()).await;
+            return Err(AmqpError::NoSession {
+                address: address.to_string(),
+            });
+        };
+        receiver
+            .set_credit(1)
+            .await
+            .map_err(|e| AmqpError::link(&what, e))?;
+        Ok((receiver, id))
     }
 
     /// The `$management` node of `entity`.
@@ -475,6 +532,79 @@ pub(super) fn renew_lock_request(link_name: &str) -> OrderedMap<String, SimpleVa
         SimpleValue::String(link_name.to_string()),
     );
     props
+}
+
+/// Service Bus's session filter (`com.microsoft:session-filter`, descriptor
+/// `0x00000137:0x0000000C`) on a receiver's source: the session wanted, or `None` for the
+/// next free one.
+pub(super) const SESSION_FILTER: &str = "com.microsoft:session-filter";
+const SESSION_FILTER_CODE: u64 = 0x0000_0137_0000_000C;
+
+fn session_filter(session: Option<&str>) -> fe2o3_amqp::types::messaging::FilterSet {
+    let value = session.map_or(Value::Null, |s| Value::String(s.to_string()));
+    let mut filter = OrderedMap::new();
+    filter.insert(
+        Symbol::from(SESSION_FILTER),
+        Value::Described(Box::new(serde_amqp::described::Described {
+            descriptor: serde_amqp::descriptor::Descriptor::Code(SESSION_FILTER_CODE),
+            value,
+        })),
+    );
+    filter
+}
+
+/// The session an attached receiver holds: the session filter of the source the broker
+/// answered with.
+fn locked_session(receiver: &Receiver) -> Option<String> {
+    let filter = receiver.source().as_ref()?.filter.as_ref()?;
+    let value = filter.get(&Symbol::from(SESSION_FILTER))?;
+    let value = match value {
+        Value::Described(d) => &d.value,
+        v => v,
+    };
+    match value {
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Whether a session receiver's attach failed because no session was free: the broker
+/// answers such an attach with no source and detaches it (`com.microsoft:timeout` after
+/// waiting for one, `com.microsoft:session-cannot-be-locked` when the one asked for is held).
+fn no_session_available(e: &fe2o3_amqp::link::ReceiverAttachError) -> bool {
+    use fe2o3_amqp::link::ReceiverAttachError as E;
+    use fe2o3_amqp::types::definitions::ErrorCondition;
+    match e {
+        E::IncomingSourceIsNone => true,
+        E::RemoteClosedWithError(error) => match &error.condition {
+            ErrorCondition::Custom(c) => {
+                c.as_str() == "com.microsoft:timeout"
+                    || c.as_str() == "com.microsoft:session-cannot-be-locked"
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The application properties of a `com.microsoft:renew-session-lock` request.
+pub(super) fn renew_session_lock_request(link_name: &str) -> OrderedMap<String, SimpleValue> {
+    let mut props = renew_lock_request(link_name);
+    props.insert(
+        "operation".to_string(),
+        SimpleValue::String("com.microsoft:renew-session-lock".into()),
+    );
+    props
+}
+
+/// The body of a renew-session-lock request: `{"session-id": id}`.
+pub(super) fn session_id_body(session: &str) -> Value {
+    let mut map = OrderedMap::new();
+    map.insert(
+        Value::String("session-id".into()),
+        Value::String(session.to_string()),
+    );
+    Value::Map(map)
 }
 
 /// The body of a renew-lock request: `{"lock-tokens": [uuid...]}`.

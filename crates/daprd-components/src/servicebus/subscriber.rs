@@ -32,7 +32,14 @@ pub(super) struct Link {
     receiver: Receiver,
     management: Option<Rpc>,
     authorized: Instant,
+    /// The session the receiver holds (a session subscription's).
+    session: Option<String>,
 }
+
+/// How long a session slot waits before asking again when the broker had no free session
+/// (Service Bus itself waits for one before it answers; this only keeps a broker that answers
+/// at once from being asked in a busy loop).
+const NO_SESSION_PAUSE: Duration = Duration::from_millis(100);
 
 impl Link {
     /// Connects, puts the entity's token and attaches the receiver of `address` (and its
@@ -55,12 +62,95 @@ impl Link {
                 receiver,
                 management,
                 authorized: Instant::now(),
+                session: None,
             }),
             Err(e) => {
                 conn.close().await;
                 Err(e)
             }
         }
+    }
+
+    /// A connection authorized for `address`, ready for [`Link::open_session`].
+    pub(super) async fn connect(md: &ServiceBusMetadata, address: &str) -> Result<Conn, AmqpError> {
+        let mut conn = Conn::open(&md.connection, md.timeout).await?;
+        match conn.authorize(address).await {
+            Ok(()) => Ok(conn),
+            Err(e) => {
+                conn.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A receiver of the next free session of `address` on `conn` (a new connection when
+    /// `None`), asking again on the same connection while the broker has none; `Ok(None)` when
+    /// the stop came first.
+    pub(super) async fn open_session(
+        md: &ServiceBusMetadata,
+        address: &str,
+        conn: Option<Conn>,
+        stop: &mut Stop,
+    ) -> Result<Option<Self>, AmqpError> {
+        let mut conn = match conn {
+            Some(c) => c,
+            None => Self::connect(md, address).await?,
+        };
+        let mut authorized = Instant::now();
+        let accepted = loop {
+            if authorized.elapsed() >= TOKEN_REFRESH {
+                if let Err(e) = conn.authorize(address).await {
+                    break Err(e);
+                }
+                authorized = Instant::now();
+            }
+            match stop.or(conn.session_receiver(address)).await {
+                None => break Ok(None),
+                Some(Ok(accepted)) => break Ok(Some(accepted)),
+                Some(Err(AmqpError::NoSession { .. })) if !conn.is_closed() => {
+                    if stop.sleep(NO_SESSION_PAUSE).await {
+                        break Ok(None);
+                    }
+                }
+                Some(Err(e)) => break Err(e),
+            }
+        };
+        let (receiver, session) = match accepted {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                conn.close().await;
+                return Ok(None);
+            }
+            Err(e) => {
+                conn.close().await;
+                return Err(e);
+            }
+        };
+        let management = match md.lock_renewal {
+            Some(_) => match conn.management(address).await {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    Self {
+                        conn,
+                        receiver,
+                        management: None,
+                        authorized,
+                        session: None,
+                    }
+                    .close()
+                    .await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        Ok(Some(Self {
+            conn,
+            receiver,
+            management,
+            authorized,
+            session: Some(session),
+        }))
     }
 
     /// Detaches the receiver (waiting at most a second for the broker's answer) and closes the
@@ -107,6 +197,10 @@ pub(super) struct ConsumeLoop {
     pub(super) handler: Handler,
     /// A bulk subscription's batch size ([`daprd_core::pubsub::SubscribeRequest::bulk`]).
     pub(super) bulk: Option<usize>,
+    /// A session subscription's `sessionIdleTimeoutInSec`: this loop is one session slot. It
+    /// holds one session at a time, hands its messages to the app one at a time, in order,
+    /// and lets the session go when nothing came for this long (then takes the next one).
+    pub(super) session_idle: Option<Duration>,
     /// Held until every message taken is settled and the link is closed.
     pub(super) guard: DrainGuard,
 }
@@ -117,12 +211,24 @@ enum Event {
     Slot(OwnedSemaphorePermit),
     Renew,
     Reauthorize,
+    /// A session slot's session had nothing for its idle timeout.
+    Idle,
     Next(Result<Box<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>, RecvError>),
 }
 
 impl ConsumeLoop {
-    pub(super) async fn run(mut self, first: Link) {
-        let slots = Arc::new(Semaphore::new(handler_slots(&self.md, self.bulk)));
+    /// Runs until the stop: from `first` (a link already open), else from `conn` (a connection
+    /// for a session slot's first session), else from a new connection.
+    pub(super) async fn run(mut self, first: Option<Link>, mut conn: Option<Conn>) {
+        let sessions = self.session_idle.is_some();
+        let idle = self.session_idle.unwrap_or(Duration::from_secs(86_400));
+        // a session's messages go to the app one at a time, in order
+        let handlers = if sessions {
+            1
+        } else {
+            handler_slots(&self.md, self.bulk)
+        };
+        let slots = Arc::new(Semaphore::new(handlers));
         let (settle_tx, mut settled) = mpsc::unbounded_channel::<Settle>();
         let mut outstanding = 0usize;
         // lock tokens of the messages the app has, by delivery number, for renewal
@@ -132,7 +238,9 @@ impl ConsumeLoop {
         let mut slot: Option<OwnedSemaphorePermit> = None;
         let renewal = self.md.lock_renewal.unwrap_or(Duration::from_secs(86_400));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renewal, renewal);
-        let mut link = Some(first);
+        let mut link = first;
+        // the next connection opens without a pause: the first, and after a session was let go
+        let mut quick = true;
         // at least 100 ms apart when failing, however low the minimum is set
         let floor = Duration::from_millis(100);
         let mut pause = Backoff::new(
@@ -141,7 +249,13 @@ impl ConsumeLoop {
         );
         // Credit: the link may hand out `credit` more messages; it is topped up to
         // `maxActiveMessages` minus what is taken and unsettled once a few were settled.
-        let max_active = self.md.max_active_messages;
+        // (a session receiver is given one credit at a time: an abandoned message comes
+        // back before the next is read)
+        let max_active = if sessions {
+            1
+        } else {
+            self.md.max_active_messages
+        };
         let top_up_at = (max_active / 8).max(1);
         let mut credit: u32;
         let mut unsettled: u32;
@@ -149,22 +263,48 @@ impl ConsumeLoop {
             let mut l = match link.take() {
                 Some(l) => l,
                 None => {
-                    if self.stop.sleep(pause.next_pause()).await {
+                    if !quick && self.stop.sleep(pause.next_pause()).await {
                         break 'connection;
                     }
-                    match Link::open(&self.md, &self.address).await {
+                    let opened = if sessions {
+                        match Link::open_session(
+                            &self.md,
+                            &self.address,
+                            conn.take(),
+                            &mut self.stop,
+                        )
+                        .await
+                        {
+                            Ok(Some(l)) => Ok(l),
+                            Ok(None) => break 'connection,
+                            Err(e) => Err(e),
+                        }
+                    } else {
+                        Link::open(&self.md, &self.address).await
+                    };
+                    match opened {
                         Ok(l) => {
-                            tracing::info!(component = %self.component, topic = %self.topic, "azure service bus: receiver reconnected");
+                            match &l.session {
+                                Some(id) => {
+                                    tracing::debug!(component = %self.component, topic = %self.topic, session = %id, "azure service bus: session accepted")
+                                }
+                                None => {
+                                    tracing::info!(component = %self.component, topic = %self.topic, "azure service bus: receiver reconnected")
+                                }
+                            }
                             pause.reset();
                             l
                         }
                         Err(e) => {
                             tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: reconnecting the receiver failed");
+                            quick = false;
                             continue 'connection;
                         }
                     }
                 }
             };
+            quick = false;
+            let mut idle_at = tokio::time::Instant::now() + idle;
             generation += 1;
             locks.clear();
             credit = max_active;
@@ -178,6 +318,7 @@ impl ConsumeLoop {
                         () = self.stop.wait() => Event::Stopped,
                         _ = renew.tick(), if self.md.lock_renewal.is_some() => Event::Renew,
                         () = tokio::time::sleep_until(reauthorize) => Event::Reauthorize,
+                        () = tokio::time::sleep_until(idle_at), if sessions && outstanding == 0 => Event::Idle,
                         d = l.receiver.recv::<Body<Value>>() => Event::Next(d.map(Box::new)),
                     }
                 } else {
@@ -187,6 +328,7 @@ impl ConsumeLoop {
                         () = self.stop.wait() => Event::Stopped,
                         _ = renew.tick(), if self.md.lock_renewal.is_some() => Event::Renew,
                         () = tokio::time::sleep_until(reauthorize) => Event::Reauthorize,
+                        () = tokio::time::sleep_until(idle_at), if sessions && outstanding == 0 => Event::Idle,
                         p = slots.clone().acquire_owned() => match p {
                             Ok(p) => Event::Slot(p),
                             Err(_) => Event::Stopped,
@@ -196,6 +338,7 @@ impl ConsumeLoop {
                 match event {
                     Event::Settled(s) => {
                         outstanding -= 1;
+                        idle_at = tokio::time::Instant::now() + idle;
                         if s.generation == generation {
                             locks.remove(&s.id);
                             unsettled = unsettled.saturating_sub(1);
@@ -221,9 +364,21 @@ impl ConsumeLoop {
                     }
                     Event::Slot(p) => slot = Some(p),
                     Event::Renew => {
-                        if let Err(e) = self.renew(&mut l, &locks).await {
-                            tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: renewing message locks failed");
+                        let renewed = if sessions {
+                            self.renew_session(&mut l).await
+                        } else {
+                            self.renew(&mut l, &locks).await
+                        };
+                        if let Err(e) = renewed {
+                            tracing::warn!(component = %self.component, topic = %self.topic, error = %e, "azure service bus: renewing locks failed");
                         }
+                    }
+                    Event::Idle => {
+                        tracing::debug!(component = %self.component, topic = %self.topic, session = ?l.session, "azure service bus: the session had nothing for its idle timeout; letting it go");
+                        let _ = l.receiver.drain().await;
+                        release(l, generation).await;
+                        quick = true;
+                        continue 'connection;
                     }
                     Event::Reauthorize => match l.conn.authorize(&self.address).await {
                         Ok(()) => l.authorized = Instant::now(),
@@ -235,6 +390,7 @@ impl ConsumeLoop {
                     },
                     Event::Next(Ok(d)) => {
                         let Some(p) = slot.take() else { continue };
+                        idle_at = tokio::time::Instant::now() + idle;
                         next_id += 1;
                         outstanding += 1;
                         unsettled += 1;
@@ -273,25 +429,30 @@ impl ConsumeLoop {
                 }
             }
         }
-        if let Some(mut l) = link {
-            // What the client read ahead and the app never saw, and what was on its way when
-            // the drain reached the broker, is abandoned — available at once instead of when
-            // its lock expires — until nothing more comes for STRAGGLERS.
-            while let Ok(Ok(d)) =
-                tokio::time::timeout(STRAGGLERS, l.receiver.recv::<Body<Value>>()).await
-            {
-                let (info, _) = d.into_parts();
-                let abandon = Settle {
-                    generation,
-                    id: 0,
-                    info,
-                    complete: false,
-                };
-                let _ = settle(&l.receiver, abandon).await;
-            }
-            l.close().await;
+        if let Some(l) = link {
+            release(l, generation).await;
         }
         drop(self.guard);
+    }
+
+    /// Renews the lock of the session a session slot holds (its messages' locks with it).
+    async fn renew_session(&self, l: &mut Link) -> Result<(), AmqpError> {
+        let (Some(session), Some(management)) = (l.session.as_deref(), l.management.as_mut())
+        else {
+            return Ok(());
+        };
+        let what = format!("renewing the lock of session {session} of {}", self.address);
+        amqp::within(
+            self.md.timeout,
+            &what,
+            management.call(
+                &what,
+                amqp::renew_session_lock_request(l.receiver.name()),
+                amqp::session_id_body(session),
+            ),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Renews the locks of the messages the app has.
@@ -365,6 +526,23 @@ impl ConsumeLoop {
             });
         });
     }
+}
+
+/// Lets a drained link go: what the client read ahead and the app never saw, and what was on
+/// its way when the drain reached the broker, is abandoned — available at once instead of when
+/// its lock expires — until nothing more comes for [`STRAGGLERS`]; then the link is closed.
+async fn release(mut l: Link, generation: u64) {
+    while let Ok(Ok(d)) = tokio::time::timeout(STRAGGLERS, l.receiver.recv::<Body<Value>>()).await {
+        let (info, _) = d.into_parts();
+        let abandon = Settle {
+            generation,
+            id: 0,
+            info,
+            complete: false,
+        };
+        let _ = settle(&l.receiver, abandon).await;
+    }
+    l.close().await;
 }
 
 /// Completes (`accepted`) or abandons (`modified`, as Azure's SDKs abandon) a message.
