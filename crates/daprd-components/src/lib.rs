@@ -3,6 +3,8 @@
 //! [`builtin_registry`] is the one list of what this build contains. Components depend on
 //! `daprd-core` only; they never see the API servers or the delivery engine.
 
+#[cfg(feature = "servicebus")]
+pub mod entra;
 #[cfg(feature = "gcp")]
 pub mod gcp;
 #[cfg(feature = "in-memory")]

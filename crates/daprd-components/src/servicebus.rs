@@ -4,7 +4,9 @@
 //!
 //! * Auth: the namespace's `connectionString` (a shared access key signs a SAS token per
 //!   entity, put on the `$cbs` node before the entity's links attach, and put again before
-//!   it expires).
+//!   it expires), or Microsoft Entra ID with `namespaceName` ([`crate::entra`]: a token for
+//!   Service Bus's scope put on `$cbs` as a `jwt`, and sent to the management API as a bearer
+//!   token).
 //! * Topics: a publish goes to the topic; a subscription receives from
 //!   `<topic>/Subscriptions/<consumerID>`. Queues: both use the queue named as the topic.
 //! * Entities: unless `disableEntityManagement` is set, the topic or queue is made through

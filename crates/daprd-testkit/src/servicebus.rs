@@ -43,7 +43,12 @@
 //! session is free again when the link goes (what it left unsettled is abandoned) or its lock
 //! expires (the link is then detached with `com.microsoft:session-lock-lost`).
 //!
-//! Left out: session state, transactions, TLS, persistence across a restart.
+//! With [`TestBroker::start_tls`] it speaks TLS on its one port (AMQP and the management API,
+//! told apart by the first decrypted byte), as Service Bus does, and takes Microsoft Entra ID
+//! tokens — a `put-token` of type `jwt`, an `Authorization: Bearer` on the API — that the
+//! test's check ([`TestBroker::trust_jwt`]) says are good.
+//!
+//! Left out: session state, transactions, persistence across a restart.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -96,8 +101,17 @@ impl Drop for TestBroker {
     }
 }
 
+/// Tells a good Microsoft Entra ID token (a `jwt` put on `$cbs`, a bearer token on the
+/// management API) from a bad one.
+pub type JwtCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 struct Inner {
     state: Mutex<State>,
+    /// TLS (amqps and https on the one port), as Service Bus itself; else plain, as the
+    /// emulator.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Entra ID tokens are taken when this says they are good (none are otherwise).
+    jwt: Mutex<Option<JwtCheck>>,
     /// Woken when a message becomes available anywhere.
     available: Notify,
     /// Bumped to cut every connection.
@@ -180,6 +194,56 @@ impl TestBroker {
     /// # Errors
     /// The port cannot be bound.
     pub async fn start(port: u16) -> std::io::Result<Self> {
+        Self::start_with(port, None).await
+    }
+
+    /// Starts a broker speaking TLS (AMQP and the management API), presenting `cert_pem`
+    /// (with `key_pem`), as Service Bus does; reach it as [`TestBroker::namespace`].
+    ///
+    /// # Errors
+    /// The port cannot be bound, or rustls refuses the certificate or key.
+    pub async fn start_tls(port: u16, cert_pem: &str, key_pem: &str) -> std::io::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(e.to_string()))?;
+        Self::start_with(
+            port,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    /// The namespace name of a TLS broker (`localhost:<port>`, the name its certificate is for).
+    pub fn namespace(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
+    /// Takes Microsoft Entra ID tokens that `check` says are good.
+    pub fn trust_jwt(&self, check: JwtCheck) {
+        *self
+            .inner
+            .jwt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(check);
+    }
+
+    async fn start_with(
+        port: u16,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let port = listener.local_addr()?.port();
         let inner = Arc::new(Inner {
@@ -197,6 +261,8 @@ impl TestBroker {
             }),
             available: Notify::new(),
             generation: watch::channel(0).0,
+            tls,
+            jwt: Mutex::new(None),
         });
         let accept = {
             let inner = inner.clone();
@@ -297,6 +363,20 @@ impl TestBroker {
 }
 
 impl Inner {
+    /// Whether an Entra ID token is good (by the check the test gave).
+    fn check_jwt(&self, token: &str) -> Result<(), String> {
+        let check = self
+            .jwt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match check {
+            Some(check) if check(token) => Ok(()),
+            Some(_) => Err("the Microsoft Entra ID token is not valid".into()),
+            None => Err("this namespace takes no Microsoft Entra ID tokens".into()),
+        }
+    }
+
     /// Returns expired locks' messages to their queues; whether any was.
     fn expire_locks(&self) -> bool {
         let now = now_ms();
@@ -711,6 +791,9 @@ fn conn_lock(c: &Shared) -> MutexGuard<'_, ConnState> {
 /// end is shuttled to the socket, so a drop cuts the socket without a close frame.
 async fn serve(inner: Arc<Inner>, mut tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
+    if let Some(acceptor) = inner.tls.clone() {
+        return serve_tls(inner, acceptor, tcp).await;
+    }
     // AMQP's protocol header starts with `A`; no HTTP method does
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
@@ -727,6 +810,44 @@ async fn serve(inner: Arc<Inner>, mut tcp: TcpStream) {
     }
     amqp.abort();
     drop(tcp);
+}
+
+/// [`serve`] behind TLS: the first decrypted byte tells AMQP (`A`) from HTTP.
+async fn serve_tls(inner: Arc<Inner>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let mut first = [0u8; 1];
+    if tls.read_exact(&mut first).await.is_err() {
+        return;
+    }
+    if first[0] != b'A' {
+        let mut reader = (&first[..]).chain(&mut tls);
+        let Some(request) = crate::http1::read_request(&mut reader).await else {
+            return;
+        };
+        let (status, body) = manage(&inner, &request);
+        crate::http1::respond(
+            &mut tls,
+            status,
+            "application/atom+xml;type=entry;charset=utf-8",
+            &body,
+        )
+        .await;
+        return;
+    }
+    let mut generation = inner.generation.subscribe();
+    let (engine_side, mut pipe) = tokio::io::duplex(256 * 1024);
+    if pipe.write_all(&first).await.is_err() {
+        return;
+    }
+    let amqp = tokio::spawn(run_connection(inner.clone(), engine_side));
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut tls, &mut pipe) => {}
+        _ = generation.changed() => {}
+    }
+    amqp.abort();
 }
 
 async fn run_connection(inner: Arc<Inner>, io: tokio::io::DuplexStream) {
@@ -1003,7 +1124,11 @@ fn put_token(inner: &Inner, shared: &Shared, request: &AmqpMessage) -> (i32, Str
         },
         _ => String::new(),
     };
-    match check_sas(&token, &audience) {
+    let checked = match prop("type").as_deref() {
+        Some("jwt") => inner.check_jwt(&token),
+        _ => check_sas(&token, &audience),
+    };
+    match checked {
         Ok(()) => {
             conn_lock(shared).authorized.insert(audience.clone());
             lock(&inner.state).tokens.push(audience);
@@ -1298,11 +1423,14 @@ fn atom_error(status: &'static str, detail: &str) -> (&'static str, String) {
 /// Answers a management request: (status line, body).
 fn manage(inner: &Inner, request: &crate::http1::Request) -> (&'static str, String) {
     let host = request.header("host").unwrap_or_default();
-    let audience = format!("http://{host}{}", request.path);
-    if let Err(why) = check_sas(
-        request.header("authorization").unwrap_or_default(),
-        &audience,
-    ) {
+    let scheme = if inner.tls.is_some() { "https" } else { "http" };
+    let audience = format!("{scheme}://{host}{}", request.path);
+    let authorization = request.header("authorization").unwrap_or_default();
+    let checked = match authorization.strip_prefix("Bearer ") {
+        Some(token) => inner.check_jwt(token),
+        None => check_sas(authorization, &audience),
+    };
+    if let Err(why) = checked {
         return atom_error("401 Unauthorized", &why);
     }
     let path = request.path.trim_start_matches('/').to_ascii_lowercase();

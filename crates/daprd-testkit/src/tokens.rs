@@ -2,8 +2,10 @@
 //! the refresh-token grant of a Google user and the client-credentials grant of Dapr's
 //! Pulsar OAuth2) and as the metadata server of a GCE/GKE machine (`GET
 //! /computeMetadata/v1/instance/service-accounts/default/token` with `Metadata-Flavor:
-//! Google`). It issues tokens of its own and remembers them, so a test server can tell a good
-//! one.
+//! Google`), and as Microsoft Entra ID's token endpoint of tenant [`TENANT_ID`] (`POST
+//! /<tenant>/oauth2/v2.0/token`: the client-credentials grant with the client's secret, or with
+//! a workload identity's federated token as its assertion). It issues tokens of its own and
+//! remembers them, so a test server can tell a good one.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,11 +19,17 @@ pub const CLIENT_ID: &str = "daprd-test.apps.googleusercontent.com";
 /// Its secret.
 pub const CLIENT_SECRET: &str = "daprd-test-secret";
 
+/// The Entra ID tenant the server answers for.
+pub const TENANT_ID: &str = "daprd-test-tenant";
+/// The federated token (a workload identity's service account token) it takes as a client
+/// assertion of [`CLIENT_ID`].
+pub const FEDERATED_TOKEN: &str = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJkYXByZC10ZXN0In0.";
+
 /// A client-credentials grant the server answered: how the client sent its secret, the
 /// `scope` and the `audience` parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    /// `"header"` (HTTP Basic) or `"form"`.
+    /// `"header"` (HTTP Basic), `"form"` or `"assertion"` (a federated token).
     pub client_auth: &'static str,
     /// `scope`.
     pub scope: String,
@@ -167,6 +175,25 @@ impl State {
                     refused("invalid_grant")
                 }
             }
+            Some("client_credentials")
+                if get("client_assertion_type")
+                    == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer") =>
+            {
+                if get("client_id") != Some(CLIENT_ID)
+                    || get("client_assertion") != Some(FEDERATED_TOKEN)
+                {
+                    return (
+                        "401 Unauthorized",
+                        serde_json::json!({"error": "invalid_client"}).to_string(),
+                    );
+                }
+                lock(&self.grants).push(Grant {
+                    client_auth: "assertion",
+                    scope: get("scope").unwrap_or_default().to_string(),
+                    audiences: all("audience"),
+                });
+                ("200 OK", self.issue())
+            }
             Some("client_credentials") => {
                 let (client, how) = match basic {
                     Some(_) if self.form_only.load(Ordering::SeqCst) => {
@@ -220,6 +247,9 @@ async fn serve(mut conn: tokio::net::TcpStream, state: Arc<State>) {
         });
     let (status, answer) = match (request.method.as_str(), request.path.as_str()) {
         ("POST", "/token") => state.token(&form, basic),
+        ("POST", path) if path == format!("/{TENANT_ID}/oauth2/v2.0/token") => {
+            state.token(&form, basic)
+        }
         ("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
             if request.header("metadata-flavor") == Some("Google") =>
         {

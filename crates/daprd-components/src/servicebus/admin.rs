@@ -209,7 +209,7 @@ impl Admin {
             .http
             .request(method, &url)
             .query(&[("api-version", API_VERSION)])
-            .header("Authorization", self.token(&url))
+            .header("Authorization", self.token(&url).await?)
             .timeout(self.timeout);
         if let Some(body) = body {
             request = request
@@ -222,21 +222,32 @@ impl Admin {
         Ok((status, text))
     }
 
-    /// The connection string's own token, else one signed for `url`.
-    fn token(&self, url: &str) -> String {
+    /// An Entra ID bearer token, else the connection string's own token, else one signed for
+    /// `url`.
+    async fn token(&self, url: &str) -> Result<String, AdminError> {
+        if let Some(entra) = &self.cs.entra {
+            let token = entra
+                .token(super::metadata::ENTRA_SCOPE)
+                .await
+                .map_err(|e| AdminError::Http {
+                    what: format!("getting a Microsoft Entra ID token for {url}"),
+                    message: e.to_string(),
+                })?;
+            return Ok(format!("Bearer {token}"));
+        }
         if let Some(signature) = &self.cs.signature {
-            return signature.clone();
+            return Ok(signature.clone());
         }
         let expiry = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             + TOKEN_LIFETIME.as_secs();
-        sas_token(
+        Ok(sas_token(
             url,
             self.cs.key_name.as_deref().unwrap_or_default(),
             self.cs.key.as_deref().unwrap_or_default(),
             expiry,
-        )
+        ))
     }
 }
 

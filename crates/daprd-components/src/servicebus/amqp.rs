@@ -122,6 +122,9 @@ pub(super) async fn within<T>(
     }
 }
 
+/// The `$cbs` token type of a shared access signature (an Entra ID token's is `jwt`).
+const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
+
 /// How long a SAS token is valid; tokens are put again well before.
 pub(super) const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -211,22 +214,35 @@ impl Conn {
     /// signature as it is).
     pub(super) async fn authorize(&mut self, entity: &str) -> Result<(), AmqpError> {
         let audience = format!("amqps://{}/{entity}", self.cs.host);
-        let token = match (&self.cs.signature, &self.cs.key_name, &self.cs.key) {
-            (Some(sig), _, _) => sig.clone(),
-            (None, Some(name), Some(key)) => {
-                sas_token(&audience, name, key, now_secs() + TOKEN_LIFETIME.as_secs())
+        let (token, kind) = match (
+            &self.cs.entra,
+            &self.cs.signature,
+            &self.cs.key_name,
+            &self.cs.key,
+        ) {
+            (Some(entra), _, _, _) => {
+                let token = entra
+                    .token(super::metadata::ENTRA_SCOPE)
+                    .await
+                    .map_err(|e| AmqpError::Link {
+                        what: format!("authorizing {entity} with Microsoft Entra ID"),
+                        message: e.to_string(),
+                    })?;
+                (token, "jwt")
             }
-            _ => String::new(),
+            (None, Some(sig), _, _) => (sig.clone(), SAS_TOKEN_TYPE),
+            (None, None, Some(name), Some(key)) => (
+                sas_token(&audience, name, key, now_secs() + TOKEN_LIFETIME.as_secs()),
+                SAS_TOKEN_TYPE,
+            ),
+            _ => (String::new(), SAS_TOKEN_TYPE),
         };
         let mut props = OrderedMap::new();
         props.insert(
             "operation".to_string(),
             SimpleValue::String("put-token".into()),
         );
-        props.insert(
-            "type".to_string(),
-            SimpleValue::String("servicebus.windows.net:sastoken".into()),
-        );
+        props.insert("type".to_string(), SimpleValue::String(kind.into()));
         props.insert("name".to_string(), SimpleValue::String(audience));
         props.insert(
             "expiration".to_string(),

@@ -85,7 +85,13 @@ pub struct ConnectionString {
     pub entity_path: Option<String>,
     /// The port the endpoint named, if any (the emulator's management API is addressed by it).
     pub endpoint_port: Option<u16>,
+    /// Microsoft Entra ID instead of a key (`namespaceName`): tokens of this credential are
+    /// put on `$cbs` (type `jwt`) and sent to the management API as bearer tokens.
+    pub entra: Option<std::sync::Arc<crate::entra::Credential>>,
 }
+
+/// The scope of Service Bus's Entra ID tokens.
+pub const ENTRA_SCOPE: &str = "https://servicebus.azure.net/.default";
 
 impl std::fmt::Debug for ConnectionString {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,6 +102,7 @@ impl std::fmt::Debug for ConnectionString {
             .field("key_name", &self.key_name)
             .field("entity_path", &self.entity_path)
             .field("endpoint_port", &self.endpoint_port)
+            .field("entra", &self.entra)
             .finish_non_exhaustive()
     }
 }
@@ -116,6 +123,7 @@ impl ConnectionString {
             signature: None,
             entity_path: None,
             endpoint_port: None,
+            entra: None,
         };
         let mut emulator = false;
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -167,12 +175,54 @@ impl ConnectionString {
     }
 }
 
+/// `namespaceName` (`<namespace>.servicebus.windows.net`, or `host:port` for a namespace on a
+/// port of its own) with Microsoft Entra ID: TLS on 5671 (or that port).
+fn namespace(ns: &str, md: &Metadata, r: &mut MetadataReader<'_>) -> Option<ConnectionString> {
+    let rest = ns.split_once("://").map_or(ns, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => {
+                r.fail("namespaceName", format!("port {p:?} is not a port number"));
+                return None;
+            }
+        },
+        None => (authority, None),
+    };
+    if host.is_empty() {
+        r.fail("namespaceName", format!("{ns:?} has no host"));
+        return None;
+    }
+    let settings = crate::entra::Settings::read(md, r, |k| std::env::var(k).ok())?;
+    let credential = match crate::entra::Credential::new(settings) {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail("namespaceName", format!("the token client: {e}"));
+            return None;
+        }
+    };
+    Some(ConnectionString {
+        host: host.to_string(),
+        port: port.unwrap_or(5671),
+        tls: true,
+        key_name: None,
+        key: None,
+        signature: None,
+        entity_path: None,
+        endpoint_port: port,
+        entra: Some(std::sync::Arc::new(credential)),
+    })
+}
+
 impl ConnectionString {
     /// The base URL of the namespace's ATOM management API: `https://<host>` (Azure serves
     /// it on 443 whatever the AMQP port), or with `UseDevelopmentEmulator=true`
     /// `http://<host>[:<endpoint port>]`, as Azure's SDKs address the emulator.
     pub fn management_endpoint(&self) -> String {
         match (self.tls, self.endpoint_port) {
+            // a namespace on a port of its own (not AMQP's 5671) serves the API there too
+            (true, Some(port)) if port != 5671 => format!("https://{}:{port}", self.host),
             (true, _) => format!("https://{}", self.host),
             (false, Some(port)) => format!("http://{}:{port}", self.host),
             (false, None) => format!("http://{}", self.host),
@@ -202,13 +252,7 @@ impl ServiceBusMetadata {
                     None
                 }
             },
-            (None, Some(_)) => {
-                r.fail(
-                    "namespaceName",
-                    "Microsoft Entra ID authentication is not supported yet by daprd-rs; give connectionString",
-                );
-                None
-            }
+            (None, Some(ns)) => namespace(ns, md, &mut r),
             (None, None) => {
                 r.fail("connectionString", "is required (or namespaceName)");
                 None
@@ -275,15 +319,6 @@ impl ServiceBusMetadata {
             "publishInitialRetryIntervalInMs"
         };
         let publish_initial_retry = r.int(retry_key, 500, 0..=3_600_000);
-        r.unsupported(
-            &[
-                "azureTenantId",
-                "azureClientId",
-                "azureClientSecret",
-                "azureCertificateFile",
-            ],
-            "Microsoft Entra ID authentication",
-        );
         r.finish(|| Self {
             connection: connection.unwrap_or_else(|| ConnectionString {
                 host: String::new(),
@@ -294,6 +329,7 @@ impl ServiceBusMetadata {
                 signature: None,
                 entity_path: None,
                 endpoint_port: None,
+                entra: None,
             }),
             consumer_id,
             timeout,
@@ -415,6 +451,26 @@ mod tests {
         let md = Metadata::from_pairs(&[("namespaceName", "ns")]);
         let errs = ServiceBusMetadata::parse(&md, Mode::Queues).unwrap_err();
         assert!(errs[0].to_string().contains("Entra ID"), "{errs:?}");
+        let md = Metadata::from_pairs(&[
+            ("namespaceName", "ns.servicebus.windows.net"),
+            ("azureTenantId", "t"),
+            ("azureClientId", "c"),
+            ("azureClientSecret", "s"),
+        ]);
+        let m = ServiceBusMetadata::parse(&md, Mode::Queues).unwrap();
+        assert_eq!(
+            (
+                m.connection.host.as_str(),
+                m.connection.port,
+                m.connection.tls
+            ),
+            ("ns.servicebus.windows.net", 5671, true)
+        );
+        assert!(m.connection.entra.is_some());
+        assert_eq!(
+            m.connection.management_endpoint(),
+            "https://ns.servicebus.windows.net"
+        );
         // queues need no consumerID
         let md = Metadata::from_pairs(&[("connectionString", CS)]);
         assert!(ServiceBusMetadata::parse(&md, Mode::Queues).is_ok());
