@@ -93,6 +93,15 @@ ensure_service "moto (SNS/SQS)" 4566 'nohup .venv/bin/moto_server -H 127.0.0.1 -
 # tests, whose SNS/SQS tests reset the first
 ensure_service "moto (SNS/SQS, fault suite)" 4567 'nohup .venv/bin/moto_server -H 127.0.0.1 -p 4567 >/tmp/moto-faults-ci.log 2>&1 &'
 
+# Azure Blob Storage for Event Hubs' checkpoints: Microsoft's emulator Azurite from npm (3.35.0:
+# later versions need a newer Node.js than Debian's), into .azurite/; each test starts a
+# private one (daprd_testkit::azurite).
+if [ ! -x .azurite/node_modules/.bin/azurite-blob ]; then
+  echo "==> installing azurite 3.35.0 (npm)"
+  mkdir -p .azurite
+  npm install --prefix .azurite --no-audit --no-fund --silent --no-package-lock azurite@3.35.0
+fi
+
 # Google Cloud Pub/Sub for pubsub.gcp.pubsub: Google's own Pub/Sub emulator (Debian package
 # google-cloud-cli-pubsub-emulator, Java), in memory: each test run uses projects of its own.
 emulator=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator

@@ -8,7 +8,7 @@
 # tests/e2e/js/node_modules), and first runs scripts/services.sh, which installs and starts
 # what is missing of the brokers on loopback: Redis, RabbitMQ, Mosquitto, NATS, tansu (Kafka,
 # 9092, and the `tansu` command for private brokers), moto (SNS/SQS, 4566 and 4567) and Google's Pub/Sub
-# emulator (8085). Needs: cargo,
+# emulator (8085), and installs Azurite (npm) into .azurite. Needs: cargo,
 # python3 (with venv), node and npm, and the Debian packages of those brokers.
 set -euo pipefail
 cd "$(dirname "$0")/.."

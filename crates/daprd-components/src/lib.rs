@@ -5,6 +5,8 @@
 
 #[cfg(feature = "servicebus")]
 pub mod entra;
+#[cfg(feature = "eventhubs")]
+pub mod eventhubs;
 #[cfg(feature = "gcp")]
 pub mod gcp;
 #[cfg(feature = "in-memory")]

@@ -2,6 +2,8 @@
 //! free loopback ports, scratch directories for resources, and the component
 //! [`conformance`] suite every pub/sub component must pass.
 
+#[cfg(feature = "azurite")]
+pub mod azurite;
 pub mod certs;
 pub mod conformance;
 #[cfg(feature = "controlplane")]
