@@ -810,3 +810,58 @@ async fn sessions_where_they_cannot_be_are_a_clear_error() {
         c.close().await.unwrap();
     }
 }
+
+/// A broker that keeps its data, stopped and started again on it: every message it accepted
+/// and nobody completed is still there, the completed one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_broker_started_again_still_has_what_it_accepted() {
+    let dir = daprd_testkit::ScratchDir::new("servicebus-data");
+    let broker = TestBroker::start_persistent(0, dir.path()).await.unwrap();
+    let port = broker.port();
+    let cs = broker.connection_string();
+    let queue = random_name("kept");
+    let extra = [
+        ("minConnectionRecoveryInSec", "0"),
+        ("maxConnectionRecoveryInSec", "0"),
+    ];
+    let c = component(ServiceBusFactory::QUEUES, &cs, "app", &extra).await;
+    // one completed before the restart
+    let (h, mut rx) = success_collector();
+    let sub = c.subscribe(SubscribeRequest::new(&queue), h).await.unwrap();
+    c.publish(request(&queue, "done", &[])).await.unwrap();
+    next(&mut rx, Duration::from_secs(10)).await.unwrap();
+    sub.stop().await;
+    eventually(
+        Duration::from_secs(5),
+        "the first message completed",
+        || {
+            let done = broker.counts(&queue) == (0, 0, 0);
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    for n in 0..5 {
+        c.publish(request(&queue, &format!("kept-{n}"), &[]))
+            .await
+            .unwrap();
+    }
+    c.close().await.unwrap();
+    drop(broker);
+    let broker = TestBroker::start_persistent(port, dir.path())
+        .await
+        .unwrap();
+    assert_eq!(broker.counts(&queue).0, 5, "the five waiting messages kept");
+    let c = component(ServiceBusFactory::QUEUES, &cs, "app", &extra).await;
+    let (h, mut rx) = success_collector();
+    let _sub = c.subscribe(SubscribeRequest::new(&queue), h).await.unwrap();
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < 5 && tokio::time::Instant::now() < deadline {
+        if let Some(m) = next(&mut rx, Duration::from_millis(200)).await {
+            got.insert(String::from_utf8_lossy(&m.data).into_owned());
+        }
+    }
+    let want: BTreeSet<String> = (0..5).map(|n| format!("kept-{n}")).collect();
+    assert_eq!(got, want);
+    c.close().await.unwrap();
+}

@@ -48,7 +48,10 @@
 //! tokens — a `put-token` of type `jwt`, an `Authorization: Bearer` on the API — that the
 //! test's check ([`TestBroker::trust_jwt`]) says are good.
 //!
-//! Left out: session state, transactions, persistence across a restart.
+//! [`TestBroker::start_persistent`] (the binary's `--data-dir`) keeps entities and messages in
+//! a file rewritten before each change is answered, for the broker-restart fault test.
+//!
+//! Left out: session state, transactions.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -112,6 +115,9 @@ struct Inner {
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// Entra ID tokens are taken when this says they are good (none are otherwise).
     jwt: Mutex<Option<JwtCheck>>,
+    /// Where the entities and their messages are kept across a restart (rewritten after
+    /// every change, before the change is answered), if anywhere.
+    data_file: Option<std::path::PathBuf>,
     /// Woken when a message becomes available anywhere.
     available: Notify,
     /// Bumped to cut every connection.
@@ -194,7 +200,18 @@ impl TestBroker {
     /// # Errors
     /// The port cannot be bound.
     pub async fn start(port: u16) -> std::io::Result<Self> {
-        Self::start_with(port, None).await
+        Self::start_with(port, None, None).await
+    }
+
+    /// Starts a broker that keeps its entities and messages in `dir` (a file rewritten after
+    /// every change, before the client hears of it) and starts from what is there: one that is
+    /// killed and started again on the same directory has every message it accepted and did
+    /// not see completed (locks do not survive; what was locked is available again).
+    ///
+    /// # Errors
+    /// The port cannot be bound, or the kept data cannot be read.
+    pub async fn start_persistent(port: u16, dir: &std::path::Path) -> std::io::Result<Self> {
+        Self::start_with(port, None, Some(dir.join("servicebus-testbroker.json"))).await
     }
 
     /// Starts a broker speaking TLS (AMQP and the management API), presenting `cert_pem`
@@ -222,6 +239,7 @@ impl TestBroker {
         Self::start_with(
             port,
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            None,
         )
         .await
     }
@@ -243,26 +261,38 @@ impl TestBroker {
     async fn start_with(
         port: u16,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        data_file: Option<std::path::PathBuf>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let port = listener.local_addr()?.port();
+        let mut state = State {
+            topics: HashMap::new(),
+            queues: HashMap::new(),
+            published: Vec::new(),
+            tokens: Vec::new(),
+            renewals: 0,
+            strict: false,
+            descriptions: HashMap::new(),
+            lock_duration: Duration::from_secs(60),
+            max_delivery_count: 10,
+            next_sequence: 1,
+        };
+        if let Some(file) = data_file.as_deref().filter(|f| f.exists()) {
+            let text = std::fs::read_to_string(file)?;
+            persist::load(&text, &mut state).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", file.display()),
+                )
+            })?;
+        }
         let inner = Arc::new(Inner {
-            state: Mutex::new(State {
-                topics: HashMap::new(),
-                queues: HashMap::new(),
-                published: Vec::new(),
-                tokens: Vec::new(),
-                renewals: 0,
-                strict: false,
-                descriptions: HashMap::new(),
-                lock_duration: Duration::from_secs(60),
-                max_delivery_count: 10,
-                next_sequence: 1,
-            }),
+            state: Mutex::new(state),
             available: Notify::new(),
             generation: watch::channel(0).0,
             tls,
             jwt: Mutex::new(None),
+            data_file,
         });
         let accept = {
             let inner = inner.clone();
@@ -363,6 +393,25 @@ impl TestBroker {
 }
 
 impl Inner {
+    /// Writes `s` to the data file (if the broker keeps one): to a new file, then renamed over
+    /// the old one, so a kill leaves one or the other whole.
+    fn save(&self, s: &State) {
+        let Some(file) = &self.data_file else {
+            return;
+        };
+        let tmp = file.with_extension("json.new");
+        let written = std::fs::write(&tmp, persist::dump(s)).and_then(|()| {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, file)
+        });
+        if let Err(e) = written {
+            eprintln!(
+                "servicebus-testbroker: keeping data in {}: {e}",
+                file.display()
+            );
+        }
+    }
+
     /// Whether an Entra ID token is good (by the check the test gave).
     fn check_jwt(&self, token: &str) -> Result<(), String> {
         let check = self
@@ -408,6 +457,9 @@ impl Inner {
                 any = true;
             }
         }
+        if any {
+            self.save(&s);
+        }
         any
     }
 
@@ -450,6 +502,7 @@ impl Inner {
                 },
             );
         }
+        self.save(&s);
         drop(s);
         self.available.notify_waiters();
     }
@@ -474,13 +527,21 @@ impl Inner {
     fn ensure(&self, address: &str) {
         let key = address.to_ascii_lowercase();
         let mut s = lock(&self.state);
+        let mut made = false;
         if let Some((topic, _)) = key.split_once("/subscriptions/") {
-            s.topics
+            made |= s
+                .topics
                 .entry(topic.to_string())
                 .or_default()
                 .insert(key.clone());
         }
-        s.queues.entry(key).or_default();
+        if let std::collections::hash_map::Entry::Vacant(e) = s.queues.entry(key) {
+            e.insert(Queue::default());
+            made = true;
+        }
+        if made {
+            self.save(&s);
+        }
     }
 
     /// Takes the next available message of `address` (of its session `session`) and locks it.
@@ -594,6 +655,7 @@ impl Inner {
             let max = q.max_delivery_count.unwrap_or(max);
             q.release_session(id, max);
         }
+        self.save(&s);
         drop(s);
         self.available.notify_waiters();
     }
@@ -646,6 +708,7 @@ impl Inner {
                 return;
             }
         }
+        self.save(&s);
         drop(s);
         self.available.notify_waiters();
     }
@@ -1440,7 +1503,11 @@ fn manage(inner: &Inner, request: &crate::http1::Request) -> (&'static str, Stri
     let mut s = lock(&inner.state);
     match request.method.as_str() {
         "GET" => get_entity(&s, &path),
-        "PUT" => create_entity(&mut s, &path, &request.body),
+        "PUT" => {
+            let made = create_entity(&mut s, &path, &request.body);
+            inner.save(&s);
+            made
+        }
         _ => atom_error("405 Method Not Allowed", &request.method),
     }
 }
@@ -1558,4 +1625,132 @@ fn iso_seconds(v: &str) -> Option<u64> {
         }
     }
     number.is_empty().then_some(total)
+}
+
+/// The broker's data as JSON: entities, their descriptions and settings, and every message
+/// not completed (the AMQP message in its wire encoding, base64), with its sequence number,
+/// times and delivery count. Locks are not kept.
+mod persist {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use fe2o3_amqp::types::messaging::message::__private::{Deserializable, Serializable};
+    use serde_json::{json, Value as Json};
+
+    use super::{AmqpMessage, Queue, State, Stored};
+
+    fn b64() -> base64::engine::GeneralPurpose {
+        base64::engine::general_purpose::STANDARD
+    }
+
+    fn stored(m: &Stored) -> Json {
+        let bytes = serde_amqp::to_vec(&Serializable(m.message.clone())).unwrap_or_default();
+        json!({
+            "message": b64().encode(bytes),
+            "sequence": m.sequence,
+            "enqueued_ms": m.enqueued_ms,
+            "delivery_count": m.delivery_count,
+            "expires_ms": m.expires_ms,
+            "visible_ms": m.visible_ms,
+        })
+    }
+
+    /// `s` as JSON text.
+    pub(super) fn dump(s: &State) -> String {
+        let queues: serde_json::Map<String, Json> = s
+            .queues
+            .iter()
+            .map(|(name, q)| {
+                // what is locked is available again after a restart
+                let ready: Vec<Json> = q
+                    .ready
+                    .values()
+                    .chain(q.locked.values().map(|(m, _)| m))
+                    .map(stored)
+                    .collect();
+                let value = json!({
+                    "ready": ready,
+                    "dead": q.dead.iter().map(stored).collect::<Vec<_>>(),
+                    "max_delivery_count": q.max_delivery_count,
+                    "lock_duration_ms": q.lock_duration.map(|d| d.as_millis() as u64),
+                    "requires_session": q.requires_session,
+                });
+                (name.clone(), value)
+            })
+            .collect();
+        json!({
+            "topics": s.topics.iter().map(|(t, subs)| (t.clone(), subs.iter().cloned().collect::<Vec<_>>())).collect::<HashMap<_, _>>(),
+            "queues": queues,
+            "descriptions": s.descriptions,
+            "strict": s.strict,
+            "lock_duration_ms": s.lock_duration.as_millis() as u64,
+            "max_delivery_count": s.max_delivery_count,
+            "next_sequence": s.next_sequence,
+        })
+        .to_string()
+    }
+
+    fn message(v: &Json) -> Result<Stored, String> {
+        let bytes = b64()
+            .decode(v["message"].as_str().ok_or("a message without its bytes")?)
+            .map_err(|e| e.to_string())?;
+        let Deserializable(message): Deserializable<AmqpMessage> =
+            serde_amqp::from_slice(&bytes).map_err(|e| e.to_string())?;
+        Ok(Stored {
+            message,
+            sequence: v["sequence"].as_i64().ok_or("no sequence")?,
+            enqueued_ms: v["enqueued_ms"].as_i64().unwrap_or_default(),
+            delivery_count: u32::try_from(v["delivery_count"].as_u64().unwrap_or_default())
+                .unwrap_or(u32::MAX),
+            expires_ms: v["expires_ms"].as_i64(),
+            visible_ms: v["visible_ms"].as_i64().unwrap_or_default(),
+        })
+    }
+
+    /// Fills `s` from JSON text made by [`dump`].
+    pub(super) fn load(text: &str, s: &mut State) -> Result<(), String> {
+        let v: Json = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        for (topic, subs) in v["topics"].as_object().into_iter().flatten() {
+            let subs = subs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect();
+            s.topics.insert(topic.clone(), subs);
+        }
+        for (name, q) in v["queues"].as_object().into_iter().flatten() {
+            let mut queue = Queue {
+                max_delivery_count: q["max_delivery_count"]
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok()),
+                lock_duration: q["lock_duration_ms"].as_u64().map(Duration::from_millis),
+                requires_session: q["requires_session"].as_bool().unwrap_or_default(),
+                ..Queue::default()
+            };
+            for m in q["ready"].as_array().into_iter().flatten() {
+                let m = message(m)?;
+                queue.ready.insert(m.sequence, m);
+            }
+            for m in q["dead"].as_array().into_iter().flatten() {
+                queue.dead.push(message(m)?);
+            }
+            s.queues.insert(name.clone(), queue);
+        }
+        for (path, d) in v["descriptions"].as_object().into_iter().flatten() {
+            if let Some(d) = d.as_str() {
+                s.descriptions.insert(path.clone(), d.to_string());
+            }
+        }
+        s.strict = v["strict"].as_bool().unwrap_or_default();
+        if let Some(ms) = v["lock_duration_ms"].as_u64() {
+            s.lock_duration = Duration::from_millis(ms);
+        }
+        if let Some(n) = v["max_delivery_count"].as_u64() {
+            s.max_delivery_count = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        s.next_sequence = v["next_sequence"].as_i64().unwrap_or(1);
+        Ok(())
+    }
 }

@@ -5,11 +5,12 @@ message (*lost* = published with a 2xx and never delivered to the app).
 - broker SIGKILL mid-stream, restarted after 5 s on the same port and data, with the setting a
   production user would choose to keep acknowledged data (Redis AOF with fsync always,
   RabbitMQ durable queues with persistent messages and publisher confirms, Mosquitto
-  persistence saved on every change, JetStream file storage, tansu on SQLite): lost 0; no
-  request sent while the broker is down is answered 2xx before it returns; publishing and
-  delivery resume within 1 s of its return. SNS/SQS is left out: its test server (moto) keeps
-  everything in memory, so killing it is not a fault AWS can have; so are Pulsar, whose test
-  broker keeps no data either, and GCP Pub/Sub, whose emulator keeps everything in memory.
+  persistence saved on every change, JetStream file storage, tansu on SQLite, the Service Bus
+  test broker with a data directory): lost 0; no request sent while the broker is down is
+  answered 2xx before it returns; publishing and delivery resume within 1 s of its return.
+  SNS/SQS is left out: its test server (moto) keeps everything in memory, so killing it is not
+  a fault AWS can have; so are Pulsar, whose test broker keeps no data, and GCP Pub/Sub, whose
+  emulator keeps everything in memory.
 - a 5 s and a 30 s network blackhole: a TCP proxy between the sidecars and the broker stops
   forwarding (it neither reads nor writes, and connects no new connection, so bytes wait as
   on a dropped route), then forwards again: lost 0, publishing and delivery resume within 2 s,
@@ -31,8 +32,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import (SHARED_BROKERS, PulsarBroker, ServiceBusBroker, eventually, free_port,
-                      start_tansu, wait_listening)
+from conftest import (SERVICEBUS_BROKER, SHARED_BROKERS, PulsarBroker, ServiceBusBroker,
+                      eventually, free_port, start_tansu, wait_listening)
 from test_faults import Broker, Publisher, seqs, wait_all
 
 
@@ -119,6 +120,7 @@ class PrivateBroker:
             })
         if kind == "kafka":
             self.cwd = self.dir
+        self.url = None  # the Service Bus test broker's connection string
         self.start()
 
     def command(self):
@@ -132,13 +134,27 @@ class PrivateBroker:
             "kafka": ["tansu", "broker", "--listener-url", f"tcp://127.0.0.1:{p}",
                       "--advertised-listener-url", f"tcp://127.0.0.1:{p}",
                       "--storage-engine", "sqlite://tansu.db"],
-        }[self.kind]
+            # no maximum delivery count to speak of (as the suite's other Service Bus tests)
+            "servicebus": [str(SERVICEBUS_BROKER), "--port", p, "--data-dir", d,
+                           "--max-delivery-count", "1000000"],
+        }["servicebus" if self.kind.startswith("azure.servicebus.") else self.kind]
 
     def start(self):
-        self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        if self.kind.startswith("azure.servicebus."):
+            # it runs until its input closes, and says its connection string first
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True, start_new_session=True)
+            self.url = self.proc.stdout.readline().strip()
+        else:
+            self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.cwd,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
         wait_listening(self.port, 60, self.kind)
+
+    def url_at(self, addr):
+        """The Service Bus test broker's connection string with `addr` as the endpoint."""
+        return self.url.replace(f"127.0.0.1:{self.port}", addr, 1)
 
     def kill(self):
         if self.kind == "rabbitmq":
@@ -172,13 +188,20 @@ DURABLE = {
     # reconnectWaitSeconds: the pause between reconnects (Dapr's default 3 s would be the
     # resume time); 0 is our floor of 100 ms
     "rabbitmq": {"deliveryMode": "2", "publisherConfirm": "true", "reconnectWaitSeconds": "0"},
+    # reconnecting every 100 ms (our floor), publishes retried from 50 ms: Service Bus's
+    # defaults (2 s doubling to 300 s, 500 ms doubling) would be the resume time
+    **{kind: {"minConnectionRecoveryInSec": "0", "maxConnectionRecoveryInSec": "0",
+              "publishInitialRetryIntervalInMs": "50"}
+       for kind in ("azure.servicebus.topics", "azure.servicebus.queues")},
 }
 
 
-@pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka"])
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka",
+                                  "azure.servicebus.topics", "azure.servicebus.queues"])
 def test_broker_sigkill_for_5s_loses_nothing(kind, sidecar_factory, app_factory):
     pb = PrivateBroker(kind)
-    broker = Broker(kind, addr=f"127.0.0.1:{pb.port}")
+    private = pb if kind.startswith("azure.servicebus.") else None
+    broker = Broker(kind, addr=f"127.0.0.1:{pb.port}", private=private)
     try:
         extra = DURABLE.get(kind, {})
         app = app_factory("http_app.py",
