@@ -182,6 +182,22 @@ async fn a_received_message_carries_service_bus_metadata() {
 
 /// The app takes 3 s over a message whose lock lasts 1 s: renewed every second, the lock
 /// holds and the message is delivered once; with renewal off it is handed out again.
+/// An app that takes 3 s over each message, and how many it was handed.
+fn slow_app() -> (Handler, Arc<AtomicUsize>) {
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let d = deliveries.clone();
+    let handler: Handler = Arc::new(move |_m| {
+        let d = d.clone();
+        Box::pin(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+            // the app at work
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Outcome::Success
+        })
+    });
+    (handler, deliveries)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_are_renewed_while_the_app_works() {
     let broker = TestBroker::start(0).await.unwrap();
@@ -195,17 +211,7 @@ async fn locks_are_renewed_while_the_app_works() {
             &[("lockRenewalInSec", renewal)],
         )
         .await;
-        let deliveries = Arc::new(AtomicUsize::new(0));
-        let d = deliveries.clone();
-        let handler: Handler = Arc::new(move |_m| {
-            let d = d.clone();
-            Box::pin(async move {
-                d.fetch_add(1, Ordering::SeqCst);
-                // the app at work
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                Outcome::Success
-            })
-        });
+        let (handler, deliveries) = slow_app();
         let renewals_before = broker.renewals();
         let _sub = c
             .subscribe(SubscribeRequest::new(&topic), handler)
@@ -746,17 +752,7 @@ async fn a_session_lock_is_renewed_while_the_app_works() {
         &[("lockRenewalInSec", "1")],
     )
     .await;
-    let deliveries = Arc::new(AtomicUsize::new(0));
-    let d = deliveries.clone();
-    let handler: Handler = Arc::new(move |_m| {
-        let d = d.clone();
-        Box::pin(async move {
-            d.fetch_add(1, Ordering::SeqCst);
-            // the app at work
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            Outcome::Success
-        })
-    });
+    let (handler, deliveries) = slow_app();
     let renewals_before = broker.renewals();
     let _sub = c
         .subscribe(session_request(&topic, &[]), handler)

@@ -59,17 +59,7 @@ impl Azurite {
             child,
             _dir: dir,
         };
-        crate::eventually(
-            Duration::from_secs(30),
-            "azurite listening",
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
+        crate::listening(port, Duration::from_secs(30)).await;
         azurite
     }
 

@@ -550,8 +550,7 @@ impl Inner {
         let mut s = lock(&self.state);
         let default_duration = s.lock_duration;
         let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
-        let duration = i64::try_from(q.lock_duration.unwrap_or(default_duration).as_millis())
-            .unwrap_or(i64::MAX);
+        let duration = q.lock_ms(default_duration);
         q.ready.retain(|_, m| m.expires_ms.is_none_or(|e| e > now));
         let sequence = *q
             .ready
@@ -623,8 +622,7 @@ impl Inner {
         let mut s = lock(&self.state);
         let default_duration = s.lock_duration;
         let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
-        let duration = i64::try_from(q.lock_duration.unwrap_or(default_duration).as_millis())
-            .unwrap_or(i64::MAX);
+        let duration = q.lock_ms(default_duration);
         q.ready.retain(|_, m| m.expires_ms.is_none_or(|e| e > now));
         let id = q
             .ready
@@ -667,8 +665,7 @@ impl Inner {
         let mut s = lock(&self.state);
         let default_duration = s.lock_duration;
         let q = s.queues.get_mut(&address.to_ascii_lowercase())?;
-        let duration = i64::try_from(q.lock_duration.unwrap_or(default_duration).as_millis())
-            .unwrap_or(i64::MAX);
+        let duration = q.lock_ms(default_duration);
         let until = q.sessions.get_mut(id).filter(|u| **u > now)?;
         *until = now + duration;
         let until = *until;
@@ -774,6 +771,12 @@ impl Inner {
 }
 
 impl Queue {
+    /// How long a lock on this entity lasts, in milliseconds (its own `LockDuration`, else
+    /// the broker's `default`).
+    fn lock_ms(&self, default: Duration) -> i64 {
+        i64::try_from(self.lock_duration.unwrap_or(default).as_millis()).unwrap_or(i64::MAX)
+    }
+
     /// Frees session `id`; the messages it had locked are abandoned.
     fn release_session(&mut self, id: &str, max_delivery_count: u32) {
         self.sessions.remove(id);
