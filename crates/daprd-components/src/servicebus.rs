@@ -41,6 +41,7 @@
 mod admin;
 mod amqp;
 mod metadata;
+mod sas;
 mod subscriber;
 
 use std::collections::{HashMap, HashSet};

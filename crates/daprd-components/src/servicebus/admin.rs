@@ -11,8 +11,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::amqp::{sas_token, TOKEN_LIFETIME};
 use super::metadata::{ConnectionString, EntityProperties};
+use super::sas::{sas_token, TOKEN_LIFETIME};
 
 /// The ATOM API version Go daprd's admin client asks for.
 const API_VERSION: &str = "2021-05";
