@@ -843,9 +843,13 @@ async fn a_persistent_broker_started_again_still_has_what_it_accepted() {
     }
     c.close().await.unwrap();
     drop(broker);
-    let broker = TestBroker::start_persistent(port, dir.path())
-        .await
-        .unwrap();
+    // the old listener closes once its aborted task is dropped by the runtime: bind again
+    // until the port is free
+    let broker = eventually(Duration::from_secs(10), "the port free again", || {
+        let dir = dir.path().to_path_buf();
+        async move { TestBroker::start_persistent(port, &dir).await.ok() }
+    })
+    .await;
     assert_eq!(broker.counts(&queue).0, 5, "the five waiting messages kept");
     let c = component(ServiceBusFactory::QUEUES, &cs, "app", &extra).await;
     let (h, mut rx) = success_collector();
