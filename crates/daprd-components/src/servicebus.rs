@@ -39,12 +39,13 @@
 //!   `sessionIdleTimeoutInSec` (60) is let go and the slot takes the next one.
 
 mod admin;
-mod amqp;
+pub(crate) mod amqp;
 mod metadata;
+mod publisher;
 mod sas;
 mod subscriber;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +56,8 @@ use daprd_core::pubsub::{
     BulkPublishRequest, ErrorKind, FailedEntry, Feature, Handler, PubSub, PubSubError,
     PubSubFactory, PublishRequest, SubscribeRequest, Subscription,
 };
-use fe2o3_amqp::link::Sender;
-use fe2o3_amqp::types::messaging::{Data, Message, Outcome};
-use tokio::sync::{watch, Mutex};
+use fe2o3_amqp::types::messaging::{Data, Message};
+use tokio::sync::watch;
 
 pub use metadata::{
     ConnectionString, EntityProperties, Mode, ServiceBusMetadata, SubscribeOptions,
@@ -65,6 +65,9 @@ pub use metadata::{
 
 use admin::Admin;
 use amqp::{AmqpError, Conn};
+#[cfg(feature = "eventhubs")]
+pub(crate) use metadata::namespace as entra_namespace;
+pub(crate) use publisher::Publisher;
 
 /// How the component turns a publish into an AMQP message and a received one back into the
 /// app's data and metadata; public for the check of the framing against a real AMQP 1.0
@@ -133,31 +136,21 @@ impl PubSubFactory for ServiceBusFactory {
                 })?,
             )
         };
+        let publisher = Publisher::new(md.connection.clone(), md.timeout, Some(conn));
         Ok(Arc::new(ServiceBusPubSub {
             name: name.to_string(),
             mode: self.mode,
             md: Arc::new(md),
             admin,
-            publisher: Mutex::new(Publisher {
-                conn: Some(conn),
-                senders: HashMap::new(),
-            }),
+            publisher,
             ensured: std::sync::Mutex::default(),
             stop: watch::channel(false).0,
         }))
     }
 }
 
-type SharedSender = Arc<Mutex<Sender>>;
-
-/// The publishing connection and its sender link per entity, made on first use.
-struct Publisher {
-    conn: Option<Conn>,
-    senders: HashMap<String, (SharedSender, std::time::Instant)>,
-}
-
 /// A token is put again after this long (it is valid for [`amqp::TOKEN_LIFETIME`]).
-const TOKEN_REFRESH: Duration = Duration::from_secs(45 * 60);
+pub(crate) const TOKEN_REFRESH: Duration = Duration::from_secs(45 * 60);
 
 /// A live Service Bus component.
 pub struct ServiceBusPubSub {
@@ -168,7 +161,7 @@ pub struct ServiceBusPubSub {
     admin: Option<Admin>,
     /// Entities already looked up (and made if missing) for publishing.
     ensured: std::sync::Mutex<HashSet<String>>,
-    publisher: Mutex<Publisher>,
+    publisher: Publisher,
     stop: watch::Sender<bool>,
 }
 
@@ -185,43 +178,6 @@ fn component_error(e: AmqpError) -> PubSubError {
 }
 
 impl ServiceBusPubSub {
-    /// The sender of `entity`, attached (with its token) on the publishing connection, which
-    /// is opened again if it was dropped.
-    async fn sender(&self, entity: &str) -> Result<SharedSender, AmqpError> {
-        // Before the lock: publishes to other entities do not wait for the management API.
-        self.ensure(entity).await?;
-        let mut guard = self.publisher.lock().await;
-        let p = &mut *guard;
-        if p.conn.as_ref().is_some_and(Conn::is_closed) {
-            p.senders.clear();
-            if let Some(conn) = p.conn.take() {
-                tokio::spawn(conn.close());
-            }
-        }
-        if let Some((s, authorized)) = p.senders.get(entity) {
-            if authorized.elapsed() < TOKEN_REFRESH {
-                return Ok(s.clone());
-            }
-        }
-        let conn = match p.conn.as_mut() {
-            Some(c) => c,
-            None => p
-                .conn
-                .insert(Conn::open(&self.md.connection, self.md.timeout).await?),
-        };
-        conn.authorize(entity).await?;
-        if let Some((s, authorized)) = p.senders.get_mut(entity) {
-            *authorized = std::time::Instant::now();
-            return Ok(s.clone());
-        }
-        let sender = Arc::new(Mutex::new(conn.sender(entity).await?));
-        p.senders.insert(
-            entity.to_string(),
-            (sender.clone(), std::time::Instant::now()),
-        );
-        Ok(sender)
-    }
-
     /// Looks `entity` up through the management API and makes it if missing, once per
     /// entity (two publishes racing both look; a create that loses the race is no error).
     async fn ensure(&self, entity: &str) -> Result<(), AmqpError> {
@@ -245,79 +201,16 @@ impl ServiceBusPubSub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Forgets the publishing connection after a failure: the next publish opens a new one.
-    async fn reset(&self) {
-        let mut p = self.publisher.lock().await;
-        p.senders.clear();
-        if let Some(conn) = p.conn.take() {
-            tokio::spawn(conn.close());
-        }
-    }
-
-    /// Sends `messages` to `entity` at once and waits for each outcome.
+    /// Sends `messages` to `entity` (made first if need be) at once; each one's outcome.
     async fn send_all(
         &self,
         entity: &str,
         messages: Vec<Message<Data>>,
     ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
-        let sender = self.sender(entity).await?;
-        let what = format!("publishing to {entity}");
-        let pending = amqp::within(self.md.timeout, &what, async {
-            let mut s = sender.lock().await;
-            let mut pending = Vec::with_capacity(messages.len());
-            for m in messages {
-                pending.push(s.send_batchable(m).await.map_err(|e| AmqpError::Link {
-                    what: what.clone(),
-                    message: e.to_string(),
-                })?);
-            }
-            Ok(pending)
-        })
-        .await?;
-        // A connection that dies with transfers in flight does not answer them: the wait
-        // ends when it is seen closed (checked every 100 ms), not at the timeout.
-        let outcomes = amqp::within(self.md.timeout, &what, async {
-            let all = futures::future::join_all(pending);
-            tokio::pin!(all);
-            loop {
-                tokio::select! {
-                    outcomes = &mut all => return Ok(outcomes),
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {
-                        let p = self.publisher.lock().await;
-                        if p.conn.as_ref().is_none_or(Conn::is_closed) {
-                            return Err(AmqpError::Link {
-                                what: what.clone(),
-                                message: "the connection closed before the broker answered".into(),
-                            });
-                        }
-                    }
-                }
-            }
-        })
-        .await?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| match o {
-                Ok(Outcome::Accepted(_)) => Ok(()),
-                Ok(Outcome::Rejected(r)) => Err(AmqpError::Refused {
-                    what: what.clone(),
-                    reason: r
-                        .error
-                        .map(|e| {
-                            format!("{:?}: {}", e.condition, e.description.unwrap_or_default())
-                        })
-                        .unwrap_or_else(|| "rejected".into()),
-                }),
-                Ok(other) => Err(AmqpError::Refused {
-                    what: what.clone(),
-                    reason: format!("{other:?}"),
-                }),
-                Err(e) => Err(AmqpError::Link {
-                    what: what.clone(),
-                    message: e.to_string(),
-                }),
-            })
-            .collect())
+        // Before the publisher's lock: publishes to other entities do not wait for the
+        // management API.
+        self.ensure(entity).await?;
+        self.publisher.send_all(entity, messages).await
     }
 
     /// Publishes one message with Go daprd's retries: a transient failure is tried again on a
@@ -334,13 +227,13 @@ impl ServiceBusPubSub {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < self.md.publish_max_retries => {
                     tracing::warn!(component = %self.name, entity, error = %e, "azure service bus: publish failed; retrying");
-                    self.reset().await;
+                    self.publisher.reset().await;
                     attempt += 1;
                     tokio::time::sleep(pause.next_pause()).await;
                 }
                 Err(e) => {
                     if e.is_transient() {
-                        self.reset().await;
+                        self.publisher.reset().await;
                     }
                     return Err(e);
                 }
@@ -406,7 +299,7 @@ impl PubSub for ServiceBusPubSub {
             }
             Err(e) => {
                 if e.is_transient() {
-                    self.reset().await;
+                    self.publisher.reset().await;
                 }
                 let error = format!("azure service bus: {e}");
                 failed.extend(ids.into_iter().map(|entry_id| FailedEntry {
@@ -493,11 +386,7 @@ impl PubSub for ServiceBusPubSub {
 
     async fn close(&self) -> Result<(), PubSubError> {
         let _ = self.stop.send(true);
-        let mut p = self.publisher.lock().await;
-        p.senders.clear();
-        if let Some(conn) = p.conn.take() {
-            conn.close().await;
-        }
+        self.publisher.close().await;
         Ok(())
     }
 }

@@ -28,11 +28,27 @@ pub(crate) fn subscription(closed: watch::Receiver<bool>) -> (Stop, DrainGuard, 
 pub(crate) struct Stop {
     cancelled: watch::Receiver<bool>,
     closed: watch::Receiver<bool>,
+    /// A narrower stop of one part of the loop (an Event Hubs partition the instance gives
+    /// up), if any.
+    part: Option<watch::Receiver<bool>>,
 }
 
 impl Stop {
     pub(crate) fn new(cancelled: watch::Receiver<bool>, closed: watch::Receiver<bool>) -> Self {
-        Self { cancelled, closed }
+        Self {
+            cancelled,
+            closed,
+            part: None,
+        }
+    }
+
+    /// This stop, or `part`'s (a dropped sender counts as set here too).
+    #[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+    pub(crate) fn or_part(&self, part: watch::Receiver<bool>) -> Self {
+        Self {
+            part: Some(part),
+            ..self.clone()
+        }
     }
 
     /// Whether either is set now (or its sender is gone): checked right before a handler
@@ -41,14 +57,28 @@ impl Stop {
     #[cfg_attr(not(any(feature = "kafka", feature = "gcp")), allow(dead_code))]
     pub(crate) fn is_set(&self) -> bool {
         let set = |rx: &watch::Receiver<bool>| *rx.borrow() || rx.has_changed().is_err();
-        set(&self.cancelled) || set(&self.closed)
+        set(&self.cancelled) || set(&self.closed) || self.part.as_ref().is_some_and(set)
     }
 
     /// Resolves once either is set.
     pub(crate) async fn wait(&mut self) {
+        let Self {
+            cancelled,
+            closed,
+            part,
+        } = self;
+        let part = async {
+            match part.as_mut() {
+                Some(p) => {
+                    let _ = p.wait_for(|c| *c).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.cancelled.wait_for(|c| *c) => {}
-            _ = self.closed.wait_for(|c| *c) => {}
+            _ = cancelled.wait_for(|c| *c) => {}
+            _ = closed.wait_for(|c| *c) => {}
+            () = part => {}
         }
     }
 

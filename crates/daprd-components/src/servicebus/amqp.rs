@@ -95,7 +95,7 @@ impl AmqpError {
     }
 
     /// Whether retrying on a fresh connection may help.
-    pub(super) fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Link { .. } | Self::Timeout { .. } => true,
             Self::Status { status, .. } => *status >= 500 || *status == 408,
@@ -109,7 +109,7 @@ impl AmqpError {
 }
 
 /// `fut`, or [`AmqpError::Timeout`] after `limit`.
-pub(super) async fn within<T>(
+pub(crate) async fn within<T>(
     limit: Duration,
     what: &str,
     fut: impl std::future::Future<Output = Result<T, AmqpError>>,
@@ -127,7 +127,7 @@ pub(super) async fn within<T>(
 const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
 
 /// One AMQP connection to the namespace with one session, and its `$cbs` node.
-pub(super) struct Conn {
+pub(crate) struct Conn {
     connection: ConnectionHandle<()>,
     session: SessionHandle<()>,
     cbs: Rpc,
@@ -138,7 +138,7 @@ pub(super) struct Conn {
 impl Conn {
     /// Connects (TCP, TLS unless the emulator's plain AMQP, SASL ANONYMOUS as Azure expects
     /// with CBS), begins a session and attaches `$cbs`.
-    pub(super) async fn open(cs: &ConnectionString, timeout: Duration) -> Result<Self, AmqpError> {
+    pub(crate) async fn open(cs: &ConnectionString, timeout: Duration) -> Result<Self, AmqpError> {
         let endpoint = format!("{}:{}", cs.host, cs.port);
         let fail = |message: String| AmqpError::Connect {
             endpoint: endpoint.clone(),
@@ -190,31 +190,9 @@ impl Conn {
 
     /// Puts a token for `entity` on `$cbs` (the key's own token, or the connection string's
     /// signature as it is).
-    pub(super) async fn authorize(&mut self, entity: &str) -> Result<(), AmqpError> {
+    pub(crate) async fn authorize(&mut self, entity: &str) -> Result<(), AmqpError> {
         let audience = format!("amqps://{}/{entity}", self.cs.host);
-        let (token, kind) = match (
-            &self.cs.entra,
-            &self.cs.signature,
-            &self.cs.key_name,
-            &self.cs.key,
-        ) {
-            (Some(entra), _, _, _) => {
-                let token = entra
-                    .token(super::metadata::ENTRA_SCOPE)
-                    .await
-                    .map_err(|e| AmqpError::Link {
-                        what: format!("authorizing {entity} with Microsoft Entra ID"),
-                        message: e.to_string(),
-                    })?;
-                (token, "jwt")
-            }
-            (None, Some(sig), _, _) => (sig.clone(), SAS_TOKEN_TYPE),
-            (None, None, Some(name), Some(key)) => (
-                sas_token(&audience, name, key, now_secs() + TOKEN_LIFETIME.as_secs()),
-                SAS_TOKEN_TYPE,
-            ),
-            _ => (String::new(), SAS_TOKEN_TYPE),
-        };
+        let (token, kind) = self.token(entity).await?;
         let mut props = OrderedMap::new();
         props.insert(
             "operation".to_string(),
@@ -236,8 +214,39 @@ impl Conn {
         .map(|_| ())
     }
 
+    /// A token for `entity` and its `$cbs` type: the key's own token, the connection
+    /// string's signature as it is, or an Entra ID token for the namespace's scope.
+    pub(crate) async fn token(&self, entity: &str) -> Result<(String, &'static str), AmqpError> {
+        let audience = format!("amqps://{}/{entity}", self.cs.host);
+        Ok(
+            match (
+                &self.cs.entra,
+                &self.cs.signature,
+                &self.cs.key_name,
+                &self.cs.key,
+            ) {
+                (Some(entra), _, _, _) => {
+                    let token = entra
+                        .token(self.cs.scope)
+                        .await
+                        .map_err(|e| AmqpError::Link {
+                            what: format!("authorizing {entity} with Microsoft Entra ID"),
+                            message: e.to_string(),
+                        })?;
+                    (token, "jwt")
+                }
+                (None, Some(sig), _, _) => (sig.clone(), SAS_TOKEN_TYPE),
+                (None, None, Some(name), Some(key)) => (
+                    sas_token(&audience, name, key, now_secs() + TOKEN_LIFETIME.as_secs()),
+                    SAS_TOKEN_TYPE,
+                ),
+                _ => (String::new(), SAS_TOKEN_TYPE),
+            },
+        )
+    }
+
     /// A sender link to `entity`.
-    pub(super) async fn sender(&mut self, entity: &str) -> Result<Sender, AmqpError> {
+    pub(crate) async fn sender(&mut self, entity: &str) -> Result<Sender, AmqpError> {
         let what = format!("attaching a sender to {entity}");
         within(self.timeout, &what, async {
             Sender::attach(
@@ -254,7 +263,7 @@ impl Conn {
     /// A peek-lock receiver link from `address` (`<topic>/Subscriptions/<name>` or a queue),
     /// given `credit` to begin with; deliveries are settled, and credit given again, by the
     /// caller (a message taken counts until it is settled, as `maxActiveMessages` means).
-    pub(super) async fn receiver(
+    pub(crate) async fn receiver(
         &mut self,
         address: &str,
         credit: u32,
@@ -286,7 +295,7 @@ impl Conn {
     /// with the session it locked for this link ([`AmqpError::NoSession`] when it had none).
     /// Given one credit: a session's messages come one at a time, so a message that is
     /// abandoned comes back before the next one is read.
-    pub(super) async fn session_receiver(
+    pub(crate) async fn session_receiver(
         &mut self,
         address: &str,
     ) -> Result<(Receiver, String), AmqpError> {
@@ -332,8 +341,63 @@ impl Conn {
         Ok((receiver, id))
     }
 
+    #[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+    /// A receiver of the events of `address` (an Event Hubs partition of a consumer group),
+    /// from where `filter` (an `apache.org:selector-filter:string`) says; the service sends
+    /// them settled, `credit` ahead, given again as they are read.
+    pub(crate) async fn event_receiver(
+        &mut self,
+        address: &str,
+        filter: &str,
+        credit: u32,
+    ) -> Result<Receiver, AmqpError> {
+        let what = format!("attaching a receiver to {address}");
+        let mut filters = fe2o3_amqp::types::messaging::FilterSet::new();
+        filters.insert(
+            Symbol::from(SELECTOR_FILTER),
+            Value::Described(Box::new(serde_amqp::described::Described {
+                descriptor: serde_amqp::descriptor::Descriptor::Code(SELECTOR_FILTER_CODE),
+                value: Value::String(filter.to_string()),
+            })),
+        );
+        // epoch 0, as Azure's processors: a newer receiver of the group's partition (the
+        // partition's next owner) detaches this one with `amqp:link:stolen`
+        let mut properties = fe2o3_amqp::types::definitions::Fields::new();
+        properties.insert(Symbol::from("com.microsoft:epoch"), Value::Long(0));
+        within(self.timeout, &what, async {
+            Receiver::builder()
+                .name(format!("{address}-receiver-{}", uuid::Uuid::new_v4()))
+                .properties(properties)
+                .source(
+                    fe2o3_amqp::types::messaging::Source::builder()
+                        .address(address)
+                        .filter(filters)
+                        .build(),
+                )
+                .target(format!("daprd-{}", uuid::Uuid::new_v4()))
+                .receiver_settle_mode(fe2o3_amqp::types::definitions::ReceiverSettleMode::First)
+                .sender_settle_mode(fe2o3_amqp::types::definitions::SenderSettleMode::Settled)
+                .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(credit))
+                .attach(&mut self.session)
+                .await
+                .map_err(|e| AmqpError::link(&what, e))
+        })
+        .await
+    }
+
+    #[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+    /// The namespace's own `$management` node (Event Hubs' hub and partition queries).
+    pub(crate) async fn namespace_management(&mut self) -> Result<Rpc, AmqpError> {
+        within(
+            self.timeout,
+            "attaching $management",
+            Rpc::attach(&mut self.session, "$management"),
+        )
+        .await
+    }
+
     /// The `$management` node of `entity`.
-    pub(super) async fn management(&mut self, entity: &str) -> Result<Rpc, AmqpError> {
+    pub(crate) async fn management(&mut self, entity: &str) -> Result<Rpc, AmqpError> {
         let node = format!("{entity}/$management");
         within(
             self.timeout,
@@ -344,7 +408,7 @@ impl Conn {
     }
 
     /// Whether the connection or its session has stopped (the peer went away).
-    pub(super) fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.connection.is_closed() || self.session.is_ended()
     }
 
@@ -352,7 +416,7 @@ impl Conn {
     /// at most a second for each answer. The bound matters: fe2o3-amqp's session engine, once
     /// it has sent its End, waits for the peer's without limit (spinning on a closed channel
     /// meanwhile), and a peer that never answers would hold a shutdown forever.
-    pub(super) async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let limit = Duration::from_secs(1);
         self.cbs.close().await;
         let _ = tokio::time::timeout(limit, self.session.end()).await;
@@ -361,7 +425,7 @@ impl Conn {
 }
 
 /// Request/response on a management node: a sender to it, a receiver of its answers.
-pub(super) struct Rpc {
+pub(crate) struct Rpc {
     node: String,
     sender: Sender,
     receiver: Receiver,
@@ -392,7 +456,7 @@ impl Rpc {
 
     /// Sends a request and waits for its answer (the message whose correlation id is the
     /// request's id); a status other than 200/202/204 is an error. Returns the answer's body.
-    pub(super) async fn call(
+    pub(crate) async fn call(
         &mut self,
         what: &str,
         properties: OrderedMap<String, SimpleValue>,
@@ -480,7 +544,7 @@ fn simple_int(v: &SimpleValue) -> Option<i64> {
 }
 
 /// A value as Go's `cast.ToString` writes it (what daprd puts into a message's metadata).
-pub(super) fn simple_text(v: &SimpleValue) -> String {
+pub(crate) fn simple_text(v: &SimpleValue) -> String {
     match v {
         SimpleValue::Null => String::new(),
         SimpleValue::Bool(b) => b.to_string(),
@@ -504,8 +568,22 @@ pub(super) fn simple_text(v: &SimpleValue) -> String {
     }
 }
 
+#[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+/// An annotation's or a map's value as text (a timestamp as Go's RFC 3339, to the second).
+pub(crate) fn value_text(v: &Value) -> String {
+    match v {
+        Value::Timestamp(t) => {
+            let ms = u64::try_from(t.milliseconds()).unwrap_or(0);
+            daprd_core::cloudevent::format_time(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        }
+        other => SimpleValue::try_from(other.clone())
+            .map(|s| simple_text(&s))
+            .unwrap_or_else(|_| format!("{other:?}")),
+    }
+}
+
 /// A message id as text: a string as it is, a UUID in its usual form, a number in decimal.
-pub(super) fn message_id_text(id: &MessageId) -> String {
+pub(crate) fn message_id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Uuid(u) => uuid::Uuid::from_bytes(*u.as_inner()).to_string(),
@@ -515,7 +593,7 @@ pub(super) fn message_id_text(id: &MessageId) -> String {
 }
 
 /// The lock-renewal request for `tokens` on an entity's `$management` node.
-pub(super) fn renew_lock_request(link_name: &str) -> OrderedMap<String, SimpleValue> {
+pub(crate) fn renew_lock_request(link_name: &str) -> OrderedMap<String, SimpleValue> {
     let mut props = OrderedMap::new();
     props.insert(
         "operation".to_string(),
@@ -531,7 +609,13 @@ pub(super) fn renew_lock_request(link_name: &str) -> OrderedMap<String, SimpleVa
 /// Service Bus's session filter (`com.microsoft:session-filter`, descriptor
 /// `0x00000137:0x0000000C`) on a receiver's source: the session wanted, or `None` for the
 /// next free one.
-pub(super) const SESSION_FILTER: &str = "com.microsoft:session-filter";
+pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
+
+#[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+/// Event Hubs' position filter on a receiver's source, and its descriptor code.
+const SELECTOR_FILTER: &str = "apache.org:selector-filter:string";
+#[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+const SELECTOR_FILTER_CODE: u64 = 0x0000_468C_0000_0004;
 const SESSION_FILTER_CODE: u64 = 0x0000_0137_0000_000C;
 
 fn session_filter(session: Option<&str>) -> fe2o3_amqp::types::messaging::FilterSet {
@@ -582,7 +666,7 @@ fn no_session_available(e: &fe2o3_amqp::link::ReceiverAttachError) -> bool {
 }
 
 /// The application properties of a `com.microsoft:renew-session-lock` request.
-pub(super) fn renew_session_lock_request(link_name: &str) -> OrderedMap<String, SimpleValue> {
+pub(crate) fn renew_session_lock_request(link_name: &str) -> OrderedMap<String, SimpleValue> {
     let mut props = renew_lock_request(link_name);
     props.insert(
         "operation".to_string(),
@@ -592,7 +676,7 @@ pub(super) fn renew_session_lock_request(link_name: &str) -> OrderedMap<String, 
 }
 
 /// The body of a renew-session-lock request: `{"session-id": id}`.
-pub(super) fn session_id_body(session: &str) -> Value {
+pub(crate) fn session_id_body(session: &str) -> Value {
     let mut map = OrderedMap::new();
     map.insert(
         Value::String("session-id".into()),
@@ -602,7 +686,7 @@ pub(super) fn session_id_body(session: &str) -> Value {
 }
 
 /// The body of a renew-lock request: `{"lock-tokens": [uuid...]}`.
-pub(super) fn lock_tokens_body(tokens: &[[u8; 16]]) -> Value {
+pub(crate) fn lock_tokens_body(tokens: &[[u8; 16]]) -> Value {
     let mut map = OrderedMap::new();
     map.insert(
         Value::String("lock-tokens".into()),
@@ -616,7 +700,7 @@ pub(super) fn lock_tokens_body(tokens: &[[u8; 16]]) -> Value {
 // ---- messages ------------------------------------------------------------------------
 
 /// Service Bus's message keys in Dapr's metadata (read and write, as Go daprd names them).
-pub(super) mod keys {
+pub(crate) mod keys {
     pub const MESSAGE_ID: &str = "MessageId";
     pub const MESSAGE_ID_ALIAS: &str = "id";
     pub const CORRELATION_ID: &str = "CorrelationId";
@@ -766,7 +850,7 @@ pub fn body_bytes(body: Body<Value>) -> Bytes {
 
 /// A received message's lock token: the `x-opt-lock-token` annotation, else its 16-byte
 /// delivery tag (Service Bus sends the lock token as the tag).
-pub(super) fn lock_token(
+pub(crate) fn lock_token(
     annotations: Option<&MessageAnnotations>,
     delivery_tag: &[u8],
 ) -> Option<[u8; 16]> {

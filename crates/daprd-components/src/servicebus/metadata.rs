@@ -88,6 +88,8 @@ pub struct ConnectionString {
     /// Microsoft Entra ID instead of a key (`namespaceName`): tokens of this credential are
     /// put on `$cbs` (type `jwt`) and sent to the management API as bearer tokens.
     pub entra: Option<std::sync::Arc<crate::entra::Credential>>,
+    /// The scope its Entra ID tokens are asked for ([`ENTRA_SCOPE`], or Event Hubs').
+    pub scope: &'static str,
 }
 
 /// The scope of Service Bus's Entra ID tokens.
@@ -124,6 +126,7 @@ impl ConnectionString {
             entity_path: None,
             endpoint_port: None,
             entra: None,
+            scope: ENTRA_SCOPE,
         };
         let mut emulator = false;
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -177,28 +180,33 @@ impl ConnectionString {
 
 /// `namespaceName` (`<namespace>.servicebus.windows.net`, or `host:port` for a namespace on a
 /// port of its own) with Microsoft Entra ID: TLS on 5671 (or that port).
-fn namespace(ns: &str, md: &Metadata, r: &mut MetadataReader<'_>) -> Option<ConnectionString> {
+pub(crate) fn namespace(
+    key: &str,
+    ns: &str,
+    md: &Metadata,
+    r: &mut MetadataReader<'_>,
+) -> Option<ConnectionString> {
     let rest = ns.split_once("://").map_or(ns, |(_, rest)| rest);
     let authority = rest.split('/').next().unwrap_or_default();
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) => match p.parse::<u16>() {
             Ok(p) => (h, Some(p)),
             Err(_) => {
-                r.fail("namespaceName", format!("port {p:?} is not a port number"));
+                r.fail(key, format!("port {p:?} is not a port number"));
                 return None;
             }
         },
         None => (authority, None),
     };
     if host.is_empty() {
-        r.fail("namespaceName", format!("{ns:?} has no host"));
+        r.fail(key, format!("{ns:?} has no host"));
         return None;
     }
     let settings = crate::entra::Settings::read(md, r, |k| std::env::var(k).ok())?;
     let credential = match crate::entra::Credential::new(settings) {
         Ok(c) => c,
         Err(e) => {
-            r.fail("namespaceName", format!("the token client: {e}"));
+            r.fail(key, format!("the token client: {e}"));
             return None;
         }
     };
@@ -212,6 +220,7 @@ fn namespace(ns: &str, md: &Metadata, r: &mut MetadataReader<'_>) -> Option<Conn
         entity_path: None,
         endpoint_port: port,
         entra: Some(std::sync::Arc::new(credential)),
+        scope: ENTRA_SCOPE,
     })
 }
 
@@ -252,7 +261,7 @@ impl ServiceBusMetadata {
                     None
                 }
             },
-            (None, Some(ns)) => namespace(ns, md, &mut r),
+            (None, Some(ns)) => namespace("namespaceName", ns, md, &mut r),
             (None, None) => {
                 r.fail("connectionString", "is required (or namespaceName)");
                 None
@@ -330,6 +339,7 @@ impl ServiceBusMetadata {
                 entity_path: None,
                 endpoint_port: None,
                 entra: None,
+                scope: ENTRA_SCOPE,
             }),
             consumer_id,
             timeout,
