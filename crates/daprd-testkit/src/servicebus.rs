@@ -51,7 +51,11 @@
 //! [`TestBroker::start_persistent`] (the binary's `--data-dir`) keeps entities and messages in
 //! a file rewritten before each change is answered, for the broker-restart fault test.
 //!
+//! Event hubs are served too ([`eventhubs`]: partitions, offsets, consumer groups' receivers).
+//!
 //! Left out: session state, transactions.
+
+pub mod eventhubs;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -142,6 +146,8 @@ struct State {
     lock_duration: Duration,
     max_delivery_count: u32,
     next_sequence: i64,
+    /// Event hubs by lowercase name.
+    hubs: HashMap<String, eventhubs::Hub>,
 }
 
 #[derive(Default)]
@@ -276,6 +282,7 @@ impl TestBroker {
             lock_duration: Duration::from_secs(60),
             max_delivery_count: 10,
             next_sequence: 1,
+            hubs: HashMap::new(),
         };
         if let Some(file) = data_file.as_deref().filter(|f| f.exists()) {
             let text = std::fs::read_to_string(file)?;
@@ -959,6 +966,7 @@ async fn run_session(
         };
         // a session receiver waits here for its session (this session's other attaches wait
         // behind it, as they would behind Service Bus's answer)
+        let epoch = eventhubs::epoch_of(&attach);
         let choice = match attach.role {
             definitions::Role::Receiver if wants_session(&attach) => {
                 Some(choose_session(&inner, &shared, &mut attach).await)
@@ -972,10 +980,10 @@ async fn run_session(
         tasks.push(tokio::spawn(async move {
             match (link, choice) {
                 (LinkEndpoint::Receiver(r), _) => incoming(inner, shared, r).await,
-                (LinkEndpoint::Sender(s), None) => outgoing(inner, shared, s, None).await,
+                (LinkEndpoint::Sender(s), None) => outgoing(inner, shared, s, None, epoch).await,
                 (LinkEndpoint::Sender(s), Some(Choice::Held(id))) => {
                     let address = source_address(&s);
-                    outgoing(inner.clone(), shared, s, Some(&id)).await;
+                    outgoing(inner.clone(), shared, s, Some(&id), None).await;
                     inner.release_session(&address, &id);
                 }
                 (LinkEndpoint::Sender(s), Some(Choice::Refused(e))) => {
@@ -1135,6 +1143,19 @@ async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
         }
         return;
     }
+    if address == "$management" {
+        // the namespace's node: Event Hubs' READ of a hub or a partition
+        while let Ok(d) = r.recv::<Body<Value>>().await {
+            let _ = r.accept(&d).await;
+            let request = d.into_message();
+            let (status, body) =
+                eventhubs::management(&inner, &request, |hub| authorized(&shared, hub));
+            let mut props = OrderedMap::new();
+            props.insert("status-code".to_string(), SimpleValue::Int(status));
+            reply(&shared, &address, &request, props, body);
+        }
+        return;
+    }
     if let Some(entity) = address.strip_suffix("/$management") {
         if !authorized(&shared, entity) {
             let _ = r.close_with_error(unauthorized(&address)).await;
@@ -1152,6 +1173,14 @@ async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
     }
     if !authorized(&shared, &address) {
         let _ = r.close_with_error(unauthorized(&address)).await;
+        return;
+    }
+    if let Some((hub, partition)) = eventhubs::send_target(&inner, &address) {
+        while let Ok(d) = r.recv::<Body<Value>>().await {
+            // appended before the client hears it was accepted
+            eventhubs::append(&inner, &hub, partition, d.message().clone());
+            let _ = r.accept(&d).await;
+        }
         return;
     }
     if !inner.may_link(&address) {
@@ -1348,9 +1377,15 @@ fn reply(
 
 /// A link on which the client receives: a reply link of `$cbs`/`$management`, or an entity
 /// in peek-lock (only the messages of `session`, when the link holds one).
-async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender, session: Option<&str>) {
+async fn outgoing(
+    inner: Arc<Inner>,
+    shared: Shared,
+    mut s: Sender,
+    session: Option<&str>,
+    epoch: Option<i64>,
+) {
     let address = source_address(&s);
-    if address == "$cbs" || address.ends_with("/$management") {
+    if address == "$cbs" || address == "$management" || address.ends_with("/$management") {
         let reply_to = s
             .target()
             .as_ref()
@@ -1377,6 +1412,10 @@ async fn outgoing(inner: Arc<Inner>, shared: Shared, mut s: Sender, session: Opt
     }
     if !authorized(&shared, &address) {
         let _ = s.close_with_error(unauthorized(&address)).await;
+        return;
+    }
+    if let Some(source) = eventhubs::receive_source(&inner, &address) {
+        eventhubs::stream(inner, s, source, epoch).await;
         return;
     }
     if !inner.may_link(&address) {
