@@ -69,6 +69,8 @@ pub fn builtin_registry() -> Registry {
     registry.register_pubsub(Arc::new(servicebus::ServiceBusFactory::TOPICS));
     #[cfg(feature = "servicebus")]
     registry.register_pubsub(Arc::new(servicebus::ServiceBusFactory::QUEUES));
+    #[cfg(feature = "eventhubs")]
+    registry.register_pubsub(Arc::new(eventhubs::EventHubsFactory));
     // What a smaller build leaves out answers with the feature that brings it in.
     #[cfg(not(feature = "in-memory"))]
     registry.compiled_out("pubsub.in-memory", "in-memory");
@@ -95,6 +97,8 @@ pub fn builtin_registry() -> Registry {
     ] {
         registry.compiled_out(t, "servicebus");
     }
+    #[cfg(not(feature = "eventhubs"))]
+    registry.compiled_out("pubsub.azure.eventhubs", "eventhubs");
     registry.register_secret_store(Arc::new(secretstores::local_env::LocalEnvFactory));
     registry.register_secret_store(Arc::new(secretstores::local_file::LocalFileFactory));
     registry

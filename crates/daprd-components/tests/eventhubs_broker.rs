@@ -1,0 +1,342 @@
+//! `pubsub.azure.eventhubs` against the test broker of `daprd_testkit::servicebus` (its event
+//! hubs: partitions, offsets, selector filters, `$management` READ; no Event Hubs emulator can
+//! run here) with checkpoints and partition ownership in a private Azurite (Microsoft's Azure
+//! Storage emulator, the real Blob service). The conformance suite, then what is particular to
+//! Event Hubs: the event on the wire and the metadata the app gets, the connection string's
+//! `EntityPath`, and a restart that resumes after the checkpoint.
+
+#![cfg(feature = "eventhubs")]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use daprd_components::eventhubs::EventHubsFactory;
+use daprd_core::metadata::Metadata;
+use daprd_core::pubsub::{Outcome, PubSub, PubSubFactory, SubscribeRequest};
+use daprd_testkit::azurite::Azurite;
+use daprd_testkit::conformance::{self, collector, random_name, Connect, Traits};
+use daprd_testkit::servicebus::TestBroker;
+
+fn metadata(broker: &TestBroker, azurite: &Azurite, group: &str, container: &str) -> Metadata {
+    let mut md = Metadata::new();
+    md.insert("connectionString", broker.connection_string());
+    md.insert("consumerID", group);
+    md.insert("storageConnectionString", azurite.connection_string());
+    md.insert("storageContainerName", container);
+    md.insert("backOffDuration", "100ms");
+    md
+}
+
+async fn connect(md: &Metadata) -> Arc<dyn PubSub> {
+    EventHubsFactory.connect("eventhubs", md).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventhubs_conformance() {
+    let broker = Arc::new(TestBroker::start(0).await.unwrap());
+    let azurite = Arc::new(Azurite::start().await);
+    let container = random_name("conformance").to_ascii_lowercase();
+    let connect_group: Connect = {
+        let (broker, azurite) = (broker.clone(), azurite.clone());
+        Arc::new(move |group| {
+            let md = metadata(&broker, &azurite, &group, &container);
+            Box::pin(async move { connect(&md).await })
+        })
+    };
+    let traits = Traits {
+        redelivers_on_retry: true,
+        competing_consumers: true,
+        redelivery_wait: Duration::from_secs(5),
+        ordered: false,
+        native_ttl: false,
+    };
+    conformance::run(connect_group, traits).await;
+}
+
+/// The event as Go daprd sends it (payload as one data section, content type, partition key
+/// as `x-opt-partition-key`; other metadata not carried), and the metadata the app gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_on_the_wire_and_its_metadata() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let azurite = Azurite::start().await;
+    let hub = random_name("orders");
+    broker.event_hub(&hub, 2);
+    let container = random_name("wire").to_ascii_lowercase();
+    let c = connect(&metadata(&broker, &azurite, "app", &container)).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
+    assert_eq!(broker.event_receivers(&hub), 2, "both partitions read");
+    let mut req = conformance::publish_request_with(
+        &hub,
+        "{\"n\":1}",
+        &[("partitionKey", "k-1"), ("other", "x")],
+    );
+    req.content_type = Some("application/json".into());
+    c.publish(req).await.unwrap();
+
+    let events = broker.events(&hub);
+    assert_eq!(events.len(), 1);
+    let (partition, e) = &events[0];
+    assert_eq!(
+        daprd_components::servicebus::wire::body_bytes(e.body.clone()).as_ref(),
+        b"{\"n\":1}"
+    );
+    assert_eq!(
+        e.properties
+            .as_ref()
+            .and_then(|p| p.content_type.as_ref())
+            .map(|c| c.as_str()),
+        Some("application/json")
+    );
+    assert!(
+        e.application_properties.is_none(),
+        "other metadata is not carried"
+    );
+
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.data.as_ref(), b"{\"n\":1}");
+    assert_eq!(got.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        got.metadata.get("x-opt-partition-key").map(String::as_str),
+        Some("k-1")
+    );
+    assert_eq!(
+        got.metadata
+            .get("x-opt-sequence-number")
+            .map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(
+        got.metadata.get("x-opt-offset").map(String::as_str),
+        Some("0")
+    );
+    assert!(
+        got.metadata
+            .get("x-opt-enqueued-time")
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 20),
+        "RFC 3339 to the second: {:?}",
+        got.metadata.get("x-opt-enqueued-time")
+    );
+    // one key, one partition
+    let mut again =
+        conformance::publish_request_with(&hub, "{\"n\":2}", &[("partitionKey", "k-1")]);
+    again.content_type = None;
+    c.publish(again).await.unwrap();
+    let events = broker.events(&hub);
+    assert_eq!(
+        events[1].0, *partition,
+        "a partition key keeps its partition"
+    );
+    c.close().await.unwrap();
+}
+
+/// With `EntityPath` in the connection string, another topic is refused (Go daprd's check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entity_path_is_the_only_topic() {
+    let broker = TestBroker::start(0).await.unwrap();
+    broker.event_hub("only", 1);
+    let mut md = Metadata::new();
+    md.insert(
+        "connectionString",
+        format!("{};EntityPath=only", broker.connection_string()),
+    );
+    let c = connect(&md).await;
+    c.publish(conformance::publish_request("only", b"1"))
+        .await
+        .unwrap();
+    let e = c
+        .publish(conformance::publish_request("other", b"2"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("does not match the Event Hub name"),
+        "{e}"
+    );
+    assert_eq!(broker.events("only").len(), 1);
+    // subscribing needs the consumer group and the checkpoint store
+    let e = c
+        .subscribe(
+            SubscribeRequest::new("only"),
+            collector(|_, _| Outcome::Success).0,
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("consumerID"), "{e}");
+}
+
+/// A subscriber that stops resumes, in a new instance, after the checkpoint of what the app
+/// accepted: nothing accepted comes again, nothing published meanwhile is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_after_the_checkpoint() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let azurite = Azurite::start().await;
+    let hub = random_name("resume");
+    broker.event_hub(&hub, 1);
+    let container = random_name("resume").to_ascii_lowercase();
+    let md = metadata(&broker, &azurite, "app", &container);
+    let first = connect(&md).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let sub = first
+        .subscribe(SubscribeRequest::new(&hub), h)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        first
+            .publish(conformance::publish_request_with(
+                &hub,
+                &format!("{{\"n\":{i}}}"),
+                &[],
+            ))
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    sub.stop().await;
+    first.close().await.unwrap();
+    // published while nobody reads
+    let publisher = connect(&md).await;
+    for i in 5..8 {
+        publisher
+            .publish(conformance::publish_request_with(
+                &hub,
+                &format!("{{\"n\":{i}}}"),
+                &[],
+            ))
+            .await
+            .unwrap();
+    }
+    let second = connect(&md).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = second
+        .subscribe(SubscribeRequest::new(&hub), h)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(String::from_utf8_lossy(&m.data).into_owned());
+    }
+    assert_eq!(got, ["{\"n\":5}", "{\"n\":6}", "{\"n\":7}"]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err(),
+        "an accepted event came again"
+    );
+    second.close().await.unwrap();
+}
+
+/// Two instances of one consumer group share the partitions (two each, after the second
+/// took its share over from the first, whose receivers the broker detached), each event
+/// reaches one of them once; when one stops, the other takes its partitions over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_a_group_share_the_partitions() {
+    use daprd_components::eventhubs::checkpoints::{CheckpointStore, StorageAccount};
+    let broker = TestBroker::start(0).await.unwrap();
+    let azurite = Azurite::start().await;
+    let hub = random_name("shared");
+    broker.event_hub(&hub, 4);
+    let container = random_name("shared").to_ascii_lowercase();
+    let md = metadata(&broker, &azurite, "app", &container);
+    let store = CheckpointStore::new(
+        StorageAccount::from_connection_string(&azurite.connection_string()).unwrap(),
+        &container,
+        "127.0.0.1",
+        &hub,
+        "app",
+    )
+    .unwrap();
+    let owners = || async {
+        let mut per: std::collections::BTreeMap<String, usize> = Default::default();
+        for o in store.ownership().await.unwrap() {
+            if !o.owner.is_empty() {
+                *per.entry(o.owner).or_default() += 1;
+            }
+        }
+        per.into_values().collect::<Vec<_>>()
+    };
+    let (a, b) = (connect(&md).await, connect(&md).await);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = |who: &'static str| -> daprd_core::pubsub::Handler {
+        let tx = tx.clone();
+        Arc::new(move |m| {
+            let _ = tx.send((who, m));
+            Box::pin(async { Outcome::Success })
+        })
+    };
+    let sa = a
+        .subscribe(SubscribeRequest::new(&hub), handler("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        owners().await,
+        [4],
+        "the first instance takes every partition"
+    );
+    let _sb = b
+        .subscribe(SubscribeRequest::new(&hub), handler("b"))
+        .await
+        .unwrap();
+    daprd_testkit::eventually(Duration::from_secs(40), "two partitions each", || async {
+        (owners().await == [2, 2] && broker.event_receivers(&hub) == 4).then_some(())
+    })
+    .await;
+    const N: usize = 40;
+    for i in 0..N {
+        let key = format!("key-{i}");
+        a.publish(conformance::publish_request_with(
+            &hub,
+            &format!("{{\"n\":{i}}}"),
+            &[("partitionKey", &key)],
+        ))
+        .await
+        .unwrap();
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut by = std::collections::HashSet::new();
+    while seen.len() < N {
+        let (who, m) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        by.insert(who);
+        *seen.entry(m.data.clone()).or_insert(0) += 1;
+    }
+    assert!(seen.values().all(|n| *n == 1), "each event once: {seen:?}");
+    assert_eq!(by.len(), 2, "both instances got events");
+    // the first stops: its partitions are given up and taken by the second
+    sa.stop().await;
+    a.close().await.unwrap();
+    daprd_testkit::eventually(
+        Duration::from_secs(30),
+        "the second holds all four",
+        || async { (owners().await == [4] && broker.event_receivers(&hub) == 4).then_some(()) },
+    )
+    .await;
+    b.publish(conformance::publish_request_with(
+        &hub,
+        "{\"n\":99}",
+        &[("partitionKey", "key-0")],
+    ))
+    .await
+    .unwrap();
+    let (who, m) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((who, m.data.as_ref()), ("b", b"{\"n\":99}".as_ref()));
+    b.close().await.unwrap();
+}
