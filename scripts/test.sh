@@ -77,7 +77,7 @@ matrix_lane() {
     (cd tests/e2e/js && DAPRD_E2E_PUBSUB=$broker npm test)
   done
 }
-read -r -a brokers <<<"${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs gcp.pubsub pulsar azure.servicebus.topics azure.servicebus.queues}"
+read -r -a brokers <<<"${E2E_BROKERS-redis rabbitmq mqtt3 jetstream kafka aws.snssqs gcp.pubsub pulsar azure.servicebus.topics azure.servicebus.queues azure.eventhubs}"
 lanes=("" "")
 for i in "${!brokers[@]}"; do
   lanes[i % 2]+=" ${brokers[i]}"

@@ -340,3 +340,52 @@ async fn instances_of_a_group_share_the_partitions() {
     assert_eq!((who, m.data.as_ref()), ("b", b"{\"n\":99}".as_ref()));
     b.close().await.unwrap();
 }
+
+/// A partition read before it held any event starts, after a restart, where it stood then:
+/// events published while nobody read reach the app (Go daprd's processor, without a
+/// checkpoint, would start at the latest event and skip them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_while_nobody_reads_are_not_skipped() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let azurite = Azurite::start().await;
+    let hub = random_name("gap");
+    broker.event_hub(&hub, 2);
+    let container = random_name("gap").to_ascii_lowercase();
+    let md = metadata(&broker, &azurite, "app", &container);
+    let c = connect(&md).await;
+    let (h, _rx) = collector(|_, _| Outcome::Success);
+    let sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
+    sub.stop().await;
+    for i in 0..4 {
+        c.publish(conformance::publish_request_with(
+            &hub,
+            &format!("{{\"n\":{i}}}"),
+            &[],
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        broker
+            .events(&hub)
+            .iter()
+            .map(|(p, _)| *p)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        2,
+        "both partitions got events"
+    );
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(String::from_utf8_lossy(&m.data).into_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["{\"n\":0}", "{\"n\":1}", "{\"n\":2}", "{\"n\":3}"]);
+    c.close().await.unwrap();
+}

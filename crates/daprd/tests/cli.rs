@@ -93,6 +93,7 @@ fn commented_broker_examples_are_valid_when_uncommented() {
             || (name == "gcp.yaml" && !cfg!(feature = "gcp"))
             || (name == "pulsar.yaml" && !cfg!(feature = "pulsar"))
             || (name == "servicebus.yaml" && !cfg!(feature = "servicebus"))
+            || (name == "eventhubs.yaml" && !cfg!(feature = "eventhubs"))
         {
             continue;
         }
@@ -124,7 +125,8 @@ fn commented_broker_examples_are_valid_when_uncommented() {
         + usize::from(cfg!(feature = "snssqs"))
         + usize::from(cfg!(feature = "gcp"))
         + usize::from(cfg!(feature = "pulsar"))
-        + usize::from(cfg!(feature = "servicebus"));
+        + usize::from(cfg!(feature = "servicebus"))
+        + usize::from(cfg!(feature = "eventhubs"));
     assert_eq!(
         checked,
         4 + optional,

@@ -15,7 +15,7 @@ export const DAPRD = process.env.DAPRD_BIN ?? join(ROOT, "target", "debug", "dap
 // slice of the shared broker (see isolateBroker), so runs never see each other's messages.
 export const PUBSUB = process.env.DAPRD_E2E_PUBSUB ?? "in-memory";
 const BROKERS = ["in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub", "pulsar",
-  "azure.servicebus.topics", "azure.servicebus.queues"];
+  "azure.servicebus.topics", "azure.servicebus.queues", "azure.eventhubs"];
 if (!BROKERS.includes(PUBSUB)) throw new Error(`DAPRD_E2E_PUBSUB must be one of ${BROKERS}`);
 const REDIS_DB = "9"; // the e2e database, flushed before each test
 const NATS_URL = "localhost:4222";
@@ -61,6 +61,12 @@ function brokerMetadata() {
     // a private Service Bus test broker per test (isolateBroker)
     "azure.servicebus.topics": { connectionString: serviceBusConnection },
     "azure.servicebus.queues": { connectionString: serviceBusConnection },
+    // the test broker's event hubs (made by the first READ) with checkpoints in this
+    // process's Azurite, a container per test; a refused event comes again after 1 s
+    "azure.eventhubs": {
+      connectionString: serviceBusConnection, storageConnectionString: azuriteConnection,
+      storageContainerName: `e2e-${testTag}`, backOffDuration: "1s", backOffMaxRetries: "-1",
+    },
   }[PUBSUB];
 }
 
@@ -86,9 +92,11 @@ export async function isolateBroker() {
     pulsarUrl = first;
     return stop;
   }
-  if (PUBSUB.startsWith("azure.servicebus.")) {
+  if (PUBSUB.startsWith("azure.")) {
+    // the Service Bus test broker serves event hubs too
     const { first, stop } = await startOwnBroker(SERVICEBUS_BROKER);
     serviceBusConnection = first;
+    if (PUBSUB === "azure.eventhubs") await startAzurite();
     return stop;
   }
   if (PUBSUB !== "jetstream") return async () => {};
@@ -106,6 +114,32 @@ export async function isolateBroker() {
     await jsm.streams.delete(`${name}-dlt`);
     await nc.close();
   };
+}
+
+// Azurite (Microsoft's Azure Storage emulator; scripts/services.sh installs it into .azurite):
+// one Blob service per test process, started on first use, stopped when the process exits.
+const AZURITE_BLOB = process.env.AZURITE_BLOB ?? join(ROOT, ".azurite", "node_modules", ".bin", "azurite-blob");
+const AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+let azuriteConnection = "";
+
+async function startAzurite() {
+  if (azuriteConnection) return;
+  const port = await freePort();
+  const location = mkdtempSync(join(tmpdir(), "azurite-"));
+  const proc = spawn(AZURITE_BLOB, ["--blobHost", "127.0.0.1", "--blobPort", String(port),
+    "--location", location, "--silent", "--skipApiVersionCheck", "--loose"], { stdio: "ignore" });
+  proc.unref();
+  process.on("exit", () => {
+    proc.kill("SIGKILL");
+    rmSync(location, { recursive: true, force: true });
+  });
+  const deadline = Date.now() + 30_000;
+  while (!(await listening(port))) {
+    if (Date.now() > deadline) throw new Error(`Azurite did not listen on ${port} within 30 s`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  azuriteConnection = `DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=${AZURITE_KEY};`
+    + `BlobEndpoint=http://127.0.0.1:${port}/devstoreaccount1;`;
 }
 
 /** One of the repository's own test brokers on a free port: its first line of output (how to
@@ -129,6 +163,15 @@ async function startOwnBroker(binary) {
   return { first, stop };
 }
 
+/** Whether something accepts connections on 127.0.0.1:`port`. */
+function listening(port) {
+  return new Promise((res) => {
+    const sock = connect(port, "127.0.0.1");
+    sock.on("connect", () => { sock.destroy(); res(true); });
+    sock.on("error", () => res(false));
+  });
+}
+
 /** A private Kafka-protocol broker (tansu, in-memory storage) on a free port; returns its stop. */
 async function startTansu() {
   kafkaPort = await freePort();
@@ -137,12 +180,7 @@ async function startTansu() {
     "--storage-engine", "memory://tansu/"], { stdio: "ignore" });
   const deadline = Date.now() + 10_000;
   for (;;) {
-    const open = await new Promise((res) => {
-      const sock = connect(kafkaPort, "127.0.0.1");
-      sock.on("connect", () => { sock.destroy(); res(true); });
-      sock.on("error", () => res(false));
-    });
-    if (open) break;
+    if (await listening(kafkaPort)) break;
     if (Date.now() > deadline) throw new Error("tansu did not listen");
     await new Promise((r) => setTimeout(r, 50));
   }

@@ -23,8 +23,10 @@ DAPRD = Path(os.environ.get("DAPRD_BIN", ROOT / "target" / "debug" / "daprd"))
 # brokers never see each other's messages.
 PUBSUB = os.environ.get("DAPRD_E2E_PUBSUB", "in-memory")
 BROKERS = ("in-memory", "redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs",
-           "gcp.pubsub", "pulsar", "azure.servicebus.topics", "azure.servicebus.queues")
-SERVICEBUS = ("azure.servicebus.topics", "azure.servicebus.queues")
+           "gcp.pubsub", "pulsar", "azure.servicebus.topics", "azure.servicebus.queues",
+           "azure.eventhubs")
+# the components the Service Bus test broker serves (it is an Event Hubs namespace too)
+SERVICEBUS = ("azure.servicebus.topics", "azure.servicebus.queues", "azure.eventhubs")
 assert PUBSUB in BROKERS, f"DAPRD_E2E_PUBSUB must be one of {BROKERS}"
 REDIS_DB = "9"  # the e2e database, flushed before each test
 NATS_URL = "nats://localhost:4222"
@@ -77,7 +79,51 @@ def broker_metadata() -> dict:
         # a private Service Bus test broker per test (see isolated_broker)
         "azure.servicebus.topics": {"connectionString": _servicebus["cs"]},
         "azure.servicebus.queues": {"connectionString": _servicebus["cs"]},
+        # the test broker's event hubs (made by the first READ, 4 partitions) with
+        # checkpoints in the session's Azurite, a container per test; a refused event is
+        # handed again after backOffDuration, without end (as the suites expect of RETRY)
+        "azure.eventhubs": {"connectionString": _servicebus["cs"],
+                            "storageConnectionString": azurite_connection_string(),
+                            "storageContainerName": "e2e-" + tag,
+                            "backOffDuration": "1s", "backOffMaxRetries": "-1"},
     }[PUBSUB]
+
+
+AZURITE_BLOB = Path(os.environ.get("AZURITE_BLOB",
+                                   ROOT / ".azurite" / "node_modules" / ".bin" / "azurite-blob"))
+# Azurite's well-known development account
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+_azurite = {"port": None}
+
+
+def azurite_connection_string() -> str:
+    """The storage connection string of this session's Azurite Blob service (Microsoft's
+    Azure Storage emulator), started on first use and stopped when the session ends."""
+    if _azurite["port"] is None:
+        if not AZURITE_BLOB.exists():
+            pytest.fail(f"{AZURITE_BLOB} is missing: scripts/services.sh installs Azurite",
+                        pytrace=False)
+        import atexit
+
+        port = free_port()
+        location = tempfile.mkdtemp(prefix="azurite-")
+        proc = subprocess.Popen(
+            [str(AZURITE_BLOB), "--blobHost", "127.0.0.1", "--blobPort", str(port),
+             "--location", location, "--silent", "--skipApiVersionCheck", "--loose"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def stop():
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(location, ignore_errors=True)
+        atexit.register(stop)
+        wait_listening(port, 30, "Azurite")
+        _azurite["port"] = port
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{_azurite['port']}/{AZURITE_ACCOUNT};")
 
 
 # The shared brokers on loopback (scripts/services.sh starts them): name and port.

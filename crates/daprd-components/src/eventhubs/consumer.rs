@@ -11,9 +11,10 @@
 //! means another instance took the partition: its receiver stops), and gives them up when it
 //! stops.
 //!
-//! A partition's receiver starts after its checkpoint (`x-opt-offset > '<offset>'`), or with
-//! the events that arrive from now on when there is none (Go daprd's processor starts at the
-//! latest event). Events go to the app in order; up to [`IN_FLIGHT`] at once unless
+//! A partition's receiver starts after its checkpoint (`x-opt-offset > '<offset>'`), or, when
+//! there is none, after the partition's last event (Go daprd's processor starts at the latest
+//! event too) — a position written as the checkpoint at once, so that what is published while
+//! no instance reads is delivered after a restart (Go's processor would skip it). Events go to the app in order; up to [`IN_FLIGHT`] at once unless
 //! `enableInOrderMessageDelivery`. An event the app did not take is handed again after
 //! `backOffDuration`, up to `backOffMaxRetries` times, then given up (logged). The checkpoint
 //! moves to the last event of an unbroken run of settled ones, every
@@ -72,31 +73,16 @@ impl Consumer {
         let mut conn = Conn::open(&self.md.connection, self.md.timeout).await?;
         let result = async {
             conn.authorize(&self.hub).await?;
-            let (token, _) = conn.token(&self.hub).await?;
-            let mut rpc = conn.namespace_management().await?;
-            let mut props = OrderedMap::new();
-            for (k, v) in [
-                ("operation", "READ"),
-                ("name", self.hub.as_str()),
-                ("type", "com.microsoft:eventhub"),
-                ("security_token", token.as_str()),
-            ] {
-                props.insert(k.to_string(), SimpleValue::String(v.to_string()));
-            }
-            let what = format!("reading event hub {}", self.hub);
-            let body =
-                amqp::within(self.md.timeout, &what, rpc.call(&what, props, Value::Null)).await?;
-            let ids = match &body {
-                Value::Map(m) => match m.get(&Value::String("partition_ids".into())) {
-                    Some(Value::Array(a)) => a.0.iter().map(amqp::value_text).collect(),
-                    Some(Value::List(l)) => l.iter().map(amqp::value_text).collect(),
-                    _ => Vec::new(),
-                },
+            let body = self.read_entity(&mut conn, None).await?;
+            let ids: Vec<String> = match field(&body, "partition_ids") {
+                Some(Value::Array(a)) => a.0.iter().map(amqp::value_text).collect(),
+                Some(Value::List(l)) => l.iter().map(amqp::value_text).collect(),
                 _ => Vec::new(),
             };
             if ids.is_empty() {
                 return Err(AmqpError::BadMessage(format!(
-                    "{what}: the answer names no partitions"
+                    "reading event hub {}: the answer names no partitions",
+                    self.hub
                 )));
             }
             Ok(ids)
@@ -104,6 +90,62 @@ impl Consumer {
         .await;
         conn.close().await;
         result
+    }
+
+    /// `READ` of the hub (`partition` `None`) or one of its partitions on the namespace's
+    /// `$management` node, on `conn` (authorized for the hub); the answer's body.
+    async fn read_entity(
+        &self,
+        conn: &mut Conn,
+        partition: Option<&str>,
+    ) -> Result<Value, AmqpError> {
+        let (token, _) = conn.token(&self.hub).await?;
+        let mut rpc = conn.namespace_management().await?;
+        let mut props = OrderedMap::new();
+        let kind = match partition {
+            Some(_) => "com.microsoft:partition",
+            None => "com.microsoft:eventhub",
+        };
+        for (k, v) in [
+            ("operation", "READ"),
+            ("name", self.hub.as_str()),
+            ("type", kind),
+            ("security_token", token.as_str()),
+        ]
+        .into_iter()
+        .chain(partition.map(|p| ("partition", p)))
+        {
+            props.insert(k.to_string(), SimpleValue::String(v.to_string()));
+        }
+        let what = match partition {
+            Some(p) => format!("reading partition {p} of event hub {}", self.hub),
+            None => format!("reading event hub {}", self.hub),
+        };
+        let body = amqp::within(self.md.timeout, &what, rpc.call(&what, props, Value::Null)).await;
+        rpc.close().await;
+        body
+    }
+
+    /// Where a partition without a checkpoint starts: after its last event now (Go daprd's
+    /// processor starts at the latest event too), recorded at once as the group's checkpoint,
+    /// so that what arrives while no instance reads is not skipped after a restart.
+    async fn start_at_end(
+        &self,
+        conn: &mut Conn,
+        partition: &str,
+    ) -> Result<(String, i64), AmqpError> {
+        let body = self.read_entity(conn, Some(partition)).await?;
+        let empty = matches!(field(&body, "is_partition_empty"), Some(Value::Bool(true)));
+        let position = match (
+            field(&body, "last_enqueued_offset"),
+            field(&body, "last_enqueued_sequence_number"),
+        ) {
+            (Some(offset), Some(Value::Long(seq))) if !empty => (amqp::value_text(offset), *seq),
+            // nothing in it yet: from its start
+            _ => ("-1".to_string(), -1),
+        };
+        self.checkpoint(partition, Some(&position)).await;
+        Ok(position)
     }
 
     /// Claims this instance's first partitions and waits (up to the timeout) until their
@@ -335,13 +377,16 @@ impl Consumer {
             "{}/ConsumerGroups/{}/Partitions/{partition}",
             self.hub, self.group
         );
-        let filter = match position {
-            Some((offset, _)) => format!("amqp.annotation.x-opt-offset > '{offset}'"),
-            None => "amqp.annotation.x-opt-offset > '@latest'".to_string(),
-        };
         let mut conn = Conn::open(&self.md.connection, self.md.timeout).await?;
         let mut receiver = match async {
             conn.authorize(&self.hub).await?;
+            let (offset, _) = match position.as_ref() {
+                Some(p) => p.clone(),
+                None => position
+                    .insert(self.start_at_end(&mut conn, partition).await?)
+                    .clone(),
+            };
+            let filter = format!("amqp.annotation.x-opt-offset > '{offset}'");
             conn.event_receiver(&address, &filter, PREFETCH).await
         }
         .await
@@ -492,6 +537,14 @@ impl Consumer {
             // the events past the last checkpoint are read again later: not lost
             tracing::warn!(component = %self.component, hub = %self.hub, partition, error = %e, "azure event hubs: writing the checkpoint failed");
         }
+    }
+}
+
+/// A field of a `$management` answer's map.
+fn field<'a>(body: &'a Value, key: &str) -> Option<&'a Value> {
+    match body {
+        Value::Map(m) => m.get(&Value::String(key.into())),
+        _ => None,
     }
 }
 

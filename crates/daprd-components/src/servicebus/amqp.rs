@@ -524,7 +524,7 @@ impl Rpc {
 
     /// Detaches both links (errors ignored: the connection is going away), waiting at most
     /// a second for each answer.
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         let limit = Duration::from_secs(1);
         let _ = tokio::time::timeout(limit, self.sender.close()).await;
         let _ = tokio::time::timeout(limit, self.receiver.close()).await;
