@@ -1732,6 +1732,7 @@ mod persist {
             "lock_duration_ms": s.lock_duration.as_millis() as u64,
             "max_delivery_count": s.max_delivery_count,
             "next_sequence": s.next_sequence,
+            "hubs": super::eventhubs::dump(&s.hubs),
         })
         .to_string()
     }
@@ -1796,6 +1797,7 @@ mod persist {
             s.max_delivery_count = u32::try_from(n).unwrap_or(u32::MAX);
         }
         s.next_sequence = v["next_sequence"].as_i64().unwrap_or(1);
+        s.hubs = super::eventhubs::load(&v["hubs"])?;
         Ok(())
     }
 }

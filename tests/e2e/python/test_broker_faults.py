@@ -6,7 +6,7 @@ message (*lost* = published with a 2xx and never delivered to the app).
   production user would choose to keep acknowledged data (Redis AOF with fsync always,
   RabbitMQ durable queues with persistent messages and publisher confirms, Mosquitto
   persistence saved on every change, JetStream file storage, tansu on SQLite, the Service Bus
-  test broker with a data directory): lost 0; no request sent while the broker is down is
+  test broker — also the Event Hubs one — with a data directory): lost 0; no request sent while the broker is down is
   answered 2xx before it returns; publishing and delivery resume within 1 s of its return.
   SNS/SQS is left out: its test server (moto) keeps everything in memory, so killing it is not
   a fault AWS can have; so are Pulsar, whose test broker keeps no data, and GCP Pub/Sub, whose
@@ -137,10 +137,10 @@ class PrivateBroker:
             # no maximum delivery count to speak of (as the suite's other Service Bus tests)
             "servicebus": [str(SERVICEBUS_BROKER), "--port", p, "--data-dir", d,
                            "--max-delivery-count", "1000000"],
-        }["servicebus" if self.kind.startswith("azure.servicebus.") else self.kind]
+        }["servicebus" if self.kind.startswith("azure.") else self.kind]
 
     def start(self):
-        if self.kind.startswith("azure.servicebus."):
+        if self.kind.startswith("azure."):
             # it runs until its input closes, and says its connection string first
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -197,10 +197,11 @@ DURABLE = {
 
 
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka",
-                                  "azure.servicebus.topics", "azure.servicebus.queues"])
+                                  "azure.servicebus.topics", "azure.servicebus.queues",
+                                  "azure.eventhubs"])
 def test_broker_sigkill_for_5s_loses_nothing(kind, sidecar_factory, app_factory):
     pb = PrivateBroker(kind)
-    private = pb if kind.startswith("azure.servicebus.") else None
+    private = pb if kind.startswith("azure.") else None
     broker = Broker(kind, addr=f"127.0.0.1:{pb.port}", private=private)
     try:
         extra = DURABLE.get(kind, {})
@@ -310,7 +311,7 @@ BLACKHOLE_RSS_GROWTH_MIB = 32
 @pytest.mark.parametrize("seconds", [5, 30])
 @pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt3", "jetstream", "aws.snssqs",
                                   "kafka", "pulsar", "gcp.pubsub", "azure.servicebus.topics",
-                                  "azure.servicebus.queues"])
+                                  "azure.servicebus.queues", "azure.eventhubs"])
 def test_network_blackhole_loses_nothing(kind, seconds, sidecar_factory, app_factory):
     # Kafka, 30 s: longer than the 10 s sessionTimeout, so the consumer rejoins its group under
     # a new member id (stock tansu 0.6 never let it in: scripts/tansu-rejoin.patch)
@@ -337,8 +338,9 @@ def blackhole(kind, seconds, sidecar_factory, app_factory, extra=None):
         # the test broker's lookups send clients to the proxy too
         private = PulsarBroker(advertised=proxy.port)
         proxy.upstream = private.port
-    if kind.startswith("azure.servicebus."):
-        # the test broker (AMQP and its management API on one port), no maximum delivery count
+    if kind.startswith("azure."):
+        # the test broker (AMQP and its management API on one port; event hubs too), no
+        # maximum delivery count
         private = ServiceBusBroker(max_delivery_count=1_000_000)
         proxy.upstream = private.port
     broker = Broker(kind, addr=f"127.0.0.1:{proxy.port}", private=private)

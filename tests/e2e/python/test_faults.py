@@ -1,5 +1,5 @@
 """The fault suite: the same scenarios against every component with a broker (Redis,
-RabbitMQ, MQTT, JetStream, Kafka, SNS/SQS, GCP Pub/Sub, Pulsar), counting with a sequence number in every
+RabbitMQ, MQTT, JetStream, Kafka, SNS/SQS, GCP Pub/Sub, Pulsar, Service Bus, Event Hubs), counting with a sequence number in every
 message. *lost* = published with a 2xx and never delivered to the app; *dup* = deliveries
 beyond the first.
 
@@ -36,10 +36,11 @@ import pytest
 import requests
 
 from conftest import (NATS_URL, PUBSUB_EMULATOR, SNSSQS_ENDPOINT, PulsarBroker, ServiceBusBroker,
-                      _nats, eventually, require_broker, start_tansu)
+                      _nats, azurite_connection_string, eventually, require_broker,
+                      start_tansu)
 
 BROKERS = ["redis", "rabbitmq", "mqtt3", "jetstream", "kafka", "aws.snssqs", "gcp.pubsub",
-           "pulsar", "azure.servicebus.topics", "azure.servicebus.queues"]
+           "pulsar", "azure.servicebus.topics", "azure.servicebus.queues", "azure.eventhubs"]
 # SIGTERMs per run of the graceful test (the issue's 20 is FAULT_SIGTERMS=20)
 SIGTERMS = int(os.environ.get("FAULT_SIGTERMS", "4"))
 # Most deliveries a SIGKILL may repeat: what the app had in hand, unacknowledged; for Kafka
@@ -55,7 +56,10 @@ INFLIGHT_WINDOW = {"kafka": 2 * PUBLISH_RATE}
 # time (measured: one more emulator pusher thread per killed or cancelled stream, and
 # messages coming back in 10-second rounds, some after 70 s). Real Pub/Sub ends such a stream
 # and redelivers its messages after the deadline. 240 s leaves a message 24 rounds.
-REDELIVERY_AFTER_KILL = {"gcp.pubsub": 240}
+# Event Hubs: the killed instance's partition claims stand until they expire (60 s without
+# renewal); the restarted one takes one partition over at once and one more every 10 s while
+# the dead owner holds more than its share, the rest when the claims expire.
+REDELIVERY_AFTER_KILL = {"gcp.pubsub": 240, "azure.eventhubs": 120}
 
 
 class Broker:
@@ -78,7 +82,7 @@ class Broker:
         # delivery count to speak of (Service Bus's 10 would dead-letter the poison message
         # the suite retries forever)
         self.servicebus = (ServiceBusBroker(max_delivery_count=1_000_000)
-                           if kind.startswith("azure.servicebus.") and not addr else None)
+                           if kind.startswith("azure.") and not addr else None)
         self.private = private
         self.nats_url = f"nats://{addr}" if addr else NATS_URL
         self.stream = None
@@ -130,8 +134,16 @@ class Broker:
             # the queue is the topic's name: every receiver of it competes
             "azure.servicebus.queues": {
                 "connectionString": self.servicebus.url if self.servicebus else ""},
+            # the test broker's event hub (4 partitions), consumer group `consumerID`,
+            # checkpoints in the session's Azurite; a refused event is handed again after
+            # backOffDuration without end (the suite's poison message is retried forever)
+            "azure.eventhubs": {
+                "connectionString": self.servicebus.url if self.servicebus else "",
+                "consumerID": group, "storageConnectionString": azurite_connection_string(),
+                "storageContainerName": f"fault{self.tag}", "backOffDuration": "500ms",
+                "backOffMaxRetries": "-1"},
         }[self.kind]
-        if self.addr and self.kind.startswith("azure.servicebus."):
+        if self.addr and self.kind.startswith("azure."):
             meta["connectionString"] = self.private.url_at(self.addr)
         elif self.addr:
             key, value = {

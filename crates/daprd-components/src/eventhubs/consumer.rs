@@ -310,7 +310,9 @@ impl Consumer {
         ready: oneshot::Sender<()>,
     ) {
         let mut ready = Some(ready);
-        let mut pause = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        // quick to come back (the service returning is seen within a second), and no busier
+        // than one attempt a second while it is away
+        let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         // the last event settled (offset, sequence number) and whether it is checkpointed
         let mut position: Option<(String, i64)> = None;
         let mut checkpointed = true;

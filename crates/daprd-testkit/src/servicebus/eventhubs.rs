@@ -15,7 +15,7 @@
 //! `com.microsoft:eventhub`) or a partition's last sequence number and offset (type
 //! `com.microsoft:partition`). Consumer groups are not kept apart (each receiver reads
 //! from its own position, which is all a consumer group is to the service), epochs are not
-//! enforced, and event hubs are not kept by `start_persistent`.
+//! enforced. `start_persistent` keeps event hubs and their events too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,7 @@ impl TestBroker {
                 created_ms: now_ms(),
                 ..Hub::default()
             });
+        self.inner.save(&s);
     }
 
     /// Every event of `hub`, as (partition, event with the broker's annotations), partition
@@ -170,6 +171,7 @@ pub(super) fn append(inner: &Inner, hub: &str, partition: Option<usize>, mut mes
         Value::Timestamp(Timestamp::from_milliseconds(now_ms())),
     );
     h.partitions[p].push(message);
+    inner.save(&s);
     drop(s);
     inner.available.notify_waiters();
 }
@@ -383,11 +385,17 @@ pub(super) fn management(
     let key = name.to_ascii_lowercase();
     if !s.strict && prop("type").as_deref() == Some("com.microsoft:eventhub") {
         // as entities come into being when first named: an event hub when first read
-        s.hubs.entry(key.clone()).or_insert_with(|| Hub {
-            partitions: vec![Vec::new(); DEFAULT_PARTITIONS],
-            created_ms: now_ms(),
-            ..Hub::default()
-        });
+        if !s.hubs.contains_key(&key) {
+            s.hubs.insert(
+                key.clone(),
+                Hub {
+                    partitions: vec![Vec::new(); DEFAULT_PARTITIONS],
+                    created_ms: now_ms(),
+                    ..Hub::default()
+                },
+            );
+            inner.save(&s);
+        }
     }
     let Some(h) = s.hubs.get(&key) else {
         return (404, Value::Null);
@@ -433,4 +441,74 @@ pub(super) fn management(
         _ => return (400, Value::Null),
     }
     (200, Value::Map(body))
+}
+
+/// The event hubs as JSON (each event as its AMQP encoding in base64), for `start_persistent`.
+pub(super) fn dump(hubs: &std::collections::HashMap<String, Hub>) -> serde_json::Value {
+    use base64::Engine as _;
+    use fe2o3_amqp::types::messaging::message::__private::Serializable;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    hubs.iter()
+        .map(|(name, h)| {
+            let partitions: Vec<Vec<String>> = h
+                .partitions
+                .iter()
+                .map(|events| {
+                    events
+                        .iter()
+                        .map(|e| {
+                            b64.encode(
+                                serde_amqp::to_vec(&Serializable(e.clone())).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .collect();
+            let value = serde_json::json!({
+                "partitions": partitions,
+                "next": h.next,
+                "created_ms": h.created_ms,
+            });
+            (name.clone(), value)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// The event hubs [`dump`] wrote.
+pub(super) fn load(
+    v: &serde_json::Value,
+) -> Result<std::collections::HashMap<String, Hub>, String> {
+    use base64::Engine as _;
+    use fe2o3_amqp::types::messaging::message::__private::Deserializable;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut hubs = std::collections::HashMap::new();
+    for (name, h) in v.as_object().into_iter().flatten() {
+        let mut partitions = Vec::new();
+        for events in h["partitions"].as_array().into_iter().flatten() {
+            let mut list = Vec::new();
+            for e in events.as_array().into_iter().flatten() {
+                let bytes = b64
+                    .decode(e.as_str().ok_or("an event that is not text")?)
+                    .map_err(|e| e.to_string())?;
+                let Deserializable(m): Deserializable<AmqpMessage> =
+                    serde_amqp::from_slice(&bytes).map_err(|e| e.to_string())?;
+                list.push(m);
+            }
+            partitions.push(list);
+        }
+        if partitions.is_empty() {
+            return Err(format!("event hub {name} has no partitions"));
+        }
+        hubs.insert(
+            name.clone(),
+            Hub {
+                partitions,
+                next: usize::try_from(h["next"].as_u64().unwrap_or_default()).unwrap_or(0),
+                created_ms: h["created_ms"].as_i64().unwrap_or_default(),
+                ..Hub::default()
+            },
+        );
+    }
+    Ok(hubs)
 }
