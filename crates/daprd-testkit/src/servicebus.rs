@@ -56,6 +56,7 @@
 //! Left out: session state, transactions.
 
 pub mod eventhubs;
+mod framing;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -862,7 +863,7 @@ fn conn_lock(c: &Shared) -> MutexGuard<'_, ConnState> {
 
 /// Serves one TCP connection: the AMQP engine runs on one end of an in-memory pipe whose other
 /// end is shuttled to the socket, so a drop cuts the socket without a close frame.
-async fn serve(inner: Arc<Inner>, mut tcp: TcpStream) {
+async fn serve(inner: Arc<Inner>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     if let Some(acceptor) = inner.tls.clone() {
         return serve_tls(inner, acceptor, tcp).await;
@@ -875,14 +876,27 @@ async fn serve(inner: Arc<Inner>, mut tcp: TcpStream) {
         _ => return,
     }
     let mut generation = inner.generation.subscribe();
-    let (engine_side, mut pipe) = tokio::io::duplex(256 * 1024);
+    let (engine_side, pipe) = tokio::io::duplex(256 * 1024);
     let amqp = tokio::spawn(run_connection(inner.clone(), engine_side));
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut tcp, &mut pipe) => {}
+        () = shuttle(tcp, pipe) => {}
         _ = generation.changed() => {}
     }
     amqp.abort();
-    drop(tcp);
+}
+
+/// Copies between the client and the engine's end of the pipe until either ends; what the
+/// engine writes goes out with every performative's fields ([`framing`]).
+async fn shuttle<S>(client: S, pipe: tokio::io::DuplexStream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut client_in, client_out) = tokio::io::split(client);
+    let (engine_out, mut engine_in) = tokio::io::split(pipe);
+    tokio::select! {
+        _ = tokio::io::copy(&mut client_in, &mut engine_in) => {}
+        _ = framing::copy_padded(engine_out, client_out) => {}
+    }
 }
 
 /// [`serve`] behind TLS: the first decrypted byte tells AMQP (`A`) from HTTP.
@@ -917,7 +931,7 @@ async fn serve_tls(inner: Arc<Inner>, acceptor: tokio_rustls::TlsAcceptor, tcp: 
     }
     let amqp = tokio::spawn(run_connection(inner.clone(), engine_side));
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut tls, &mut pipe) => {}
+        () = shuttle(tls, pipe) => {}
         _ = generation.changed() => {}
     }
     amqp.abort();
@@ -932,7 +946,9 @@ async fn run_connection(inner: Arc<Inner>, io: tokio::io::DuplexStream) {
         return;
     };
     let shared: Shared = Arc::default();
-    let sessions = SessionAcceptor::new();
+    // handle-max said explicitly (as Azure says it): left at its default it is not written,
+    // and Microsoft's Python Event Hubs client needs a number there
+    let sessions = SessionAcceptor::builder().handle_max(4095u32).build();
     let mut tasks = Vec::new();
     while let Ok(session) = sessions.accept(&mut connection).await {
         tasks.push(tokio::spawn(run_session(
@@ -1177,8 +1193,11 @@ async fn incoming(inner: Arc<Inner>, shared: Shared, mut r: Receiver) {
     }
     if let Some((hub, partition)) = eventhubs::send_target(&inner, &address) {
         while let Ok(d) = r.recv::<Body<Value>>().await {
-            // appended before the client hears it was accepted
-            eventhubs::append(&inner, &hub, partition, d.message().clone());
+            // appended before the client hears it was accepted; a batch (Azure's SDKs send
+            // one message whose data sections are the events) event by event
+            for event in eventhubs::unbatch(*d.message_format(), d.message()) {
+                eventhubs::append(&inner, &hub, partition, event);
+            }
             let _ = r.accept(&d).await;
         }
         return;

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::link::Sender;
 use fe2o3_amqp::types::definitions;
-use fe2o3_amqp::types::messaging::MessageAnnotations;
+use fe2o3_amqp::types::messaging::{Body, MessageAnnotations};
 use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 
 use tokio::sync::watch;
@@ -124,6 +124,44 @@ pub(super) fn receive_source(inner: &Inner, address: &str) -> Option<(String, St
     let s = lock(&inner.state);
     let h = s.hubs.get(hub)?;
     (partition < h.partitions.len()).then(|| (hub.to_string(), group.to_string(), partition))
+}
+
+/// The message format of a batch: each data section is an encoded event.
+const BATCH_FORMAT: u32 = 0x8001_3700;
+
+/// The events a received message carries: itself, or those of a batch. The batch's partition
+/// key annotation applies to each of its events.
+pub(super) fn unbatch(format: Option<u32>, message: &AmqpMessage) -> Vec<AmqpMessage> {
+    use fe2o3_amqp::types::messaging::message::__private::Deserializable;
+    let Body::Data(sections) = &message.body else {
+        return vec![message.clone()];
+    };
+    if format != Some(BATCH_FORMAT) {
+        return vec![message.clone()];
+    }
+    let key = annotation(message, "x-opt-partition-key").cloned();
+    sections
+        .iter()
+        .filter_map(|data| {
+            let Deserializable(mut event): Deserializable<AmqpMessage> =
+                serde_amqp::from_slice(&data.0).ok()?;
+            if let Some(k) = &key {
+                let annotations = event
+                    .message_annotations
+                    .get_or_insert_with(|| MessageAnnotations(OrderedMap::new()));
+                if annotations
+                    .0
+                    .get(&symbol_key("x-opt-partition-key"))
+                    .is_none()
+                {
+                    annotations
+                        .0
+                        .insert(symbol_key("x-opt-partition-key"), k.clone());
+                }
+            }
+            Some(event)
+        })
+        .collect()
 }
 
 /// Appends `message` to `hub` (its `partition`, else the key's or the next one), with the
