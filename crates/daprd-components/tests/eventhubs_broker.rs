@@ -508,3 +508,58 @@ async fn a_persistent_broker_started_again_still_has_its_events() {
     );
     c.close().await.unwrap();
 }
+
+/// An event whose retries ran out is not checkpointed past (Go daprd checkpoints past it and
+/// loses it: dapr/dapr#7549): the partition goes on, and after a restart it comes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_retries_ran_out_comes_again_after_a_restart() {
+    let broker = TestBroker::start(0).await.unwrap();
+    let azurite = Azurite::start().await;
+    let hub = random_name("stuck");
+    broker.event_hub(&hub, 1);
+    let container = random_name("stuck").to_ascii_lowercase();
+    let mut md = metadata(&broker, &azurite, "app", &container);
+    md.insert("backOffMaxRetries", "1");
+    md.insert("backOffDuration", "10ms");
+    md.insert("enableInOrderMessageDelivery", "true");
+    let c = connect(&md).await;
+    // the app refuses event 1 every time
+    let (h, mut rx) = collector(|m, _| {
+        if m.data.as_ref() == b"{\"n\":1}" {
+            Outcome::Retry
+        } else {
+            Outcome::Success
+        }
+    });
+    let sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
+    for i in 0..3 {
+        c.publish(conformance::publish_request_with(
+            &hub,
+            &format!("{{\"n\":{i}}}"),
+            &[],
+        ))
+        .await
+        .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(String::from_utf8_lossy(&m.data).into_owned());
+    }
+    // 0, 1 and its one retry, then the partition goes on to 2
+    assert_eq!(got, ["{\"n\":0}", "{\"n\":1}", "{\"n\":1}", "{\"n\":2}"]);
+    sub.stop().await;
+    c.close().await.unwrap();
+    let c = connect(&md).await;
+    let (h, mut rx) = collector(|_, _| Outcome::Success);
+    let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the event the app never took comes again")
+        .unwrap();
+    assert_eq!(first.data.as_ref(), b"{\"n\":1}");
+    c.close().await.unwrap();
+}

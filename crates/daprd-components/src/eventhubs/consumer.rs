@@ -16,10 +16,12 @@
 //! event too) — a position written as the checkpoint at once, so that what is published while
 //! no instance reads is delivered after a restart (Go's processor would skip it). Events go to the app in order; up to [`IN_FLIGHT`] at once unless
 //! `enableInOrderMessageDelivery`. An event the app did not take is handed again after
-//! `backOffDuration`, up to `backOffMaxRetries` times, then given up (logged). The checkpoint
-//! moves to the last event of an unbroken run of settled ones, every
-//! `checkPointFrequencyPerPartition` events and when the receiver stops; what is past it is
-//! read again after a restart or by the partition's next owner.
+//! `backOffDuration`, up to `backOffMaxRetries` times, then left (logged) while the partition
+//! goes on. The checkpoint moves to the last event of an unbroken run of events the app took,
+//! every `checkPointFrequencyPerPartition` events and when the receiver stops — never past an
+//! event it did not take (Go daprd checkpoints past one whose retries ran out, and loses it:
+//! dapr/dapr#7549); what is past the checkpoint is read again after a restart or by the
+//! partition's next owner.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -468,8 +470,9 @@ impl Consumer {
         result
     }
 
-    /// Hands one event to the app until it is settled; its (offset, sequence number), or
-    /// `None` when the stop came first (it is read again later).
+    /// Hands one event to the app until it is settled; its (offset, sequence number) once the
+    /// app took it (or dropped it), `None` when the stop came first or the retries ran out:
+    /// then no checkpoint passes it, and it is read again later.
     fn deliver(
         &self,
         event: AmqpMessage<Body<Value>>,
@@ -512,8 +515,10 @@ impl Consumer {
                     Outcome::Retry => {}
                 }
                 if max_retries.is_some_and(|max| attempt >= max) {
-                    tracing::error!(%component, offset, sequence, "azure event hubs: too many failed attempts at processing the event; given up");
-                    return Some((offset, sequence));
+                    // Go daprd checkpoints past it here and loses it (dapr/dapr#7549): the
+                    // checkpoint stays before it instead
+                    tracing::error!(%component, offset, sequence, "azure event hubs: too many failed attempts at processing the event; the partition goes on, and the checkpoint stays before the event, so it is handed again after a restart or to the partition's next owner");
+                    return None;
                 }
                 attempt += 1;
                 tracing::warn!(%component, offset, sequence, attempt, "azure event hubs: event not processed; retrying");

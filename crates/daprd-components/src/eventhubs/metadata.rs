@@ -37,7 +37,8 @@ pub struct EventHubsMetadata {
     pub all_properties: bool,
     /// `backOffMaxRetries` (3, as Go's component; -1: forever) and `backOffDuration` (5s):
     /// how often, and after what pause, an event the app did not take is handed again before
-    /// it is given up (logged, and the partition goes on).
+    /// it is left (logged; the partition goes on, and no checkpoint passes the event, so a
+    /// restart hands it again).
     pub max_retries: Option<u64>,
     /// See `max_retries`.
     pub retry_pause: Duration,
