@@ -13,9 +13,12 @@
 //!   `storageContainerName`) in the layout of Azure's SDKs, so a Go daprd (or any Azure
 //!   processor) of the same group takes over where this one stopped ([`consumer`]).
 //!
-//! Not supported: `enableEntityManagement` with Entra ID (Azure Resource Manager creates
-//! event hubs; a clear error), Entra ID for Blob Storage.
+//! * Entity management (`enableEntityManagement` with Entra ID, as Go daprd): missing event
+//!   hubs and consumer groups are made through Azure Resource Manager ([`arm`]).
+//!
+//! Not supported: Entra ID for Blob Storage.
 
+mod arm;
 pub mod checkpoints;
 mod consumer;
 mod metadata;
@@ -32,7 +35,8 @@ use fe2o3_amqp::types::messaging::{Data, Message, MessageAnnotations, Properties
 use fe2o3_amqp::types::primitives::{Binary, OrderedMap, Symbol, Value};
 use tokio::sync::watch;
 
-pub use metadata::{EventHubsMetadata, SubscribeOptions, ENTRA_SCOPE};
+pub use arm::ArmError;
+pub use metadata::{EntityManagement, EventHubsMetadata, SubscribeOptions, ENTRA_SCOPE};
 
 use crate::servicebus::amqp::{AmqpError, Conn};
 use crate::servicebus::Publisher;
@@ -61,10 +65,19 @@ impl PubSubFactory for EventHubsFactory {
         let conn = Conn::open(&md.connection, md.timeout)
             .await
             .map_err(component_error)?;
+        let arm = match (&md.entity_management, &md.connection.entra) {
+            (Some(settings), Some(credential)) => Some(
+                arm::Arm::new(settings.clone(), &md.connection.host, credential.clone())
+                    .map_err(|e| permanent(e.to_string()))?,
+            ),
+            _ => None,
+        };
         Ok(Arc::new(EventHubsPubSub {
             name: name.to_string(),
             publisher: Publisher::new(md.connection.clone(), md.timeout, Some(conn)),
             md: Arc::new(md),
+            arm,
+            ensured: std::sync::Mutex::default(),
             stop: watch::channel(false).0,
         }))
     }
@@ -75,6 +88,10 @@ pub struct EventHubsPubSub {
     name: String,
     md: Arc<EventHubsMetadata>,
     publisher: Publisher,
+    /// Resource Manager, with `enableEntityManagement`.
+    arm: Option<arm::Arm>,
+    /// Event hubs (and `<hub>/<consumer group>`s) already looked up, and made if missing.
+    ensured: std::sync::Mutex<std::collections::HashSet<String>>,
     stop: watch::Sender<bool>,
 }
 
@@ -133,6 +150,35 @@ impl EventHubsPubSub {
         }
     }
 
+    /// With entity management: makes the event hub `hub` (and with `group`, that consumer
+    /// group of it) through Resource Manager if missing, once per component.
+    async fn ensure(&self, hub: &str, group: Option<&str>) -> Result<(), PubSubError> {
+        let Some(arm) = &self.arm else {
+            return Ok(());
+        };
+        let key = match group {
+            Some(g) => format!("{hub}/{g}"),
+            None => hub.to_string(),
+        };
+        let ensured = || {
+            self.ensured
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if ensured().contains(&key) {
+            return Ok(());
+        }
+        let made = match group {
+            Some(g) => arm.ensure_consumer_group(hub, g).await,
+            None => arm.ensure_hub(hub).await,
+        };
+        made.map_err(|e| {
+            PubSubError::broker(ErrorKind::Transient, format!("azure event hubs: {e}"))
+        })?;
+        ensured().insert(key);
+        Ok(())
+    }
+
     /// Sends `events` to `hub`; on a transient failure once more on a new connection.
     async fn send(
         &self,
@@ -168,6 +214,7 @@ impl PubSub for EventHubsPubSub {
             return Err(PubSubError::Closed);
         }
         let hub = self.hub(&request.topic)?;
+        self.ensure(&hub, None).await?;
         let message = event(
             &request.data,
             request.content_type.as_deref(),
@@ -188,6 +235,7 @@ impl PubSub for EventHubsPubSub {
             return Err(PubSubError::Closed);
         }
         let hub = self.hub(&request.topic)?;
+        self.ensure(&hub, None).await?;
         let mut key: Option<&str> = request
             .metadata
             .get("partitionKey")
@@ -266,6 +314,8 @@ impl PubSub for EventHubsPubSub {
             .container
             .clone()
             .ok_or_else(|| missing("storageContainerName"))?;
+        self.ensure(&hub, None).await?;
+        self.ensure(&hub, Some(&group)).await?;
         let store = checkpoints::CheckpointStore::new(
             account,
             &container,

@@ -914,14 +914,8 @@ async fn serve_tls(inner: Arc<Inner>, acceptor: tokio_rustls::TlsAcceptor, tcp: 
         let Some(request) = crate::http1::read_request(&mut reader).await else {
             return;
         };
-        let (status, body) = manage(&inner, &request);
-        crate::http1::respond(
-            &mut tls,
-            status,
-            "application/atom+xml;type=entry;charset=utf-8",
-            &body,
-        )
-        .await;
+        let (status, content_type, body) = answer(&inner, &request);
+        crate::http1::respond(&mut tls, status, content_type, &body).await;
         return;
     }
     let mut generation = inner.generation.subscribe();
@@ -1525,14 +1519,23 @@ async fn serve_http(inner: &Inner, mut tcp: TcpStream) {
     let Some(request) = crate::http1::read_request(&mut tcp).await else {
         return;
     };
-    let (status, body) = manage(inner, &request);
-    crate::http1::respond(
-        &mut tcp,
+    let (status, content_type, body) = answer(inner, &request);
+    crate::http1::respond(&mut tcp, status, content_type, &body).await;
+}
+
+/// One HTTP request: Azure Resource Manager's Event Hubs API (`/subscriptions/...`, JSON), or
+/// Service Bus's ATOM management API; (status, content type, body).
+fn answer(inner: &Inner, request: &crate::http1::Request) -> (&'static str, &'static str, String) {
+    if request.path.starts_with("/subscriptions/") {
+        let (status, body) = eventhubs::arm(inner, request);
+        return (status, "application/json; charset=utf-8", body);
+    }
+    let (status, body) = manage(inner, request);
+    (
         status,
         "application/atom+xml;type=entry;charset=utf-8",
-        &body,
+        body,
     )
-    .await;
 }
 
 const ATOM_ERROR: &str = "<Error><Code>{code}</Code><Detail>{detail}</Detail></Error>";

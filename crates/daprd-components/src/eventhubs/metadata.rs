@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use daprd_core::metadata::{Metadata, MetadataError, MetadataReader};
 
+pub use super::arm::EntityManagement;
 use super::checkpoints::StorageAccount;
 use crate::servicebus::ConnectionString;
 
@@ -44,6 +45,37 @@ pub struct EventHubsMetadata {
     pub retry_pause: Duration,
     /// How long a network step (connect, attach, publish) may take.
     pub timeout: Duration,
+    /// `enableEntityManagement` (with `eventHubNamespace`): missing event hubs and consumer
+    /// groups are made through Azure Resource Manager.
+    pub entity_management: Option<EntityManagement>,
+}
+
+/// `subscriptionID` and `resourceGroupName` (required), `partitionCount` (1, up to 1024) and
+/// `messageRetentionInDays` (1, up to 90), and the cloud's Resource Manager.
+fn entity_management(md: &Metadata, r: &mut MetadataReader<'_>) -> Option<EntityManagement> {
+    let subscription = r.required("subscriptionID", " (for enableEntityManagement)");
+    let resource_group = r.required("resourceGroupName", " (for enableEntityManagement)");
+    let partitions = r.int("partitionCount", 1, 1..=1024);
+    let retention = r.int("messageRetentionInDays", 1, 1..=90);
+    let environment = md
+        .get_non_empty("azureEnvironment")
+        .or_else(|| md.get_non_empty("azureCloud"))
+        .unwrap_or_default();
+    let Some((endpoint, scope)) = EntityManagement::cloud(
+        environment,
+        std::env::var("AZURE_RESOURCE_MANAGER_ENDPOINT").ok(),
+    ) else {
+        // the Entra ID settings report the unknown cloud
+        return None;
+    };
+    Some(EntityManagement {
+        subscription,
+        resource_group,
+        partitions: u32::try_from(partitions).unwrap_or(1),
+        retention_days: u32::try_from(retention).unwrap_or(1),
+        endpoint,
+        scope,
+    })
 }
 
 /// Events of one partition in the app's hands at once, unless in order.
@@ -75,8 +107,8 @@ impl EventHubsMetadata {
                 }
             },
             (None, Some(ns)) => {
-                // Go daprd: a bare namespace name gets Azure's suffix
-                let ns = if ns.contains('.') {
+                // Go daprd: a bare namespace name gets Azure's suffix (not a `host:port`)
+                let ns = if ns.contains('.') || ns.contains(':') {
                     ns.to_string()
                 } else {
                     format!("{ns}.servicebus.windows.net")
@@ -95,14 +127,17 @@ impl EventHubsMetadata {
             c.scope = ENTRA_SCOPE;
             c
         });
-        if r.bool("enableEntityManagement", false)
-            && md.get_non_empty("eventHubNamespace").is_some()
-        {
-            r.fail(
-                "enableEntityManagement",
-                "is not supported: event hubs and consumer groups are made through Azure Resource Manager, which daprd-rs does not call; create them beforehand",
-            );
-        }
+        let entity_management = if r.bool("enableEntityManagement", false) {
+            if md.get_non_empty("eventHubNamespace").is_some() {
+                entity_management(md, &mut r)
+            } else {
+                // Go daprd: only with Entra ID
+                tracing::warn!("azure event hubs: enableEntityManagement is ignored with a connection string (it needs Microsoft Entra ID: eventHubNamespace)");
+                None
+            }
+        } else {
+            None
+        };
         let consumer_group = md
             .get_non_empty("consumerID")
             .or_else(|| md.get_non_empty("consumerGroup"))
@@ -159,6 +194,7 @@ impl EventHubsMetadata {
                 scope: ENTRA_SCOPE,
             });
             Self {
+                entity_management,
                 hub: connection.entity_path.clone(),
                 connection,
                 consumer_group,
@@ -262,6 +298,35 @@ mod tests {
         ]))
         .expect_err("no key");
         assert_eq!(e[0].field, "storageAccountKey");
+    }
+
+    #[test]
+    fn entity_management_needs_entra_id_a_subscription_and_a_resource_group() {
+        let entra = [
+            ("eventHubNamespace", "myns"),
+            ("azureTenantId", "t"),
+            ("azureClientId", "c"),
+            ("azureClientSecret", "s"),
+            ("enableEntityManagement", "true"),
+        ];
+        let e = EventHubsMetadata::parse(&md(&entra)).expect_err("no subscription");
+        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["subscriptionID", "resourceGroupName"]);
+        let mut all = entra.to_vec();
+        all.extend([("subscriptionID", "sub"), ("resourceGroupName", "rg")]);
+        let m = EventHubsMetadata::parse(&md(&all)).expect("parses");
+        // a bare namespace name gets Azure's suffix, as in Go
+        assert_eq!(m.connection.host, "myns.servicebus.windows.net");
+        let em = m.entity_management.expect("on");
+        assert_eq!((em.partitions, em.retention_days), (1, 1));
+        assert_eq!(em.scope, "https://management.azure.com/.default");
+        // with a connection string it is ignored (Go: it needs Entra ID)
+        let m = EventHubsMetadata::parse(&md(&[
+            ("connectionString", CS),
+            ("enableEntityManagement", "true"),
+        ]))
+        .expect("parses");
+        assert!(m.entity_management.is_none());
     }
 
     #[test]

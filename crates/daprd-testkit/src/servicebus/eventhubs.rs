@@ -56,6 +56,10 @@ pub(super) struct Hub {
     next: usize,
     /// Receivers attached now.
     receivers: usize,
+    /// Consumer groups made through Azure Resource Manager (`$Default` always exists).
+    groups: std::collections::HashSet<String>,
+    /// Its properties as Resource Manager was given them (`PUT`), if it was made there.
+    arm: Option<String>,
     /// The epoch receiver of each (consumer group, partition), and what tells it it was
     /// replaced.
     holders: std::collections::HashMap<(String, usize), (u64, watch::Sender<bool>)>,
@@ -93,6 +97,19 @@ impl TestBroker {
             .unwrap_or_default()
     }
 
+    /// The consumer groups of `hub` made through Azure Resource Manager, and the properties
+    /// the hub was made with there (if it was).
+    pub fn arm_made(&self, hub: &str) -> (Vec<String>, Option<String>) {
+        let s = lock(&self.inner.state);
+        s.hubs
+            .get(&hub.to_ascii_lowercase())
+            .map_or((Vec::new(), None), |h| {
+                let mut groups: Vec<String> = h.groups.iter().cloned().collect();
+                groups.sort();
+                (groups, h.arm.clone())
+            })
+    }
+
     /// How many partition receivers of `hub` are attached now.
     pub fn event_receivers(&self, hub: &str) -> usize {
         lock(&self.inner.state)
@@ -123,6 +140,10 @@ pub(super) fn receive_source(inner: &Inner, address: &str) -> Option<(String, St
     let partition = partition.parse::<usize>().ok()?;
     let s = lock(&inner.state);
     let h = s.hubs.get(hub)?;
+    // strict (as Event Hubs): a consumer group nobody made is not found
+    if s.strict && group != "$default" && !h.groups.contains(group) {
+        return None;
+    }
     (partition < h.partitions.len()).then(|| (hub.to_string(), group.to_string(), partition))
 }
 
@@ -506,6 +527,8 @@ pub(super) fn dump(hubs: &std::collections::HashMap<String, Hub>) -> serde_json:
                 "partitions": partitions,
                 "next": h.next,
                 "created_ms": h.created_ms,
+                "groups": h.groups.iter().collect::<Vec<_>>(),
+                "arm": h.arm,
             });
             (name.clone(), value)
         })
@@ -544,9 +567,111 @@ pub(super) fn load(
                 partitions,
                 next: usize::try_from(h["next"].as_u64().unwrap_or_default()).unwrap_or(0),
                 created_ms: h["created_ms"].as_i64().unwrap_or_default(),
+                groups: h["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|g| g.as_str().map(str::to_string))
+                    .collect(),
+                arm: h["arm"].as_str().map(str::to_string),
                 ..Hub::default()
             },
         );
     }
     Ok(hubs)
+}
+
+/// Azure Resource Manager's Event Hubs API, as Go daprd's entity management uses it (a bearer
+/// token checked as the management API's): `GET`/`PUT`
+/// `/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.EventHub/namespaces/<ns>/eventhubs/<hub>`
+/// (a `PUT` makes the hub with its `properties.partitionCount`) and
+/// `.../eventhubs/<hub>/consumergroups/<group>`; (status, JSON body).
+pub(super) fn arm(inner: &Inner, request: &crate::http1::Request) -> (&'static str, String) {
+    let error = |status: &'static str, code: &str, message: &str| {
+        (
+            status,
+            serde_json::json!({"error": {"code": code, "message": message}}).to_string(),
+        )
+    };
+    let token = request
+        .header("authorization")
+        .unwrap_or_default()
+        .strip_prefix("Bearer ")
+        .unwrap_or_default();
+    if let Err(why) = inner.check_jwt(token) {
+        return error("401 Unauthorized", "InvalidAuthenticationToken", &why);
+    }
+    let path = request.path.to_ascii_lowercase();
+    let Some((_, rest)) = path.split_once("/providers/microsoft.eventhub/namespaces/") else {
+        return error("404 Not Found", "NotFound", "not an Event Hubs resource");
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut s = lock(&inner.state);
+    match parts.as_slice() {
+        [_ns, "eventhubs", hub] => {
+            let hub = (*hub).to_string();
+            match request.method.as_str() {
+                "GET" => match s.hubs.get(&hub) {
+                    Some(h) => ("200 OK", hub_json(&hub, h)),
+                    None => error("404 Not Found", "NotFound", "the event hub does not exist"),
+                },
+                "PUT" => {
+                    let body: serde_json::Value =
+                        serde_json::from_str(&request.body).unwrap_or_default();
+                    let partitions = body["properties"]["partitionCount"]
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|n| (1..=1024).contains(n))
+                        .unwrap_or(DEFAULT_PARTITIONS);
+                    let h = s.hubs.entry(hub.clone()).or_insert_with(|| Hub {
+                        partitions: vec![Vec::new(); partitions],
+                        created_ms: now_ms(),
+                        ..Hub::default()
+                    });
+                    h.arm = Some(request.body.clone());
+                    let answer = hub_json(&hub, h);
+                    inner.save(&s);
+                    ("200 OK", answer)
+                }
+                _ => error(
+                    "405 Method Not Allowed",
+                    "MethodNotAllowed",
+                    &request.method,
+                ),
+            }
+        }
+        [_ns, "eventhubs", hub, "consumergroups", group] => {
+            let Some(h) = s.hubs.get_mut(*hub) else {
+                return error("404 Not Found", "NotFound", "the event hub does not exist");
+            };
+            let answer = serde_json::json!({"name": group, "properties": {}}).to_string();
+            match request.method.as_str() {
+                "GET" if h.groups.contains(*group) || *group == "$default" => ("200 OK", answer),
+                "GET" => error(
+                    "404 Not Found",
+                    "NotFound",
+                    "the consumer group does not exist",
+                ),
+                "PUT" => {
+                    h.groups.insert((*group).to_string());
+                    inner.save(&s);
+                    ("200 OK", answer)
+                }
+                _ => error(
+                    "405 Method Not Allowed",
+                    "MethodNotAllowed",
+                    &request.method,
+                ),
+            }
+        }
+        _ => error("404 Not Found", "NotFound", "no such resource"),
+    }
+}
+
+fn hub_json(name: &str, h: &Hub) -> String {
+    serde_json::json!({
+        "name": name,
+        "properties": {"partitionCount": h.partitions.len(), "status": "Active"},
+    })
+    .to_string()
 }
