@@ -28,8 +28,53 @@ fn metadata(broker: &TestBroker, azurite: &Azurite, group: &str, container: &str
     md
 }
 
+/// A test broker with a hub of its own, an Azurite, and the component's metadata for them.
+struct Setup {
+    broker: TestBroker,
+    azurite: Azurite,
+    hub: String,
+    container: String,
+    md: Metadata,
+}
+
+async fn setup(name: &str, partitions: usize) -> Setup {
+    let broker = TestBroker::start(0).await.unwrap();
+    let azurite = Azurite::start().await;
+    let hub = random_name(name);
+    broker.event_hub(&hub, partitions);
+    let container = random_name(name).to_ascii_lowercase();
+    let md = metadata(&broker, &azurite, "app", &container);
+    Setup {
+        broker,
+        azurite,
+        hub,
+        container,
+        md,
+    }
+}
+
 async fn connect(md: &Metadata) -> Arc<dyn PubSub> {
     EventHubsFactory.connect("eventhubs", md).await.unwrap()
+}
+
+/// The next message the app got, within 10 s.
+async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a message within 10 s")
+        .expect("the handler is alive")
+}
+
+/// A publish of `{"n":<i>}` to `hub`.
+fn numbered(hub: &str, i: usize) -> daprd_core::pubsub::PublishRequest {
+    conformance::publish_request_with(hub, &format!("{{\"n\":{i}}}"), &[])
+}
+
+/// Nothing more comes within half a second.
+async fn quiet<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> bool {
+    tokio::time::timeout(Duration::from_millis(500), rx.recv())
+        .await
+        .is_err()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,12 +103,14 @@ async fn eventhubs_conformance() {
 /// as `x-opt-partition-key`; other metadata not carried), and the metadata the app gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_on_the_wire_and_its_metadata() {
-    let broker = TestBroker::start(0).await.unwrap();
-    let azurite = Azurite::start().await;
-    let hub = random_name("orders");
-    broker.event_hub(&hub, 2);
-    let container = random_name("wire").to_ascii_lowercase();
-    let c = connect(&metadata(&broker, &azurite, "app", &container)).await;
+    let Setup {
+        broker,
+        azurite: _azurite,
+        hub,
+        md,
+        ..
+    } = setup("orders", 2).await;
+    let c = connect(&md).await;
     let (h, mut rx) = collector(|_, _| Outcome::Success);
     let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
     assert_eq!(broker.event_receivers(&hub), 2, "both partitions read");
@@ -94,10 +141,7 @@ async fn the_event_on_the_wire_and_its_metadata() {
         "other metadata is not carried"
     );
 
-    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let got = next(&mut rx).await;
     assert_eq!(got.data.as_ref(), b"{\"n\":1}");
     assert_eq!(got.content_type.as_deref(), Some("application/json"));
     assert_eq!(
@@ -173,12 +217,14 @@ async fn the_entity_path_is_the_only_topic() {
 /// accepted: nothing accepted comes again, nothing published meanwhile is missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_after_the_checkpoint() {
-    let broker = TestBroker::start(0).await.unwrap();
-    let azurite = Azurite::start().await;
-    let hub = random_name("resume");
-    broker.event_hub(&hub, 1);
-    let container = random_name("resume").to_ascii_lowercase();
-    let md = metadata(&broker, &azurite, "app", &container);
+    // the broker and Azurite live to the end of the test
+    let Setup {
+        broker: _broker,
+        azurite: _azurite,
+        hub,
+        md,
+        ..
+    } = setup("resume", 1).await;
     let first = connect(&md).await;
     let (h, mut rx) = collector(|_, _| Outcome::Success);
     let sub = first
@@ -196,10 +242,7 @@ async fn a_restart_resumes_after_the_checkpoint() {
             .unwrap();
     }
     for _ in 0..5 {
-        tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        next(&mut rx).await;
     }
     sub.stop().await;
     first.close().await.unwrap();
@@ -223,19 +266,11 @@ async fn a_restart_resumes_after_the_checkpoint() {
         .unwrap();
     let mut got = Vec::new();
     for _ in 0..3 {
-        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let m = next(&mut rx).await;
         got.push(String::from_utf8_lossy(&m.data).into_owned());
     }
     assert_eq!(got, ["{\"n\":5}", "{\"n\":6}", "{\"n\":7}"]);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), rx.recv())
-            .await
-            .is_err(),
-        "an accepted event came again"
-    );
+    assert!(quiet(&mut rx).await, "an accepted event came again");
     second.close().await.unwrap();
 }
 
@@ -245,12 +280,13 @@ async fn a_restart_resumes_after_the_checkpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_of_a_group_share_the_partitions() {
     use daprd_components::eventhubs::checkpoints::{CheckpointStore, StorageAccount};
-    let broker = TestBroker::start(0).await.unwrap();
-    let azurite = Azurite::start().await;
-    let hub = random_name("shared");
-    broker.event_hub(&hub, 4);
-    let container = random_name("shared").to_ascii_lowercase();
-    let md = metadata(&broker, &azurite, "app", &container);
+    let Setup {
+        broker,
+        azurite,
+        hub,
+        container,
+        md,
+    } = setup("shared", 4).await;
     let store = CheckpointStore::new(
         StorageAccount::from_connection_string(&azurite.connection_string()).unwrap(),
         &container,
@@ -308,10 +344,7 @@ async fn instances_of_a_group_share_the_partitions() {
     let mut seen = std::collections::HashMap::new();
     let mut by = std::collections::HashSet::new();
     while seen.len() < N {
-        let (who, m) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let (who, m) = next(&mut rx).await;
         by.insert(who);
         *seen.entry(m.data.clone()).or_insert(0) += 1;
     }
@@ -333,10 +366,7 @@ async fn instances_of_a_group_share_the_partitions() {
     ))
     .await
     .unwrap();
-    let (who, m) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let (who, m) = next(&mut rx).await;
     assert_eq!((who, m.data.as_ref()), ("b", b"{\"n\":99}".as_ref()));
     b.close().await.unwrap();
 }
@@ -346,12 +376,13 @@ async fn instances_of_a_group_share_the_partitions() {
 /// checkpoint, would start at the latest event and skip them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_published_while_nobody_reads_are_not_skipped() {
-    let broker = TestBroker::start(0).await.unwrap();
-    let azurite = Azurite::start().await;
-    let hub = random_name("gap");
-    broker.event_hub(&hub, 2);
-    let container = random_name("gap").to_ascii_lowercase();
-    let md = metadata(&broker, &azurite, "app", &container);
+    let Setup {
+        broker,
+        azurite: _azurite,
+        hub,
+        md,
+        ..
+    } = setup("gap", 2).await;
     let c = connect(&md).await;
     let (h, _rx) = collector(|_, _| Outcome::Success);
     let sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
@@ -379,10 +410,7 @@ async fn events_published_while_nobody_reads_are_not_skipped() {
     let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..4 {
-        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let m = next(&mut rx).await;
         got.push(String::from_utf8_lossy(&m.data).into_owned());
     }
     got.sort();
@@ -395,12 +423,14 @@ async fn events_published_while_nobody_reads_are_not_skipped() {
 /// the app — none lost, none that the app had accepted handed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_mid_stream_lose_nothing() {
-    let broker = TestBroker::start(0).await.unwrap();
-    let azurite = Azurite::start().await;
-    let hub = random_name("cut");
-    broker.event_hub(&hub, 2);
-    let container = random_name("cut").to_ascii_lowercase();
-    let c = connect(&metadata(&broker, &azurite, "app", &container)).await;
+    let Setup {
+        broker,
+        azurite: _azurite,
+        hub,
+        md,
+        ..
+    } = setup("cut", 2).await;
+    let c = connect(&md).await;
     let (h, mut rx) = collector(|_, _| Outcome::Success);
     let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
     const N: usize = 60;
@@ -410,7 +440,7 @@ async fn connections_cut_mid_stream_lose_nothing() {
             broker.drop_connections();
         }
         // a publish the cut interrupted fails; the caller (the runtime's resiliency) retries
-        let req = conformance::publish_request_with(&hub, &format!("{{\"n\":{i}}}"), &[]);
+        let req = numbered(&hub, i);
         daprd_testkit::eventually(Duration::from_secs(20), "a publish to go through", || {
             let (c, req) = (c.clone(), req.clone());
             async move { c.publish(req).await.ok() }
@@ -437,12 +467,7 @@ async fn connections_cut_mid_stream_lose_nothing() {
         *seen.entry(m.data.clone()).or_insert(0usize) += 1;
     }
     assert_eq!(seen, stored, "each stored event reaches the app once");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), rx.recv())
-            .await
-            .is_err(),
-        "an accepted event came again"
-    );
+    assert!(quiet(&mut rx).await, "an accepted event came again");
     c.close().await.unwrap();
 }
 
@@ -464,10 +489,7 @@ async fn a_persistent_broker_started_again_still_has_its_events() {
     c.publish(conformance::publish_request_with(&hub, "done", &[]))
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    next(&mut rx).await;
     sub.stop().await;
     for n in 0..4 {
         c.publish(conformance::publish_request_with(
@@ -492,18 +514,13 @@ async fn a_persistent_broker_started_again_still_has_its_events() {
     let _sub = c.subscribe(SubscribeRequest::new(&hub), h).await.unwrap();
     let mut got = std::collections::BTreeSet::new();
     for _ in 0..4 {
-        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let m = next(&mut rx).await;
         got.insert(String::from_utf8_lossy(&m.data).into_owned());
     }
     let want: std::collections::BTreeSet<String> = (0..4).map(|n| format!("kept-{n}")).collect();
     assert_eq!(got, want);
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), rx.recv())
-            .await
-            .is_err(),
+        quiet(&mut rx).await,
         "the event read before the restart came again"
     );
     c.close().await.unwrap();
@@ -513,12 +530,13 @@ async fn a_persistent_broker_started_again_still_has_its_events() {
 /// loses it: dapr/dapr#7549): the partition goes on, and after a restart it comes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_retries_ran_out_comes_again_after_a_restart() {
-    let broker = TestBroker::start(0).await.unwrap();
-    let azurite = Azurite::start().await;
-    let hub = random_name("stuck");
-    broker.event_hub(&hub, 1);
-    let container = random_name("stuck").to_ascii_lowercase();
-    let mut md = metadata(&broker, &azurite, "app", &container);
+    let Setup {
+        broker: _broker,
+        azurite: _azurite,
+        hub,
+        mut md,
+        ..
+    } = setup("stuck", 1).await;
     md.insert("backOffMaxRetries", "1");
     md.insert("backOffDuration", "10ms");
     md.insert("enableInOrderMessageDelivery", "true");
@@ -543,10 +561,7 @@ async fn an_event_whose_retries_ran_out_comes_again_after_a_restart() {
     }
     let mut got = Vec::new();
     while got.len() < 4 {
-        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let m = next(&mut rx).await;
         got.push(String::from_utf8_lossy(&m.data).into_owned());
     }
     // 0, 1 and its one retry, then the partition goes on to 2

@@ -181,18 +181,7 @@ impl EventHubsMetadata {
             Duration::from_secs(5),
         );
         r.finish(|| {
-            let connection = connection.unwrap_or_else(|| ConnectionString {
-                host: String::new(),
-                port: 0,
-                tls: true,
-                key_name: None,
-                key: None,
-                signature: None,
-                entity_path: None,
-                endpoint_port: None,
-                entra: None,
-                scope: ENTRA_SCOPE,
-            });
+            let connection = connection.unwrap_or_else(|| ConnectionString::unset(ENTRA_SCOPE));
             Self {
                 entity_management,
                 hub: connection.entity_path.clone(),

@@ -110,13 +110,9 @@ impl std::fmt::Debug for ConnectionString {
 }
 
 impl ConnectionString {
-    /// Parses `s` (keys are case-insensitive; values may contain `=`).
-    ///
-    /// # Errors
-    /// What is missing or malformed, naming the part (never the key's value).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut endpoint = None;
-        let mut out = Self {
+    /// Nothing set yet (TLS on), its Entra ID tokens for `scope`.
+    pub(crate) fn unset(scope: &'static str) -> Self {
+        Self {
             host: String::new(),
             port: 0,
             tls: true,
@@ -126,8 +122,17 @@ impl ConnectionString {
             entity_path: None,
             endpoint_port: None,
             entra: None,
-            scope: ENTRA_SCOPE,
-        };
+            scope,
+        }
+    }
+
+    /// Parses `s` (keys are case-insensitive; values may contain `=`).
+    ///
+    /// # Errors
+    /// What is missing or malformed, naming the part (never the key's value).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut endpoint = None;
+        let mut out = Self::unset(ENTRA_SCOPE);
         let mut emulator = false;
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((k, v)) = part.split_once('=') else {
@@ -213,14 +218,9 @@ pub(crate) fn namespace(
     Some(ConnectionString {
         host: host.to_string(),
         port: port.unwrap_or(5671),
-        tls: true,
-        key_name: None,
-        key: None,
-        signature: None,
-        entity_path: None,
         endpoint_port: port,
         entra: Some(std::sync::Arc::new(credential)),
-        scope: ENTRA_SCOPE,
+        ..ConnectionString::unset(ENTRA_SCOPE)
     })
 }
 
@@ -329,18 +329,7 @@ impl ServiceBusMetadata {
         };
         let publish_initial_retry = r.int(retry_key, 500, 0..=3_600_000);
         r.finish(|| Self {
-            connection: connection.unwrap_or_else(|| ConnectionString {
-                host: String::new(),
-                port: 0,
-                tls: true,
-                key_name: None,
-                key: None,
-                signature: None,
-                entity_path: None,
-                endpoint_port: None,
-                entra: None,
-                scope: ENTRA_SCOPE,
-            }),
+            connection: connection.unwrap_or_else(|| ConnectionString::unset(ENTRA_SCOPE)),
             consumer_id,
             timeout,
             handler_timeout,
