@@ -41,6 +41,15 @@ pub use metadata::{EntityManagement, EventHubsMetadata, SubscribeOptions, ENTRA_
 use crate::servicebus::amqp::{AmqpError, Conn};
 use crate::servicebus::Publisher;
 
+/// How the component turns a publish into an event and a received event into the app's
+/// metadata; public for the check of the framing against a real AMQP 1.0 broker (RabbitMQ's
+/// plugin), not an API.
+#[doc(hidden)]
+pub mod wire {
+    pub use super::consumer::incoming_metadata;
+    pub use super::event;
+}
+
 /// Builds `pubsub.azure.eventhubs` components.
 pub struct EventHubsFactory;
 
@@ -109,7 +118,11 @@ fn permanent(message: String) -> PubSubError {
 }
 
 /// The event Go daprd sends: the payload, its content type, the partition key annotation.
-fn event(data: &[u8], content_type: Option<&str>, partition_key: Option<&str>) -> Message<Data> {
+pub fn event(
+    data: &[u8],
+    content_type: Option<&str>,
+    partition_key: Option<&str>,
+) -> Message<Data> {
     let mut annotations = OrderedMap::new();
     if let Some(key) = partition_key.filter(|k| !k.is_empty()) {
         annotations.insert(

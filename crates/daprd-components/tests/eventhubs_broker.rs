@@ -326,8 +326,13 @@ async fn instances_of_a_group_share_the_partitions() {
         .subscribe(SubscribeRequest::new(&hub), handler("b"))
         .await
         .unwrap();
+    // settled: two claims each, the second's two receivers attached (each took a partition's
+    // reading over from the first's, which the broker detached) and the first's gone
     daprd_testkit::eventually(Duration::from_secs(40), "two partitions each", || async {
-        (owners().await == [2, 2] && broker.event_receivers(&hub) == 4).then_some(())
+        (owners().await == [2, 2]
+            && broker.event_takeovers(&hub) == 2
+            && broker.event_receivers(&hub) == 4)
+            .then_some(())
     })
     .await;
     const N: usize = 40;

@@ -1,4 +1,5 @@
-//! The AMQP 1.0 framing of the Service Bus component checked against a real AMQP 1.0 broker
+//! The AMQP 1.0 framing of the Service Bus component (and of Event Hubs' events, which it
+//! shares its client with) checked against a real AMQP 1.0 broker
 //! that is not ours: Debian's RabbitMQ with its `rabbitmq_amqp1_0` plugin, on a private node
 //! (its own port and enabled-plugins file; the machine's shared broker is never changed).
 //! The component's tests otherwise run against the test broker of `daprd_testkit::servicebus`,
@@ -174,4 +175,54 @@ async fn shut(mut conn: ConnectionHandle<()>, mut session: SessionHandle<()>) {
         .await
         .expect("rabbitmq answered the connection's close")
         .unwrap();
+}
+
+/// An Event Hubs event (as `pubsub.azure.eventhubs` encodes it) crosses RabbitMQ unchanged,
+/// read as the component reads events: a receiver the broker sends settled deliveries to.
+#[cfg(feature = "eventhubs")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_hubs_event_crosses_rabbitmq_amqp_1_0_unchanged() {
+    use daprd_components::eventhubs::wire as events;
+    let node = Node::start(&["rabbitmq_amqp1_0"]).await;
+    let (conn, mut session) = open(&node).await;
+    let address = format!("/queue/{}", random_name("events"));
+    let mut sender = Sender::attach(&mut session, "events-sender", address.as_str())
+        .await
+        .unwrap();
+    let data = br#"{"specversion":"1.0","data":{"n":1}}"#;
+    let event = events::event(data, Some("application/json"), Some("customer-7"));
+    let outcome = tokio::time::timeout(WITHIN, sender.send(event))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Accepted(_)), "{outcome:?}");
+    let mut receiver = Receiver::builder()
+        .name(format!("receiver-{}", uuid::Uuid::new_v4()))
+        .source(address.as_str())
+        .target(format!("daprd-{}", uuid::Uuid::new_v4()))
+        .receiver_settle_mode(ReceiverSettleMode::First)
+        .sender_settle_mode(SenderSettleMode::Settled)
+        .credit_mode(CreditMode::Auto(10))
+        .attach(&mut session)
+        .await
+        .unwrap();
+    let (_, message) = next(&mut receiver).await;
+    assert_eq!(
+        message
+            .properties
+            .as_ref()
+            .and_then(|p| p.content_type.as_ref())
+            .map(|c| c.as_str()),
+        Some("application/json")
+    );
+    let got = events::incoming_metadata(&message, false);
+    assert_eq!(
+        got.get("x-opt-partition-key").map(String::as_str),
+        Some("customer-7"),
+        "{got:?}"
+    );
+    assert_eq!(&wire::body_bytes(message.body)[..], &data[..]);
+    let _ = tokio::time::timeout(WITHIN, receiver.close()).await;
+    let _ = tokio::time::timeout(WITHIN, sender.close()).await;
+    shut(conn, session).await;
 }

@@ -565,7 +565,7 @@ fn now_ms() -> i64 {
 /// The metadata the app gets with an event, as Go daprd gives it: `x-opt-sequence-number`,
 /// `x-opt-enqueued-time` (RFC 3339), `x-opt-offset`, `x-opt-partition-key`, `message-id`,
 /// IoT Hub's system properties, and with `all_properties` the application properties.
-pub(super) fn incoming_metadata(
+pub fn incoming_metadata(
     event: &AmqpMessage<Body<Value>>,
     all_properties: bool,
 ) -> BTreeMap<String, String> {

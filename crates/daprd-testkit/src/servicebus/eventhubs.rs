@@ -56,6 +56,8 @@ pub(super) struct Hub {
     next: usize,
     /// Receivers attached now.
     receivers: usize,
+    /// Epoch receivers detached by a newer one (partitions taken over).
+    takeovers: usize,
     /// Consumer groups made through Azure Resource Manager (`$Default` always exists).
     groups: std::collections::HashSet<String>,
     /// Its properties as Resource Manager was given them (`PUT`), if it was made there.
@@ -108,6 +110,15 @@ impl TestBroker {
                 groups.sort();
                 (groups, h.arm.clone())
             })
+    }
+
+    /// How many times a partition receiver of `hub` was detached because a newer one (with an
+    /// epoch) took its partition over.
+    pub fn event_takeovers(&self, hub: &str) -> usize {
+        lock(&self.inner.state)
+            .hubs
+            .get(&hub.to_ascii_lowercase())
+            .map_or(0, |h| h.takeovers)
     }
 
     /// How many partition receivers of `hub` are attached now.
@@ -338,6 +349,7 @@ pub(super) async fn stream(
         if let Some(h) = st.hubs.get_mut(&hub) {
             if let Some((_, old)) = h.holders.insert((group.clone(), partition), (id, kick)) {
                 let _ = old.send(true);
+                h.takeovers += 1;
             }
         }
     }
