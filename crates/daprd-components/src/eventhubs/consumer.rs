@@ -350,7 +350,7 @@ impl Consumer {
             }
             match ended {
                 Ok(()) => break,
-                Err(e) if e.to_string().to_ascii_lowercase().contains("stolen") => {
+                Err(AmqpError::Stolen { .. }) => {
                     // another instance's receiver took the partition (it claimed it): this
                     // one lets it go; the balance loop sees the claim gone
                     tracing::info!(component = %self.component, hub = %self.hub, partition, "azure event hubs: another instance took the partition over");
@@ -447,10 +447,7 @@ impl Consumer {
                             let event = d.into_message();
                             in_flight.push_back(self.deliver(event, stop.clone()));
                         }
-                        Err(e) => break Err(AmqpError::Link {
-                            what: format!("receiving from {address}"),
-                            message: e.to_string(),
-                        }),
+                        Err(e) => break Err(amqp::receive_error(&address, &e)),
                     }
                 }
             }

@@ -84,6 +84,13 @@ pub enum AmqpError {
         /// The entity.
         address: String,
     },
+    /// The broker detached a receiver because a newer one took its source over
+    /// (`amqp:link:stolen`: Event Hubs' epoch receivers).
+    #[error("receiving from {address}: another receiver took it over")]
+    Stolen {
+        /// The source.
+        address: String,
+    },
 }
 
 impl AmqpError {
@@ -102,7 +109,7 @@ impl AmqpError {
             Self::Refused { reason, .. } => {
                 reason.contains("server-busy") || reason.contains("timeout")
             }
-            Self::BadMessage(_) | Self::NoSession { .. } => false,
+            Self::BadMessage(_) | Self::NoSession { .. } | Self::Stolen { .. } => false,
             Self::Management(e) => e.is_transient(),
         }
     }
@@ -569,6 +576,27 @@ pub(crate) fn simple_text(v: &SimpleValue) -> String {
 }
 
 #[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+/// A receive failed because the broker detached the link as `amqp:link:stolen`: [`AmqpError::Stolen`]
+/// then, else [`AmqpError::Link`].
+#[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
+pub(crate) fn receive_error(address: &str, e: &fe2o3_amqp::link::RecvError) -> AmqpError {
+    use fe2o3_amqp::link::{LinkStateError, RecvError};
+    use fe2o3_amqp::types::definitions::{ErrorCondition, LinkError};
+    let stolen = matches!(
+        e,
+        RecvError::LinkStateError(
+            LinkStateError::RemoteDetachedWithError(err) | LinkStateError::RemoteClosedWithError(err)
+        ) if err.condition == ErrorCondition::LinkError(LinkError::Stolen)
+    );
+    if stolen {
+        AmqpError::Stolen {
+            address: address.to_string(),
+        }
+    } else {
+        AmqpError::link(format!("receiving from {address}"), e)
+    }
+}
+
 /// An annotation's or a map's value as text (a timestamp as Go's RFC 3339, to the second).
 pub(crate) fn value_text(v: &Value) -> String {
     match v {
