@@ -575,7 +575,6 @@ pub(crate) fn simple_text(v: &SimpleValue) -> String {
     }
 }
 
-#[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
 /// A receive failed because the broker detached the link as `amqp:link:stolen`: [`AmqpError::Stolen`]
 /// then, else [`AmqpError::Link`].
 #[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
@@ -597,6 +596,7 @@ pub(crate) fn receive_error(address: &str, e: &fe2o3_amqp::link::RecvError) -> A
     }
 }
 
+#[cfg_attr(not(feature = "eventhubs"), allow(dead_code))]
 /// An annotation's or a map's value as text (a timestamp as Go's RFC 3339, to the second).
 pub(crate) fn value_text(v: &Value) -> String {
     match v {
