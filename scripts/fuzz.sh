@@ -4,6 +4,8 @@
 # toolchain (`cargo +nightly`); installs cargo-fuzz from crates.io when it is missing.
 # A crash, a timeout or an allocation over 512 MiB fails the run and leaves the input in
 # fuzz/artifacts/<target>/.
+#   scripts/fuzz.sh [SECONDS]   build the targets (if not built) and run each
+#   scripts/fuzz.sh --build     only install cargo-fuzz and build the targets
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${1:-20}
@@ -14,6 +16,9 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
 fi
 command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
 cargo +nightly fuzz build
+if [ "$seconds" = "--build" ]; then
+  exit 0
+fi
 for target in $(cargo +nightly fuzz list); do
   mkdir -p "corpus/$target"
   if [ -d "seeds/$target" ]; then
